@@ -1,0 +1,3 @@
+from fyc_convert.cli import main
+
+main()

@@ -1,0 +1,55 @@
+"""Typed errors. The library raises these and never exits; the CLI maps them to exit codes.
+
+Every message is one line that says what was wrong and what to do instead.
+"""
+
+from __future__ import annotations
+
+
+class FycError(Exception):
+    """Base class for every error a user can cause. Exit code 1 in the CLI."""
+
+    exit_code: int = 1
+
+
+class CheckpointError(FycError):
+    """The checkpoint cannot be read, is unsafe to read, or does not fit the architecture."""
+
+
+class ArchError(CheckpointError):
+    """`--arch` / `--arch-kwargs` do not resolve to a callable that builds the model."""
+
+
+class ClassifierNotFoundError(FycError):
+    """No single nn.Linear classifier could be identified (or `--layer` is wrong)."""
+
+
+class HeadError(FycError):
+    """A fixed head cannot be built for the requested sizes or options."""
+
+
+class DataError(FycError):
+    """The data cannot be read or does not fit the model."""
+
+
+class TrainingError(FycError):
+    """Training diverged (NaN/inf loss) or could not resume."""
+
+
+class ExportError(FycError):
+    """ONNX export failed, or the exported head is not the slim add/sub graph it must be."""
+
+
+class VerificationError(FycError):
+    """onnxruntime output differs from PyTorch beyond tolerance. Exit code 3 in the CLI."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, *, max_abs_diff: float | None = None, mean_abs_diff: float | None = None):
+        super().__init__(message)
+        self.max_abs_diff = max_abs_diff
+        self.mean_abs_diff = mean_abs_diff
+
+
+class OutputExistsError(FycError):
+    """The output folder exists and `--force` was not given."""
