@@ -53,3 +53,7 @@ class VerificationError(FycError):
 
 class OutputExistsError(FycError):
     """The output folder exists and `--force` was not given."""
+
+
+class OutputError(FycError):
+    """The output folder cannot be created or written (permissions, disk full, a file in the way)."""
