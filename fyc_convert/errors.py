@@ -57,3 +57,7 @@ class OutputExistsError(FycError):
 
 class OutputError(FycError):
     """The output folder cannot be created or written (permissions, disk full, a file in the way)."""
+
+
+class ClassLRError(TrainingError):
+    """Per-class learning rates cannot be set up: unknown layer, bad labels, or μ would not fit in memory."""
