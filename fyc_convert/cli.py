@@ -1,0 +1,163 @@
+"""The `fyc-convert` command: parse options, call `fyc_convert.pipeline.convert`, render the report.
+
+This is the single place where errors become exit codes: 0 ok, 1 error, 2 usage, 3 verification failed.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from fyc_convert.errors import FycError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+err_console = Console(stderr=True, highlight=False)
+
+
+class HeadKind(str, Enum):
+    hadamard = "hadamard"
+    orthogonal = "orthogonal"
+
+
+class OptimizerKind(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+    class_lr = "class-lr"
+
+
+class DeviceKind(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
+def _shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+    except ValueError:
+        shape = ()
+    if not shape or any(s <= 0 for s in shape):
+        raise typer.BadParameter(f"{text!r} is not a shape; write positive integers like 3,224,224")
+    return shape
+
+
+@app.command()
+def convert(
+    checkpoint: Annotated[Path, typer.Argument(help="Trained model: state_dict/checkpoint .pt (+ --arch), "
+                                                     ".safetensors (+ --arch), pickled module (+ --trust-pickle), TorchScript.")],
+    head: Annotated[HeadKind, typer.Option(help="Fixed head to swap in.")] = HeadKind.hadamard,
+    arch: Annotated[Optional[str], typer.Option(help="MODULE:CALLABLE (or path/file.py:CALLABLE) that builds the model.")] = None,
+    arch_kwargs: Annotated[Optional[str], typer.Option(help="JSON keyword arguments for --arch.")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="Allow unpickling a whole model: this RUNS CODE from the file.")] = False,
+    layer: Annotated[Optional[str], typer.Option(help="Dotted name of the classifier (found automatically otherwise).")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(help="One sample's shape, e.g. 3,224,224 (when data/metadata lack it).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help=".npz, ImageFolder folder or .pt dict: calibrate, fine-tune, measure accuracy.")] = None,
+    val_split: Annotated[float, typer.Option(help="Validation share when the data has no validation split.")] = 0.1,
+    epochs: Annotated[int, typer.Option(min=0, help="Fine-tuning epochs (0 = calibrate α and bias only).")] = 3,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: per optimizer).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    optimizer: Annotated[OptimizerKind, typer.Option(help="sgd (momentum), adamw, or class-lr (per-class learning rates).")] = OptimizerKind.sgd,
+    distill: Annotated[bool, typer.Option(help="Learn from the original model's outputs too (works without labels).")] = False,
+    fixed_scale: Annotated[Optional[float], typer.Option(help="Use this fixed α instead of learning it.")] = None,
+    no_bias: Annotated[bool, typer.Option("--no-bias", help="Head without a bias.")] = False,
+    device: Annotated[DeviceKind, typer.Option()] = DeviceKind.auto,
+    seed: Annotated[int, typer.Option()] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted fine-tuning run in the output folder.")] = False,
+    output_dir: Annotated[Optional[Path], typer.Option("-o", "--output-dir", help="Default: <checkpoint stem>_fyc/ next to the checkpoint.")] = None,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: a recent one onnxruntime runs).")] = None,
+    dtype: Annotated[DType, typer.Option(help="Precision of the exported backbone; inputs/outputs stay fp32.")] = DType.fp32,
+    atol: Annotated[float, typer.Option(help="Verification tolerance on logits (absolute).")] = 1e-4,
+    rtol: Annotated[float, typer.Option(help="Verification tolerance on logits (relative).")] = 1e-4,
+    report: Annotated[Optional[Path], typer.Option(help="Also write the JSON report here (the only output of --dry-run).")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Load, find and swap; report parameter savings; train and write nothing.")] = False,
+    bench: Annotated[bool, typer.Option(help="Add onnxruntime latency of original vs converted to the report.")] = False,
+    force: Annotated[bool, typer.Option(help="Write into an existing output folder.")] = False,
+    class_lr_eta_mu: Annotated[float, typer.Option(help="class-lr: meta learning rate of the per-class factors μ.")] = 1e4,
+    class_lr_cutoff: Annotated[int, typer.Option(help="class-lr: epoch after which plain gradients return.")] = 10,
+    class_lr_layers: Annotated[Optional[str], typer.Option(help="class-lr: comma-separated layer names (default: hidden Linear layers).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the final status line.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")] = False,
+) -> None:
+    """Swap a trained classifier's last nn.Linear for a fixed Hadamard head, fine-tune, export slim ONNX."""
+    from fyc_convert.pipeline import ConvertOptions
+    from fyc_convert.pipeline import convert as run_convert
+    from fyc_convert.report import render
+
+    opts = ConvertOptions(
+        head=head.value, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, layer=layer,
+        input_shape=_shape(input_shape), data=data, val_split=val_split, epochs=epochs, lr=lr,
+        batch_size=batch_size, optimizer=optimizer.value, distill=distill, fixed_scale=fixed_scale,
+        bias=not no_bias, device=device.value, seed=seed, resume=resume, output_dir=output_dir, opset=opset,
+        dtype=dtype.value, atol=atol, rtol=rtol, report_path=report, dry_run=dry_run, bench=bench, force=force,
+        class_lr_eta_mu=class_lr_eta_mu, class_lr_cutoff=class_lr_cutoff,
+        class_lr_layers=tuple(s.strip() for s in class_lr_layers.split(",") if s.strip()) if class_lr_layers else None,
+    )
+    distributed = _init_distributed(device.value)
+    rank0 = not distributed or _rank() == 0
+    console = Console(quiet=quiet or not rank0, highlight=False)
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(),
+                      console=console, transient=False, disable=quiet or not rank0) as bars:
+            result = run_convert(checkpoint, opts, progress=lambda msg: console.log(msg) if not quiet else None,
+                                 epoch_progress=None if quiet or not rank0 else bars)
+    except FycError as e:
+        if verbose:
+            err_console.print_exception()
+        if getattr(e, "report", None) is not None and rank0:
+            render(e.report, console)  # type: ignore[attr-defined]
+        err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[red]interrupted[/]: no partial output was left under a final name")
+        raise typer.Exit(130) from None
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank0:
+        if quiet:
+            Console(highlight=False).print(f"status: {result.status}")
+        else:
+            render(result, console)
+
+
+def _init_distributed(device: str) -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL on GPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return True
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank()
+
+
+def main() -> None:
+    """Console-script entry point (`fyc-convert`, `python -m fyc_convert`)."""
+    app()

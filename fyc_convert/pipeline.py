@@ -1,0 +1,336 @@
+"""`convert()`: the whole job — load, swap, calibrate/fine-tune, export, verify, report.
+
+The CLI is a thin shell over this function; Python users call it directly:
+
+    from fyc_convert import convert
+    report = convert("model.pt", arch="mypkg.models:resnet", data="data.npz", epochs=3)
+    print(report.accuracy.finetuned, report.onnx.converted_bytes)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from fyc_convert.errors import OutputError, OutputExistsError, VerificationError
+from fyc_convert.files import atomic_path, write_text_atomic
+from fyc_convert.report import AccuracyReport, OnnxReport, ParamsReport, Report
+
+Progress = Callable[[str], None]  # receives one-line status messages ("exporting ONNX", ...)
+
+
+@dataclass
+class ConvertOptions:
+    """Every option of a conversion; the CLI flags map one to one onto these fields."""
+
+    head: Literal["hadamard", "orthogonal"] = "hadamard"  # kind of fixed head to swap in
+    arch: str | None = None  # "module:callable" or "path/file.py:callable" building the model (state_dicts)
+    arch_kwargs: str | dict[str, Any] | None = None  # JSON (or dict) of keyword arguments for `arch`
+    trust_pickle: bool = False  # allow unpickling a whole nn.Module (runs code from the file)
+    layer: str | None = None  # dotted name of the classifier; found automatically when None
+    input_shape: tuple[int, ...] | None = None  # one sample's shape, e.g. (3, 224, 224), when data/meta lack it
+    data: str | Path | None = None  # .npz / ImageFolder / .pt data for calibration, fine-tuning and accuracy
+    val_split: float = 0.1  # validation share when the data has no validation split
+    epochs: int = 3  # fine-tuning epochs; 0 = calibrate alpha and bias only
+    lr: float | None = None  # learning rate; None = the optimizer's default
+    batch_size: int = 64
+    optimizer: Literal["sgd", "adamw", "class-lr"] = "sgd"
+    distill: bool = False  # learn from the original model's outputs (KL) as well as labels
+    fixed_scale: float | None = None  # a fixed alpha instead of a learned one
+    bias: bool = True  # keep a learned bias in the head
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    resume: bool = False  # continue an interrupted fine-tuning run from the output folder's checkpoint
+    output_dir: str | Path | None = None  # default: <checkpoint stem>_fyc/ next to the checkpoint
+    opset: int | None = None  # ONNX opset; None = export.DEFAULT_OPSET
+    dtype: Literal["fp32", "fp16"] = "fp32"  # precision of the exported backbone (inputs/outputs stay fp32)
+    atol: float = 1e-4  # onnxruntime-vs-PyTorch tolerance on logits
+    rtol: float = 1e-4
+    report_path: str | Path | None = None  # extra copy of report.json (the only output of --dry-run)
+    dry_run: bool = False  # load, find, swap and count; train and write nothing (but `report_path`)
+    bench: bool = False  # add onnxruntime latencies of original vs converted to the report
+    force: bool = False  # allow writing into an existing output folder
+    class_lr_eta_mu: float = 1e4  # per-class learning rates: meta learning rate of mu
+    class_lr_cutoff: int = 10  # per-class learning rates: epoch after which plain gradients return
+    class_lr_layers: tuple[str, ...] | None = None  # per-class learning rates: layers (default: hidden Linears)
+
+
+def convert(checkpoint: str | Path, options: ConvertOptions | None = None, *,
+            progress: Progress | None = None, epoch_progress: Any = None, **fields: Any) -> Report:
+    """Convert a trained classifier checkpoint; returns the report (also written to the output folder).
+
+    Args:
+        checkpoint: path of the trained model (state_dict/checkpoint dict + `arch`, .safetensors + `arch`,
+            pickled module with `trust_pickle`, TorchScript).
+        options: all settings; keyword `fields` override single ones (`convert(p, epochs=0)`).
+        progress: receives one-line status messages.
+        epoch_progress: passed to the training loop (a rich Progress to draw per-epoch bars), or None.
+
+    Raises:
+        FycError subclasses with a one-line message; VerificationError (with `.report`) when the
+        exported model does not match PyTorch — the ONNX file is then kept only as `model.failed.onnx`.
+    """
+    opts = dataclasses.replace(options or ConvertOptions(), **fields)
+    say = progress or (lambda _msg: None)
+    t0 = time.perf_counter()
+    ckpt = Path(checkpoint)
+    out_dir = Path(opts.output_dir) if opts.output_dir else ckpt.parent / f"{ckpt.stem}_fyc"
+    writes = not opts.dry_run and _is_main_process()
+    if writes:
+        _prepare_output_dir(out_dir, force=opts.force, resume=opts.resume)
+
+    # Imports here keep `import fyc_convert` (and `fyc-convert --help`) fast.
+    from fyc_convert.loading import load_model
+    from fyc_convert.surgery import capture_features, find_classifier, swap_classifier
+
+    say(f"loading {ckpt}")
+    loaded = load_model(ckpt, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_pickle=opts.trust_pickle)
+    model = loaded.model.eval()
+    meta = loaded.meta or {}
+
+    bundle = None
+    if opts.data is not None:
+        from fyc_convert.data import load_data
+
+        say(f"reading data {opts.data}")
+        bundle = load_data(opts.data, val_split=opts.val_split, seed=opts.seed,
+                           input_shape=opts.input_shape or _meta_shape(meta),
+                           mean=meta.get("mean"), std=meta.get("std"))
+    input_shape = opts.input_shape or _meta_shape(meta) or (tuple(bundle.input_shape) if bundle else None)
+
+    original = copy.deepcopy(model)
+    layer, linear = find_classifier(model, layer=opts.layer, input_shape=input_shape)
+    features = None
+    if bundle is not None:
+        from fyc_convert.data import check_data
+
+        check_data(bundle, num_classes=linear.out_features, input_shape=input_shape)
+        features = capture_features(model, layer, _first_inputs(bundle.train, 2048))
+
+    say(f"swapping {layer} ({linear.in_features} → {linear.out_features}) for a fixed {opts.head} head")
+    swap = swap_classifier(model, head=opts.head, layer=layer, input_shape=input_shape, features=features,
+                           bias=opts.bias, fixed_scale=opts.fixed_scale, seed=opts.seed)
+    head = swap.head
+    pc = swap.params
+    report = Report(
+        status="dry_run" if opts.dry_run else "ok",
+        checkpoint=str(ckpt),
+        head=opts.head,
+        layer=swap.layer,
+        in_features=swap.in_features,
+        num_classes=swap.num_classes,
+        hadamard_size=getattr(head, "hadamard_size", None),
+        embed_size=getattr(head, "embed_size", None),
+        embedding=getattr(head, "embedding", None),
+        coherence=float(head.coherence()),
+        params=ParamsReport(original=pc.original, converted=pc.converted, removed=pc.removed,
+                            removed_pct=pc.removed_pct, head_before=pc.head_before, head_after=pc.head_after,
+                            trainable=pc.trainable),
+    )
+    from fyc_convert.finetune import gradient_bytes
+
+    report.gradient_bytes = {"original": gradient_bytes(original), "converted": gradient_bytes(model)}
+    if opts.head == "orthogonal":
+        report.notes.append("the orthogonal head has no fast transform: it is exported as a dense constant, "
+                            "so its savings are in trained parameters only, not in file size or compute")
+
+    if bundle is not None and not opts.dry_run:
+        _train(model, original, head, bundle, opts, out_dir if writes else None, report, say, epoch_progress)
+    elif bundle is None:
+        report.notes.append("accuracy not measured: pass --data to calibrate, fine-tune and measure accuracy")
+
+    if opts.dry_run:
+        report.elapsed_s = time.perf_counter() - t0
+        if opts.report_path is not None and _is_main_process():
+            write_text_atomic(opts.report_path, report.to_json())
+            report.files["report"] = str(opts.report_path)
+        return report
+    if not writes:  # non-zero ranks under torchrun: rank 0 exports and writes
+        return report
+
+    if input_shape is None:
+        from fyc_convert.errors import ExportError
+
+        raise ExportError("cannot export without the input shape: pass --input-shape C,H,W or --data")
+    _export_and_verify(model, original, swap, bundle, input_shape, opts, out_dir, report, say)
+    report.elapsed_s = time.perf_counter() - t0
+    _write_report(report, out_dir, opts)
+    return report
+
+
+def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path | None, report: Report,
+           say: Progress, epoch_progress: Any) -> None:
+    """Accuracy before/after the swap, calibration, fine-tuning — all through finetune.py's one loop."""
+    from fyc_convert.finetune import FinetuneConfig, calibrate, evaluate, finetune
+
+    device = _device(opts.device)
+    acc = AccuracyReport(measured_on=f"val ({len(bundle.val)} samples)")
+    acc.original = evaluate(original, bundle.val, device=device).accuracy
+    acc.swapped = evaluate(model, bundle.val, device=device).accuracy
+    say("calibrating α and bias with the backbone frozen")
+    calibrate(model, head, bundle.train, device=device, seed=opts.seed)
+    acc.calibrated = evaluate(model, bundle.val, device=device).accuracy
+    if opts.epochs > 0:
+        cfg = FinetuneConfig(
+            epochs=opts.epochs, batch_size=opts.batch_size, optimizer=opts.optimizer, distill=opts.distill,
+            seed=opts.seed, device=opts.device, out_dir=None if out_dir is None else out_dir / "checkpoints",
+            resume=opts.resume, class_lr_eta_mu=opts.class_lr_eta_mu, class_lr_cutoff=opts.class_lr_cutoff,
+            class_lr_layers=list(opts.class_lr_layers) if opts.class_lr_layers else None,
+            **({"lr": opts.lr} if opts.lr is not None else {}))
+        say(f"fine-tuning {opts.epochs} epoch(s) ({opts.optimizer})")
+        result = finetune(model, head, bundle, cfg, teacher=original if opts.distill else None,
+                          progress=epoch_progress)
+        acc.finetuned = evaluate(model, bundle.val, device=device).accuracy
+        report.training = {"epochs": opts.epochs, "optimizer": opts.optimizer,
+                           "history": [dataclasses.asdict(h) if dataclasses.is_dataclass(h) else h
+                                       for h in result.history]}
+    final = evaluate(model, bundle.val, device=device, reference_model=original)
+    acc.agreement = final.agreement
+    report.accuracy = acc
+    model.cpu().eval()
+
+
+def _export_and_verify(model, original, swap, bundle, input_shape, opts: ConvertOptions, out_dir: Path,
+                       report: Report, say: Progress) -> None:
+    from fyc_convert.export import DEFAULT_OPSET, export_onnx
+    from fyc_convert.verify import check_head_static, verify_onnx
+
+    opset = opts.opset or DEFAULT_OPSET
+    model.cpu().eval()
+    original.cpu().eval()
+    say("exporting original.onnx and model.onnx")
+    orig_res = export_onnx(original, out_dir / "original.onnx", input_shape=input_shape, opset=opset,
+                           dtype=opts.dtype)
+    manifest = {"fyc_convert.checkpoint": Path(report.checkpoint).name}
+    conv_res = export_onnx(model, out_dir / "model.onnx", input_shape=input_shape, opset=opset, dtype=opts.dtype,
+                           head_layer=swap.layer, metadata=manifest)
+    report.files["original_onnx"] = str(orig_res.path)
+    onnx_rep = OnnxReport(original_bytes=orig_res.bytes, converted_bytes=conv_res.bytes,
+                          size_reduction_pct=100.0 * (1 - conv_res.bytes / orig_res.bytes),
+                          head_ops=dict(conv_res.head_ops), original_nodes=orig_res.node_count,
+                          converted_nodes=conv_res.node_count, opset=opset, dtype=opts.dtype)
+    report.onnx = onnx_rep
+
+    say("verifying model.onnx against PyTorch with onnxruntime")
+    if opts.head == "hadamard":
+        check_head_static(conv_res.path, num_classes=swap.num_classes, embed_size=swap.head.embed_size)
+    real = _first_inputs(bundle.val, 64) if bundle is not None else None
+    atol, rtol = (opts.atol, opts.rtol) if opts.dtype == "fp32" else (max(opts.atol, 5e-2), max(opts.rtol, 5e-2))
+    try:
+        ver = verify_onnx(conv_res.path, model, inputs=real, input_shape=input_shape, atol=atol, rtol=rtol,
+                          seed=opts.seed)
+    except VerificationError as err:
+        failed = conv_res.path.with_name("model.failed.onnx")
+        os.replace(conv_res.path, failed)
+        report.status = "verification_failed"
+        report.onnx.max_abs_diff, report.onnx.mean_abs_diff = err.max_abs_diff, err.mean_abs_diff
+        report.files["failed_onnx"] = str(failed)
+        _write_report(report, out_dir, opts)
+        err.report = report  # type: ignore[attr-defined]
+        raise
+    onnx_rep.max_abs_diff, onnx_rep.mean_abs_diff = ver.max_abs_diff, ver.mean_abs_diff
+    report.files["model_onnx"] = str(conv_res.path)
+
+    say("saving model.safetensors")
+    report.files["model_safetensors"] = str(save_safetensors(model, out_dir / "model.safetensors", swap))
+
+    if opts.bench:
+        say("benchmarking with onnxruntime (1 thread)")
+        report.latency_ms = _bench(orig_res.path, conv_res.path, swap, input_shape)
+
+
+def save_safetensors(model: torch.nn.Module, path: Path, swap) -> Path:
+    """The converted model's state_dict, with the head's description in the header metadata."""
+    from safetensors.torch import save_file
+
+    head = swap.head
+    meta = {"fyc_convert.head": head.head_kind, "fyc_convert.layer": swap.layer,
+            "fyc_convert.in_features": str(swap.in_features), "fyc_convert.num_classes": str(swap.num_classes)}
+    if getattr(head, "hadamard_size", None) is not None:
+        meta["fyc_convert.hadamard_size"] = str(head.hadamard_size)
+        meta["fyc_convert.embed_size"] = str(head.embed_size)
+        meta["fyc_convert.embedding"] = head.embedding
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def _bench(original_path: Path, converted_path: Path, swap, input_shape) -> dict[str, Any]:
+    import numpy as np
+
+    from fyc_convert.bench import compare_latency, session
+    from fyc_convert.onnx_head import HeadSpec, gemm_head_model, head_model
+
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"threads": 1, "runtime": "onnxruntime CPU", "statistic": "median"}
+    sessions = [session(original_path), session(converted_path)]
+    for b in (1, 32):
+        x = rng.standard_normal((b, *input_shape)).astype(np.float32)
+        o, c = compare_latency(sessions, x, repeats=30)
+        out[f"model_b{b}"] = {"original": o, "converted": c}
+    if swap.head.head_kind == "hadamard":
+        lin = swap.original_head
+        gemm = session(gemm_head_model(lin.weight.detach().numpy(),
+                                       None if lin.bias is None else lin.bias.detach().numpy()))
+        fast = session(head_model(HeadSpec.from_module(swap.head)))
+        for b in (1, 64):
+            f = rng.standard_normal((b, swap.in_features)).astype(np.float32)
+            o, c = compare_latency([gemm, fast], f, repeats=100)
+            out[f"head_b{b}"] = {"original": o, "converted": c}
+    return out
+
+
+def _write_report(report: Report, out_dir: Path, opts: ConvertOptions) -> None:
+    report.files["report"] = str(out_dir / "report.json")
+    text = report.to_json()
+    write_text_atomic(out_dir / "report.json", text)
+    if opts.report_path is not None:
+        write_text_atomic(opts.report_path, text)
+
+
+def _prepare_output_dir(out_dir: Path, *, force: bool, resume: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir} exists and is not a folder; pass a different -o/--output-dir")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (force or resume):
+        raise OutputExistsError(f"output folder {out_dir} already exists; pass --force to overwrite its files, "
+                                f"--resume to continue, or -o to choose another folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output folder {out_dir}: {e.strerror}; choose a writable -o/--output-dir") from e
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise OutputError(f"output folder {out_dir} is not writable; choose a writable -o/--output-dir")
+    stale = [p for p in out_dir.glob(".*.tmp")]
+    for p in stale:  # temp files of an interrupted earlier run
+        p.unlink(missing_ok=True) if p.is_file() else shutil.rmtree(p, ignore_errors=True)
+
+
+def _meta_shape(meta: dict[str, Any]) -> tuple[int, ...] | None:
+    shape = meta.get("input_shape")
+    return tuple(int(s) for s in shape) if shape else None
+
+
+def _first_inputs(dataset, n: int) -> torch.Tensor:
+    n = min(n, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(n)])
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0

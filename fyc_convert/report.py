@@ -1,0 +1,168 @@
+"""The conversion report: gathered as dataclasses, rendered as a rich table or as JSON.
+
+This is the only module that formats numbers for people. The JSON schema is documented in
+docs/report-schema.md; `SCHEMA_VERSION` changes whenever a key is renamed or removed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ParamsReport:
+    original: int  # all parameters of the loaded model
+    converted: int  # all parameters after the swap (alpha and bias included)
+    removed: int  # original - converted
+    removed_pct: float  # the paper's Table 1 "% fixed params": 100 * N * C / original
+    head_before: int  # N*C (+ C bias) of the learned nn.Linear
+    head_after: int  # alpha (when learned) + C bias
+    trainable: int  # parameters that fine-tuning updates after the swap
+
+
+@dataclass
+class OnnxReport:
+    original_bytes: int | None = None  # original.onnx (+ external data) on disk
+    converted_bytes: int | None = None  # model.onnx (+ external data) on disk
+    size_reduction_pct: float | None = None  # 100 * (1 - converted / original)
+    max_abs_diff: float | None = None  # onnxruntime vs PyTorch on the converted model
+    mean_abs_diff: float | None = None
+    head_ops: dict[str, int] = field(default_factory=dict)  # op census of the fyc_head/ subgraph
+    original_nodes: int | None = None
+    converted_nodes: int | None = None
+    opset: int | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class AccuracyReport:
+    original: float | None = None  # the unmodified model on the validation split
+    swapped: float | None = None  # right after the swap (rows, alpha, bias from the trained layer)
+    calibrated: float | None = None  # after fitting alpha and bias with the backbone frozen
+    finetuned: float | None = None  # after fine-tuning backbone + alpha + bias
+    agreement: float | None = None  # top-1 agreement of the final model with the original
+    measured_on: str | None = None  # e.g. "val (360 samples)"; None: no data given
+
+
+@dataclass
+class Report:
+    status: str  # "ok" | "dry_run" | "verification_failed"
+    checkpoint: str
+    head: str  # "hadamard" | "orthogonal"
+    layer: str  # dotted name of the replaced classifier
+    in_features: int
+    num_classes: int
+    hadamard_size: int | None  # transform size m (None for the orthogonal head)
+    embed_size: int | None  # embedded length n
+    embedding: str | None  # "tile" | "pad"
+    coherence: float | None  # max |cos| between class vectors
+    params: ParamsReport
+    onnx: OnnxReport | None = None
+    accuracy: AccuracyReport = field(default_factory=AccuracyReport)
+    training: dict[str, Any] | None = None  # epochs, per-epoch seconds and metrics
+    latency_ms: dict[str, Any] | None = None  # --bench: onnxruntime medians
+    gradient_bytes: dict[str, int] | None = None  # per-step DDP all-reduce volume, original vs converted
+    elapsed_s: float = 0.0
+    files: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return _clean(asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN/inf: map them to None; round floats for a readable file."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            return None
+        return float(f"{obj:.6g}")
+    return obj
+
+
+def _int(n: int | None) -> str:
+    return "—" if n is None else f"{n:,}"
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f} ms"
+
+
+def render(report: Report, console: Console) -> None:
+    """Print the before/after table a user reads in five seconds."""
+    p = report.params
+    title = f"fyc-convert · {report.head} head on [bold]{report.layer}[/] ({report.in_features} → {report.num_classes})"
+    t = Table(title=title, show_header=True, header_style="bold")
+    t.add_column("")
+    t.add_column("original", justify="right")
+    t.add_column("converted", justify="right")
+    t.add_column("change", justify="right")
+    t.add_row("parameters", _int(p.original), _int(p.converted), f"−{_int(p.removed)} ({p.removed_pct:.2f}% fixed)")
+    t.add_row("classifier params", _int(p.head_before), _int(p.head_after), "")
+    t.add_row("trainable after swap", "", _int(p.trainable), "")
+    o = report.onnx
+    if o is not None and o.original_bytes is not None:
+        red = "" if o.size_reduction_pct is None else f"−{o.size_reduction_pct:.1f}%"
+        t.add_row("ONNX on disk", _bytes(o.original_bytes), _bytes(o.converted_bytes), red)
+        ops = ", ".join(f"{k}×{v}" for k, v in sorted(o.head_ops.items()))
+        t.add_row("classifier ops", "Gemm/MatMul", ops or "—", "")
+        if o.max_abs_diff is not None:
+            t.add_row("ONNX parity", "", f"max |Δ| {o.max_abs_diff:.2e}", "")
+    a = report.accuracy
+    if a.measured_on is None:
+        t.add_row("accuracy", "not measured", "(pass --data)", "")
+    else:
+        final = a.finetuned if a.finetuned is not None else a.calibrated
+        delta = "" if final is None or a.original is None else f"{100 * (final - a.original):+.2f} pts"
+        t.add_row(f"accuracy ({a.measured_on})", _pct(a.original), _pct(final), delta)
+        t.add_row("  after swap / calibration", "", f"{_pct(a.swapped)} / {_pct(a.calibrated)}", "")
+        if a.agreement is not None:
+            t.add_row("  top-1 agreement", "", _pct(a.agreement), "")
+    lat = report.latency_ms
+    if lat:
+        for key, label in (("model_b1", "latency, model, batch 1"), ("model_b32", "latency, model, batch 32"),
+                           ("head_b1", "latency, head only, batch 1"), ("head_b64", "latency, head only, batch 64")):
+            entry = lat.get(key)
+            if entry:
+                ratio = entry["original"] / entry["converted"] if entry.get("converted") else None
+                t.add_row(label, _ms(entry.get("original")), _ms(entry.get("converted")),
+                          "" if ratio is None else f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower")
+    if report.coherence is not None:
+        t.add_row("class-vector coherence", "", f"{report.coherence:.3f}", "max |cos|")
+    console.print(t)
+    for note in report.notes:
+        console.print(f"[dim]note:[/] {note}")
+    if report.files:
+        console.print("[dim]wrote:[/] " + ", ".join(str(Path(f)) for f in report.files.values()))
+    status_style = {"ok": "green", "dry_run": "cyan"}.get(report.status, "red")
+    console.print(f"[{status_style}]status: {report.status}[/]  ({report.elapsed_s:.1f} s)")
