@@ -1,0 +1,314 @@
+"""The Hadamard head as an ONNX subgraph of add/sub butterflies (no MatMul, Gemm or Conv).
+
+Math (docs/design.md): ``logits = scale / (‖x‖ + eps) · (H_m · fold(embed(x)))[rows] + bias``. The
+normalisation is applied to the C outputs instead of the N inputs (the map is linear in x, so both orders
+give the same function), and α is folded into that per-sample factor, so the only multiply is
+``z[rows] · (α / (‖x‖ + eps))``.
+
+Layout decides onnxruntime speed: a naive radix-2 stage splits and concatenates runs of 1–4 floats, which
+is slow. The transform here views the m-point index as (hi, lo) bit halves, runs radix-≤8 stages on the
+high bits (every Split/Concat moves runs of ≥ 2^|lo| floats), transposes once so the low bits become the
+high ones, runs their stages the same way, and absorbs the final index permutation into the one Gather
+that picks the class rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from fyc_convert.errors import ExportError
+
+__all__ = ["HeadSpec", "build_head", "head_model", "head_op_census", "largest_head_constant"]
+
+_MAX_RADIX_BITS = 3  # radix-8 stages: 8-way Split, 3 add/sub levels, 8-way Concat
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """Everything the ONNX builder needs to know about a HadamardHead (plain numpy, no torch).
+
+    Attributes:
+        in_features: N, the feature length.
+        num_classes: C.
+        hadamard_size: m, the transform size (a power of two).
+        embed_size: n, a multiple of m with n >= N.
+        embedding: "tile" or "pad" (informational; `signs` carries the values).
+        eps: Added to ‖x‖ before dividing.
+        signs: (n - N,) float, ±1 ("tile") or 0 ("pad"), the embedding signs s_i for i >= N.
+        rows: (C,) int64 in [0, m), the transform output given to each class.
+        scale: α, the logit scale.
+        bias: (C,) float or None.
+    """
+
+    in_features: int
+    num_classes: int
+    hadamard_size: int
+    embed_size: int
+    embedding: str
+    eps: float
+    signs: np.ndarray
+    rows: np.ndarray
+    scale: float
+    bias: np.ndarray | None
+
+    def __post_init__(self) -> None:
+        n_feat, c, m, n = self.in_features, self.num_classes, self.hadamard_size, self.embed_size
+        if m < 1 or m & (m - 1):
+            raise ExportError(f"hadamard_size must be a power of two, got {m}; rebuild the head with a valid size")
+        if n < n_feat or n % m:
+            raise ExportError(
+                f"embed_size {n} must be a multiple of hadamard_size {m} and >= in_features {n_feat}; "
+                "rebuild the head with consistent sizes"
+            )
+        if self.signs.shape != (n - n_feat,):
+            raise ExportError(f"signs must have shape ({n - n_feat},), got {self.signs.shape}; pass n - N embedding signs")
+        if not np.all(np.isin(self.signs, (-1.0, 0.0, 1.0))):
+            raise ExportError("signs must be -1, 0 or +1; use the head's `signs` buffer unchanged")
+        if self.rows.shape != (c,) or (c and (self.rows.min() < 0 or self.rows.max() >= m)):
+            raise ExportError(f"rows must be {c} indices in [0, {m}); use the head's `rows` buffer unchanged")
+        if self.bias is not None and self.bias.shape != (c,):
+            raise ExportError(f"bias must have shape ({c},), got {self.bias.shape}; use the head's `bias` unchanged")
+
+    @classmethod
+    def from_module(cls, head: Any) -> HeadSpec:
+        """Read a `fyc_convert.heads.HadamardHead` (its attributes and buffers) into a spec.
+
+        Args:
+            head: A HadamardHead (anything with the same attributes and buffers).
+
+        Returns:
+            The spec, with float64 signs/bias copies and int64 rows on the CPU.
+        """
+        bias = getattr(head, "bias", None)
+        return cls(
+            in_features=int(head.in_features),
+            num_classes=int(head.num_classes),
+            hadamard_size=int(head.hadamard_size),
+            embed_size=int(head.embed_size),
+            embedding=str(head.embedding),
+            eps=float(head.eps),
+            signs=head.signs.detach().cpu().double().numpy().copy(),
+            rows=head.rows.detach().cpu().numpy().astype(np.int64),
+            scale=float(head.scale.detach().cpu()),
+            bias=None if bias is None else bias.detach().cpu().double().numpy().copy(),
+        )
+
+
+class _Ops:
+    """Adds prefixed nodes and constants to a graph; every name is `prefix` + a counter."""
+
+    def __init__(self, graph: gs.Graph, prefix: str, dtype: np.dtype):
+        self.graph, self.prefix, self.dtype = graph, prefix, np.dtype(dtype)
+        self._count = 0
+
+    def name(self, stem: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{stem}_{self._count}"
+
+    def const(self, stem: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self.name(stem), np.ascontiguousarray(values))
+
+    def ints(self, stem: str, values: list[int] | np.ndarray) -> gs.Constant:
+        return self.const(stem, np.asarray(values, dtype=np.int64))
+
+    def op(self, op: str, inputs: list, *, attrs: dict | None = None, outputs: int = 1, dtype: Any = None) -> list:
+        node_name = self.name(op)
+        dtype = self.dtype if dtype is None else dtype
+        outs = [gs.Variable(f"{node_name}_out{i}", dtype=dtype) for i in range(outputs)]
+        self.graph.nodes.append(gs.Node(op=op, name=node_name, attrs=attrs or {}, inputs=inputs, outputs=outs))
+        return outs
+
+    def op1(self, op: str, inputs: list, **kw: Any) -> gs.Variable:
+        return self.op(op, inputs, **kw)[0]
+
+    def reshape(self, x: gs.Variable, shape: list[int]) -> gs.Variable:
+        return self.op1("Reshape", [x, self.ints("shape", shape)])
+
+
+def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
+    """(B, N) -> (B, m): x̃ = embed(x) (tile/pad signs), then the fold y_k = Σ_t x̃_{k + t·m}."""
+    n_feat, m, n = spec.in_features, spec.hadamard_size, spec.embed_size
+    signs = spec.signs
+    if n > n_feat:
+        if not np.any(signs):  # "pad": zeros after x
+            x = ops.op1("Pad", [x, ops.ints("pads", [0, 0, 0, n - n_feat])])
+        else:
+            # Signed copies as data movement: gather from [x, -x] (plus a zero column if some signs are 0).
+            src = np.arange(n) % n_feat  # (n,) i mod N
+            full = np.concatenate([np.ones(n_feat), signs])  # (n,) s_i
+            idx = np.where(full < 0, src + n_feat, np.where(full == 0, 2 * n_feat, src))
+            xx = ops.op1("Concat", [x, ops.op1("Neg", [x])], attrs={"axis": 1})  # (B, 2N)
+            if np.any(signs == 0):
+                xx = ops.op1("Pad", [xx, ops.ints("pads", [0, 0, 0, 1])])  # (B, 2N + 1)
+            x = ops.op1("Gather", [xx, ops.ints("embed_idx", idx)], attrs={"axis": 1})  # (B, n)
+    if n > m:
+        x = ops.op1("ReduceSum", [ops.reshape(x, [-1, n // m, m]), ops.ints("axes", [1])], attrs={"keepdims": 0})
+    return x  # (B, m)
+
+
+def _stage(ops: _Ops, y: gs.Variable, m: int, lo: int, hi: int) -> gs.Variable:
+    """Butterflies on index bits [lo, hi) of a (B, m) row: Split/Add/Sub/Concat on runs of 2^lo floats."""
+    r = 1 << (hi - lo)
+    view = ops.reshape(y, [-1, m >> hi, r, 1 << lo])  # (B, m/2^hi, r, 2^lo)
+    parts = ops.op("Split", [view], attrs={"axis": 2, "num_outputs": r}, outputs=r)
+    for t in range(hi - lo):
+        bit = 1 << t
+        for j in range(r):
+            if not j & bit:
+                a, b = parts[j], parts[j | bit]
+                parts[j], parts[j | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
+    return ops.reshape(ops.op1("Concat", parts, attrs={"axis": 2}), [-1, m])
+
+
+def _bit_groups(lo: int, hi: int) -> list[tuple[int, int]]:
+    """Split bits [lo, hi) into groups of at most _MAX_RADIX_BITS, as even as possible."""
+    count = -(-(hi - lo) // _MAX_RADIX_BITS)
+    edges = [lo + round(i * (hi - lo) / count) for i in range(count + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, np.ndarray]:
+    """Unnormalised Sylvester WHT of a (B, m) row.
+
+    Returns:
+        (z, pos): z is (B, m) holding the natural-order output H_m y at positions pos (pos[k] = where
+        output k is), so a Gather by pos[rows] picks the class rows.
+    """
+    p = m.bit_length() - 1
+    if p == 0:
+        return y, np.arange(1)
+    p_lo = p // 2
+    for lo, hi in _bit_groups(p_lo, p):  # high bits: runs of >= 2^p_lo floats
+        y = _stage(ops, y, m, lo, hi)
+    if p_lo == 0:
+        return y, np.arange(m)
+    p_hi = p - p_lo
+    t = ops.op1("Transpose", [ops.reshape(y, [-1, 1 << p_hi, 1 << p_lo])], attrs={"perm": [0, 2, 1]})
+    y = ops.reshape(t, [-1, m])  # position = lo · 2^p_hi + hi
+    for lo, hi in _bit_groups(p_hi, p):  # the old low bits, now high: runs of >= 2^p_hi floats
+        y = _stage(ops, y, m, lo, hi)
+    k = np.arange(m)
+    return y, (k & ((1 << p_lo) - 1)) * (1 << p_hi) + (k >> p_lo)
+
+
+def build_head(
+    graph: gs.Graph,
+    features: gs.Variable,
+    spec: HeadSpec,
+    *,
+    prefix: str = "fyc_head/",
+    dtype: np.dtype | type = np.float32,
+) -> gs.Variable:
+    """Add the Hadamard head to `graph`: features -> logits with add/sub butterflies only.
+
+    Args:
+        graph: Graph to add nodes to (nodes are appended; call ``graph.cleanup().toposort()`` after).
+        features: (B, N) or (B, T, N) tensor in the graph.
+        spec: The head (see `HeadSpec.from_module`).
+        prefix: Name prefix of every node and constant added.
+        dtype: Float dtype of `features` and the logits.
+
+    Returns:
+        The logits variable, (B, C) or (B, T, C).
+    """
+    ops = _Ops(graph, prefix, dtype)
+    n_feat, c = spec.in_features, spec.num_classes
+    rank = len(features.shape) if features.shape is not None else 2
+    x = features if rank == 2 else ops.reshape(features, [-1, n_feat])  # (B, N)
+
+    # α / (‖x‖ + eps), per sample: (B, 1)
+    sq = ops.op1("ReduceSum", [ops.op1("Mul", [x, x]), ops.ints("axes", [1])], attrs={"keepdims": 1})
+    den = ops.op1("Add", [ops.op1("Sqrt", [sq]), ops.const("eps", np.asarray(spec.eps, dtype))])
+    factor = ops.op1("Div", [ops.const("scale", np.asarray(spec.scale, dtype)), den])
+
+    z, pos = _wht(ops, _embed_fold(ops, x, spec), spec.hadamard_size)
+    picked = ops.op1("Gather", [z, ops.ints("rows", pos[spec.rows])], attrs={"axis": 1})  # (B, C)
+    logits = ops.op1("Mul", [picked, factor])
+    if spec.bias is not None:
+        logits = ops.op1("Add", [logits, ops.const("bias", spec.bias.astype(dtype))])
+    if rank != 2:
+        lead = ops.op1("Shape", [features], attrs={"start": 0, "end": -1}, dtype=np.int64)
+        shape = ops.op1("Concat", [lead, ops.ints("classes", [c])], attrs={"axis": 0}, dtype=np.int64)
+        logits = ops.op1("Reshape", [logits, shape])
+    return logits
+
+
+def head_model(
+    spec: HeadSpec,
+    *,
+    opset: int = 18,
+    ir_version: int = 10,
+    dtype: np.dtype | type = np.float32,
+    prefix: str = "fyc_head/",
+    time_axis: bool = False,
+) -> onnx.ModelProto:
+    """A standalone model ``features -> logits`` holding only the head (dynamic axis ``batch_size``).
+
+    Args:
+        spec: The head.
+        opset: ONNX opset (18 runs well on onnxruntime 1.31).
+        ir_version: IR version to write (onnxruntime 1.31 accepts <= 13).
+        dtype: Float dtype of input and output.
+        prefix: Node name prefix.
+        time_axis: Take (batch_size, T, N) features instead of (batch_size, N).
+
+    Returns:
+        The checked model.
+    """
+    shape = ["batch_size", "T", spec.in_features] if time_axis else ["batch_size", spec.in_features]
+    features = gs.Variable("features", dtype=dtype, shape=shape)
+    graph = gs.Graph(inputs=[features], opset=opset)
+    logits = build_head(graph, features, spec, prefix=prefix, dtype=dtype)
+    out = gs.Variable("logits", dtype=dtype, shape=[*shape[:-1], spec.num_classes])
+    graph.nodes.append(gs.Node("Identity", name=f"{prefix}output", inputs=[logits], outputs=[out]))
+    graph.outputs = [out]
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    model.ir_version = ir_version
+    onnx.checker.check_model(model)
+    return model
+
+
+def _head_nodes(model: onnx.ModelProto, prefix: str) -> list[onnx.NodeProto]:
+    return [node for node in model.graph.node if node.name.startswith(prefix)]
+
+
+def head_op_census(model: onnx.ModelProto, prefix: str = "fyc_head/") -> dict[str, int]:
+    """Count the op types of the nodes whose names start with `prefix`.
+
+    Args:
+        model: The model.
+        prefix: The head's name scope.
+
+    Returns:
+        {op_type: count}, sorted by op type.
+    """
+    census: dict[str, int] = {}
+    for node in _head_nodes(model, prefix):
+        census[node.op_type] = census.get(node.op_type, 0) + 1
+    return dict(sorted(census.items()))
+
+
+def largest_head_constant(model: onnx.ModelProto, prefix: str = "fyc_head/") -> int:
+    """Element count of the largest constant the head uses (initializers and Constant nodes it reads).
+
+    Args:
+        model: The model.
+        prefix: The head's name scope.
+
+    Returns:
+        The largest element count (0 when the head reads no constant).
+    """
+    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    sizes[node.output[0]] = int(np.prod(attr.t.dims))
+    used = {name for node in _head_nodes(model, prefix) for name in node.input}
+    return max((size for name, size in sizes.items() if name in used), default=0)

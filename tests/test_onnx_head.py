@@ -1,0 +1,120 @@
+"""The ONNX Hadamard head: onnxruntime output vs a dense numpy reference of docs/design.md, and the static
+checks (no MatMul/Gemm/Conv, small constants, names under the prefix)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import scipy.linalg
+
+from fyc_convert.errors import ExportError
+from fyc_convert.onnx_head import HeadSpec, head_model, head_op_census, largest_head_constant
+
+SIZES = [(64, 10), (342, 100), (512, 1000), (2048, 1000), (192, 1000)]
+
+
+def _next_pow2(k: int) -> int:
+    return 1 << (k - 1).bit_length()
+
+
+def make_spec(n_feat: int, c: int, *, embedding: str = "tile", bias: bool = True, seed: int = 0) -> HeadSpec:
+    """Default sizing from docs/design.md for "tile"; "pad" always embeds into m = n = nextpow2(max(N, C+1))."""
+    rng = np.random.default_rng(seed)
+    m0 = _next_pow2(c + 1)
+    if embedding == "tile" and n_feat % m0 == 0:
+        m, n = m0, n_feat
+    else:
+        m = n = _next_pow2(max(n_feat, c + 1))
+    signs = rng.choice([-1.0, 1.0], size=n - n_feat) if embedding == "tile" else np.zeros(n - n_feat)
+    return HeadSpec(
+        in_features=n_feat,
+        num_classes=c,
+        hadamard_size=m,
+        embed_size=n,
+        embedding=embedding,
+        eps=1e-8,
+        signs=signs,
+        rows=rng.permutation(np.arange(1, m))[:c].astype(np.int64),
+        scale=float(rng.uniform(2.0, 12.0)),
+        bias=rng.normal(size=c) if bias else None,
+    )
+
+
+def reference_logits(spec: HeadSpec, x: np.ndarray) -> np.ndarray:
+    """docs/design.md, densely in float64: x̂ -> x̃ -> fold -> H_m -> [rows] · scale + bias. x: (B, N)."""
+    n_feat, m, n = spec.in_features, spec.hadamard_size, spec.embed_size
+    x = x.astype(np.float64)
+    xh = x / (np.linalg.norm(x, axis=1, keepdims=True) + spec.eps)  # (B, N)
+    xt = np.concatenate([xh, spec.signs * xh[:, np.arange(n_feat, n) % n_feat]], axis=1)  # (B, n)
+    y = xt.reshape(len(x), n // m, m).sum(axis=1)  # (B, m)
+    z = y @ scipy.linalg.hadamard(m).T  # (B, m)
+    logits = spec.scale * z[:, spec.rows]
+    return logits if spec.bias is None else logits + spec.bias
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"features": x.astype(np.float32)})[0]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("embedding", ["tile", "pad"])
+@pytest.mark.parametrize(("n_feat", "c"), SIZES)
+def test_matches_reference(n_feat: int, c: int, embedding: str, bias: bool) -> None:
+    spec = make_spec(n_feat, c, embedding=embedding, bias=bias, seed=n_feat + c)
+    model = head_model(spec)
+    onnx.checker.check_model(model)
+    rng = np.random.default_rng(1)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    for batch in (1, 3, 64):
+        x = rng.normal(size=(batch, n_feat)).astype(np.float32)
+        out = sess.run(None, {"features": x})[0]
+        assert out.shape == (batch, c)
+        np.testing.assert_allclose(out, reference_logits(spec, x), atol=1e-4, rtol=0)
+
+
+def test_time_axis_input() -> None:
+    spec = make_spec(342, 100, seed=3)
+    x = np.random.default_rng(2).normal(size=(2, 5, 342)).astype(np.float32)
+    out = _run(head_model(spec, time_axis=True), x)
+    assert out.shape == (2, 5, 100)
+    want = reference_logits(spec, x.reshape(10, 342)).reshape(2, 5, 100)
+    np.testing.assert_allclose(out, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("n_feat", "c"), SIZES)
+def test_static_checks(n_feat: int, c: int) -> None:
+    spec = make_spec(n_feat, c)
+    model = head_model(spec, prefix="scope/")
+    census = head_op_census(model, prefix="scope/")
+    assert not {"MatMul", "Gemm", "Conv"} & census.keys()
+    assert census["Gather"] >= 1 and census["Add"] >= 1 and census["Sub"] >= 1
+    assert set(census) <= {
+        "Add", "Sub", "Neg", "Mul", "Div", "Sqrt", "ReduceSum", "Reshape", "Split", "Slice", "Concat",
+        "Transpose", "Gather", "Pad", "Identity", "Shape",
+    }  # fmt: skip
+    assert census["Mul"] == 2  # x·x for the norm and the one multiply by α/(‖x‖+eps)
+    assert 0 < largest_head_constant(model, prefix="scope/") <= max(c, spec.embed_size)
+    assert all(node.name.startswith("scope/") for node in model.graph.node)
+    assert sum(census.values()) == len(model.graph.node)
+
+
+def test_census_and_constants_ignore_other_nodes() -> None:
+    spec = make_spec(64, 10)
+    model = head_model(spec)
+    assert head_op_census(model, prefix="other/") == {}
+    assert largest_head_constant(model, prefix="other/") == 0
+
+
+def test_spec_rejects_inconsistent_sizes() -> None:
+    spec = make_spec(64, 10)
+    with pytest.raises(ExportError, match="power of two"):
+        HeadSpec(**{**spec.__dict__, "hadamard_size": 12})
+    with pytest.raises(ExportError, match="rows"):
+        HeadSpec(**{**spec.__dict__, "rows": np.arange(10) + 10})
