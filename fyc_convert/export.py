@@ -1,0 +1,466 @@
+"""ONNX export of the whole model, with the swapped head as a slim add/sub subgraph.
+
+How: the head module is temporarily replaced by a placeholder that the (TorchScript) exporter writes as
+one marker node `fyc::HeadMarker`; onnx-graphsurgeon then replaces that node by the butterfly subgraph
+from `fyc_convert.onnx_head.build_head` under the `fyc_head/` scope
+(import -> edit -> cleanup().toposort() -> export). No generic simplifier or constant folding runs on the
+result, so the head keeps its compact constants; `check_head_static` re-checks it after the edit.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+from torch import nn
+
+from fyc_convert.errors import ExportError
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 18  # the head builder uses opset-18 forms (Split num_outputs, Reduce* axes as an input)
+IR_VERSION = 9  # onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of weights; protobuf cannot serialise a model over 2 GiB
+HEAD_PREFIX = "fyc_head/"
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+BATCH_AXIS = "batch_size"
+
+_MARKER_DOMAIN = "fyc"
+_MARKER_OP = "HeadMarker"
+
+
+@dataclass
+class ExportResult:
+    """What `export_onnx` wrote.
+
+    Attributes:
+        path: the .onnx file.
+        bytes: size on disk of the model plus its external data file, if any.
+        external_data: the external data file (next to the model), or None when the weights are inline.
+        opset: ONNX opset of the default domain.
+        dtype: "fp32" or "fp16" (the backbone's precision; inputs and outputs are float32 either way).
+        head_kind: "hadamard" (add/sub subgraph), "orthogonal" (a dense constant matrix: its savings are in
+            trained parameters only, not in file size or speed) or "original" (the model as it was).
+        head_ops: op census of the `fyc_head/` subgraph, e.g. {"Add": 11, "Sub": 11, ...}; {} for the original.
+        node_count: number of nodes in the whole graph.
+    """
+
+    path: Path
+    bytes: int
+    external_data: Path | None
+    opset: int
+    dtype: str
+    head_kind: str
+    head_ops: dict[str, int]
+    node_count: int
+
+
+class _HeadMarker(torch.autograd.Function):
+    """Stands in for the head during tracing; exported as the single node fyc::HeadMarker."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, num_classes: int) -> torch.Tensor:  # (..., N) -> (..., C)
+        # Values do not matter: the node is replaced in the ONNX graph. Zeros keep shapes and dtype.
+        return x.new_zeros(*x.shape[:-1], num_classes)
+
+    @staticmethod
+    def symbolic(g, x, num_classes: int):
+        out = g.op(f"{_MARKER_DOMAIN}::{_MARKER_OP}", x, num_classes_i=num_classes)
+        sizes = x.type().varyingSizes()
+        if sizes is not None:
+            out.setType(x.type().with_sizes(sizes[:-1] + [num_classes]))
+        return out
+
+
+class _Placeholder(nn.Module):
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.calls = 0
+        self.feature_rank = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.feature_rank = x.dim()
+        return _HeadMarker.apply(x, self.num_classes)
+
+
+def logits_of(output: object) -> torch.Tensor:
+    """The logits inside a model output: a tensor, the first of a tuple/list, dict["logits"] or `.logits`."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    if isinstance(output, dict):
+        return output["logits"]
+    return output.logits
+
+
+class _LogitsOnly(nn.Module):
+    """What is exported: float32 input -> float32 logits, the model's other outputs dropped.
+
+    With `half`, the model runs in float16 between a Cast at the input and a Cast at the output.
+    """
+
+    def __init__(self, model: nn.Module, *, half: bool):
+        super().__init__()
+        self.model, self.half = model, half
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.half:
+            return logits_of(self.model(x.half())).float()
+        return logits_of(self.model(x))
+
+
+@contextmanager
+def _swapped(model: nn.Module, layer: str, module: nn.Module) -> Iterator[nn.Module]:
+    """Temporarily put `module` at the dotted name `layer`; yields the module that was there."""
+    parent_name, _, child = layer.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+        old = parent.get_submodule(child)
+    except AttributeError as e:
+        raise ExportError(f"head layer {layer!r} not found in the model; pass the dotted name from the swap") from e
+    setattr(parent, child, module)
+    try:
+        yield old
+    finally:
+        setattr(parent, child, old)
+
+
+def compact_rows(rows: np.ndarray | torch.Tensor) -> str:
+    """Rows as a short string of runs: [1, 2, 3, 7, 9, 10] -> "1-3,7,9-10"."""
+    values = [int(r) for r in (rows.tolist() if hasattr(rows, "tolist") else rows)]
+    parts: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def _head_kind(head: nn.Module) -> str:
+    from fyc_convert.heads import HadamardHead, OrthogonalHead
+
+    if isinstance(head, HadamardHead):
+        return "hadamard"
+    if isinstance(head, OrthogonalHead):
+        return "orthogonal"
+    raise ExportError(
+        f"head_layer points at a {type(head).__name__}, not a HadamardHead or OrthogonalHead; "
+        "pass head_layer=None to export the original model"
+    )
+
+
+def _manifest(head: nn.Module | None, kind: str, layer: str | None) -> dict[str, str]:
+    if head is None:
+        return {"fyc.head.kind": "original"}
+    manifest = {
+        "fyc.head.kind": kind,
+        "fyc.head.layer": str(layer),
+        "fyc.head.in_features": str(head.in_features),
+        "fyc.head.num_classes": str(head.num_classes),
+    }
+    if kind == "hadamard":
+        manifest |= {
+            "fyc.head.hadamard_size": str(head.hadamard_size),
+            "fyc.head.embed_size": str(head.embed_size),
+            "fyc.head.embedding": str(head.embedding),
+            "fyc.head.rows": compact_rows(head.rows),
+        }
+    return manifest
+
+
+def _trace(module: nn.Module, sample: torch.Tensor, onnx_path: Path, *, opset: int, marker: bool) -> None:
+    """Export `module` with the TorchScript exporter (fast, and it honours the marker's `symbolic`)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        torch.onnx.export(
+            module,
+            (sample,),
+            str(onnx_path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
+            custom_opsets={_MARKER_DOMAIN: 1} if marker else None,
+            do_constant_folding=True,  # folds the backbone only: the head is a single opaque marker here
+        )
+
+
+def _rewire(graph: gs.Graph, old: gs.Variable, new: gs.Variable) -> None:
+    """Make every consumer of `old` (and the graph outputs) read `new`; a graph output keeps its name."""
+    for node in list(old.outputs):
+        node.inputs[:] = [new if t is old else t for t in node.inputs]
+    for i, out in enumerate(graph.outputs):
+        if out is old:
+            name, shape = old.name, old.shape
+            old.name = f"{name}__replaced"
+            new.name, new.shape = name, shape
+            new.dtype = np.float32 if new.dtype is None else new.dtype
+            graph.outputs[i] = new
+
+
+def _dense_head(graph: gs.Graph, feats: gs.Variable, head: nn.Module) -> gs.Variable:
+    """OrthogonalHead: logits = scale * x/(|x|+eps) @ W^T + bias, W (C, N) as one constant under fyc_head/."""
+    p = HEAD_PREFIX
+    weight = head.class_vectors().detach().to(torch.float32).cpu().numpy()  # (C, N)
+    sq = graph.layer(name=f"{p}square", op="Mul", inputs=[feats, feats], outputs=[gs.Variable(f"{p}sq", np.float32)])
+    ss = graph.layer(
+        name=f"{p}sumsq",
+        op="ReduceSum",
+        inputs=[*sq, gs.Constant(f"{p}axes", np.array([-1], np.int64))],
+        outputs=[gs.Variable(f"{p}ss", np.float32)],
+        attrs={"keepdims": 1},
+    )
+    norm = graph.layer(name=f"{p}sqrt", op="Sqrt", inputs=ss, outputs=[gs.Variable(f"{p}norm", np.float32)])
+    scale = float(head.scale.detach()) if head.scale.dim() == 0 else None
+    assert scale is not None, "OrthogonalHead.scale is a 0-dim tensor (design.md)"
+    denom = graph.layer(
+        name=f"{p}add_eps",
+        op="Add",
+        inputs=[*norm, gs.Constant(f"{p}eps", np.array([head.eps], np.float32))],
+        outputs=[gs.Variable(f"{p}denom", np.float32)],
+    )
+    mm = graph.layer(
+        name=f"{p}matmul",
+        op="MatMul",
+        inputs=[feats, gs.Constant(f"{p}weight_t", np.ascontiguousarray(weight.T))],
+        outputs=[gs.Variable(f"{p}z", np.float32)],
+    )
+    scaled = graph.layer(
+        name=f"{p}mul_scale",
+        op="Mul",
+        inputs=[*mm, gs.Constant(f"{p}scale", np.array([scale], np.float32))],
+        outputs=[gs.Variable(f"{p}zs", np.float32)],
+    )
+    out = graph.layer(name=f"{p}div_norm", op="Div", inputs=[*scaled, *denom], outputs=[gs.Variable(f"{p}zn", np.float32)])
+    if head.bias is not None:
+        bias = head.bias.detach().to(torch.float32).cpu().numpy()
+        out = graph.layer(
+            name=f"{p}add_bias",
+            op="Add",
+            inputs=[*out, gs.Constant(f"{p}bias", bias)],
+            outputs=[gs.Variable(f"{p}logits", np.float32)],
+        )
+    return out[0]
+
+
+def _splice_head(graph: gs.Graph, head: nn.Module, kind: str, *, half: bool, feature_rank: int) -> None:
+    """Replace the marker node by the head subgraph, in float32 (cast in and out around an fp16 backbone)."""
+    from fyc_convert.onnx_head import HeadSpec, build_head
+
+    markers = [n for n in graph.nodes if n.op == _MARKER_OP and n.domain == _MARKER_DOMAIN]
+    assert len(markers) == 1, f"expected one head marker, found {len(markers)}"
+    marker = markers[0]
+    feats, out = marker.inputs[0], marker.outputs[0]
+    marker.inputs.clear()
+    marker.outputs.clear()
+    p = HEAD_PREFIX
+    n_in, n_cls = head.in_features, head.num_classes
+    if half:
+        feats = graph.layer(
+            name=f"{p}cast_in", op="Cast", inputs=[feats], outputs=[gs.Variable(f"{p}features_fp32", np.float32)],
+            attrs={"to": onnx.TensorProto.FLOAT},
+        )[0]
+    leading = None
+    if feature_rank != 2:  # (..., N) -> (B', N); the head builders take a matrix
+        leading = graph.layer(
+            name=f"{p}leading_shape", op="Shape", inputs=[feats], outputs=[gs.Variable(f"{p}lead", np.int64)],
+            attrs={"start": 0, "end": -1},
+        )[0]
+        feats = graph.layer(
+            name=f"{p}flatten", op="Reshape",
+            inputs=[feats, gs.Constant(f"{p}flat_shape", np.array([-1, n_in], np.int64))],
+            outputs=[gs.Variable(f"{p}features_2d", np.float32)],
+        )[0]
+    if kind == "hadamard":
+        logits = build_head(graph, feats, HeadSpec.from_module(head), prefix=p, dtype=np.float32)
+    else:
+        logits = _dense_head(graph, feats, head)
+    if leading is not None:
+        full = graph.layer(
+            name=f"{p}out_shape", op="Concat",
+            inputs=[leading, gs.Constant(f"{p}num_classes", np.array([n_cls], np.int64))],
+            outputs=[gs.Variable(f"{p}shape_out", np.int64)], attrs={"axis": 0},
+        )[0]
+        logits = graph.layer(
+            name=f"{p}unflatten", op="Reshape", inputs=[logits, full], outputs=[gs.Variable(f"{p}logits_nd", np.float32)]
+        )[0]
+    logits.dtype = np.float32
+    if half:
+        # Consumers that cast straight back to float32 (the output boundary) read the float32 logits.
+        for node in list(out.outputs):
+            if node.op == "Cast" and node.attrs.get("to") == onnx.TensorProto.FLOAT:
+                _rewire(graph, node.outputs[0], logits)
+                node.inputs.clear()
+        if out.outputs or any(o is out for o in graph.outputs):
+            logits = graph.layer(
+                name=f"{p}cast_out", op="Cast", inputs=[logits], outputs=[gs.Variable(f"{p}logits_fp16", np.float16)],
+                attrs={"to": onnx.TensorProto.FLOAT16},
+            )[0]
+            _rewire(graph, out, logits)
+    else:
+        _rewire(graph, out, logits)
+
+
+def _finish(graph: gs.Graph, *, opset: int, metadata: dict[str, str]) -> onnx.ModelProto:
+    graph.cleanup().toposort()
+    graph.opset = opset
+    graph.import_domains = [d for d in (graph.import_domains or []) if d.domain != _MARKER_DOMAIN] or None
+    model = gs.export_onnx(graph)
+    model.ir_version = IR_VERSION
+    del model.opset_import[:]
+    model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    model.producer_name = "fyc-convert"
+    for key, value in metadata.items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    return model
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for t in model.graph.initializer:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+        total += int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize
+    return total
+
+
+def _save(model: onnx.ModelProto, path: Path, work: Path, *, external_threshold: int) -> Path | None:
+    """Save into `work` (a temp folder next to `path`), check, then move into place; returns the .data path."""
+    data_path = path.with_name(f"{path.name}.data")
+    tmp_model = work / path.name
+    external = _weight_bytes(model) > external_threshold
+    if external:
+        # Written fresh inside `work`, so an old .data next to `path` is replaced, never appended to.
+        onnx.save_model(
+            model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
+            location=data_path.name, size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, tmp_model)
+    try:
+        onnx.checker.check_model(str(tmp_model))
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"exported graph failed onnx.checker ({first}); try another --opset or report a bug")
+    if external:
+        os.replace(work / data_path.name, data_path)
+    os.replace(tmp_model, path)
+    if not external:
+        data_path.unlink(missing_ok=True)  # a stale .data from an earlier, larger export
+    return data_path if external else None
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    input_shape: tuple[int, ...],
+    opset: int = DEFAULT_OPSET,
+    dtype: Literal["fp32", "fp16"] = "fp32",
+    head_layer: str | None = None,
+    metadata: dict[str, str] | None = None,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> ExportResult:
+    """Export `model` to ONNX with a dynamic batch axis `batch_size`, the head as an add/sub subgraph.
+
+    The file appears atomically: it is built in a temporary folder next to `path` and renamed into place;
+    on any error nothing is left behind and an existing file at `path` is untouched.
+
+    Args:
+        model: the PyTorch model (converted or original); it is not modified.
+        path: the .onnx file to write.
+        input_shape: shape of one sample, without the batch axis, e.g. (3, 224, 224).
+        opset: ONNX opset (>= 18).
+        dtype: "fp32", or "fp16" for a half-precision backbone with float32 inputs and outputs
+            (the head itself runs in float32).
+        head_layer: dotted name of the swapped HadamardHead / OrthogonalHead; None exports the model as is.
+        metadata: extra key/value pairs for the model's metadata_props (next to the head manifest).
+        external_data_threshold: weights above this many bytes go to `<path>.data` next to the model.
+
+    Returns:
+        ExportResult with sizes, the head op census and the node count.
+
+    Raises:
+        ExportError: the model cannot be traced or exported, or the head subgraph is not slim.
+    """
+    from fyc_convert.onnx_head import head_op_census
+
+    path = Path(path)
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old for the head subgraph; pass --opset {MIN_OPSET} or newer")
+    if dtype not in ("fp32", "fp16"):
+        raise ExportError(f"dtype {dtype!r} is not supported; pass fp32 or fp16")
+    if not path.parent.is_dir():
+        raise ExportError(f"output folder {path.parent} does not exist; create it or choose another path")
+    half = dtype == "fp16"
+    sample = torch.randn(2, *input_shape)  # batch 2: a batch of 1 can hide batch-dependent reshapes
+
+    try:
+        head = model.get_submodule(head_layer) if head_layer is not None else None
+    except AttributeError as e:
+        raise ExportError(f"head layer {head_layer!r} not found in the model; pass the dotted name from the swap") from e
+    kind = _head_kind(head) if head is not None else "original"
+
+    net = copy.deepcopy(model).half() if half else model  # never change the caller's model
+    was_training = net.training
+    placeholder = _Placeholder(head.num_classes) if head is not None else None
+    try:
+        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise ExportError(f"cannot write into {path.parent} ({e.strerror}); choose a writable output folder") from e
+    try:
+        net.eval()
+        traced = work / "traced.onnx"
+        try:
+            if placeholder is not None:
+                with _swapped(net, head_layer, placeholder):
+                    _trace(_LogitsOnly(net, half=half), sample, traced, opset=opset, marker=True)
+            else:
+                _trace(_LogitsOnly(net, half=half), sample, traced, opset=opset, marker=False)
+        except ExportError:
+            raise
+        except Exception as e:  # the exporter raises many types; the user needs one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"torch.onnx.export failed: {first[:300]}; check the model traces with input_shape {input_shape}") from e
+        if placeholder is not None and placeholder.calls != 1:
+            raise ExportError(
+                f"the head {head_layer!r} ran {placeholder.calls} times in one forward pass; "
+                "fyc-convert exports models whose classifier runs exactly once"
+            )
+        graph = gs.import_onnx(onnx.load(str(traced)))
+        if head is not None:
+            _splice_head(graph, head, kind, half=half, feature_rank=placeholder.feature_rank)
+        proto = _finish(graph, opset=opset, metadata={**(metadata or {}), **_manifest(head, kind, head_layer)})
+        head_ops = head_op_census(proto, HEAD_PREFIX) if head is not None else {}
+        if kind == "hadamard":
+            from fyc_convert.verify import check_head_static
+
+            check_head_static(proto, num_classes=head.num_classes, embed_size=head.embed_size, prefix=HEAD_PREFIX)
+        node_count = len(proto.graph.node)
+        external = _save(proto, path, work, external_threshold=external_data_threshold)
+    finally:
+        net.train(was_training)
+        shutil.rmtree(work, ignore_errors=True)
+    size = path.stat().st_size + (external.stat().st_size if external is not None else 0)
+    return ExportResult(
+        path=path, bytes=size, external_data=external, opset=opset, dtype=dtype,
+        head_kind=kind, head_ops=head_ops, node_count=node_count,
+    )
