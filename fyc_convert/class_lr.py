@@ -40,7 +40,7 @@ parameter and counts steps (epoch = steps / steps_per_epoch drives the resets an
         opt.backward_and_step(per_sample_loss, y)
 
 `state_dict()` / `load_state_dict()` carry μ and the step count, so a resumed run continues the schedule;
-learning-rate schedulers may change `param_groups[k]["lr"]`. `step()` is not used (it needs the labels).
+learning-rate schedulers may change `param_groups[k]["lr"]` (they see the step: backward_and_step calls step()).
 CLI options: --class-lr-eta-mu -> eta_mu, --class-lr-cutoff -> cutoff_epoch, --class-lr-layers (comma-separated
 dotted module names) -> layers. The paper uses eta_mu = 1e5 for SELU and tanh, 1e4 for ReLU (÷10 when training
 diverges) and a cutoff of 10, 20 or 30 epochs chosen on validation.
@@ -161,6 +161,7 @@ class ClassLR(torch.optim.Optimizer):
         self._captures: dict[str, list[list[Tensor | None]]] = {name: [] for name in chosen}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._in_backward = False
+        self._pending_labels: Tensor | None = None
         if self.cutoff_epoch > 0:
             _check_budget(chosen, num_classes=num_classes, budget=memory_budget_bytes)
             for name, m in chosen.items():
@@ -183,11 +184,6 @@ class ClassLR(torch.optim.Optimizer):
         """Whether the next step uses per-class rates (False from the cutoff on)."""
         return self.epoch < self.cutoff_epoch
 
-    def step(self, closure: Any = None) -> None:
-        """Not used: per-class rates need the labels; call `backward_and_step(per_sample_loss, labels)`."""
-        raise ClassLRError("ClassLR needs the labels: call opt.backward_and_step(per_sample_loss, labels), not step()")
-
-    @torch.no_grad()
     def backward_and_step(self, per_sample_loss: Tensor, labels: Tensor) -> None:
         """Backward pass of the mean loss and one update of every parameter (the only call a loop needs).
 
@@ -196,28 +192,46 @@ class ClassLR(torch.optim.Optimizer):
             labels: (B,) integer class labels in [0, num_classes).
 
         Raises:
-            ClassLRError: Shapes or labels do not fit, or a chosen layer ran more than once in the forward pass.
+            ClassLRError: Shapes or labels do not fit, a chosen layer ran more than once in the forward pass, or
+                the run is distributed over several processes (per-class gradients are not all-reduced).
         """
         if per_sample_loss.dim() != 1 or labels.shape != per_sample_loss.shape:
             raise ClassLRError(
                 f"backward_and_step needs per-sample losses (B,) and labels (B,); got {tuple(per_sample_loss.shape)}"
                 f" and {tuple(labels.shape)} (use reduction='none')"
             )
-        active = self.class_lr_active
-        if active and labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-            raise ClassLRError(f"labels must lie in [0, {self.num_classes}); got {int(labels.min())}..{int(labels.max())}")
-        if not active:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise ClassLRError("per-class learning rates run in a single process only; train on one device")
+        if self.class_lr_active:
+            lo, hi = (int(labels.min()), int(labels.max())) if labels.numel() else (0, 0)
+            if lo < 0 or hi >= self.num_classes:
+                raise ClassLRError(f"labels must lie in [0, {self.num_classes}); got {lo}..{hi}")
+        else:
             self._release()
-        elif self.steps_done > 0 and self._half_epoch(self.steps_done) != self._half_epoch(self.steps_done - 1):
-            for state in self.state.values():
-                state["mu"].fill_(1.0)  # half-epoch reset
         self.zero_grad(set_to_none=True)
         self._in_backward = True  # the output hooks record δ only during this backward pass
         try:
-            with torch.enable_grad():
-                per_sample_loss.mean().backward()
+            per_sample_loss.mean().backward()
         finally:
             self._in_backward = False
+        self._pending_labels = labels
+        try:
+            self.step()  # through step(), so lr schedulers see the optimizer step
+        finally:
+            self._pending_labels = None
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        """The update after the backward pass; called by `backward_and_step`, not by the training loop."""
+        labels = self._pending_labels
+        if labels is None:
+            raise ClassLRError("ClassLR needs the labels: call backward_and_step(per_sample_loss, labels), not step()")
+        active = self.class_lr_active
+        s = self.steps_done
+        if active and s > 0 and self._half_epoch(s) != self._half_epoch(s - 1):
+            for state in self.state.values():
+                state["mu"].fill_(1.0)  # half-epoch reset, before this step's update
         captures = self._take_captures()
         for group in self.param_groups:
             if active and group["class_lr"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def _mlp(sizes: list[int], *, seed: int = 0, dtype: torch.dtype = torch.float32)
     return nn.Sequential(*layers).to(dtype)
 
 
-def _batch(n: int, d: int, c: int, *, seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(n: int, d: int, c: int, *, seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=dtype)
     y = torch.arange(n) % c  # every class present
@@ -246,6 +247,7 @@ def test_layer_errors_name_the_candidates():
     opt = _opt(model)
     with pytest.raises(ClassLRError, match="backward_and_step"):
         opt.step()
+    assert opt.steps_done == 0
     x, y = _batch(6, 5, 3, seed=0)
     with pytest.raises(ClassLRError, match=r"labels must lie in \[0, 3\)"):
         opt.backward_and_step(_loss(model, x, y), y + 5)
@@ -261,3 +263,15 @@ def test_layer_run_twice_is_refused():
     x, y = _batch(6, 4, 3, seed=0)
     with pytest.raises(ClassLRError, match="ran 2 times"):
         opt.backward_and_step(_loss(model, x, y), y)
+
+
+def test_lr_scheduler_sees_the_steps():
+    model = _mlp([5, 8, 8, 3])
+    opt = _opt(model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x, y = _batch(12, 5, 3, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" would fail here
+        opt.backward_and_step(_loss(model, x, y), y)
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.05, 0.05]
