@@ -1,0 +1,258 @@
+"""Whole-model ONNX export: slim head subgraph, parity with PyTorch, sizes, fp16, external data, atomicity."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from models import LAYOUTS
+from torch import nn
+
+from fyc_convert.errors import ExportError
+from fyc_convert.export import HEAD_PREFIX, compact_rows, export_onnx, parse_rows
+from fyc_convert.heads import HadamardHead, OrthogonalHead
+from fyc_convert.verify import check_head_static, verify_onnx
+
+KIB = 1024
+
+
+def _swap(model: nn.Module, layer: str, head_cls=HadamardHead) -> nn.Module:
+    """Replace the Linear at `layer` by a head fitted to it (in place); returns the head."""
+    parent_name, _, child = layer.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    head = head_cls.from_linear(parent.get_submodule(child))
+    with torch.no_grad():  # a non-trivial trained-looking bias
+        if head.bias is not None:
+            head.bias.copy_(torch.linspace(-1.0, 1.0, head.num_classes))
+    setattr(parent, child, head)
+    return head
+
+
+class _Tiny(nn.Module):
+    """A tiny backbone (B, 8) -> (B, N) and a Linear N -> C classifier."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, in_features), nn.Tanh())
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+def _tiny(in_features: int, num_classes: int) -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return _Tiny(in_features, num_classes).eval()
+
+
+def _metadata(path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_layout_exports_slim_head_matching_pytorch(name, tmp_path):
+    layout = LAYOUTS[name]()
+    original = export_onnx(layout.model, tmp_path / "original.onnx", input_shape=layout.input_shape)
+    head = _swap(layout.model, layout.layer)
+    res = export_onnx(layout.model, tmp_path / "model.onnx", input_shape=layout.input_shape, head_layer=layout.layer)
+
+    onnx.checker.check_model(str(res.path))
+    assert res.head_kind == "hadamard" and original.head_kind == "original"
+    assert original.head_ops == {}
+    census = check_head_static(res.path, num_classes=head.num_classes, embed_size=head.embed_size)
+    assert census == res.head_ops
+    assert not {"MatMul", "Gemm", "Conv"} & set(census)
+    ver = verify_onnx(res.path, layout.model, input_shape=layout.input_shape, n_random=64, atol=1e-4, rtol=1e-4)
+    assert ver.batch_sizes == [1, 3, 64]
+    assert ver.max_abs_diff <= 1e-4
+    n_in, n_cls = layout.in_features, layout.num_classes
+    assert original.bytes - res.bytes >= 4 * n_in * n_cls - 4 * (n_cls + head.embed_size) - 16 * KIB
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "model.onnx", tmp_path / "original.onnx"]
+
+
+@pytest.mark.parametrize("in_features,num_classes", [(64, 10), (342, 100), (512, 1000), (2048, 1000), (192, 1000)])
+def test_sizes_export_slim_and_small(in_features, num_classes, tmp_path):
+    model = _tiny(in_features, num_classes)
+    original = export_onnx(model, tmp_path / "original.onnx", input_shape=(8,))
+    head = _swap(model, "fc")
+    res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc")
+
+    onnx.checker.check_model(str(res.path))
+    census = check_head_static(res.path, num_classes=num_classes, embed_size=head.embed_size)
+    assert census["Add"] > 0 and census["Sub"] > 0
+    assert not {"MatMul", "Gemm", "Conv"} & set(census)
+    ver = verify_onnx(res.path, model, input_shape=(8,), n_random=64, atol=1e-4, rtol=1e-4)
+    assert ver.batch_sizes == [1, 3, 64]
+    saved = original.bytes - res.bytes
+    assert saved >= 4 * in_features * num_classes - 4 * (num_classes + head.embed_size) - 16 * KIB
+    assert res.node_count > original.node_count  # the butterflies replace one Gemm
+
+
+def test_manifest_in_metadata_props(tmp_path):
+    model = _tiny(64, 10)
+    head = _swap(model, "fc")
+    res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc", metadata={"source": "x.pt"})
+    meta = _metadata(res.path)
+    assert meta["source"] == "x.pt"
+    assert meta["fyc.head.kind"] == "hadamard"
+    assert meta["fyc.head.layer"] == "fc"
+    assert meta["fyc.head.in_features"] == "64"
+    assert meta["fyc.head.num_classes"] == "10"
+    assert meta["fyc.head.hadamard_size"] == str(head.hadamard_size)
+    assert meta["fyc.head.embed_size"] == str(head.embed_size)
+    assert meta["fyc.head.embedding"] == head.embedding
+    assert np.array_equal(parse_rows(meta["fyc.head.rows"]), head.rows.numpy())
+
+
+def test_onnx_file_is_runnable_with_batch_size_axis(tmp_path):
+    model = _tiny(64, 10)
+    _swap(model, "fc")
+    res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc")
+    proto = onnx.load(str(res.path))
+    assert proto.ir_version <= 10
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", res.opset)]
+    (inp,), (out,) = proto.graph.input, proto.graph.output
+    assert (inp.name, out.name) == ("input", "logits")
+    assert inp.type.tensor_type.shape.dim[0].dim_param == "batch_size"
+    assert out.type.tensor_type.shape.dim[0].dim_param == "batch_size"
+    assert all(n.domain == "" for n in proto.graph.node)
+    sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"input": np.zeros((5, 8), np.float32)})[0].shape == (5, 10)
+
+
+def test_compact_rows():
+    assert compact_rows(torch.tensor([1, 2, 3, 7, 9, 10])) == "1-3,7,9-10"
+    assert compact_rows(np.arange(1, 1001)) == "1-1000"
+    assert compact_rows([5]) == "5"
+    assert compact_rows([]) == ""
+
+
+@pytest.mark.parametrize("name", ["resnet_fc", "seq_linear", "vit_head"])
+def test_fp16_backbone_with_float32_boundary(name, tmp_path):
+    layout = LAYOUTS[name]()
+    _swap(layout.model, layout.layer)
+    res = export_onnx(layout.model, tmp_path / "model.onnx", input_shape=layout.input_shape, head_layer=layout.layer,
+                      dtype="fp16")
+    proto = onnx.load(str(res.path))
+    assert res.dtype == "fp16"
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    backbone = [t for t in proto.graph.initializer if not t.name.startswith(HEAD_PREFIX) and len(t.dims) > 1]
+    assert backbone and all(t.data_type == onnx.TensorProto.FLOAT16 for t in backbone)
+    assert "MatMul" not in res.head_ops and res.head_ops["Cast"] == 1  # features -> float32; logits stay float32
+    ver = verify_onnx(res.path, layout.model, input_shape=layout.input_shape, atol=5e-2, rtol=5e-2)
+    assert ver.max_abs_diff < 5e-2
+    assert ver.max_abs_diff > 0.0  # it really ran in half precision
+    assert next(layout.model.parameters()).dtype == torch.float32  # the caller's model is untouched
+
+
+def test_orthogonal_head_exported_as_dense_constant(tmp_path):
+    model = _tiny(64, 10)
+    head = _swap(model, "fc", OrthogonalHead)
+    res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc")
+    assert res.head_kind == "orthogonal"
+    assert res.head_ops["MatMul"] == 1
+    assert _metadata(res.path)["fyc.head.kind"] == "orthogonal"
+    ver = verify_onnx(res.path, model, input_shape=(8,), atol=1e-4, rtol=1e-4)
+    assert ver.max_abs_diff <= 1e-4
+    with pytest.raises(ExportError, match="MatMul"):
+        check_head_static(res.path, num_classes=head.num_classes, embed_size=head.in_features)
+
+
+def test_external_data_replaces_old_data_file(tmp_path):
+    model = _tiny(342, 100)
+    _swap(model, "fc")
+    ref = export_onnx(model, tmp_path / "ref.onnx", input_shape=(8,), head_layer="fc", external_data_threshold=1)
+    assert ref.external_data == tmp_path / "ref.onnx.data"
+
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / "model.onnx.data"
+    stale.write_bytes(b"\xff" * 100_000)  # an old, larger export's weights
+    res = export_onnx(model, out / "model.onnx", input_shape=(8,), head_layer="fc", external_data_threshold=1)
+    assert res.external_data == stale
+    assert stale.read_bytes() == ref.external_data.read_bytes()
+    assert res.bytes == (out / "model.onnx").stat().st_size + stale.stat().st_size
+    onnx.checker.check_model(str(res.path))
+    assert verify_onnx(res.path, model, input_shape=(8,)).max_abs_diff <= 1e-4
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+
+    small = export_onnx(model, out / "model.onnx", input_shape=(8,), head_layer="fc")
+    assert small.external_data is None
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]  # the stale .data is gone
+
+
+def test_failed_export_leaves_nothing_behind(tmp_path):
+    class Broken(nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous")
+    with pytest.raises(ExportError, match="torch.onnx.export failed"):
+        export_onnx(Broken(), target, input_shape=(8,))
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
+    model = _tiny(64, 10)
+    _swap(model, "fc")
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save_model", fail)
+    with pytest.raises(OSError):
+        export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments_raise_export_error(tmp_path):
+    model = _tiny(64, 10)
+    with pytest.raises(ExportError, match="not found"):
+        export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="nope")
+    with pytest.raises(ExportError, match="HadamardHead"):
+        export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="fc")  # still a Linear
+    with pytest.raises(ExportError, match="opset"):
+        export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), opset=13)
+    with pytest.raises(ExportError, match="does not exist"):
+        export_onnx(model, tmp_path / "missing" / "m.onnx", input_shape=(8,))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_head_running_twice_is_refused(tmp_path):
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(x) + self.fc(x)
+
+    model = Twice().eval()
+    _swap(model, "fc")
+    with pytest.raises(ExportError, match="2 times"):
+        export_onnx(model, tmp_path / "m.onnx", input_shape=(64,), head_layer="fc")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_restores_model_and_mode(tmp_path):
+    model = _tiny(64, 10).train()
+    head = _swap(model, "fc")
+    export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="fc")
+    assert model.fc is head
+    assert model.training
+
+
+def test_parse_rows_reverses_compact_rows():
+    perm = np.random.default_rng(0).permutation(np.arange(1, 1001))
+    text = compact_rows(perm)
+    assert text.startswith("b64u16:") and len(text) < 3000
+    assert np.array_equal(parse_rows(text), perm)
+    big = np.array([70000, 3, 5])
+    assert np.array_equal(parse_rows(compact_rows(big)), big)
+    assert np.array_equal(parse_rows("1-3,7,9-10"), [1, 2, 3, 7, 9, 10])
