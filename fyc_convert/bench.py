@@ -52,3 +52,28 @@ def compare_latency(
             times[k].append(time.perf_counter() - t0)
         i += 1
     return [1000.0 * statistics.median(ts) for ts in times]
+
+
+def gemm_head_model(weight: np.ndarray, bias: np.ndarray | None, *, opset: int = 18,
+                    ir_version: int = 10) -> onnx.ModelProto:
+    """The learned classifier as exported: ``features (batch_size, N) -> Gemm(W (C, N), b) -> logits``.
+
+    The baseline beside which the fixed head is timed.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    c, n = weight.shape
+    inits = [numpy_helper.from_array(weight.astype(np.float32), "W")]
+    inputs = ["features", "W"]
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias.astype(np.float32), "b"))
+        inputs.append("b")
+    node = helper.make_node("Gemm", inputs, ["logits"], transB=1, name="gemm_head")
+    graph = helper.make_graph(
+        [node], "gemm_head",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch_size", n])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", c])],
+        initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
+    return model

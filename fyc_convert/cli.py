@@ -12,6 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from fyc_convert.errors import FycError
 
@@ -109,10 +111,8 @@ def convert(
     rank0 = not distributed or _rank() == 0
     console = Console(quiet=quiet or not rank0, highlight=False)
     try:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(),
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _MetricsColumn(),
+                      TimeElapsedColumn(),
                       console=console, transient=False, disable=quiet or not rank0) as bars:
             result = run_convert(checkpoint, opts, progress=lambda msg: console.log(msg) if not quiet else None,
                                  epoch_progress=None if quiet or not rank0 else bars)
@@ -136,6 +136,21 @@ def convert(
             Console(highlight=False).print(f"status: {result.status}")
         else:
             render(result, console)
+
+
+class _MetricsColumn(ProgressColumn):
+    """loss, accuracy and throughput of the running epoch (fields set by the training loop)."""
+
+    def render(self, task: Task) -> Text:
+        f = task.fields
+        parts = []
+        if isinstance(f.get("loss"), float) and f["loss"] == f["loss"]:
+            parts.append(f"loss {f['loss']:.4f}")
+        if f.get("acc") is not None:
+            parts.append(f"acc {100 * f['acc']:.2f}%")
+        if f.get("samples_per_s"):
+            parts.append(f"{f['samples_per_s']:,.0f} samples/s")
+        return Text("  ".join(parts))
 
 
 def _init_distributed(device: str) -> bool:

@@ -9,6 +9,7 @@ add/sub fast Walsh–Hadamard transform (see docs/design.md for the exact math);
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -148,42 +149,43 @@ def _fit_scale_bias(
     return alpha, b
 
 
-def _assign(cos_fn, num_classes: int, num_cand: int) -> Tensor:
-    """Assign each class a distinct candidate maximising the summed cosine. Returns (C,) candidate indices.
+def _assign(cos_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int) -> Tensor:
+    """Give each class a distinct candidate, maximising the summed cosine. Returns (C,) candidate indices.
 
-    ``cos_fn(start, stop)`` gives the (stop - start, K) cosine block for classes [start, stop).
-    Exact Hungarian method when C·K is small enough, else greedy on per-class top-k lists, repeated
-    over the still-unassigned classes with taken candidates masked out.
+    ``cos_fn(idx)`` gives the (len(idx), K) float64 cosine block for the classes ``idx``. Exact Hungarian
+    method when C·K is small enough; otherwise greedy over per-class top-k lists (best pairs first),
+    repeated for the classes left over with the taken candidates masked out.
     """
+    classes = torch.arange(num_classes)
     if num_classes * num_cand <= _LSA_MAX_CELLS:
-        cos = torch.cat([cos_fn(s, min(s + _CHUNK, num_classes)) for s in range(0, num_classes, _CHUNK)])
+        cos = torch.cat([cos_fn(classes[s : s + _CHUNK]) for s in range(0, num_classes, _CHUNK)])
         cls, cand = linear_sum_assignment(cos.numpy(), maximize=True)
-        out = torch.empty(num_classes, dtype=torch.int64)
-        out[torch.from_numpy(cls)] = torch.from_numpy(cand).to(torch.int64)
-        return out
-    out = torch.full((num_classes,), -1, dtype=torch.int64)
+        out = np.empty(num_classes, dtype=np.int64)
+        out[cls] = cand
+        return torch.from_numpy(out)
+    out = np.full(num_classes, -1, dtype=np.int64)
     taken = torch.zeros(num_cand, dtype=torch.bool)
-    k = 16
+    k = min(16, num_cand)
     while (out < 0).any():
-        todo = torch.nonzero(out < 0).flatten()
-        vals, cls, cands = [], [], []
+        todo = torch.from_numpy(np.flatnonzero(out < 0))
+        vals, cands = [], []
         for s in range(0, todo.numel(), _CHUNK):
-            idx = todo[s : s + _CHUNK]
-            cos = torch.cat([cos_fn(int(i), int(i) + 1) for i in idx]) if idx.numel() < 8 else None
-            if cos is None:
-                cos = cos_fn(int(idx[0]), int(idx[-1]) + 1)[idx - idx[0]]
-            cos[:, taken] = -math.inf
-            v, c = cos.topk(min(k, num_cand), dim=1)
-            vals.append(v.flatten())
-            cands.append(c.flatten())
-            cls.append(idx.repeat_interleave(v.shape[1]))
-        v, cl, ca = torch.cat(vals), torch.cat(cls), torch.cat(cands)
-        for j in torch.argsort(v, descending=True, stable=True).tolist():
-            c, r = int(cl[j]), int(ca[j])
-            if out[c] < 0 and not taken[r] and v[j] > -math.inf:
-                out[c] = r
-                taken[r] = True
-    return out
+            cos = cos_fn(todo[s : s + _CHUNK]).masked_fill_(taken, -math.inf)  # (chunk, K)
+            v, c = cos.topk(k, dim=1)
+            vals.append(v)
+            cands.append(c)
+        v, c = torch.cat(vals).numpy(), torch.cat(cands).numpy()  # (T, k)
+        cls = np.repeat(todo.numpy(), k)
+        v, c = v.ravel(), c.ravel()
+        free = np.ones(num_cand, dtype=bool)
+        free[taken.numpy()] = False
+        for j in np.argsort(-v, kind="stable"):
+            ci, ri = cls[j], c[j]
+            if out[ci] < 0 and free[ri] and v[j] > -math.inf:
+                out[ci] = ri
+                free[ri] = False
+        taken = torch.from_numpy(~free)
+    return torch.from_numpy(out)
 
 
 # ------------------------------------------------------------------------------------------ HadamardHead
@@ -351,8 +353,8 @@ class HadamardHead(nn.Module):
         cand_norm = _norms_sq(n_in, signs, cand, n=n, m=m).sqrt()  # (K,)
         w_unit = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
 
-        def cos_fn(start: int, stop: int) -> Tensor:  # (stop - start, K) cos(W_c, V_r)
-            return _transform(w_unit[start:stop], signs, n=n, m=m).index_select(1, cand) / cand_norm
+        def cos_fn(idx: Tensor) -> Tensor:  # (len(idx), K) cos(W_c, V_r)
+            return _transform(w_unit[idx], signs, n=n, m=m).index_select(1, cand) / cand_norm
 
         rows = cand[_assign(cos_fn, c_out, cand.numel())]
         head = cls(n_in, c_out, bias=bias, fixed_scale=fixed_scale, rows=rows, hadamard_size=m,

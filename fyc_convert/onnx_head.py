@@ -133,26 +133,25 @@ class _Ops:
 def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
     """(B, N) -> (B, m): x̃ = embed(x) (tile/pad signs), then the fold y_k = Σ_t x̃_{k + t·m}."""
     n_feat, m, n = spec.in_features, spec.hadamard_size, spec.embed_size
-    signs = spec.signs
     if n > n_feat:
-        if not np.any(signs):  # "pad": zeros after x
+        if not np.any(spec.signs):  # "pad": zeros after x
             x = ops.op1("Pad", [x, ops.ints("pads", [0, 0, 0, n - n_feat])])
-        else:
-            # Signed copies as data movement: gather from [x, -x] (plus a zero column if some signs are 0).
-            src = np.arange(n) % n_feat  # (n,) i mod N
-            full = np.concatenate([np.ones(n_feat), signs])  # (n,) s_i
-            idx = np.where(full < 0, src + n_feat, np.where(full == 0, 2 * n_feat, src))
-            xx = ops.op1("Concat", [x, ops.op1("Neg", [x])], attrs={"axis": 1})  # (B, 2N)
-            if np.any(signs == 0):
-                xx = ops.op1("Pad", [xx, ops.ints("pads", [0, 0, 0, 1])])  # (B, 2N + 1)
-            x = ops.op1("Gather", [xx, ops.ints("embed_idx", idx)], attrs={"axis": 1})  # (B, n)
+        else:  # "tile": copies of x (data movement), then one sign flip by a ±1 constant of n elements
+            copies = [x] * (n // n_feat)
+            if n % n_feat:
+                copies.append(ops.op1("Slice", [x, ops.ints("start", [0]), ops.ints("end", [n % n_feat]), ops.ints("axes", [1])]))
+            signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)
+            x = ops.op1("Mul", [ops.op1("Concat", copies, attrs={"axis": 1}), ops.const("signs", signs)])  # (B, n)
     if n > m:
         x = ops.op1("ReduceSum", [ops.reshape(x, [-1, n // m, m]), ops.ints("axes", [1])], attrs={"keepdims": 0})
     return x  # (B, m)
 
 
 def _stage(ops: _Ops, y: gs.Variable, m: int, lo: int, hi: int) -> gs.Variable:
-    """Butterflies on index bits [lo, hi) of a (B, m) row: Split/Add/Sub/Concat on runs of 2^lo floats."""
+    """Butterflies on position bits [lo, hi) of (B, m) rows: Split/Add/Sub/Concat on runs of 2^lo floats.
+
+    Returns the result viewed as (B, m/2^hi, 2^(hi-lo), 2^lo); callers reshape as they need.
+    """
     r = 1 << (hi - lo)
     view = ops.reshape(y, [-1, m >> hi, r, 1 << lo])  # (B, m/2^hi, r, 2^lo)
     parts = ops.op("Split", [view], attrs={"axis": 2, "num_outputs": r}, outputs=r)
@@ -162,7 +161,7 @@ def _stage(ops: _Ops, y: gs.Variable, m: int, lo: int, hi: int) -> gs.Variable:
             if not j & bit:
                 a, b = parts[j], parts[j | bit]
                 parts[j], parts[j | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
-    return ops.reshape(ops.op1("Concat", parts, attrs={"axis": 2}), [-1, m])
+    return ops.op1("Concat", parts, attrs={"axis": 2})
 
 
 def _bit_groups(lo: int, hi: int) -> list[tuple[int, int]]:
@@ -172,28 +171,43 @@ def _bit_groups(lo: int, hi: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, np.ndarray]:
-    """Unnormalised Sylvester WHT of a (B, m) row.
+def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
+    """Unnormalised Sylvester WHT of (B, m) rows, left in a transposed layout.
+
+    The natural output index k = hi · 2^p_lo + lo (p_lo low bits) is split in two halves; the high half's
+    stages run first on runs of 2^p_lo floats, one Transpose makes the low half the high one, and its
+    stages run on runs of 2^p_hi floats.
 
     Returns:
-        (z, pos): z is (B, m) holding the natural-order output H_m y at positions pos (pos[k] = where
-        output k is), so a Gather by pos[rows] picks the class rows.
+        (z, 2^p_lo, 2^p_hi): z viewed as (B, 2^p_lo, 2^p_hi), holding output k at [b, lo, hi].
     """
     p = m.bit_length() - 1
-    if p == 0:
-        return y, np.arange(1)
     p_lo = p // 2
+    p_hi = p - p_lo
     for lo, hi in _bit_groups(p_lo, p):  # high bits: runs of >= 2^p_lo floats
         y = _stage(ops, y, m, lo, hi)
-    if p_lo == 0:
-        return y, np.arange(m)
-    p_hi = p - p_lo
-    t = ops.op1("Transpose", [ops.reshape(y, [-1, 1 << p_hi, 1 << p_lo])], attrs={"perm": [0, 2, 1]})
-    y = ops.reshape(t, [-1, m])  # position = lo · 2^p_hi + hi
-    for lo, hi in _bit_groups(p_hi, p):  # the old low bits, now high: runs of >= 2^p_hi floats
-        y = _stage(ops, y, m, lo, hi)
-    k = np.arange(m)
-    return y, (k & ((1 << p_lo) - 1)) * (1 << p_hi) + (k >> p_lo)
+    if p_lo:
+        y = ops.op1("Transpose", [ops.reshape(y, [-1, 1 << p_hi, 1 << p_lo])], attrs={"perm": [0, 2, 1]})
+        for lo, hi in _bit_groups(p_hi, p):  # the old low bits, now high: runs of >= 2^p_hi floats
+            y = _stage(ops, y, m, lo, hi)
+    return ops.reshape(y, [-1, 1 << p_lo, 1 << p_hi]), 1 << p_lo, 1 << p_hi
+
+
+def _pick_rows(ops: _Ops, z: gs.Variable, rows: np.ndarray, size_lo: int, size_hi: int) -> gs.Variable:
+    """(B, lo, hi) transform output -> (B, C) = z_natural[:, rows].
+
+    Contiguous rows: one Transpose back to natural order and one Slice. Others: a Transpose to
+    (natural index, B) so that the one Gather copies rows of B floats, then a Transpose to (B, C).
+    """
+    m = size_lo * size_hi
+    c = len(rows)
+    if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
+        nat = ops.reshape(ops.op1("Transpose", [z], attrs={"perm": [0, 2, 1]}), [-1, m])  # (B, m)
+        start, end = int(rows[0]), int(rows[0]) + c
+        return ops.op1("Slice", [nat, ops.ints("start", [start]), ops.ints("end", [end]), ops.ints("axes", [1])])
+    nat = ops.reshape(ops.op1("Transpose", [z], attrs={"perm": [2, 1, 0]}), [m, -1])  # (m, B)
+    picked = ops.op1("Gather", [nat, ops.ints("rows", rows)], attrs={"axis": 0})  # (C, B)
+    return ops.op1("Transpose", [picked], attrs={"perm": [1, 0]})
 
 
 def build_head(
@@ -226,8 +240,8 @@ def build_head(
     den = ops.op1("Add", [ops.op1("Sqrt", [sq]), ops.const("eps", np.asarray(spec.eps, dtype))])
     factor = ops.op1("Div", [ops.const("scale", np.asarray(spec.scale, dtype)), den])
 
-    z, pos = _wht(ops, _embed_fold(ops, x, spec), spec.hadamard_size)
-    picked = ops.op1("Gather", [z, ops.ints("rows", pos[spec.rows])], attrs={"axis": 1})  # (B, C)
+    z, size_lo, size_hi = _wht(ops, _embed_fold(ops, x, spec), spec.hadamard_size)
+    picked = _pick_rows(ops, z, spec.rows, size_lo, size_hi)  # (B, C)
     logits = ops.op1("Mul", [picked, factor])
     if spec.bias is not None:
         logits = ops.op1("Add", [logits, ops.const("bias", spec.bias.astype(dtype))])

@@ -172,29 +172,36 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path | 
     """Accuracy before/after the swap, calibration, fine-tuning — all through finetune.py's one loop."""
     from fyc_convert.finetune import FinetuneConfig, calibrate, evaluate, finetune
 
-    device = _device(opts.device)
-    acc = AccuracyReport(measured_on=f"val ({len(bundle.val)} samples)")
-    acc.original = evaluate(original, bundle.val, device=device).accuracy
-    acc.swapped = evaluate(model, bundle.val, device=device).accuracy
+    device = opts.device
+    held_out = bundle.val if bundle.val is not None else bundle.train
+    where = "val" if bundle.val is not None else "train (no validation split)"
+    acc = AccuracyReport(measured_on=f"{where}, {len(held_out)} samples")
+
+    def accuracy(m) -> float | None:
+        return evaluate(m, held_out, device=device).accuracy
+
+    acc.original = accuracy(original)
+    acc.swapped = accuracy(model)
     say("calibrating α and bias with the backbone frozen")
-    calibrate(model, head, bundle.train, device=device, seed=opts.seed)
-    acc.calibrated = evaluate(model, bundle.val, device=device).accuracy
+    calibrate(model, head, bundle.train, device=device, seed=opts.seed,
+              teacher=original if opts.distill or not bundle.labelled else None,
+              distill=opts.distill or not bundle.labelled)
+    acc.calibrated = accuracy(model)
     if opts.epochs > 0:
         cfg = FinetuneConfig(
-            epochs=opts.epochs, batch_size=opts.batch_size, optimizer=opts.optimizer, distill=opts.distill,
-            seed=opts.seed, device=opts.device, out_dir=None if out_dir is None else out_dir / "checkpoints",
-            resume=opts.resume, class_lr_eta_mu=opts.class_lr_eta_mu, class_lr_cutoff=opts.class_lr_cutoff,
-            class_lr_layers=list(opts.class_lr_layers) if opts.class_lr_layers else None,
-            **({"lr": opts.lr} if opts.lr is not None else {}))
-        say(f"fine-tuning {opts.epochs} epoch(s) ({opts.optimizer})")
-        result = finetune(model, head, bundle, cfg, teacher=original if opts.distill else None,
+            epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, optimizer=opts.optimizer,
+            distill=opts.distill or not bundle.labelled, seed=opts.seed, device=opts.device,
+            out_dir=None if out_dir is None else out_dir / "checkpoints", resume=opts.resume,
+            class_lr_eta_mu=opts.class_lr_eta_mu, class_lr_cutoff=opts.class_lr_cutoff,
+            class_lr_layers=list(opts.class_lr_layers) if opts.class_lr_layers else None)
+        say(f"fine-tuning {opts.epochs} epoch(s) with {opts.optimizer}")
+        result = finetune(model, head, bundle, cfg, teacher=original if cfg.distill else None,
                           progress=epoch_progress)
-        acc.finetuned = evaluate(model, bundle.val, device=device).accuracy
-        report.training = {"epochs": opts.epochs, "optimizer": opts.optimizer,
-                           "history": [dataclasses.asdict(h) if dataclasses.is_dataclass(h) else h
-                                       for h in result.history]}
-    final = evaluate(model, bundle.val, device=device, reference_model=original)
-    acc.agreement = final.agreement
+        acc.finetuned = accuracy(model)
+        report.training = {"epochs": opts.epochs, "optimizer": opts.optimizer, "device": result.device,
+                           "world_size": result.world_size, "resumed_from_epoch": result.resumed_from_epoch,
+                           "history": [dataclasses.asdict(h) for h in result.history]}
+    acc.agreement = evaluate(model, held_out, device=device, reference_model=original).agreement
     report.accuracy = acc
     model.cpu().eval()
 
@@ -202,7 +209,7 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path | 
 def _export_and_verify(model, original, swap, bundle, input_shape, opts: ConvertOptions, out_dir: Path,
                        report: Report, say: Progress) -> None:
     from fyc_convert.export import DEFAULT_OPSET, export_onnx
-    from fyc_convert.verify import check_head_static, verify_onnx
+    from fyc_convert.verify import check_head_static, mark_failed, verify_onnx
 
     opset = opts.opset or DEFAULT_OPSET
     model.cpu().eval()
@@ -223,14 +230,15 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
     say("verifying model.onnx against PyTorch with onnxruntime")
     if opts.head == "hadamard":
         check_head_static(conv_res.path, num_classes=swap.num_classes, embed_size=swap.head.embed_size)
-    real = _first_inputs(bundle.val, 64) if bundle is not None else None
+    real = None
+    if bundle is not None:
+        real = _first_inputs(bundle.val if bundle.val is not None else bundle.train, 64)
     atol, rtol = (opts.atol, opts.rtol) if opts.dtype == "fp32" else (max(opts.atol, 5e-2), max(opts.rtol, 5e-2))
     try:
         ver = verify_onnx(conv_res.path, model, inputs=real, input_shape=input_shape, atol=atol, rtol=rtol,
                           seed=opts.seed)
     except VerificationError as err:
-        failed = conv_res.path.with_name("model.failed.onnx")
-        os.replace(conv_res.path, failed)
+        failed = mark_failed(conv_res.path)
         report.status = "verification_failed"
         report.onnx.max_abs_diff, report.onnx.mean_abs_diff = err.max_abs_diff, err.mean_abs_diff
         report.files["failed_onnx"] = str(failed)
@@ -268,8 +276,8 @@ def save_safetensors(model: torch.nn.Module, path: Path, swap) -> Path:
 def _bench(original_path: Path, converted_path: Path, swap, input_shape) -> dict[str, Any]:
     import numpy as np
 
-    from fyc_convert.bench import compare_latency, session
-    from fyc_convert.onnx_head import HeadSpec, gemm_head_model, head_model
+    from fyc_convert.bench import compare_latency, gemm_head_model, session
+    from fyc_convert.onnx_head import HeadSpec, head_model
 
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {"threads": 1, "runtime": "onnxruntime CPU", "statistic": "median"}
@@ -323,12 +331,6 @@ def _meta_shape(meta: dict[str, Any]) -> tuple[int, ...] | None:
 def _first_inputs(dataset, n: int) -> torch.Tensor:
     n = min(n, len(dataset))
     return torch.stack([dataset[i][0] for i in range(n)])
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _is_main_process() -> bool:

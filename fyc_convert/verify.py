@@ -148,15 +148,26 @@ def verify_onnx(
 
 
 def mark_failed(path: str | Path) -> Path:
-    """Rename a model that failed verification to `<stem>.failed.onnx` (and its .data); returns the new path."""
+    """Rename a model that failed verification to `<stem>.failed.onnx`; returns the new path.
+
+    Its external data file, if any, becomes `<stem>.failed.onnx.data` and the model is rewritten to point
+    at it, so a later export to the original name cannot overwrite the failed model's weights.
+    """
     path = Path(path)
     failed = path.with_name(f"{path.stem}.failed{path.suffix}")
     data = path.with_name(f"{path.name}.data")
-    if data.exists():
-        # The model refers to its data file by name; keep that name valid by renaming the model only.
-        failed_data = failed.with_name(f"{failed.name}.data")
-        os.replace(data, failed_data)
-    os.replace(path, failed)
+    if not data.exists():
+        os.replace(path, failed)
+        return failed
+    failed_data = failed.with_name(f"{failed.name}.data")
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == data.name:
+                entry.value = failed_data.name
+    onnx.save(proto, str(failed))
+    os.replace(data, failed_data)
+    path.unlink()
     return failed
 
 
