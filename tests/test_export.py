@@ -12,22 +12,20 @@ from torch import nn
 
 from fyc_convert.errors import ExportError
 from fyc_convert.export import HEAD_PREFIX, compact_rows, export_onnx, parse_rows
-from fyc_convert.heads import HadamardHead, OrthogonalHead
+from fyc_convert.surgery import swap_classifier
 from fyc_convert.verify import check_head_static, verify_onnx
 
 KIB = 1024
 
 
-def _swap(model: nn.Module, layer: str, head_cls=HadamardHead) -> nn.Module:
-    """Replace the Linear at `layer` by a head fitted to it (in place); returns the head."""
-    parent_name, _, child = layer.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    head = head_cls.from_linear(parent.get_submodule(child))
-    with torch.no_grad():  # a non-trivial trained-looking bias
-        if head.bias is not None:
-            head.bias.copy_(torch.linspace(-1.0, 1.0, head.num_classes))
-    setattr(parent, child, head)
-    return head
+def _swap(model: nn.Module, layer: str | None, head: str = "hadamard", input_shape=None) -> nn.Module:
+    """Swap the classifier (found automatically when `layer` is None) in place; returns the new head."""
+    res = swap_classifier(model, head=head, layer=layer, input_shape=input_shape)
+    with torch.no_grad():  # a non-trivial, trained-looking bias
+        if res.head.bias is not None:
+            res.head.bias.copy_(torch.linspace(-1.0, 1.0, res.head.num_classes))
+    assert model.get_submodule(res.layer) is res.head
+    return res.head
 
 
 class _Tiny(nn.Module):
@@ -56,7 +54,8 @@ def _metadata(path) -> dict[str, str]:
 def test_layout_exports_slim_head_matching_pytorch(name, tmp_path):
     layout = LAYOUTS[name]()
     original = export_onnx(layout.model, tmp_path / "original.onnx", input_shape=layout.input_shape)
-    head = _swap(layout.model, layout.layer)
+    head = _swap(layout.model, None, input_shape=layout.input_shape)  # found as the pipeline finds it
+    assert layout.model.get_submodule(layout.layer) is head
     res = export_onnx(layout.model, tmp_path / "model.onnx", input_shape=layout.input_shape, head_layer=layout.layer)
 
     onnx.checker.check_model(str(res.path))
@@ -151,7 +150,7 @@ def test_fp16_backbone_with_float32_boundary(name, tmp_path):
 
 def test_orthogonal_head_exported_as_dense_constant(tmp_path):
     model = _tiny(64, 10)
-    head = _swap(model, "fc", OrthogonalHead)
+    head = _swap(model, "fc", "orthogonal")
     res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc")
     assert res.head_kind == "orthogonal"
     assert res.head_ops["MatMul"] == 1

@@ -1,0 +1,133 @@
+"""onnxruntime parity checks and the static head check."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from fyc_convert.errors import ExportError, VerificationError
+from fyc_convert.export import HEAD_PREFIX, export_onnx
+from fyc_convert.surgery import swap_classifier
+from fyc_convert.verify import check_head_static, mark_failed, verify_onnx
+
+
+def _converted(tmp_path, in_features: int = 64, num_classes: int = 10):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, in_features), nn.Tanh(), nn.Linear(in_features, num_classes)).eval()
+    swap = swap_classifier(model, layer="2")
+    with torch.no_grad():
+        swap.head.bias.copy_(torch.linspace(-1.0, 1.0, num_classes))
+    res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="2")
+    return model, swap.head, res
+
+
+def _tamper_bias(path, delta: float) -> None:
+    proto = onnx.load(str(path))
+    (bias,) = [t for t in proto.graph.initializer if t.name.startswith(f"{HEAD_PREFIX}bias")]
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[3] += delta
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(proto, str(path))
+
+
+def test_verify_reports_differences_and_batches(tmp_path):
+    model, _, res = _converted(tmp_path)
+    real = torch.randn(70, 8, generator=torch.Generator().manual_seed(1))
+    ver = verify_onnx(res.path, model, inputs=real, input_shape=(8,), n_random=8)
+    assert ver.n_samples == 70 + 8 + 1 + 3
+    assert ver.batch_sizes == [1, 3, 6, 8, 64]  # real inputs in chunks of 64 (64 + 6), random 8, 1, 3
+    assert 0.0 <= ver.mean_abs_diff <= ver.max_abs_diff <= 1e-4
+    assert (ver.atol, ver.rtol) == (1e-4, 1e-4)
+
+
+def test_tampered_bias_raises_verification_error_with_numbers(tmp_path):
+    model, _, res = _converted(tmp_path)
+    _tamper_bias(res.path, 0.5)
+    with pytest.raises(VerificationError, match="max \\|diff\\| 0.5") as info:
+        verify_onnx(res.path, model, input_shape=(8,))
+    assert info.value.max_abs_diff == pytest.approx(0.5, abs=1e-4)
+    assert 0.0 < info.value.mean_abs_diff < 0.5
+    assert "\n" not in str(info.value)
+
+
+def test_tiny_tampering_within_rtol_passes_but_not_with_tight_tolerance(tmp_path):
+    model, _, res = _converted(tmp_path)
+    _tamper_bias(res.path, 1e-3)
+    ver = verify_onnx(res.path, model, input_shape=(8,), atol=2e-3, rtol=0.0)
+    assert ver.max_abs_diff == pytest.approx(1e-3, abs=1e-4)
+    with pytest.raises(VerificationError):
+        verify_onnx(res.path, model, input_shape=(8,), atol=1e-4, rtol=1e-4)
+
+
+def test_real_inputs_of_the_wrong_shape_are_refused(tmp_path):
+    model, _, res = _converted(tmp_path)
+    with pytest.raises(VerificationError, match="sample shape \\(9,\\)"):
+        verify_onnx(res.path, model, inputs=torch.zeros(4, 9), input_shape=(8,))
+
+
+def test_unreadable_file_raises_verification_error(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(VerificationError, match="cannot load"):
+        verify_onnx(bad, nn.Linear(8, 2), input_shape=(8,))
+
+
+def test_verify_restores_training_mode(tmp_path):
+    model, _, res = _converted(tmp_path)
+    model.train()
+    verify_onnx(res.path, model, input_shape=(8,))
+    assert model.training
+
+
+def test_mark_failed_renames_model_and_data(tmp_path):
+    model, _, res = _converted(tmp_path)
+    failed = mark_failed(res.path)
+    assert failed == tmp_path / "model.failed.onnx"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.failed.onnx"]
+
+    ext = export_onnx(model, tmp_path / "big.onnx", input_shape=(8,), head_layer="2", external_data_threshold=1)
+    failed = mark_failed(ext.path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.failed.onnx", "big.failed.onnx.data", "model.failed.onnx"]
+    # the data location inside the model still points at a file name that exists
+    (init,) = [t for t in onnx.load(str(failed), load_external_data=False).graph.initializer if t.data_location == 1][:1]
+    location = {e.key: e.value for e in init.external_data}["location"]
+    assert location == "big.failed.onnx.data"
+    assert len(onnx.load(str(failed)).graph.initializer) > 0  # loads with its renamed data
+
+
+def test_check_head_static_census(tmp_path):
+    _, head, res = _converted(tmp_path)
+    census = check_head_static(res.path, num_classes=head.num_classes, embed_size=head.embed_size)
+    assert census == res.head_ops
+    assert census["Add"] >= 1 and census["Sub"] >= 1 and census["Gather"] >= 1
+    assert check_head_static(onnx.load(str(res.path)), num_classes=10, embed_size=head.embed_size) == census
+
+
+def test_check_head_static_refuses_original_model(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)).eval()
+    res = export_onnx(model, tmp_path / "original.onnx", input_shape=(8,))
+    with pytest.raises(ExportError, match="no fyc_head/ nodes"):
+        check_head_static(res.path, num_classes=4, embed_size=16)
+
+
+def _hand_head(op: str, const_elems: int) -> onnx.ModelProto:
+    """x (B, 4) -> fyc_head/<op>(x, constant) with a constant of `const_elems` elements."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    shape = [4, const_elems // 4] if op == "MatMul" else [const_elems // 4, 4]
+    w = onnx.numpy_helper.from_array(np.ones(shape, np.float32), f"{HEAD_PREFIX}w")
+    node = helper.make_node(op, ["x", w.name], ["y"], name=f"{HEAD_PREFIX}{op}")
+    return helper.make_model(helper.make_graph([node], "g", [x], [y], [w]))
+
+
+def test_check_head_static_refuses_dense_ops_and_big_constants():
+    with pytest.raises(ExportError, match="contains MatMul"):
+        check_head_static(_hand_head("MatMul", 16), num_classes=4, embed_size=4)
+    with pytest.raises(ExportError, match="constant of 40 elements \\(limit max\\(C, n\\) = 10\\)"):
+        check_head_static(_hand_head("Add", 40), num_classes=10, embed_size=8)
+    assert check_head_static(_hand_head("Add", 40), num_classes=10, embed_size=40) == {"Add": 1}
