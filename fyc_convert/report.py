@@ -132,10 +132,13 @@ def render(report: Report, console: Console) -> None:
     t.add_row("trainable after swap", "", _int(p.trainable), "")
     o = report.onnx
     if o is not None and o.original_bytes is not None:
-        red = "" if o.size_reduction_pct is None else f"−{o.size_reduction_pct:.1f}%"
+        red = "" if o.size_reduction_pct is None else f"{-o.size_reduction_pct:+.1f}%".replace("-", "−")
         t.add_row("ONNX on disk", _bytes(o.original_bytes), _bytes(o.converted_bytes), red)
-        ops = ", ".join(f"{k}×{v}" for k, v in sorted(o.head_ops.items()))
-        t.add_row("classifier ops", "Gemm/MatMul", ops or "—", "")
+        total = sum(o.head_ops.values())
+        addsub = o.head_ops.get("Add", 0) + o.head_ops.get("Sub", 0)
+        dense = sum(o.head_ops.get(k, 0) for k in ("MatMul", "Gemm", "Conv"))
+        t.add_row("classifier graph", f"Gemm, {_int(report.in_features * report.num_classes)} weights",
+                  f"{total} ops, {addsub} Add/Sub" + (f", {dense} MatMul" if dense else ", no MatMul"), "")
         if o.max_abs_diff is not None:
             t.add_row("ONNX parity", "", f"max |Δ| {o.max_abs_diff:.2e}", "")
     a = report.accuracy

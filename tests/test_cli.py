@@ -1,0 +1,212 @@
+"""The command line as a user meets it: one full run on the digits sample, dry runs, refusals, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from fyc_convert.cli import app
+from fyc_convert.loading import load_model
+from fyc_convert.surgery import swap_classifier
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "sample_models" / "digits_cnn.pt"
+DATA = ROOT / "sample_models" / "digits.npz"
+ARCH = "sample_models.archs:digits_cnn"
+runner = CliRunner()
+
+
+def _run(*args: str | Path) -> object:
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("cli") / "digits_fyc"
+    result = _run(SAMPLE, "--arch", ARCH, "--data", DATA, "--epochs", "1", "-o", out, "--bench", "--quiet")
+    return out, result
+
+
+def test_full_run_writes_every_output(full_run: tuple[Path, object]) -> None:
+    out, result = full_run
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert names == ["model.onnx", "model.safetensors", "original.onnx", "report.json"]
+    assert not list(out.glob(".*.tmp")), "temporary files left behind"
+
+
+def test_full_run_report_values(full_run: tuple[Path, object]) -> None:
+    out, _ = full_run
+    rep = json.loads((out / "report.json").read_text())
+    for key in ("status", "checkpoint", "head", "layer", "in_features", "num_classes", "hadamard_size", "params",
+                "onnx", "accuracy", "latency_ms", "files", "coherence", "elapsed_s"):
+        assert key in rep, key
+    assert rep["status"] == "ok" and rep["head"] == "hadamard" and rep["layer"] == "fc"
+    assert (rep["in_features"], rep["num_classes"]) == (128, 10)
+    p = rep["params"]
+    assert p["head_before"] == 128 * 10 + 10 and p["head_after"] == 1 + 10
+    assert p["original"] - p["converted"] == p["removed"] == 128 * 10 - 1
+    assert p["removed_pct"] == pytest.approx(100 * 1280 / p["original"], abs=1e-3)
+    o = rep["onnx"]
+    assert o["converted_bytes"] == (out / "model.onnx").stat().st_size
+    assert o["original_bytes"] == (out / "original.onnx").stat().st_size
+    assert o["converted_bytes"] < o["original_bytes"]
+    assert o["max_abs_diff"] < 1e-4
+    assert not {"MatMul", "Gemm", "Conv"} & set(o["head_ops"]) and o["head_ops"].get("Add", 0) > 0
+    a = rep["accuracy"]
+    for k in ("original", "swapped", "calibrated", "finetuned", "agreement"):
+        assert 0.0 <= a[k] <= 1.0, k
+    assert a["calibrated"] >= 0.9 and a["original"] >= 0.95
+    assert rep["training"]["epochs"] == 1 and len(rep["training"]["history"]) == 1
+    lat = rep["latency_ms"]
+    assert lat["model_b1"]["original"] > 0 and lat["head_b64"]["converted"] > 0
+
+
+def test_full_run_onnx_and_safetensors_match_the_converted_model(full_run: tuple[Path, object]) -> None:
+    out, _ = full_run
+    # Rebuild the converted model from the checkpoint, then load the written weights into it.
+    model = load_model(SAMPLE, arch=ARCH).model
+    swap = swap_classifier(model, head="hadamard", layer="fc", input_shape=(1, 8, 8))
+    state = load_file(str(out / "model.safetensors"))
+    res = swap.model.load_state_dict(state, strict=True)
+    assert not res.missing_keys and not res.unexpected_keys
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["fyc_convert.head"] == "hadamard" and meta["fyc_convert.layer"] == "fc"
+    assert meta["fyc_convert.in_features"] == "128" and meta["fyc_convert.num_classes"] == "10"
+    x = np.load(DATA)["x_val"][:16].astype(np.float32)
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    with torch.no_grad():
+        want = swap.model.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_existing_output_folder_needs_force(full_run: tuple[Path, object]) -> None:
+    out, _ = full_run
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    result = runner.invoke(app, [str(SAMPLE), "--arch", ARCH, "-o", str(out)])
+    assert result.exit_code == 1
+    assert "--force" in result.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+
+
+def test_dry_run_writes_only_the_report(tmp_path: Path) -> None:
+    rep_path = tmp_path / "r.json"
+    out = tmp_path / "never"
+    result = _run(SAMPLE, "--arch", ARCH, "--dry-run", "--report", rep_path, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    rep = json.loads(rep_path.read_text())
+    assert rep["status"] == "dry_run" and rep["onnx"] is None
+    assert rep["params"]["removed"] == 1279
+    assert rep["accuracy"]["original"] is None
+
+
+def test_without_data_accuracy_is_not_measured(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    result = _run(SAMPLE, "--arch", ARCH, "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["accuracy"]["finetuned"] is None and rep["accuracy"]["measured_on"] is None
+    assert any("accuracy not measured" in n for n in rep["notes"])
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["--head", "dense"], 2, "dense"),  # usage error from Typer
+        (["--input-shape", "3,x"], 2, "shape"),
+        (["--epochs", "-1"], 2, "epochs"),
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], code: int, needle: str, tmp_path: Path) -> None:
+    result = runner.invoke(app, [str(SAMPLE), "--arch", ARCH, "-o", str(tmp_path / "o"), *args])
+    assert result.exit_code == code
+    assert needle in result.output
+
+
+def _cli(*args: str | Path, cwd: Path = ROOT, user: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "fyc_convert", *map(str, args)]
+    if user is not None:
+        cmd = ["setpriv", "--reuid", user, "--regid", user, "--clear-groups", *cmd]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_missing_checkpoint_exits_1_with_one_line(tmp_path: Path) -> None:
+    proc = _cli(tmp_path / "nope.pt", "-o", tmp_path / "o")
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_verification_failure_exits_3_and_keeps_only_failed_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Export a head whose bias differs from the PyTorch model's: the real onnxruntime comparison must catch it.
+    from fyc_convert import onnx_head
+
+    real = onnx_head.HeadSpec.from_module.__func__
+
+    def tampered(cls, head):
+        spec = real(cls, head)
+        import dataclasses
+
+        return dataclasses.replace(spec, bias=spec.bias + 0.5)
+
+    monkeypatch.setattr(onnx_head.HeadSpec, "from_module", classmethod(tampered))
+    out = tmp_path / "o"
+    result = runner.invoke(app, [str(SAMPLE), "--arch", ARCH, "-o", str(out), "--quiet"])
+    assert result.exit_code == 3, result.output
+    assert (out / "model.failed.onnx").exists() and not (out / "model.onnx").exists()
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["status"] == "verification_failed" and rep["onnx"]["max_abs_diff"] >= 0.4
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs a non-root user")
+def test_read_only_output_folder_exits_1(tmp_path: Path) -> None:
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    tmp_path.chmod(0o755)
+    user = "65534" if os.geteuid() == 0 else None  # root ignores permissions: run as nobody
+    proc = _cli(SAMPLE, "--arch", ARCH, "-o", out, "--quiet", user=user)
+    assert proc.returncode == 1, proc.stderr
+    assert "writable" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_interrupted_run_leaves_no_half_written_file(tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "fyc_convert", str(SAMPLE), "--arch", ARCH, "--data", str(DATA),
+                             "--epochs", "3", "-o", str(out), "--quiet"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Interrupt once training has written its first checkpoint, i.e. in the middle of the run.
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not list((out / "checkpoints").glob("*")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    leftovers = [p for p in out.rglob("*") if p.is_file() and (p.name.startswith(".") or p.suffix == ".tmp")]
+    assert leftovers == [], leftovers
+    assert not (out / "model.onnx").exists() and not (out / "report.json").exists()
+    for ckpt in (out / "checkpoints").glob("*"):
+        torch.load(ckpt, weights_only=False)  # complete files only: each loads
