@@ -42,6 +42,12 @@ _MARKER_DOMAIN = "fyc"
 _MARKER_OP = "HeadMarker"
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception as one short line (exporters and onnxruntime raise multi-line messages)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 @dataclass
 class ExportResult:
     """What `export_onnx` wrote.
@@ -99,14 +105,28 @@ class _Placeholder(nn.Module):
 
 
 def logits_of(output: object) -> torch.Tensor:
-    """The logits inside a model output: a tensor, the first of a tuple/list, dict["logits"] or `.logits`."""
+    """The logits in a model's output: a tensor, `.logits`, a dict's "logits", or a tuple's first element."""
     if isinstance(output, torch.Tensor):
         return output
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    if isinstance(output, dict):
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
+    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
         return output["logits"]
-    return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ExportError(f"cannot find logits in the model's output ({type(output).__name__}); return a tensor (B, C)")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode, then restore each one's own mode (mixed modes survive)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class _LogitsOnly(nn.Module):
@@ -236,49 +256,29 @@ def _rewire(graph: gs.Graph, old: gs.Variable, new: gs.Variable) -> None:
             graph.outputs[i] = new
 
 
+def _node(graph: gs.Graph, name: str, op: str, inputs: list, *, dtype: type = np.float32, **attrs) -> gs.Variable:
+    """Add one node named `fyc_head/<name>` with one output; returns that output."""
+    out = gs.Variable(f"{HEAD_PREFIX}{name}_out", dtype=dtype)
+    graph.nodes.append(gs.Node(op=op, name=f"{HEAD_PREFIX}{name}", attrs=attrs, inputs=inputs, outputs=[out]))
+    return out
+
+
+def _const(name: str, values, dtype: type = np.float32) -> gs.Constant:
+    return gs.Constant(f"{HEAD_PREFIX}{name}", np.ascontiguousarray(np.asarray(values, dtype=dtype)))
+
+
 def _dense_head(graph: gs.Graph, feats: gs.Variable, head: nn.Module) -> gs.Variable:
-    """OrthogonalHead: logits = scale * x/(|x|+eps) @ W^T + bias, W (C, N) as one constant under fyc_head/."""
-    p = HEAD_PREFIX
-    weight = head.class_vectors().detach().to(torch.float32).cpu().numpy()  # (C, N)
-    sq = graph.layer(name=f"{p}square", op="Mul", inputs=[feats, feats], outputs=[gs.Variable(f"{p}sq", np.float32)])
-    ss = graph.layer(
-        name=f"{p}sumsq",
-        op="ReduceSum",
-        inputs=[*sq, gs.Constant(f"{p}axes", np.array([-1], np.int64))],
-        outputs=[gs.Variable(f"{p}ss", np.float32)],
-        attrs={"keepdims": 1},
-    )
-    norm = graph.layer(name=f"{p}sqrt", op="Sqrt", inputs=ss, outputs=[gs.Variable(f"{p}norm", np.float32)])
-    scale = float(head.scale.detach()) if head.scale.dim() == 0 else None
-    assert scale is not None, "OrthogonalHead.scale is a 0-dim tensor (design.md)"
-    denom = graph.layer(
-        name=f"{p}add_eps",
-        op="Add",
-        inputs=[*norm, gs.Constant(f"{p}eps", np.array([head.eps], np.float32))],
-        outputs=[gs.Variable(f"{p}denom", np.float32)],
-    )
-    mm = graph.layer(
-        name=f"{p}matmul",
-        op="MatMul",
-        inputs=[feats, gs.Constant(f"{p}weight_t", np.ascontiguousarray(weight.T))],
-        outputs=[gs.Variable(f"{p}z", np.float32)],
-    )
-    scaled = graph.layer(
-        name=f"{p}mul_scale",
-        op="Mul",
-        inputs=[*mm, gs.Constant(f"{p}scale", np.array([scale], np.float32))],
-        outputs=[gs.Variable(f"{p}zs", np.float32)],
-    )
-    out = graph.layer(name=f"{p}div_norm", op="Div", inputs=[*scaled, *denom], outputs=[gs.Variable(f"{p}zn", np.float32)])
+    """OrthogonalHead: logits = α/(‖x‖+eps) · x Qᵀ + b, with Q (C, N) as one constant (no fast transform)."""
+    q = head.class_vectors().detach().to("cpu", torch.float32).numpy()  # (C, N)
+    sumsq = _node(graph, "sumsq", "ReduceSum", [_node(graph, "square", "Mul", [feats, feats]),
+                                                 _const("axes", [-1], np.int64)], keepdims=1)  # (B, 1)
+    norm = _node(graph, "add_eps", "Add", [_node(graph, "sqrt", "Sqrt", [sumsq]), _const("eps", [head.eps])])
+    factor = _node(graph, "factor", "Div", [_const("scale", [float(head.scale.detach())]), norm])  # (B, 1)
+    z = _node(graph, "matmul", "MatMul", [feats, _const("weight_t", q.T)])  # (B, C)
+    logits = _node(graph, "mul_factor", "Mul", [z, factor])
     if head.bias is not None:
-        bias = head.bias.detach().to(torch.float32).cpu().numpy()
-        out = graph.layer(
-            name=f"{p}add_bias",
-            op="Add",
-            inputs=[*out, gs.Constant(f"{p}bias", bias)],
-            outputs=[gs.Variable(f"{p}logits", np.float32)],
-        )
-    return out[0]
+        logits = _node(graph, "add_bias", "Add", [logits, _const("bias", head.bias.detach().cpu().float().numpy())])
+    return logits
 
 
 def _splice_head(graph: gs.Graph, head: nn.Module, kind: str, *, half: bool, feature_rank: int) -> None:
@@ -286,43 +286,31 @@ def _splice_head(graph: gs.Graph, head: nn.Module, kind: str, *, half: bool, fea
     from fyc_convert.onnx_head import HeadSpec, build_head
 
     markers = [n for n in graph.nodes if n.op == _MARKER_OP and n.domain == _MARKER_DOMAIN]
-    assert len(markers) == 1, f"expected one head marker, found {len(markers)}"
+    if len(markers) != 1:  # 0: the head's output was not part of the exported logits
+        raise ExportError(
+            "the head's output does not reach the model's logits output; make the model return the head's "
+            "output as a tensor, first in a tuple, or under 'logits'"
+        )
     marker = markers[0]
     feats, out = marker.inputs[0], marker.outputs[0]
     marker.inputs.clear()
     marker.outputs.clear()
-    p = HEAD_PREFIX
     n_in, n_cls = head.in_features, head.num_classes
     if half:
-        feats = graph.layer(
-            name=f"{p}cast_in", op="Cast", inputs=[feats], outputs=[gs.Variable(f"{p}features_fp32", np.float32)],
-            attrs={"to": onnx.TensorProto.FLOAT},
-        )[0]
+        feats = _node(graph, "cast_in", "Cast", [feats], to=onnx.TensorProto.FLOAT)
     leading = None
     if feature_rank != 2:  # (..., N) -> (B', N); the head builders take a matrix
-        leading = graph.layer(
-            name=f"{p}leading_shape", op="Shape", inputs=[feats], outputs=[gs.Variable(f"{p}lead", np.int64)],
-            attrs={"start": 0, "end": -1},
-        )[0]
-        feats = graph.layer(
-            name=f"{p}flatten", op="Reshape",
-            inputs=[feats, gs.Constant(f"{p}flat_shape", np.array([-1, n_in], np.int64))],
-            outputs=[gs.Variable(f"{p}features_2d", np.float32)],
-        )[0]
+        leading = _node(graph, "leading_shape", "Shape", [feats], dtype=np.int64, start=0, end=-1)
+        feats = _node(graph, "flatten", "Reshape", [feats, _const("flat_shape", [-1, n_in], np.int64)])
     if kind == "hadamard":
-        logits = build_head(graph, feats, HeadSpec.from_module(head), prefix=p, dtype=np.float32)
+        logits = build_head(graph, feats, HeadSpec.from_module(head), prefix=HEAD_PREFIX, dtype=np.float32)
     else:
         logits = _dense_head(graph, feats, head)
     _int32_head_indices(graph)
-    if leading is not None:
-        full = graph.layer(
-            name=f"{p}out_shape", op="Concat",
-            inputs=[leading, gs.Constant(f"{p}num_classes", np.array([n_cls], np.int64))],
-            outputs=[gs.Variable(f"{p}shape_out", np.int64)], attrs={"axis": 0},
-        )[0]
-        logits = graph.layer(
-            name=f"{p}unflatten", op="Reshape", inputs=[logits, full], outputs=[gs.Variable(f"{p}logits_nd", np.float32)]
-        )[0]
+    if leading is not None:  # (B', C) -> (..., C)
+        shape = _node(graph, "out_shape", "Concat", [leading, _const("classes", [n_cls], np.int64)], dtype=np.int64,
+                      axis=0)
+        logits = _node(graph, "unflatten", "Reshape", [logits, shape])
     logits.dtype = np.float32
     if half:
         # Consumers that cast straight back to float32 (the output boundary) read the float32 logits.
@@ -331,10 +319,7 @@ def _splice_head(graph: gs.Graph, head: nn.Module, kind: str, *, half: bool, fea
                 _rewire(graph, node.outputs[0], logits)
                 node.inputs.clear()
         if out.outputs or any(o is out for o in graph.outputs):
-            logits = graph.layer(
-                name=f"{p}cast_out", op="Cast", inputs=[logits], outputs=[gs.Variable(f"{p}logits_fp16", np.float16)],
-                attrs={"to": onnx.TensorProto.FLOAT16},
-            )[0]
+            logits = _node(graph, "cast_out", "Cast", [logits], dtype=np.float16, to=onnx.TensorProto.FLOAT16)
             _rewire(graph, out, logits)
     else:
         _rewire(graph, out, logits)
@@ -391,8 +376,7 @@ def _save(model: onnx.ModelProto, path: Path, work: Path, *, external_threshold:
     try:
         onnx.checker.check_model(str(tmp_model))
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"exported graph failed onnx.checker ({first}); try another --opset or report a bug")
+        raise ExportError(f"exported graph failed onnx.checker ({_first_line(e)}); try another --opset") from e
     if external:
         os.replace(work / data_path.name, data_path)
     os.replace(tmp_model, path)
@@ -449,30 +433,30 @@ def export_onnx(
     try:
         head = model.get_submodule(head_layer) if head_layer is not None else None
     except AttributeError as e:
-        raise ExportError(f"head layer {head_layer!r} not found in the model; pass the dotted name from the swap") from e
+        raise ExportError(f"head layer {head_layer!r} not found in the model; pass the swapped layer's name") from e
     kind = _head_kind(head) if head is not None else "original"
 
     net = copy.deepcopy(model).half() if half else model  # never change the caller's model
-    was_training = net.training
     placeholder = _Placeholder(head.num_classes) if head is not None else None
     try:
         work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as e:
         raise ExportError(f"cannot write into {path.parent} ({e.strerror}); choose a writable output folder") from e
     try:
-        net.eval()
         traced = work / "traced.onnx"
         try:
-            if placeholder is not None:
-                with _swapped(net, head_layer, placeholder):
-                    _trace(_LogitsOnly(net, half=half), sample, traced, opset=opset, marker=True)
-            else:
-                _trace(_LogitsOnly(net, half=half), sample, traced, opset=opset, marker=False)
+            with eval_mode(net):
+                if placeholder is not None:
+                    with _swapped(net, head_layer, placeholder):
+                        _trace(_LogitsOnly(net, half=half), sample, traced, opset=opset, marker=True)
+                else:
+                    _trace(_LogitsOnly(net, half=half), sample, traced, opset=opset, marker=False)
         except ExportError:
             raise
         except Exception as e:  # the exporter raises many types; the user needs one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ExportError(f"torch.onnx.export failed: {first[:300]}; check the model traces with input_shape {input_shape}") from e
+            raise ExportError(
+                f"torch.onnx.export failed: {_first_line(e)}; check that the model runs on input_shape {input_shape}"
+            ) from e
         if placeholder is not None and placeholder.calls != 1:
             raise ExportError(
                 f"the head {head_layer!r} ran {placeholder.calls} times in one forward pass; "
@@ -490,7 +474,6 @@ def export_onnx(
         node_count = len(proto.graph.node)
         external = _save(proto, path, work, external_threshold=external_data_threshold)
     finally:
-        net.train(was_training)
         shutil.rmtree(work, ignore_errors=True)
     size = path.stat().st_size + (external.stat().st_size if external is not None else 0)
     return ExportResult(

@@ -17,10 +17,16 @@ import torch
 from torch import nn
 
 from fyc_convert.errors import ExportError, VerificationError
-from fyc_convert.export import HEAD_PREFIX, logits_of
+from fyc_convert.export import HEAD_PREFIX, eval_mode, logits_of
 
 _DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul")
 _CHUNK = 64  # real inputs are run in batches of this size
+
+
+def _first_line(e: BaseException) -> str:
+    """An exception as one short line (exporters and onnxruntime raise multi-line messages)."""
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 @dataclass
@@ -95,26 +101,25 @@ def verify_onnx(
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise VerificationError(f"onnxruntime cannot load {path}: {first[:300]}; re-export the model") from e
+        raise VerificationError(f"onnxruntime cannot load {path}: {_first_line(e)}; re-export the model") from e
     in_name = sess.get_inputs()[0].name
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    was_training = model.training
-    model.eval()
+    device = param.device if param is not None else torch.device("cpu")
     diffs: list[np.ndarray] = []
     batch_sizes: set[int] = set()
     n_samples = 0
     worst_excess, worst = -np.inf, (0.0, 0.0)
-    try:
+    with eval_mode(model):
         for x in _batches(inputs, input_shape, n_random, seed):
             with torch.no_grad():
-                ref = logits_of(model(x.to(dtype))).float().numpy()
+                ref = logits_of(model(x.to(device, dtype))).float().cpu().numpy()
             try:
                 got = sess.run(None, {in_name: x.numpy()})[0]
             except Exception as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise VerificationError(f"onnxruntime failed at batch {len(x)}: {first[:300]}; re-export the model") from e
+                raise VerificationError(
+                    f"onnxruntime failed at batch {len(x)}: {_first_line(e)}; re-export the model"
+                ) from e
             if got.shape != ref.shape:
                 raise VerificationError(
                     f"onnxruntime output shape {got.shape} != PyTorch {ref.shape} at batch {len(x)}; "
@@ -128,8 +133,6 @@ def verify_onnx(
             diffs.append(diff.ravel())
             batch_sizes.add(len(x))
             n_samples += len(x)
-    finally:
-        model.train(was_training)
     all_diff = np.concatenate(diffs)
     max_diff = float(all_diff.max()) if all_diff.size else 0.0
     mean_diff = float(all_diff.mean()) if all_diff.size else 0.0

@@ -239,12 +239,28 @@ def test_head_running_twice_is_refused(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_restores_model_and_mode(tmp_path):
+def test_export_restores_model_and_each_module_mode(tmp_path):
     model = _tiny(64, 10).train()
     head = _swap(model, "fc")
+    model.body.eval()  # e.g. a frozen backbone
     export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="fc")
     assert model.fc is head
-    assert model.training
+    assert model.training and head.training and not model.body.training
+
+
+def test_head_output_missing_from_logits_is_refused(tmp_path):
+    class FeaturesFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 10)
+
+        def forward(self, x):
+            return x * 2, self.fc(x)  # (features, logits): the first element is taken as the logits
+
+    model = FeaturesFirst().eval()
+    _swap(model, "fc")
+    with pytest.raises(ExportError, match="does not reach the model's logits"):
+        export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="fc")
 
 
 def test_parse_rows_reverses_compact_rows():
