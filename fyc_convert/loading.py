@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import contextlib
+import difflib
 import importlib
 import importlib.util
 import io
@@ -154,8 +155,11 @@ def resolve_arch(spec: str) -> Callable[..., Any]:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-            raise ArchError(f"--arch {spec!r}: {module_name} has no attribute {attr!r}; callables in it: "
+            defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                             and getattr(v, "__module__", None) == module.__name__)
+            close = difflib.get_close_matches(attr, defined, n=3, cutoff=0.3)
+            names = close + [n for n in defined if n not in close]  # the likeliest first
+            raise ArchError(f"--arch {spec!r}: {module_name} has no attribute {attr!r}; callables defined in it: "
                             f"{_few(names) or 'none'}")
         obj = getattr(obj, part)
     if not callable(obj):
@@ -319,8 +323,8 @@ def _build(arch: str, kwargs: dict[str, Any]) -> nn.Module:
         with _on_sys_path(Path.cwd()):
             model = builder(**kwargs)
     except Exception as e:  # noqa: BLE001 - user code can raise anything
-        raise ArchError(f"--arch {arch} failed when called with {json.dumps(kwargs)} ({_describe(e)}); check "
-                        "--arch-kwargs") from e
+        called = json.dumps(kwargs, default=repr)
+        raise ArchError(f"--arch {arch} failed when called with {called} ({_describe(e)}); check --arch-kwargs") from e
     if not isinstance(model, nn.Module):
         raise ArchError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module; point it at a "
                         "function or class that builds the model")
