@@ -208,19 +208,20 @@ def _head_kind(head: nn.Module) -> str:
 
 def _manifest(head: nn.Module | None, kind: str, layer: str | None) -> dict[str, str]:
     if head is None:
-        return {"fyc.head.kind": "original"}
+        return {"fyc_convert.head": "original"}
     manifest = {
-        "fyc.head.kind": kind,
-        "fyc.head.layer": str(layer),
-        "fyc.head.in_features": str(head.in_features),
-        "fyc.head.num_classes": str(head.num_classes),
+        "fyc_convert.head": kind,
+        "fyc_convert.layer": str(layer),
+        "fyc_convert.in_features": str(head.in_features),
+        "fyc_convert.num_classes": str(head.num_classes),
+        "fyc_convert.seed": str(int(head.seed)),
     }
     if kind == "hadamard":
         manifest |= {
-            "fyc.head.hadamard_size": str(head.hadamard_size),
-            "fyc.head.embed_size": str(head.embed_size),
-            "fyc.head.embedding": str(head.embedding),
-            "fyc.head.rows": compact_rows(head.rows),
+            "fyc_convert.hadamard_size": str(head.hadamard_size),
+            "fyc_convert.embed_size": str(head.embed_size),
+            "fyc_convert.embedding": str(head.embedding),
+            "fyc_convert.rows": compact_rows(head.rows),
         }
     return manifest
 
@@ -409,7 +410,10 @@ def export_onnx(
         dtype: "fp32", or "fp16" for a half-precision backbone with float32 inputs and outputs
             (the head itself runs in float32).
         head_layer: dotted name of the swapped HadamardHead / OrthogonalHead; None exports the model as is.
-        metadata: extra key/value pairs for the model's metadata_props (next to the head manifest).
+        metadata: extra key/value pairs for the model's metadata_props, next to the head manifest:
+            fyc_convert.head ("hadamard", "orthogonal" or "original"), .layer, .in_features, .num_classes,
+            .seed, and for a Hadamard head .hadamard_size, .embed_size, .embedding and .rows
+            (`compact_rows`; `parse_rows` reads it back).
         external_data_threshold: weights above this many bytes go to `<path>.data` next to the model.
 
     Returns:

@@ -96,14 +96,15 @@ def test_manifest_in_metadata_props(tmp_path):
     res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc", metadata={"source": "x.pt"})
     meta = _metadata(res.path)
     assert meta["source"] == "x.pt"
-    assert meta["fyc.head.kind"] == "hadamard"
-    assert meta["fyc.head.layer"] == "fc"
-    assert meta["fyc.head.in_features"] == "64"
-    assert meta["fyc.head.num_classes"] == "10"
-    assert meta["fyc.head.hadamard_size"] == str(head.hadamard_size)
-    assert meta["fyc.head.embed_size"] == str(head.embed_size)
-    assert meta["fyc.head.embedding"] == head.embedding
-    assert np.array_equal(parse_rows(meta["fyc.head.rows"]), head.rows.numpy())
+    assert meta["fyc_convert.head"] == "hadamard"
+    assert meta["fyc_convert.layer"] == "fc"
+    assert meta["fyc_convert.in_features"] == "64"
+    assert meta["fyc_convert.num_classes"] == "10"
+    assert meta["fyc_convert.hadamard_size"] == str(head.hadamard_size)
+    assert meta["fyc_convert.embed_size"] == str(head.embed_size)
+    assert meta["fyc_convert.embedding"] == head.embedding
+    assert meta["fyc_convert.seed"] == "0"
+    assert np.array_equal(parse_rows(meta["fyc_convert.rows"]), head.rows.numpy())
 
 
 def test_onnx_file_is_runnable_with_batch_size_axis(tmp_path):
@@ -154,7 +155,7 @@ def test_orthogonal_head_exported_as_dense_constant(tmp_path):
     res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc")
     assert res.head_kind == "orthogonal"
     assert res.head_ops["MatMul"] == 1
-    assert _metadata(res.path)["fyc.head.kind"] == "orthogonal"
+    assert _metadata(res.path)["fyc_convert.head"] == "orthogonal"
     ver = verify_onnx(res.path, model, input_shape=(8,), atol=1e-4, rtol=1e-4)
     assert ver.max_abs_diff <= 1e-4
     with pytest.raises(ExportError, match="MatMul"):
