@@ -32,7 +32,7 @@ import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
@@ -119,7 +119,7 @@ def load_model(
             program = torch.export.load(str(path))
         except Exception as e:  # noqa: BLE001 - anything can fail inside an unpickler we were told to trust
             raise CheckpointError(f"cannot read torch.export archive {path} ({_describe(e)}); re-save it") from e
-        state = {**program.state_dict, **program.constants}
+        state = program.state_dict  # parameters and persistent buffers, as in the eager model
     else:
         obj = _torch_load(path, trust_pickle=trust_pickle)
         if isinstance(obj, Mapping) and isinstance(obj.get("meta"), Mapping):
@@ -130,7 +130,11 @@ def load_model(
                 notes.append(f"--arch {arch} not used: the file holds a whole pickled model")
             return LoadedModel(state.cpu().eval(), "pickle", meta, notes)
     if arch is None:
-        raise CheckpointError(f"{path} holds only weights ({fmt}); {_ARCH_HELP}")
+        hint = ""
+        if isinstance(meta.get("arch"), str):  # only named in the message: we never import what a file asks for
+            kwargs_hint = f" --arch-kwargs '{json.dumps(meta['arch_kwargs'])}'" if meta.get("arch_kwargs") else ""
+            hint = f" (its metadata names --arch {meta['arch']}{kwargs_hint})"
+        raise CheckpointError(f"{path} holds only weights ({fmt}); {_ARCH_HELP}{hint}")
     model = _build(arch, kwargs)
     _load_weights(model, state, path=path, arch=arch, notes=notes)
     return LoadedModel(model.eval(), fmt, meta, notes)
@@ -413,9 +417,10 @@ def _unsafe_globals(path: Path) -> list[str]:
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
-                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+                found = _pickle_globals(io.BytesIO(z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))))
         else:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                found = _pickle_globals(f)
     except (OSError, zipfile.BadZipFile, StopIteration):
         return []
     from torch import _weights_only_unpickler
@@ -423,14 +428,13 @@ def _unsafe_globals(path: Path) -> list[str]:
     allowed = set(_weights_only_unpickler._get_allowed_globals()) | {
         f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals() if hasattr(g, "__module__")
     }
-    return sorted(_pickle_globals(data) - allowed)
+    return sorted(found - allowed)
 
 
-def _pickle_globals(data: bytes) -> set[str]:
-    """Every GLOBAL / STACK_GLOBAL in the consecutive pickles at the start of ``data`` (legacy torch.save
-    writes several); nothing is executed."""
+def _pickle_globals(stream: IO[bytes]) -> set[str]:
+    """Every GLOBAL / STACK_GLOBAL in the consecutive pickles at the start of ``stream`` (legacy torch.save
+    writes several before the raw tensor bytes); nothing is executed."""
     found: set[str] = set()
-    stream = io.BytesIO(data)
     while stream.read(1) == b"\x80":  # each pickle starts with a PROTO opcode
         stream.seek(-1, io.SEEK_CUR)
         memo: dict[int, Any] = {}

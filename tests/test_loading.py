@@ -155,6 +155,14 @@ def test_safetensors_with_arch_and_metadata(tmp_path):
     _assert_same_model(loaded, model)
 
 
+def test_safetensors_found_by_content_without_suffix(tmp_path):
+    model = _trained()
+    save_file(model.state_dict(), tmp_path / "weights.bin")
+    loaded = load_model(tmp_path / "weights.bin", arch="models:ResNetFc", arch_kwargs=KWARGS)
+    assert (loaded.format, loaded.meta) == ("safetensors", {})
+    _assert_same_model(loaded, model)
+
+
 def test_pickled_module_with_trust_pickle(tmp_path):
     model = _trained()
     torch.save(model, tmp_path / "whole.pt")
@@ -312,6 +320,14 @@ def test_error_state_dict_without_arch(tmp_path):
     assert _error(CheckpointError, tmp_path / "w.pt").endswith("holds only weights (state_dict); pass --arch "
                                                                "MODULE:CALLABLE that builds the model (e.g. "
                                                                "mypkg.models:resnet18 or path/to/file.py:build)")
+
+
+def test_error_without_arch_names_the_arch_in_metadata(tmp_path):
+    meta = {"arch": "models:ResNetFc", "arch_kwargs": KWARGS}
+    torch.save({"state_dict": _trained().state_dict(), "meta": meta}, tmp_path / "c.pt")
+    message = _error(CheckpointError, tmp_path / "c.pt")
+    assert message.endswith("(its metadata names --arch models:ResNetFc --arch-kwargs "
+                            "'{\"num_classes\": 10, \"width\": 16}')")
 
 
 def test_error_torchscript_without_arch(tmp_path):
