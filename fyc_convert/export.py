@@ -247,7 +247,9 @@ def _trace(module: nn.Module, sample: torch.Tensor, onnx_path: Path, *, opset: i
 def _rewire(graph: gs.Graph, old: gs.Variable, new: gs.Variable) -> None:
     """Make every consumer of `old` (and the graph outputs) read `new`; a graph output keeps its name."""
     for node in list(old.outputs):
-        node.inputs[:] = [new if t is old else t for t in node.inputs]
+        for i, t in enumerate(node.inputs):
+            if t is old:
+                node.inputs[i] = new
     for i, out in enumerate(graph.outputs):
         if out is old:
             name, shape = old.name, old.shape

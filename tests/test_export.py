@@ -272,3 +272,29 @@ def test_parse_rows_reverses_compact_rows():
     big = np.array([70000, 3, 5])
     assert np.array_equal(parse_rows(compact_rows(big)), big)
     assert np.array_equal(parse_rows("1-3,7,9-10"), [1, 2, 3, 7, 9, 10])
+
+
+class _HeadThenOps(nn.Module):
+    """The classifier's output feeds further ops (log-softmax, scaling) before the model returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(8, 64)
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.fc(torch.tanh(self.body(x))), dim=-1) * 2.0
+
+
+@pytest.mark.parametrize("dtype,tol,casts", [("fp32", 1e-4, None), ("fp16", 5e-2, 2)])
+def test_head_followed_by_more_ops(dtype, tol, casts, tmp_path):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _HeadThenOps().eval()
+    _swap(model, "fc")
+    res = export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="fc", dtype=dtype)
+    assert res.head_ops.get("Cast") == casts  # fp16: features in, logits back to half for the LogSoftmax
+    ops = [n.op_type for n in onnx.load(str(res.path)).graph.node if not n.name.startswith(HEAD_PREFIX)]
+    assert "LogSoftmax" in ops and "Gemm" in ops  # the backbone Linear stays, the head's Gemm is gone
+    assert ops.count("Gemm") == 1
+    assert verify_onnx(res.path, model, input_shape=(8,), atol=tol, rtol=tol).max_abs_diff <= tol
