@@ -434,7 +434,10 @@ def export_onnx(
     if not path.parent.is_dir():
         raise ExportError(f"output folder {path.parent} does not exist; create it or choose another path")
     half = dtype == "fp16"
-    sample = torch.randn(2, *input_shape)  # batch 2: a batch of 1 can hide batch-dependent reshapes
+    param = next(model.parameters(), None)
+    # batch 2: a batch of 1 can hide batch-dependent reshapes; a private generator leaves the global RNG alone
+    sample = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    sample = sample.to(param.device if param is not None else "cpu")
 
     try:
         head = model.get_submodule(head_layer) if head_layer is not None else None

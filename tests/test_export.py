@@ -298,3 +298,15 @@ def test_head_followed_by_more_ops(dtype, tol, casts, tmp_path):
     assert "LogSoftmax" in ops and "Gemm" in ops  # the backbone Linear stays, the head's Gemm is gone
     assert ops.count("Gemm") == 1
     assert verify_onnx(res.path, model, input_shape=(8,), atol=tol, rtol=tol).max_abs_diff <= tol
+
+
+def test_export_and_verify_leave_the_global_rng_alone(tmp_path):
+    model = _tiny(64, 10)
+    _swap(model, "fc")
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        expected = torch.rand(3)
+        torch.manual_seed(5)
+        res = export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="fc")
+        verify_onnx(res.path, model, input_shape=(8,))
+        assert torch.equal(torch.rand(3), expected)
