@@ -174,13 +174,13 @@ def resolve_arch(spec: str) -> Callable[..., Any]:
 
 def clean_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Drop a leading `module.` (DDP) and every `_orig_mod.` segment (torch.compile) from each key."""
-    out = {}
-    for key, value in state.items():
-        new = key
-        while new.startswith("module."):
-            new = new[len("module."):]
-        out[re.sub(r"(^|\.)_orig_mod\.", r"\1", new)] = value
-    return out
+    return {_clean_key(k): v for k, v in state.items()}
+
+
+def _clean_key(key: str) -> str:
+    while key.startswith("module."):
+        key = key[len("module."):]
+    return re.sub(r"(^|\.)_orig_mod\.", r"\1", key)
 
 
 # ---------------------------------------------------------------------------------------------- sniffing
@@ -340,9 +340,15 @@ def _load_weights(model: nn.Module, state: Mapping[str, Tensor], *, path: Path, 
     expected = model.state_dict()
     cleaned = clean_state_dict(state)
     if _overlap(cleaned, expected) > _overlap(state, expected):
-        renamed = sum(a != b for a, b in zip(state, cleaned, strict=True))
-        notes.append(f"stripped 'module.' / '_orig_mod.' prefixes from {renamed} keys")
+        notes.append(f"stripped 'module.' / '_orig_mod.' prefixes from {sum(k != _clean_key(k) for k in state)} keys")
         state = cleaned
+    first = {k.partition(".")[0] for k in state}
+    if len(first) == 1 and not set(state) <= set(expected):  # e.g. a Lightning module's `model.` attribute
+        prefix = f"{first.pop()}."
+        stripped = {k.removeprefix(prefix): v for k, v in state.items()}
+        if set(stripped) <= set(expected) and _overlap(stripped, expected) > _overlap(state, expected):
+            notes.append(f"stripped the prefix {prefix!r} shared by all keys")
+            state = stripped
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()

@@ -121,6 +121,16 @@ def test_state_dict_from_ddp_of_compiled_model(tmp_path):
     _assert_same_model(load_model(tmp_path / "w.pt", arch="models:ResNetFc", arch_kwargs=KWARGS), model)
 
 
+def test_lightning_style_common_prefix_is_stripped(tmp_path):
+    model = _trained()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 1}, tmp_path / "last.ckpt")
+    loaded = load_model(tmp_path / "last.ckpt", arch="models:ResNetFc", arch_kwargs=KWARGS)
+    assert loaded.notes == ["weights taken from checkpoint['state_dict']",
+                            "stripped the prefix 'model.' shared by all keys"]
+    _assert_same_model(loaded, model)
+
+
 class Wrapper(nn.Module):
     """A model whose own submodule is called `module`: its keys must keep the prefix."""
 
