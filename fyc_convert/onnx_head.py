@@ -137,11 +137,14 @@ def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
         if not np.any(spec.signs):  # "pad": zeros after x
             x = ops.op1("Pad", [x, ops.ints("pads", [0, 0, 0, n - n_feat])])
         else:  # "tile": copies of x (data movement), then one sign flip by a ±1 constant of n elements
-            copies = [x] * (n // n_feat)
-            if n % n_feat:
-                copies.append(ops.op1("Slice", [x, ops.ints("start", [0]), ops.ints("end", [n % n_feat]), ops.ints("axes", [1])]))
+            tiled, width = x, n_feat
+            while 2 * width <= n:  # doubling Concats: log2(n/N) copies of growing runs, not n/N small ones
+                tiled, width = ops.op1("Concat", [tiled, tiled], attrs={"axis": 1}), 2 * width
+            if width < n:
+                rest = ops.op1("Slice", [tiled, ops.ints("start", [0]), ops.ints("end", [n - width]), ops.ints("axes", [1])])
+                tiled = ops.op1("Concat", [tiled, rest], attrs={"axis": 1})
             signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)
-            x = ops.op1("Mul", [ops.op1("Concat", copies, attrs={"axis": 1}), ops.const("signs", signs)])  # (B, n)
+            x = ops.op1("Mul", [tiled, ops.const("signs", signs)])  # (B, n)
     if n > m:
         x = ops.op1("ReduceSum", [ops.reshape(x, [-1, n // m, m]), ops.ints("axes", [1])], attrs={"keepdims": 0})
     return x  # (B, m)

@@ -19,8 +19,13 @@ def _next_pow2(k: int) -> int:
     return 1 << (k - 1).bit_length()
 
 
-def make_spec(n_feat: int, c: int, *, embedding: str = "tile", bias: bool = True, seed: int = 0) -> HeadSpec:
-    """Default sizing from docs/design.md for "tile"; "pad" always embeds into m = n = nextpow2(max(N, C+1))."""
+def make_spec(
+    n_feat: int, c: int, *, embedding: str = "tile", bias: bool = True, shuffled: bool = True, seed: int = 0
+) -> HeadSpec:
+    """Default sizing from docs/design.md for "tile"; "pad" always embeds into m = n = nextpow2(max(N, C+1)).
+
+    Rows are C random distinct rows of 1..m-1 when `shuffled` (as assigned by from_linear), else 1..C.
+    """
     rng = np.random.default_rng(seed)
     m0 = _next_pow2(c + 1)
     if embedding == "tile" and n_feat % m0 == 0:
@@ -36,7 +41,7 @@ def make_spec(n_feat: int, c: int, *, embedding: str = "tile", bias: bool = True
         embedding=embedding,
         eps=1e-8,
         signs=signs,
-        rows=rng.permutation(np.arange(1, m))[:c].astype(np.int64),
+        rows=(rng.permutation(np.arange(1, m))[:c] if shuffled else np.arange(1, c + 1)).astype(np.int64),
         scale=float(rng.uniform(2.0, 12.0)),
         bias=rng.normal(size=c) if bias else None,
     )
@@ -61,11 +66,12 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"features": x.astype(np.float32)})[0]
 
 
+@pytest.mark.parametrize("shuffled", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("embedding", ["tile", "pad"])
 @pytest.mark.parametrize(("n_feat", "c"), SIZES)
-def test_matches_reference(n_feat: int, c: int, embedding: str, bias: bool) -> None:
-    spec = make_spec(n_feat, c, embedding=embedding, bias=bias, seed=n_feat + c)
+def test_matches_reference(n_feat: int, c: int, embedding: str, bias: bool, shuffled: bool) -> None:
+    spec = make_spec(n_feat, c, embedding=embedding, bias=bias, shuffled=shuffled, seed=n_feat + c)
     model = head_model(spec)
     onnx.checker.check_model(model)
     rng = np.random.default_rng(1)
@@ -99,7 +105,8 @@ def test_static_checks(n_feat: int, c: int) -> None:
         "Add", "Sub", "Neg", "Mul", "Div", "Sqrt", "ReduceSum", "Reshape", "Split", "Slice", "Concat",
         "Transpose", "Gather", "Pad", "Identity", "Shape",
     }  # fmt: skip
-    assert census["Mul"] == 2  # x·x for the norm and the one multiply by α/(‖x‖+eps)
+    # x·x for the norm, the one multiply by α/(‖x‖+eps), and the ±1 sign flip of a "tile" embedding
+    assert census["Mul"] == 2 + (spec.embed_size > n_feat)
     assert 0 < largest_head_constant(model, prefix="scope/") <= max(c, spec.embed_size)
     assert all(node.name.startswith("scope/") for node in model.graph.node)
     assert sum(census.values()) == len(model.graph.node)
