@@ -292,3 +292,18 @@ def test_error_wrong_input_shape():
     message = _error(find_classifier, LAYOUTS["resnet_fc"]().model, input_shape=(1, 8, 8))
     assert message.startswith("running the model on an input of shape (2, 1, 8, 8) to find the classifier failed")
     assert "pass the right --input-shape" in message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_swap_on_cuda_model():
+    layout = LAYOUTS["convnext_head_fc"]()
+    model = layout.model.cuda()
+    x = _inputs(layout.input_shape)
+    feats = capture_features(model, "head.fc", x)  # CPU inputs follow the model to the GPU
+    assert feats.device.type == "cuda"
+    result = swap_classifier(model, input_shape=layout.input_shape, features=feats)
+    assert result.layer == "head.fc"
+    assert all(t.device.type == "cuda" for t in result.head.state_dict().values())
+    with torch.no_grad():
+        out = model(x.cuda()).double()
+    torch.testing.assert_close(out, _head_math(result.head, feats), rtol=1e-4, atol=1e-4)
