@@ -26,6 +26,7 @@ from fyc_convert.errors import ExportError
 __all__ = ["HeadSpec", "build_head", "head_model", "head_op_census", "largest_head_constant"]
 
 _MAX_RADIX_BITS = 3  # radix-8 stages: 8-way Split, 3 add/sub levels, 8-way Concat
+_TRANSPOSE_MIN_BITS = 6  # transforms of up to 2^6 points run without the mid Transpose
 
 
 @dataclass(frozen=True)
@@ -179,13 +180,15 @@ def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
 
     The natural output index k = hi · 2^p_lo + lo (p_lo low bits) is split in two halves; the high half's
     stages run first on runs of 2^p_lo floats, one Transpose makes the low half the high one, and its
-    stages run on runs of 2^p_hi floats.
+    stages run on runs of 2^p_hi floats. Up to m = 2^_TRANSPOSE_MIN_BITS the rows are so short that the
+    Transposes cost more than they save: p_lo = 0 and all stages run in natural order.
 
     Returns:
-        (z, 2^p_lo, 2^p_hi): z viewed as (B, 2^p_lo, 2^p_hi), holding output k at [b, lo, hi].
+        (z, 2^p_lo, 2^p_hi): z holds output k = hi · 2^p_lo + lo at flat position lo · 2^p_hi + hi of
+        each row (natural order when p_lo = 0), in some (B, ...) view.
     """
     p = m.bit_length() - 1
-    p_lo = p // 2
+    p_lo = p // 2 if p > _TRANSPOSE_MIN_BITS else 0
     p_hi = p - p_lo
     for lo, hi in _bit_groups(p_lo, p):  # high bits: runs of >= 2^p_lo floats
         y = _stage(ops, y, m, lo, hi)
@@ -193,23 +196,25 @@ def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
         y = ops.op1("Transpose", [ops.reshape(y, [-1, 1 << p_hi, 1 << p_lo])], attrs={"perm": [0, 2, 1]})
         for lo, hi in _bit_groups(p_hi, p):  # the old low bits, now high: runs of >= 2^p_hi floats
             y = _stage(ops, y, m, lo, hi)
-    return ops.reshape(y, [-1, 1 << p_lo, 1 << p_hi]), 1 << p_lo, 1 << p_hi
+    return y, 1 << p_lo, 1 << p_hi
 
 
 def _pick_rows(ops: _Ops, z: gs.Variable, rows: np.ndarray, size_lo: int, size_hi: int) -> gs.Variable:
-    """(B, lo, hi) transform output -> (B, C) = z_natural[:, rows].
+    """Transform output (see `_wht`) -> (B, C) = z_natural[:, rows].
 
-    Contiguous rows: one Transpose back to natural order and one Slice. Others: a Transpose to
-    (natural index, B) so that the one Gather copies rows of B floats, then a Transpose to (B, C).
+    Contiguous rows: back to natural order (one Transpose unless already natural) and one Slice. Others:
+    a Transpose to (natural index, B) so that the one Gather copies rows of B floats, then one to (B, C).
     """
     m = size_lo * size_hi
     c = len(rows)
     if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
-        nat = ops.reshape(ops.op1("Transpose", [z], attrs={"perm": [0, 2, 1]}), [-1, m])  # (B, m)
+        if size_lo > 1:
+            z = ops.op1("Transpose", [ops.reshape(z, [-1, size_lo, size_hi])], attrs={"perm": [0, 2, 1]})
         start, end = int(rows[0]), int(rows[0]) + c
+        nat = ops.reshape(z, [-1, m])  # (B, m)
         return ops.op1("Slice", [nat, ops.ints("start", [start]), ops.ints("end", [end]), ops.ints("axes", [1])])
-    nat = ops.reshape(ops.op1("Transpose", [z], attrs={"perm": [2, 1, 0]}), [m, -1])  # (m, B)
-    picked = ops.op1("Gather", [nat, ops.ints("rows", rows)], attrs={"axis": 0})  # (C, B)
+    z = ops.op1("Transpose", [ops.reshape(z, [-1, size_lo, size_hi])], attrs={"perm": [2, 1, 0]})
+    picked = ops.op1("Gather", [ops.reshape(z, [m, -1]), ops.ints("rows", rows)], attrs={"axis": 0})  # (C, B)
     return ops.op1("Transpose", [picked], attrs={"perm": [1, 0]})
 
 
@@ -281,9 +286,8 @@ def head_model(
     features = gs.Variable("features", dtype=dtype, shape=shape)
     graph = gs.Graph(inputs=[features], opset=opset)
     logits = build_head(graph, features, spec, prefix=prefix, dtype=dtype)
-    out = gs.Variable("logits", dtype=dtype, shape=[*shape[:-1], spec.num_classes])
-    graph.nodes.append(gs.Node("Identity", name=f"{prefix}output", inputs=[logits], outputs=[out]))
-    graph.outputs = [out]
+    logits.name, logits.shape = "logits", [*shape[:-1], spec.num_classes]
+    graph.outputs = [logits]
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     model.ir_version = ir_version
