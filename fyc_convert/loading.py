@@ -126,6 +126,9 @@ def load_model(
             meta = dict(obj["meta"])
         state, fmt = _unpack(obj, path, notes)
         if isinstance(state, nn.Module):
+            if isinstance(state, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+                notes.append(f"unwrapped the pickled {type(state).__name__}")
+                state = state.module
             if arch is not None:
                 notes.append(f"--arch {arch} not used: the file holds a whole pickled model")
             return LoadedModel(state.cpu().eval(), "pickle", meta, notes)

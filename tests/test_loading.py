@@ -199,6 +199,50 @@ def test_pickled_module_inside_checkpoint_with_trust_pickle(tmp_path):
     _assert_same_model(loaded, model)
 
 
+def test_pickled_data_parallel_is_unwrapped(tmp_path):
+    model = _trained()
+    torch.save(nn.DataParallel(model), tmp_path / "dp.pt")
+    loaded = load_model(tmp_path / "dp.pt", trust_pickle=True)
+    assert isinstance(loaded.model, ResNetFc)
+    assert loaded.notes == ["unwrapped the pickled DataParallel"]
+    _assert_same_model(loaded, model)
+
+
+def _save_model_of_user_module(tmp_path: Path) -> Path:
+    """torch.save(model) where the model's class lives in tmp_path/usernet.py, then forget that module."""
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "usernet.py").write_text(
+        "from torch import nn\n\nclass Net(nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(4, 3)\n\n    def forward(self, x):\n        return self.fc(x)\n"
+    )
+    sys.path.insert(0, str(tmp_path / "code"))
+    try:
+        import usernet
+
+        torch.save(usernet.Net(), tmp_path / "net.pt")
+    finally:
+        sys.path.remove(str(tmp_path / "code"))
+        del sys.modules["usernet"]
+    return tmp_path / "net.pt"
+
+
+def test_trusted_pickle_imports_its_classes_from_current_directory(tmp_path, monkeypatch):
+    path = _save_model_of_user_module(tmp_path)
+    monkeypatch.chdir(tmp_path / "code")
+    try:
+        loaded = load_model(path, trust_pickle=True)
+        assert type(loaded.model).__name__ == "Net" and loaded.model.fc.out_features == 3
+    finally:
+        sys.modules.pop("usernet", None)
+
+
+def test_error_trusted_pickle_whose_code_does_not_import(tmp_path):
+    path = _save_model_of_user_module(tmp_path)
+    message = _error(CheckpointError, path, trust_pickle=True)
+    assert message.startswith(f"the pickled model in {path} needs module 'usernet', which does not import; run from "
+                              "the directory that holds the model's code")
+
+
 def test_torchscript_with_arch_loads_its_weights(tmp_path):
     model = _trained()
     torch.jit.save(torch.jit.script(model), tmp_path / "ts.pt")
