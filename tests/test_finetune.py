@@ -1,0 +1,437 @@
+"""Tests of fyc_convert.finetune: evaluate, calibrate, the fine-tuning loop, checkpoints, resume, NaN, DDP."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _ddp_worker import build
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fyc_convert.data import UNLABELLED, DataBundle
+from fyc_convert.errors import DataError, TrainingError
+from fyc_convert.finetune import (
+    CHECKPOINT_NAME,
+    FinetuneConfig,
+    calibrate,
+    evaluate,
+    finetune,
+    gradient_bytes,
+    resolve_device,
+)
+from fyc_convert.heads import HadamardHead
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "_ddp_worker.py"
+
+
+def _cfg(**kw) -> FinetuneConfig:
+    return FinetuneConfig(**{"epochs": 2, "batch_size": 8, "lr": 0.05, "device": "cpu", **kw})
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+class _Recorder:
+    """rich.progress.Progress stand-in: records calls; optionally raises or runs a hook at a given update."""
+
+    def __init__(self, at: int = 0, action=None):
+        self.tasks: list[tuple[str, dict]] = []
+        self.updates: list[dict] = []
+        self.at, self.action = at, action
+
+    def add_task(self, description: str, **fields) -> int:
+        self.tasks.append((description, fields))
+        return len(self.tasks) - 1
+
+    def update(self, task: int, **fields) -> None:
+        self.updates.append(fields)
+        if len(self.updates) == self.at:
+            self.action()
+
+
+def _run(cmd: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a worker in its own process group; on timeout kill the whole group (torchrun's workers too)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _interrupt():
+    raise KeyboardInterrupt
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+
+
+def test_gradient_bytes_counts_trainable_parameters_only():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    assert gradient_bytes(model) == (4 * 3 + 3 + 3 * 2 + 2) * 4
+    model[0].weight.requires_grad_(False)
+    assert gradient_bytes(model) == (3 + 3 * 2 + 2) * 4
+    assert gradient_bytes(model.double()) == (3 + 3 * 2 + 2) * 8
+
+
+def test_gradient_bytes_shrink_by_the_classifier_weights_after_the_swap():
+    model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 100))
+    before = gradient_bytes(model)
+    model[2] = HadamardHead.from_linear(model[2])
+    # the 64×100 weight is gone; α (1) replaces it, the bias (100) stays
+    assert before - gradient_bytes(model) == (64 * 100 - 1) * 4
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="CUDA is not available"):
+            resolve_device("cuda")
+    with pytest.raises(TrainingError, match="unknown device"):
+        resolve_device("tpu")
+
+
+def test_evaluate_accuracy_loss_and_agreement():
+    # the model's logits are the inputs themselves
+    x = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0], [2.0, 0.0, 0.0]])
+    y = torch.tensor([0, 1, 0, 2])  # right, right, wrong, wrong
+    ref = nn.Sequential(nn.Linear(3, 3, bias=False))
+    with torch.no_grad():
+        ref[0].weight.copy_(torch.eye(3)[[0, 1, 0]])  # predicts class 0 for the third sample too
+    m = evaluate(nn.Identity(), TensorDataset(x, y), device="cpu", reference_model=ref, batch_size=3)
+    assert m.accuracy == 0.5
+    assert m.agreement == 0.75
+    assert m.samples == 4
+    expected = torch.nn.functional.cross_entropy(x, y).item()
+    assert m.loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_evaluate_unlabelled_gives_no_accuracy_and_restores_train_mode():
+    model = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)).train()
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    m = evaluate(model, TensorDataset(x, torch.full((5,), UNLABELLED)), device="cpu", reference_model=model)
+    assert (m.accuracy, m.loss, m.agreement, m.samples) == (None, None, 1.0, 5)
+    assert model.training
+
+
+# ------------------------------------------------------------------------------------------ calibration
+
+
+def test_calibrate_fits_only_scale_and_bias_to_the_optimum():
+    model, head, bundle = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cal = calibrate(model, head, bundle.train, device="cpu")
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"5.scale", "5.bias"}
+    assert cal.loss_after < cal.loss_before
+    assert cal.samples == 90
+    assert cal.scale == float(head.scale.detach())
+    # the fit is a convex problem: at the optimum the gradient of the training loss in (α, b) vanishes
+    x, y = bundle.train.tensors
+    model.eval()
+    loss = nn.functional.cross_entropy(model(x), y)
+    g_scale, g_bias = torch.autograd.grad(loss, [head.scale, head.bias])
+    assert float(g_scale.abs()) < 1e-4 and float(g_bias.abs().max()) < 1e-4
+    assert loss.item() == pytest.approx(cal.loss_after, rel=1e-4)
+
+
+def test_calibrate_leaves_a_fixed_scale_alone():
+    model, _, bundle = build()
+    model[5] = head = HadamardHead(16, 4, fixed_scale=3.0)
+    calibrate(model, head, bundle.train, device="cpu")
+    assert float(head.scale.detach()) == 3.0
+    assert float(head.bias.detach().abs().sum()) > 0
+
+
+def test_calibrate_unlabelled_needs_distill_and_fits_the_teacher():
+    teacher, _, bundle = build(seed=1)
+    model, head, _ = build()
+    x, _ = bundle.train.tensors
+    unlabelled = TensorDataset(x, torch.full((len(x),), UNLABELLED))
+    with pytest.raises(DataError, match="--distill"):
+        calibrate(model, head, unlabelled, device="cpu")
+    cal = calibrate(model, head, unlabelled, device="cpu", teacher=teacher, distill=True)
+    assert cal.loss_after < cal.loss_before
+
+
+def test_calibrate_rejects_a_head_outside_the_model():
+    model, _, bundle = build()
+    with pytest.raises(TrainingError, match="not a submodule"):
+        calibrate(model, HadamardHead(16, 4), bundle.train, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+def test_finetune_trains_backbone_scale_and_bias_and_keeps_the_fixed_structure(tmp_path):
+    model, head, bundle = build()
+    calibrate(model, head, bundle.train, device="cpu")
+    start = copy.deepcopy(model)
+    rows, signs = head.rows.clone(), head.signs.clone()
+    result = finetune(model, head, bundle, _cfg(epochs=3, out_dir=tmp_path))
+    assert [h.epoch for h in result.history] == [1, 2, 3]
+    assert not torch.equal(start[0].weight, model[0].weight)
+    assert float(start[5].scale.detach()) != float(head.scale.detach())
+    assert not torch.equal(start[5].bias, head.bias)
+    assert torch.equal(head.rows, rows) and torch.equal(head.signs, signs)
+    first_acc = evaluate(start, bundle.val, device="cpu").accuracy
+    assert result.final.accuracy > first_acc
+    assert result.history[-1].lr == pytest.approx(0.0, abs=1e-12)  # cosine to 0
+    assert result.history[-1].scale == float(head.scale.detach())
+    assert all(h.samples_per_s > 0 and h.seconds > 0 for h in result.history)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_finetune_is_deterministic_for_a_seed(optimizer):
+    runs = []
+    for _ in range(2):
+        model, head, bundle = build()
+        finetune(model, head, bundle, _cfg(optimizer=optimizer, lr=0.05 if optimizer == "sgd" else 3e-3))
+        runs.append(model)
+    assert _same_weights(*runs)
+    other, head, bundle = build()
+    finetune(other, head, bundle, _cfg(optimizer=optimizer, seed=1))
+    assert not _same_weights(runs[0], other)
+
+
+def test_finetune_leaves_the_callers_rng_alone():
+    model, head, bundle = build()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    finetune(model, head, bundle, _cfg(epochs=1))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_weight_decay_applies_to_alpha():
+    runs = {}
+    for wd in (0.0, 0.5):
+        model, head, bundle = build()
+        # freeze everything but α: its change then comes from the loss and (with wd) the decay only
+        for p in model.parameters():
+            p.requires_grad_(p is head.scale)
+        finetune(model, head, bundle, _cfg(epochs=1, weight_decay=wd, cosine=False))
+        runs[wd] = float(head.scale.detach())
+    assert runs[0.5] < runs[0.0]
+
+
+def test_epochs_zero_trains_nothing_and_writes_the_start_checkpoint(tmp_path):
+    model, head, bundle = build()
+    start = copy.deepcopy(model)
+    result = finetune(model, head, bundle, _cfg(epochs=0, out_dir=tmp_path))
+    assert result.history == [] and result.final is None
+    assert _same_weights(start, model)
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["epoch"] == 0
+
+
+def test_progress_gets_one_task_per_epoch_and_one_update_per_step():
+    model, head, bundle = build()
+    progress = _Recorder()
+    finetune(model, head, bundle, _cfg(epochs=2, batch_size=8), progress=progress)
+    steps = 90 // 8  # drop_last: 11 full batches
+    assert [d for d, _ in progress.tasks] == ["epoch 1/2", "epoch 2/2"]
+    assert all(f["total"] == steps for _, f in progress.tasks)
+    assert len(progress.updates) == 2 * steps
+    assert all(u["advance"] == 1 and u["loss"] > 0 and 0 <= u["acc"] <= 1 and u["samples_per_s"] > 0
+               for u in progress.updates)
+
+
+def test_distill_without_labels_learns_from_the_teacher():
+    teacher, t_head, bundle = build(seed=1)
+    finetune(teacher, t_head, bundle, _cfg(epochs=3))  # a trained original model
+    model, head, _ = build()
+    x, _ = bundle.train.tensors
+    xv, _ = bundle.val.tensors
+    unlabelled = dataclasses.replace(
+        bundle, train=TensorDataset(x, torch.full((len(x),), UNLABELLED)),
+        val=TensorDataset(xv, torch.full((len(xv),), UNLABELLED)), labelled=False, num_classes=0)
+    start = evaluate(model, unlabelled.val, device="cpu", reference_model=teacher).agreement
+    result = finetune(model, head, unlabelled, _cfg(epochs=4, distill=True, temperature=2.0), teacher=teacher)
+    assert result.history[-1].accuracy is None and result.final.accuracy is None
+    assert result.final.agreement > start
+    assert result.final.agreement >= 0.8
+
+
+def test_distill_with_labels_mixes_ce_and_kl():
+    teacher, _, bundle = build(seed=1)
+    model, head, _ = build()
+    result = finetune(model, head, bundle, _cfg(epochs=2, distill=True), teacher=teacher)
+    assert result.final.accuracy is not None and result.final.agreement is not None
+
+
+def test_bad_options_are_refused():
+    model, head, bundle = build()
+    with pytest.raises(TrainingError, match="teacher"):
+        finetune(model, head, bundle, _cfg(distill=True))
+    unlabelled = dataclasses.replace(bundle, labelled=False)
+    with pytest.raises(DataError, match="--distill"):
+        finetune(model, head, unlabelled, _cfg())
+    with pytest.raises(TrainingError, match="unknown optimizer"):
+        finetune(model, head, bundle, _cfg(optimizer="lion"))
+    with pytest.raises(TrainingError, match="--resume needs"):
+        finetune(model, head, bundle, _cfg(resume=True))
+
+
+def test_class_lr_runs_through_the_loop_and_equals_plain_sgd_at_cutoff_zero():
+    # with the cutoff at 0 the per-class optimizer is plain SGD (no momentum, no weight decay)
+    plain, head, bundle = build()
+    finetune(plain, head, bundle, _cfg(optimizer="sgd", momentum=0.0, weight_decay=0.0))
+    model, head, bundle = build()
+    finetune(model, head, bundle, _cfg(optimizer="class-lr", class_lr_cutoff=0, weight_decay=0.0))
+    assert _same_weights(plain, model)
+    model, head, bundle = build()
+    result = finetune(model, head, bundle, _cfg(optimizer="class-lr", class_lr_cutoff=1, class_lr_eta_mu=10.0))
+    assert len(result.history) == 2 and not _same_weights(plain, model)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    reference, head, bundle = build()
+    full = finetune(reference, head, bundle, _cfg(epochs=3))
+
+    model, head, bundle = build()
+    with pytest.raises(KeyboardInterrupt):  # interrupted in the middle of epoch 2
+        finetune(model, head, bundle, _cfg(epochs=3, out_dir=tmp_path), progress=_Recorder(at=16, action=_interrupt))
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
+
+    model, head, bundle = build()  # a fresh process would rebuild the model like this
+    result = finetune(model, head, bundle, _cfg(epochs=3, out_dir=tmp_path, resume=True))
+    assert result.resumed_from_epoch == 1
+    assert [h.epoch for h in result.history] == [1, 2, 3]
+    assert _same_weights(model, reference)
+    assert result.final == full.final
+
+
+def test_killed_process_resumes_and_finishes_the_same_epochs(tmp_path):
+    ckpt, res = tmp_path / "ckpt", tmp_path / "res"
+    base = [sys.executable, str(WORKER), "--out", str(ckpt), "--result", str(res), "--epochs", "3"]
+    killed = _run(base + ["--kill-at-step", "16"])
+    assert killed.returncode == -9, killed.stderr
+    assert torch.load(ckpt / CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
+    assert not res.exists()
+    resumed = _run(base + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    out = torch.load(res / "rank0.pt", weights_only=True)
+    assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
+
+    reference, head, bundle = build()  # the same run, uninterrupted, in this process
+    calibrate(reference, head, bundle.train, device="cpu")
+    finetune(reference, head, bundle, _cfg(epochs=3))
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(out["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_other_options_and_a_missing_checkpoint(tmp_path):
+    model, head, bundle = build()
+    with pytest.raises(TrainingError, match="no checkpoint to resume"):
+        finetune(model, head, bundle, _cfg(out_dir=tmp_path, resume=True))
+    finetune(model, head, bundle, _cfg(epochs=1, out_dir=tmp_path))
+    with pytest.raises(TrainingError, match="lr=0.05.*lr=0.1"):
+        finetune(model, head, bundle, _cfg(epochs=1, lr=0.1, out_dir=tmp_path, resume=True))
+    other = nn.Sequential(nn.Linear(12, 4))
+    with pytest.raises(TrainingError, match="does not fit this model"):
+        finetune(other, other[0], bundle, _cfg(epochs=1, out_dir=tmp_path, resume=True))
+
+
+def test_resume_of_a_finished_run_does_nothing_more(tmp_path):
+    model, head, bundle = build()
+    finetune(model, head, bundle, _cfg(epochs=2, out_dir=tmp_path))
+    done = copy.deepcopy(model)
+    again, head, bundle = build()
+    result = finetune(again, head, bundle, _cfg(epochs=2, out_dir=tmp_path, resume=True))
+    assert result.resumed_from_epoch == 2 and len(result.history) == 2
+    assert _same_weights(done, again)
+
+
+class _Poisoned(nn.Module):
+    """Multiplies its input by `factor` (set to NaN by the test mid-run)."""
+
+    def __init__(self):
+        super().__init__()
+        self.factor = 1.0
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def test_nan_loss_stops_with_training_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    model, head, bundle = build()
+    poison = _Poisoned()
+    model.insert(0, poison)
+    good = {}
+
+    def poison_now():  # first step of epoch 2 done: keep its weights, poison the next forward pass
+        good.update({k: v.clone() for k, v in model.state_dict().items()})
+        poison.factor = float("nan")
+
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 2 step 2; the last good checkpoint"):
+        finetune(model, head, bundle, _cfg(epochs=3, out_dir=tmp_path), progress=_Recorder(at=12, action=poison_now))
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert _same_weights_dict(model.state_dict(), good)  # the NaN step was not applied
+
+
+def _same_weights_dict(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------ distributed
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    ckpt, res = tmp_path / "ckpt", tmp_path / "res"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), "--out", str(ckpt), "--result", str(res), "--epochs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = _run(cmd, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(res / "rank0.pt", weights_only=True)
+    r1 = torch.load(res / "rank1.pt", weights_only=True)
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert _same_weights_dict(r0["state_dict"], r1["state_dict"])  # DDP kept the ranks in step
+    for key in ("scale", "loss_after", "samples"):  # calibration: shards summed, same fit on both ranks
+        assert r0["calibration"][key] == r1["calibration"][key]
+    assert r0["calibration"]["samples"] == 90
+    assert [h["epoch"] for h in r0["history"]] == [1, 2]
+    assert r0["final"] == r1["final"]  # metrics reduced across ranks
+    # only rank 0 wrote the checkpoint, and it holds the final weights
+    assert sorted(p.name for p in ckpt.iterdir()) == [CHECKPOINT_NAME]
+    saved = torch.load(ckpt / CHECKPOINT_NAME, weights_only=True)
+    assert saved["epoch"] == 2 and saved["world_size"] == 2
+    assert _same_weights_dict(saved["model"], r0["state_dict"])
+    # the accuracy rank 0 reports is the accuracy of the final weights on the whole validation split
+    model, _, bundle = build()
+    model.load_state_dict(r0["state_dict"])
+    single = evaluate(model, bundle.val, device="cpu")
+    assert r0["final"]["accuracy"] == single.accuracy
+    assert r0["final"]["samples"] == single.samples == 30
+    assert r0["final"]["loss"] == pytest.approx(single.loss, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_finetune_on_cuda():
+    model, head, bundle = build()
+    calibrate(model, head, bundle.train, device="cuda")
+    result = finetune(model, head, bundle, _cfg(device="cuda"))
+    assert result.device.startswith("cuda")
+    assert head.scale.device.type == "cuda"
+    assert result.final.samples == 30
