@@ -229,15 +229,15 @@ def _from_get_classifier(model: nn.Module) -> tuple[str, nn.Linear] | None:
 def _from_forward(model: nn.Module, x: Tensor) -> tuple[str, nn.Linear]:
     linears = {m: n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     produced: dict[nn.Module, tuple[Tensor, Tensor]] = {}  # Linear -> (its output, a copy of its values)
-    called: list[nn.Module] = []  # leaf modules in call order
+    called: list[nn.Module] = []  # hooked modules in call order
 
     def hook(module: nn.Module, _args: Any, out: Any) -> None:
         called.append(module)
         if module in linears and isinstance(out, Tensor):
             produced[module] = (out, out.detach().clone())
 
-    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
+    hooked = [m for m in model.modules() if m in linears or next(m.children(), None) is None]  # Linears, leaves
+    handles = [m.register_forward_hook(hook) for m in hooked]
     try:
         with _eval_mode(model), torch.no_grad():
             output = model(x)
