@@ -67,7 +67,9 @@ class HeadSpec:
                 "rebuild the head with consistent sizes"
             )
         if self.signs.shape != (n - n_feat,):
-            raise ExportError(f"signs must have shape ({n - n_feat},), got {self.signs.shape}; pass n - N embedding signs")
+            raise ExportError(
+                f"signs must have shape ({n - n_feat},), got {self.signs.shape}; pass the n - N embedding signs"
+            )
         if not np.all(np.isin(self.signs, (-1.0, 0.0, 1.0))):
             raise ExportError("signs must be -1, 0 or +1; use the head's `signs` buffer unchanged")
         if self.rows.shape != (c,) or (c and (self.rows.min() < 0 or self.rows.max() >= m)):
@@ -130,6 +132,10 @@ class _Ops:
     def reshape(self, x: gs.Variable, shape: list[int]) -> gs.Variable:
         return self.op1("Reshape", [x, self.ints("shape", shape)])
 
+    def slice(self, x: gs.Variable, start: int, end: int) -> gs.Variable:
+        """x[:, start:end] of a (B, K) tensor."""
+        return self.op1("Slice", [x, self.ints("start", [start]), self.ints("end", [end]), self.ints("axes", [1])])
+
 
 def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
     """(B, N) -> (B, m): x̃ = embed(x) (tile/pad signs), then the fold y_k = Σ_t x̃_{k + t·m}."""
@@ -142,8 +148,7 @@ def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
             while 2 * width <= n:  # doubling Concats: log2(n/N) copies of growing runs, not n/N small ones
                 tiled, width = ops.op1("Concat", [tiled, tiled], attrs={"axis": 1}), 2 * width
             if width < n:
-                rest = ops.op1("Slice", [tiled, ops.ints("start", [0]), ops.ints("end", [n - width]), ops.ints("axes", [1])])
-                tiled = ops.op1("Concat", [tiled, rest], attrs={"axis": 1})
+                tiled = ops.op1("Concat", [tiled, ops.slice(tiled, 0, n - width)], attrs={"axis": 1})
             signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)
             x = ops.op1("Mul", [tiled, ops.const("signs", signs)])  # (B, n)
     if n > m:
@@ -210,11 +215,10 @@ def _pick_rows(ops: _Ops, z: gs.Variable, rows: np.ndarray, size_lo: int, size_h
     if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
         if size_lo > 1:
             z = ops.op1("Transpose", [ops.reshape(z, [-1, size_lo, size_hi])], attrs={"perm": [0, 2, 1]})
-        start, end = int(rows[0]), int(rows[0]) + c
-        nat = ops.reshape(z, [-1, m])  # (B, m)
-        return ops.op1("Slice", [nat, ops.ints("start", [start]), ops.ints("end", [end]), ops.ints("axes", [1])])
+        return ops.slice(ops.reshape(z, [-1, m]), int(rows[0]), int(rows[0]) + c)  # (B, m) -> (B, C)
     z = ops.op1("Transpose", [ops.reshape(z, [-1, size_lo, size_hi])], attrs={"perm": [2, 1, 0]})
-    picked = ops.op1("Gather", [ops.reshape(z, [m, -1]), ops.ints("rows", rows)], attrs={"axis": 0})  # (C, B)
+    idx = ops.const("rows", rows.astype(np.int32))  # int32: half the bytes, Gather takes either
+    picked = ops.op1("Gather", [ops.reshape(z, [m, -1]), idx], attrs={"axis": 0})  # (C, B)
     return ops.op1("Transpose", [picked], attrs={"perm": [1, 0]})
 
 

@@ -8,8 +8,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import scipy.linalg
+import torch
 
 from fyc_convert.errors import ExportError
+from fyc_convert.heads import HadamardHead
 from fyc_convert.onnx_head import HeadSpec, head_model, head_op_census, largest_head_constant
 
 SIZES = [(64, 10), (342, 100), (512, 1000), (2048, 1000), (192, 1000)]
@@ -83,6 +85,52 @@ def test_matches_reference(n_feat: int, c: int, embedding: str, bias: bool, shuf
         out = sess.run(None, {"features": x})[0]
         assert out.shape == (batch, c)
         np.testing.assert_allclose(out, reference_logits(spec, x), atol=1e-4, rtol=0)
+
+
+def _hadamard_head(n_feat: int, c: int, variant: str) -> HadamardHead:
+    """A HadamardHead with random scale/bias; `variant` = embedding + row order + bias."""
+    gen = torch.Generator().manual_seed(n_feat * 7 + c)
+    embedding, order, bias = variant.split("-")
+    m = HadamardHead(n_feat, c, bias=False).hadamard_size if embedding == "tile" else _next_pow2(max(n_feat, c + 1))
+    rows = torch.arange(1, c + 1)
+    if order == "shuffled":
+        rows = (torch.randperm(m - 1, generator=gen)[:c] + 1)
+    head = HadamardHead(n_feat, c, bias=bias == "bias", embedding=embedding, rows=rows, hadamard_size=m)
+    with torch.no_grad():
+        head.scale.fill_(float(torch.rand((), generator=gen)) * 10 + 1)
+        if head.bias is not None:
+            head.bias.copy_(torch.randn(c, generator=gen))
+    return head
+
+
+VARIANTS = ["tile-contiguous-bias", "tile-shuffled-nobias", "pad-shuffled-bias", "pad-contiguous-nobias"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("n_feat", "c"), SIZES)
+def test_matches_hadamard_head(n_feat: int, c: int, variant: str) -> None:
+    head = _hadamard_head(n_feat, c, variant)
+    spec = HeadSpec.from_module(head)
+    assert (spec.hadamard_size, spec.embed_size) == (head.hadamard_size, head.embed_size)
+    assert spec.embedding == head.embedding and np.array_equal(spec.rows, head.rows.numpy())
+    sess = ort.InferenceSession(head_model(spec).SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(64, n_feat, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = head(x).numpy()
+    for batch in (1, 3, 64):
+        out = sess.run(None, {"features": x[:batch].numpy()})[0]
+        np.testing.assert_allclose(out, want[:batch], atol=1e-4, rtol=0)
+
+
+def test_default_head_sizes_and_time_axis() -> None:
+    head = _hadamard_head(2048, 1000, "tile-contiguous-bias")
+    assert (head.hadamard_size, head.embed_size) == (1024, 2048)  # the fold: a 1024-point transform
+    x = torch.randn(2, 5, 2048, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = head(x).numpy()
+    out = _run(head_model(HeadSpec.from_module(head), time_axis=True), x.numpy())
+    assert out.shape == (2, 5, 1000)
+    np.testing.assert_allclose(out, want, atol=1e-4, rtol=0)
 
 
 def test_time_axis_input() -> None:
