@@ -25,7 +25,9 @@ from fyc_convert.errors import ExportError
 
 __all__ = ["HeadSpec", "build_head", "head_model", "head_op_census", "largest_head_constant"]
 
-_MAX_RADIX_BITS = 3  # radix-8 stages: 8-way Split, 3 add/sub levels, 8-way Concat
+_MAX_RADIX_BITS = 4  # up to radix-16 stages: 16-way Split, 4 add/sub levels, 16-way Concat
+_SMALL_RADIX_BITS = 2  # radix-4 stages for transforms so small that node count is all that matters
+SMALLB = 4
 _TRANSPOSE_MIN_BITS = 6  # transforms of up to 2^6 points run without the mid Transpose
 
 
@@ -173,9 +175,9 @@ def _stage(ops: _Ops, y: gs.Variable, m: int, lo: int, hi: int) -> gs.Variable:
     return ops.op1("Concat", parts, attrs={"axis": 2})
 
 
-def _bit_groups(lo: int, hi: int) -> list[tuple[int, int]]:
-    """Split bits [lo, hi) into groups of at most _MAX_RADIX_BITS, as even as possible."""
-    count = -(-(hi - lo) // _MAX_RADIX_BITS)
+def _bit_groups(lo: int, hi: int, max_bits: int = _MAX_RADIX_BITS) -> list[tuple[int, int]]:
+    """Split bits [lo, hi) into groups of at most `max_bits`, as even as possible."""
+    count = -(-(hi - lo) // max_bits)
     edges = [lo + round(i * (hi - lo) / count) for i in range(count + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
@@ -195,7 +197,8 @@ def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
     p = m.bit_length() - 1
     p_lo = p // 2 if p > _TRANSPOSE_MIN_BITS else 0
     p_hi = p - p_lo
-    for lo, hi in _bit_groups(p_lo, p):  # high bits: runs of >= 2^p_lo floats
+    max_bits = _MAX_RADIX_BITS if p_lo else _SMALL_RADIX_BITS
+    for lo, hi in _bit_groups(p_lo, p, max_bits):  # high bits: runs of >= 2^p_lo floats
         y = _stage(ops, y, m, lo, hi)
     if p_lo:
         y = ops.op1("Transpose", [ops.reshape(y, [-1, 1 << p_hi, 1 << p_lo])], attrs={"perm": [0, 2, 1]})

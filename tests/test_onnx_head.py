@@ -122,6 +122,16 @@ def test_matches_hadamard_head(n_feat: int, c: int, variant: str) -> None:
         np.testing.assert_allclose(out, want[:batch], atol=1e-4, rtol=0)
 
 
+def test_large_tiled_transform_matches_hadamard_head() -> None:
+    # N=512, C=32000: a 32768-point transform of 64 signed copies of x, in radix-16 stages
+    head = _hadamard_head(512, 32000, "tile-contiguous-bias")
+    assert (head.hadamard_size, head.embed_size) == (32768, 32768)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = head(x).numpy()
+    np.testing.assert_allclose(_run(head_model(HeadSpec.from_module(head)), x.numpy()), want, atol=1e-4, rtol=0)
+
+
 def test_default_head_sizes_and_time_axis() -> None:
     head = _hadamard_head(2048, 1000, "tile-contiguous-bias")
     assert (head.hadamard_size, head.embed_size) == (1024, 2048)  # the fold: a 1024-point transform
