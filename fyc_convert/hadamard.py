@@ -15,6 +15,7 @@ __all__ = [
     "coherence",
     "embed_fold",
     "embedding_matrix",
+    "hadamard_project",
     "fwht",
     "fwht_reference",
     "is_pow2",
@@ -54,31 +55,45 @@ def sylvester(n: int, *, dtype: torch.dtype = torch.float32, device: torch.devic
     return h
 
 
-def _butterflies(x: Tensor) -> Tensor:
-    """Unnormalized WHT of a contiguous (B, n) tensor: log2(n) radix-2 add/sub stages.
+_CPU_BLOCK_BYTES = 1 << 19  # rows per block on CPU: a block and its work buffers stay in L2
 
-    Each stage views the rows as (B, n/2h, 2, h) and writes ``[a + b, a - b]`` into a second buffer
-    (ping-pong), so a stage is exactly two elementwise kernels and no extra copies. The stages are run
-    from the largest stride down; the order is irrelevant mathematically (H_n = H_2 ⊗ … ⊗ H_2).
+
+def _block_rows(rows: int, n: int, x: Tensor) -> int:
+    """Rows per block: all at once on accelerators, about 512 KiB of (., n) on CPU."""
+    return rows if x.device.type != "cpu" else max(1, min(rows, _CPU_BLOCK_BYTES // (n * x.element_size())))
+
+
+def _stages(src: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """The log2(n) radix-2 add/sub stages of the unnormalized WHT on a (b, n) block, n >= 2.
+
+    Stage k writes ``[lo + hi, lo - hi]`` into ``first`` (k even) or ``second`` (k odd): ping-pong, two
+    elementwise kernels per stage and no copies. ``src`` must not alias ``first``. Stages run from the
+    largest stride down (their order is irrelevant: H_n = H_2 ⊗ … ⊗ H_2). Returns the buffer written last.
     """
-    b, n = x.shape
-    src = x
-    dst = torch.empty_like(x)
-    spare: Tensor | None = None  # second work buffer, allocated lazily so `x` is never overwritten
-    h = n // 2
+    b, n = src.shape
+    h, dst = n // 2, first
     while h >= 1:
         s = src.view(b, n // (2 * h), 2, h)
         d = dst.view(b, n // (2 * h), 2, h)
-        lo, hi = s[:, :, 0], s[:, :, 1]
-        torch.add(lo, hi, out=d[:, :, 0])
-        torch.sub(lo, hi, out=d[:, :, 1])
-        if src is x:
-            spare = torch.empty_like(x) if h > 1 else None
-            src, dst = dst, spare
-        else:
-            src, dst = dst, src
-        h //= 2
+        torch.add(s[:, :, 0], s[:, :, 1], out=d[:, :, 0])
+        torch.sub(s[:, :, 0], s[:, :, 1], out=d[:, :, 1])
+        src, dst, h = dst, (second if dst is first else first), h // 2
     return src
+
+
+def _fwht_2d(x: Tensor) -> Tensor:
+    """fwht of a contiguous (B, n) tensor, block by block; the last stage lands in the output."""
+    rows, n = x.shape
+    out = torch.empty_like(x)
+    if n == 1:
+        return out.copy_(x)
+    block = _block_rows(rows, n, x)
+    work = torch.empty((block, n), dtype=x.dtype, device=x.device)
+    odd = (n.bit_length() - 1) % 2 == 1
+    for r0 in range(0, rows, block):
+        o, w = out[r0 : r0 + block], work[: min(block, rows - r0)]
+        _stages(x[r0 : r0 + block], o if odd else w, w if odd else o)
+    return out
 
 
 class _FWHT(torch.autograd.Function):
@@ -87,10 +102,7 @@ class _FWHT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
         n = x.shape[-1]
-        flat = x.reshape(-1, n).contiguous()
-        if n == 1:
-            return flat.clone().view(x.shape)
-        return _butterflies(flat).view(x.shape)
+        return _fwht_2d(x.reshape(-1, n).contiguous()).view(x.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
@@ -100,9 +112,9 @@ class _FWHT(torch.autograd.Function):
 def fwht(x: Tensor) -> Tensor:
     """Unnormalized fast Walsh–Hadamard transform along the last dimension.
 
-    Equals ``x @ sylvester(n).T`` (natural order) using n·log2(n) additions/subtractions. Works for any
-    leading dimensions, fp16/bf16/fp32/fp64, CPU and CUDA, and is differentiable (the backward is
-    ``fwht(grad)``; double backward works too). Applying it twice multiplies by n.
+    Equals ``x @ sylvester(n).T`` (natural order) using n·log2(n) additions/subtractions in log2(n)
+    butterfly stages. Works for any leading dimensions, fp16/bf16/fp32/fp64, CPU and CUDA, and is
+    differentiable (the backward is ``fwht(grad)``; double backward works too). fwht(fwht(x)) = n·x.
 
     Args:
         x: (..., n) tensor, n a power of two.
@@ -123,33 +135,165 @@ def fwht_reference(x: Tensor) -> Tensor:
     return x @ sylvester(x.shape[-1], dtype=x.dtype, device=x.device).T
 
 
+def _check_embed(in_features: int, signs: Tensor, n: int, m: int) -> None:
+    if n < in_features or n % m != 0 or not is_pow2(m) or signs.shape != (n - in_features,):
+        raise ValueError(f"embed: need n >= N, m a power of two dividing n and n - N signs; got N={in_features}, "
+                         f"n={n}, m={m}, signs {tuple(signs.shape)}")
+
+
+def _embed_into(x: Tensor, signs: Tensor, out: Tensor) -> None:
+    """out (b, n) <- x̃ = [x, s ⊙ x, s ⊙ x, …] for x (b, N): one write per element."""
+    b, big_n = x.shape
+    extra = out.shape[1] - big_n
+    out[:, :big_n] = x
+    full, rest = divmod(extra, big_n)
+    if full:  # whole copies: (b, full, N) = (b, 1, N) * (full, N)
+        tail = out[:, big_n : big_n * (full + 1)].view(b, full, big_n)
+        torch.mul(x.unsqueeze(1), signs[: full * big_n].view(full, big_n), out=tail)
+    if rest:
+        torch.mul(x[:, :rest], signs[full * big_n :], out=out[:, big_n * (full + 1) :])
+
+
+def _embed_fold_2d(x: Tensor, signs: Tensor, n: int, m: int) -> Tensor:
+    """(b, N) -> (b, m): embed then fold (returns x itself when n == N == m)."""
+    if n > x.shape[1]:
+        xe = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+        _embed_into(x, signs, xe)
+        x = xe
+    return x if n == m else x.view(x.shape[0], n // m, m).sum(dim=1)
+
+
+def _embed_fold_adjoint_2d(g: Tensor, signs: Tensor, in_features: int, n: int) -> Tensor:
+    """(b, m) -> (b, N): the transpose F^T of embed+fold (unfold by tiling, then sum the signed copies)."""
+    b, m = g.shape
+    if n > m:
+        g = g.repeat(1, n // m)  # (b, n): x̃-gradient, position i gets y-gradient i mod m
+    if n == in_features:
+        return g.contiguous()
+    extra = n - in_features
+    padded = torch.zeros((b, -(-extra // in_features) * in_features), dtype=g.dtype, device=g.device)
+    torch.mul(g[:, in_features:], signs, out=padded[:, :extra])
+    return g[:, :in_features] + padded.view(b, -1, in_features).sum(dim=1)
+
+
+class _EmbedFold(torch.autograd.Function):
+    """embed_fold as one autograd node; the backward is the adjoint F^T."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, signs: Tensor, n: int, m: int) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(signs)
+        ctx.sizes = (x.shape[-1], n)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        return _embed_fold_2d(flat, signs, n, m).view(*x.shape[:-1], m)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        (signs,) = ctx.saved_tensors
+        in_features, n = ctx.sizes
+        flat = grad.reshape(-1, grad.shape[-1]).contiguous()
+        grad_x = _embed_fold_adjoint_2d(flat, signs, in_features, n).view(*grad.shape[:-1], in_features)
+        return grad_x, None, None, None
+
+
 def embed_fold(x: Tensor, signs: Tensor, *, n: int, m: int) -> Tensor:
     """Embed x into n positions with a sign pattern, then fold the n/m blocks of length m.
 
     ``x̃_i = s_i · x_{i mod N}`` for i in [0, n) with ``s_i = 1`` for i < N and ``s_i = signs[i - N]``
     otherwise (±1 for the "tile" embedding, 0 for "pad" = zero padding); then ``y_k = Σ_t x̃_{k + t·m}``.
-    The dense equivalent is ``x @ embedding_matrix(N, signs, n=n, m=m).T``.
+    The dense equivalent is ``x @ embedding_matrix(N, signs, n=n, m=m).T``; differentiable.
 
     Args:
         x: (..., N) tensor.
-        signs: (n - N,) tensor of ±1 or 0, same dtype/device as x.
+        signs: (n - N,) tensor of ±1 or 0 (cast to x's dtype).
         n: Embed size, a multiple of m with n >= N.
-        m: Transform size.
+        m: Transform size, a power of two.
 
     Returns:
         (..., m) tensor.
     """
-    big_n = x.shape[-1]
-    if n < big_n or n % m != 0 or signs.shape != (n - big_n,):
-        raise ValueError(f"embed_fold: need n >= N, m | n and n - N signs; got N={big_n}, n={n}, m={m}, "
-                         f"signs {tuple(signs.shape)}")
-    if n > big_n:
-        reps = -(-(n - big_n) // big_n)  # copies of x needed to cover the tail
-        tail = x.repeat(*([1] * (x.dim() - 1)), reps)[..., : n - big_n] if reps > 1 else x[..., : n - big_n]
-        x = torch.cat([x, tail * signs], dim=-1)  # (..., n)
-    if n == m:
+    _check_embed(x.shape[-1], signs, n, m)
+    if n == m == x.shape[-1]:
         return x
-    return x.unflatten(-1, (n // m, m)).sum(dim=-2)  # (..., m)
+    return _EmbedFold.apply(x, signs.to(x.dtype), n, m)
+
+
+class _Project(torch.autograd.Function):
+    """``(H_m · F · x)[rows]`` as one autograd node, block by block so each block stays in cache.
+
+    Forward per block: embed into a work buffer, fold, the add/sub stages, gather the C rows; the (B, m)
+    transform is never materialized. Backward: scatter the C gradients into m zeros, the same stages
+    (H is symmetric), then the adjoint of embed+fold.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, signs: Tensor, rows: Tensor, n: int, m: int) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(signs, rows)
+        ctx.sizes = (x.shape[-1], n, m)
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        total, big_n = flat.shape
+        out = torch.empty((total, rows.numel()), dtype=x.dtype, device=x.device)
+        block = _block_rows(total, n, flat)
+        ping = torch.empty((block, m), dtype=x.dtype, device=x.device)
+        pong = torch.empty_like(ping)
+        emb = torch.empty((block, n), dtype=x.dtype, device=x.device) if big_n < n and n > m else None
+        for r0 in range(0, total, block):
+            xb = flat[r0 : r0 + block]
+            b = xb.shape[0]
+            p, q = ping[:b], pong[:b]
+            if n == m == big_n:
+                y = xb
+            elif n == m:
+                _embed_into(xb, signs, q)  # (b, m)
+                y = q
+            else:  # fold the n/m blocks of the (embedded) row into q
+                src = xb
+                if emb is not None:
+                    _embed_into(xb, signs, emb[:b])
+                    src = emb[:b]
+                torch.sum(src.view(b, n // m, m), dim=1, out=q)
+                y = q
+            res = y if m == 1 else _stages(y, p, q)  # (b, m) = H_m F x
+            torch.index_select(res, 1, rows, out=out[r0 : r0 + block])
+        return out.view(*x.shape[:-1], rows.numel())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        signs, rows = ctx.saved_tensors
+        in_features, n, m = ctx.sizes
+        flat = grad.reshape(-1, grad.shape[-1])
+        total = flat.shape[0]
+        out = torch.empty((total, in_features), dtype=grad.dtype, device=grad.device)
+        block = _block_rows(total, n, flat)
+        ping = torch.empty((block, m), dtype=grad.dtype, device=grad.device)
+        pong = torch.empty_like(ping)
+        for r0 in range(0, total, block):
+            gb = flat[r0 : r0 + block]
+            p, q = ping[: gb.shape[0]], pong[: gb.shape[0]]
+            q.zero_().index_copy_(1, rows, gb)  # (b, m): gradient of every transform output
+            res = q if m == 1 else _stages(q, p, q)
+            out[r0 : r0 + block] = _embed_fold_adjoint_2d(res, signs, in_features, n)
+        return out.view(*grad.shape[:-1], in_features), None, None, None, None
+
+
+def hadamard_project(x: Tensor, signs: Tensor, rows: Tensor, *, n: int, m: int) -> Tensor:
+    """``(H_m · F · x)[rows]``: embed, fold, fwht and gather in one pass; the Hadamard head's core.
+
+    Equals ``fwht(embed_fold(x, signs, n=n, m=m))[..., rows]`` (and ``x @ V.T`` with
+    ``V = sylvester(m)[rows] @ embedding_matrix(N, signs, n=n, m=m)``) but works block by block without
+    materializing the (..., m) transform. Differentiable with respect to x.
+
+    Args:
+        x: (..., N) tensor.
+        signs: (n - N,) sign buffer (cast to x's dtype).
+        rows: (C,) int64 rows of H_m, on x's device.
+        n: Embed size.
+        m: Transform size.
+
+    Returns:
+        (..., C) tensor.
+    """
+    _check_embed(x.shape[-1], signs, n, m)
+    return _Project.apply(x, signs.to(x.dtype), rows, n, m)
 
 
 def embedding_matrix(in_features: int, signs: Tensor, *, n: int, m: int) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fyc_convert.errors import HeadError
 from fyc_convert.hadamard import coherence as _coherence
-from fyc_convert.hadamard import embed_fold, fwht, is_pow2, next_pow2
+from fyc_convert.hadamard import embed_fold, fwht, hadamard_project, is_pow2, next_pow2
 
 __all__ = ["HadamardHead", "OrthogonalHead", "cosine_loss"]
 
@@ -279,8 +279,8 @@ class HadamardHead(nn.Module):
         """``V · x̂`` without scale and bias: (..., N) -> (..., C)."""
         if x.shape[-1] != self.in_features:
             raise HeadError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        z = _transform(_normalize(x, self.eps), self.signs, n=self.embed_size, m=self.hadamard_size)  # (..., m)
-        return z.index_select(-1, self.rows)  # (..., C)
+        xh = _normalize(x, self.eps)
+        return hadamard_project(xh, self.signs, self.rows, n=self.embed_size, m=self.hadamard_size)  # (..., C)
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., N) -> (..., C) logits ``scale · V x̂ + bias``."""
