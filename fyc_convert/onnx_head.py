@@ -5,11 +5,16 @@ normalisation is applied to the C outputs instead of the N inputs (the map is li
 give the same function), and α is folded into that per-sample factor, so the only multiply is
 ``z[rows] · (α / (‖x‖ + eps))``.
 
-Layout decides onnxruntime speed: a naive radix-2 stage splits and concatenates runs of 1–4 floats, which
-is slow. The transform here views the m-point index as (hi, lo) bit halves, runs radix-≤8 stages on the
-high bits (every Split/Concat moves runs of ≥ 2^|lo| floats), transposes once so the low bits become the
-high ones, runs their stages the same way, and absorbs the final index permutation into the one Gather
-that picks the class rows.
+Layout decides onnxruntime speed (benchmarks/head_onnx.py measures it against the Gemm head):
+
+- the "tile" embedding is log2(n/N) doubling Concats of x and one Mul by the ±1 signs (n elements); "pad"
+  is one Pad; the fold is one ReduceSum over a (B, n/m, m) view;
+- the m-point transform views its index as (hi, lo) bit halves, runs radix-≤16 Split/Add/Sub/Concat
+  stages on the high bits (every Split/Concat moves runs of ≥ 2^|lo| floats, not the 1–4 floats of naive
+  radix-2 stages), transposes once so that the low bits become the high ones and runs their stages the
+  same way; transforms of ≤ 64 points skip the Transpose (node count is all that matters there);
+- contiguous class rows (the default) are one Transpose back to natural order and one Slice; other rows
+  are one Gather on a (m, B) view, so that it copies runs of B floats.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ __all__ = ["HeadSpec", "build_head", "head_model", "head_op_census", "largest_he
 
 _MAX_RADIX_BITS = 4  # up to radix-16 stages: 16-way Split, 4 add/sub levels, 16-way Concat
 _SMALL_RADIX_BITS = 2  # radix-4 stages for transforms so small that node count is all that matters
-SMALLB = 4
 _TRANSPOSE_MIN_BITS = 6  # transforms of up to 2^6 points run without the mid Transpose
 
 
