@@ -2,8 +2,8 @@
 
 Math (docs/design.md): ``logits = scale / (‖x‖ + eps) · (H_m · fold(embed(x)))[rows] + bias``. The
 normalisation is applied to the C outputs instead of the N inputs (the map is linear in x, so both orders
-give the same function), and α is folded into that per-sample factor, so the only multiply is
-``z[rows] · (α / (‖x‖ + eps))``.
+give the same function) and α is folded into that per-sample factor: ``z[rows] · (α / (‖x‖ + eps)) + b``.
+The only multiplies are x·x for the norm, that one by the factor, and the ±1 sign flip of "tile".
 
 Layout decides onnxruntime speed (benchmarks/head_onnx.py measures it against the Gemm head):
 
