@@ -35,7 +35,7 @@ class DataBundle:
         val: the validation split, or None when there is none (`val_split=0` and no `x_val`).
         num_classes: classes named by the data (class folders / `classes` key), else max label + 1; 0 unlabelled.
         input_shape: the shape of one sample, e.g. (1, 8, 8) or (64,).
-        classes: class names in label order when the data names them (ImageFolder folders), else None.
+        classes: class names in label order when the data names them (folders, a `classes` array), else None.
         labelled: False when the data has no labels at all.
         source: the path the data came from (for messages and reports).
     """
@@ -60,7 +60,8 @@ def load_data(
 ) -> DataBundle:
     """Load a data set from an `.npz` file, a `.pt` dict of tensors, or an ImageFolder directory.
 
-    Arrays need `x_train` (and `y_train` unless unlabelled), optionally `x_val`/`y_val`; without a validation
+    Arrays need `x_train` (and `y_train` unless unlabelled), optionally `x_val`/`y_val` and `classes` (names in
+    label order); without a validation
     split one is drawn from the training data with `val_split` and `seed`. Integer inputs (uint8 images) are
     scaled to [0, 1]. Arrays whose samples have `input_shape`'s number of elements are reshaped to it.
     ImageFolder: one sub-folder per class in sorted order (as torchvision), or images directly in the folder
@@ -90,10 +91,11 @@ def load_data(
     if path.is_dir():
         x_train, y_train, classes = _read_image_folder(path, shape)
         x_val = y_val = None
-    elif path.suffix == ".npz":
-        x_train, y_train, x_val, y_val = _read_arrays(_load_npz(path), path)
-    elif path.suffix in (".pt", ".pth"):
-        x_train, y_train, x_val, y_val = _read_arrays(_load_pt(path), path)
+    elif path.suffix in (".npz", ".pt", ".pth"):
+        arrays = _load_npz(path) if path.suffix == ".npz" else _load_pt(path)
+        x_train, y_train, x_val, y_val = _read_arrays(arrays, path)
+        if "classes" in arrays:  # optional class names, in label order
+            classes = [str(c) for c in arrays["classes"]]
     else:
         raise DataError(f"unsupported data format: {path.name}; use an .npz or .pt file or an ImageFolder directory")
 
@@ -155,8 +157,8 @@ def check_data(bundle: DataBundle, *, num_classes: int, input_shape: Sequence[in
             raise DataError(f"the {name} split of {bundle.source} is empty; add samples or change --val-split")
     if bundle.classes is not None and len(bundle.classes) != num_classes:
         raise DataError(
-            f"{bundle.source} has {len(bundle.classes)} class folders but the model's classifier has "
-            f"{num_classes} outputs; give one folder per class of the model"
+            f"{bundle.source} has {len(bundle.classes)} classes but the model's classifier has "
+            f"{num_classes} outputs; give data with one class per output of the model"
         )
     if input_shape is not None and tuple(input_shape) != bundle.input_shape:
         raise DataError(

@@ -122,8 +122,17 @@ def test_image_folder_rgb_without_shape_and_unlabelled_flat_folder(tmp_path):
 
 def test_class_count_differs_from_the_head(tmp_path):
     b = load_data(_image_folder(tmp_path / "imgs"), val_split=0, input_shape=(1, 4, 4))
-    with pytest.raises(DataError, match="has 2 class folders but the model's classifier has 10 outputs"):
+    with pytest.raises(DataError, match="has 2 classes but the model.s classifier has 10 outputs"):
         check_data(b, num_classes=10, input_shape=(1, 4, 4))
+
+
+def test_class_names_from_the_arrays_must_match_the_head(tmp_path):
+    x, y = _blobs()
+    b = load_data(_npz(tmp_path / "d.npz", x_train=x, y_train=y, classes=np.array(list("abcd"))))
+    assert b.classes == ["a", "b", "c", "d"] and b.num_classes == 4
+    check_data(b, num_classes=4, input_shape=(6,))
+    with pytest.raises(DataError, match="has 4 classes but the model's classifier has 5 outputs"):
+        check_data(b, num_classes=5, input_shape=(6,))
 
 
 def test_label_out_of_range(tmp_path):
