@@ -30,8 +30,13 @@ from fyc_convert.errors import ExportError
 
 __all__ = ["HeadSpec", "build_head", "head_model", "head_op_census", "largest_head_constant"]
 
-_MAX_RADIX_BITS = 4  # up to radix-16 stages: 16-way Split, 4 add/sub levels, 16-way Concat
-_SMALL_RADIX_BITS = 2  # radix-4 stages for transforms so small that node count is all that matters
+# Radix of the Split/Add/Sub/Concat stages, by transform size (measured, benchmarks/head_onnx.py): radix-4
+# up to 2^_TRANSPOSE_MIN_BITS points (node count is all that matters), radix-8, and radix-16 from
+# 2^_RADIX16_MIN_BITS points on (where each Split/Concat pass over the batch costs more than 48 more nodes).
+_SMALL_RADIX_BITS = 2
+_RADIX_BITS = 3
+_LARGE_RADIX_BITS = 4
+_RADIX16_MIN_BITS = 13
 _TRANSPOSE_MIN_BITS = 6  # transforms of up to 2^6 points run without the mid Transpose
 
 
@@ -114,6 +119,7 @@ class _Ops:
     def __init__(self, graph: gs.Graph, prefix: str, dtype: np.dtype):
         self.graph, self.prefix, self.dtype = graph, prefix, np.dtype(dtype)
         self._count = 0
+        self._ints: dict[tuple, gs.Constant] = {}
 
     def name(self, stem: str) -> str:
         self._count += 1
@@ -122,13 +128,18 @@ class _Ops:
     def const(self, stem: str, values: np.ndarray) -> gs.Constant:
         return gs.Constant(self.name(stem), np.ascontiguousarray(values))
 
-    def ints(self, stem: str, values: list[int] | np.ndarray) -> gs.Constant:
-        return self.const(stem, np.asarray(values, dtype=np.int64))
+    def ints(self, stem: str, values: list[int]) -> gs.Constant:
+        """An int64 constant (shapes, axes, slice bounds), shared by every node that reads the same values."""
+        key = (stem, *values)
+        if key not in self._ints:
+            self._ints[key] = self.const(stem, np.asarray(values, dtype=np.int64))
+        return self._ints[key]
 
     def op(self, op: str, inputs: list, *, attrs: dict | None = None, outputs: int = 1, dtype: Any = None) -> list:
         node_name = self.name(op)
         dtype = self.dtype if dtype is None else dtype
-        outs = [gs.Variable(f"{node_name}_out{i}", dtype=dtype) for i in range(outputs)]
+        # short tensor names: the head has hundreds of them and each is stored at its producer and consumers
+        outs = [gs.Variable(f"{self.prefix}{self._count}.{i}", dtype=dtype) for i in range(outputs)]
         self.graph.nodes.append(gs.Node(op=op, name=node_name, attrs=attrs or {}, inputs=inputs, outputs=outs))
         return outs
 
@@ -179,7 +190,7 @@ def _stage(ops: _Ops, y: gs.Variable, m: int, lo: int, hi: int) -> gs.Variable:
     return ops.op1("Concat", parts, attrs={"axis": 2})
 
 
-def _bit_groups(lo: int, hi: int, max_bits: int = _MAX_RADIX_BITS) -> list[tuple[int, int]]:
+def _bit_groups(lo: int, hi: int, max_bits: int) -> list[tuple[int, int]]:
     """Split bits [lo, hi) into groups of at most `max_bits`, as even as possible."""
     count = -(-(hi - lo) // max_bits)
     edges = [lo + round(i * (hi - lo) / count) for i in range(count + 1)]
@@ -201,12 +212,15 @@ def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
     p = m.bit_length() - 1
     p_lo = p // 2 if p > _TRANSPOSE_MIN_BITS else 0
     p_hi = p - p_lo
-    max_bits = _MAX_RADIX_BITS if p_lo else _SMALL_RADIX_BITS
+    if not p_lo:
+        max_bits = _SMALL_RADIX_BITS
+    else:
+        max_bits = _LARGE_RADIX_BITS if p >= _RADIX16_MIN_BITS else _RADIX_BITS
     for lo, hi in _bit_groups(p_lo, p, max_bits):  # high bits: runs of >= 2^p_lo floats
         y = _stage(ops, y, m, lo, hi)
     if p_lo:
         y = ops.op1("Transpose", [ops.reshape(y, [-1, 1 << p_hi, 1 << p_lo])], attrs={"perm": [0, 2, 1]})
-        for lo, hi in _bit_groups(p_hi, p):  # the old low bits, now high: runs of >= 2^p_hi floats
+        for lo, hi in _bit_groups(p_hi, p, max_bits):  # the old low bits, now high: runs of >= 2^p_hi floats
             y = _stage(ops, y, m, lo, hi)
     return y, 1 << p_lo, 1 << p_hi
 
@@ -301,6 +315,7 @@ def head_model(
     graph.outputs = [logits]
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
+    del model.graph.value_info[:]  # dtype-only entries for every head tensor: bytes onnxruntime infers anyway
     model.ir_version = ir_version
     onnx.checker.check_model(model)
     return model
