@@ -31,7 +31,6 @@ from fyc_convert.errors import ExportError
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the head builder uses opset-18 forms (Split num_outputs, Reduce* axes as an input)
-IR_VERSION = 9  # onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of weights; protobuf cannot serialise a model over 2 GiB
 HEAD_PREFIX = "fyc_head/"
 INPUT_NAME = "input"
@@ -346,9 +345,10 @@ def _finish(graph: gs.Graph, *, opset: int, metadata: dict[str, str]) -> onnx.Mo
     head_info = [v for v in model.graph.value_info if v.name.startswith(HEAD_PREFIX)]
     for v in head_info:
         model.graph.value_info.remove(v)
-    model.ir_version = IR_VERSION
     del model.opset_import[:]
     model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    # the lowest IR version for the opset: onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses
+    model.ir_version = onnx.helper.find_min_ir_version_for(model.opset_import)
     model.producer_name = "fyc-convert"
     for key, value in metadata.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))

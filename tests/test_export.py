@@ -112,7 +112,7 @@ def test_onnx_file_is_runnable_with_batch_size_axis(tmp_path):
     _swap(model, "fc")
     res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc")
     proto = onnx.load(str(res.path))
-    assert proto.ir_version <= 10
+    assert proto.ir_version == 8  # the lowest for opset 18; onnxruntime 1.31 refuses onnx 1.23's default 14
     assert [(o.domain, o.version) for o in proto.opset_import] == [("", res.opset)]
     (inp,), (out,) = proto.graph.input, proto.graph.output
     assert (inp.name, out.name) == ("input", "logits")
@@ -121,6 +121,16 @@ def test_onnx_file_is_runnable_with_batch_size_axis(tmp_path):
     assert all(n.domain == "" for n in proto.graph.node)
     sess = ort.InferenceSession(str(res.path), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"input": np.zeros((5, 8), np.float32)})[0].shape == (5, 10)
+
+
+@pytest.mark.parametrize("opset,ir_version", [(20, 9), (21, 10)])
+def test_newer_opsets_get_their_ir_version(opset, ir_version, tmp_path):
+    model = _tiny(64, 10)
+    _swap(model, "fc")
+    res = export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="fc", opset=opset)
+    proto = onnx.load(str(res.path))
+    assert (res.opset, proto.opset_import[0].version, proto.ir_version) == (opset, opset, ir_version)
+    assert verify_onnx(res.path, model, input_shape=(8,)).max_abs_diff <= 1e-4
 
 
 def test_compact_rows():
@@ -217,7 +227,7 @@ def test_bad_arguments_raise_export_error(tmp_path):
         export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="nope")
     with pytest.raises(ExportError, match="HadamardHead"):
         export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="fc")  # still a Linear
-    with pytest.raises(ExportError, match="opset"):
+    with pytest.raises(ExportError, match="opset 13 is too old"):
         export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), opset=13)
     with pytest.raises(ExportError, match="does not exist"):
         export_onnx(model, tmp_path / "missing" / "m.onnx", input_shape=(8,))
