@@ -280,7 +280,7 @@ def calibrate(
 
     params = [p for name, p in head.named_parameters(recurse=False) if name in ("scale", "bias") and p.requires_grad]
     with torch.no_grad():  # z = V·x̂ (S, C): the head's fixed transform, computed once
-        z = torch.cat([head.raw(f) for f in feats.split(batch_size)]) if len(feats) else feats.new_zeros(0, 0)
+        z = torch.cat([head.raw(f) for f in feats.split(batch_size)])
     total = torch.tensor([float(len(z))], device=device)
     if world > 1:
         dist.all_reduce(total)
