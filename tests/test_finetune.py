@@ -27,7 +27,7 @@ from fyc_convert.finetune import (
     gradient_bytes,
     resolve_device,
 )
-from fyc_convert.heads import HadamardHead
+from fyc_convert.heads import HadamardHead, OrthogonalHead
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_ddp_worker.py"
@@ -148,6 +148,17 @@ def test_calibrate_fits_only_scale_and_bias_to_the_optimum():
     g_scale, g_bias = torch.autograd.grad(loss, [head.scale, head.bias])
     assert float(g_scale.abs()) < 1e-4 and float(g_bias.abs().max()) < 1e-4
     assert loss.item() == pytest.approx(cal.loss_after, rel=1e-4)
+
+
+def test_calibrate_and_finetune_an_orthogonal_head():
+    model, _, bundle = build()
+    model[5] = head = OrthogonalHead(16, 4)
+    matrix = head.class_vectors().clone()
+    cal = calibrate(model, head, bundle.train, device="cpu")
+    assert cal.loss_after < cal.loss_before
+    result = finetune(model, head, bundle, _cfg(epochs=1))
+    assert result.history[0].scale != cal.scale  # α is trained
+    assert torch.equal(head.class_vectors(), matrix)  # the fixed projection did not move
 
 
 def test_calibrate_leaves_a_fixed_scale_alone():
