@@ -145,8 +145,8 @@ class _LogitsOnly(nn.Module):
 
 
 @contextmanager
-def _swapped(model: nn.Module, layer: str, module: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily put `module` at the dotted name `layer`; yields the module that was there."""
+def _swapped(model: nn.Module, layer: str, module: nn.Module) -> Iterator[None]:
+    """Temporarily put `module` at the dotted name `layer`."""
     parent_name, _, child = layer.rpartition(".")
     try:
         parent = model.get_submodule(parent_name)
@@ -155,16 +155,16 @@ def _swapped(model: nn.Module, layer: str, module: nn.Module) -> Iterator[nn.Mod
         raise ExportError(f"head layer {layer!r} not found in the model; pass the dotted name from the swap") from e
     setattr(parent, child, module)
     try:
-        yield old
+        yield
     finally:
         setattr(parent, child, old)
 
 
 def compact_rows(rows: np.ndarray | torch.Tensor | list[int]) -> str:
-    """Rows as a short string: runs ("1-3,7,9-10") when the rows are mostly runs, else "b64u16:"/"b64u32:"
-    and the base64 of the little-endian integers (a permutation of 1000 rows takes 2.7 kB, not 4 kB).
+    """Rows as a short string for the manifest; `parse_rows` reverses it.
 
-    `parse_rows` reverses it.
+    Runs such as "1-3,7,9-10" when that is shorter, else "b64u16:" ("b64u32:" for rows >= 65536) and the
+    base64 of the little-endian integers: a permutation of 1000 rows takes 2.7 kB instead of 4 kB.
     """
     values = np.asarray(rows.tolist() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
     parts: list[str] = []
