@@ -99,7 +99,7 @@ def load_data(
     else:
         raise DataError(f"unsupported data format: {path.name}; use an .npz or .pt file or an ImageFolder directory")
 
-    labelled = bool((y_train != UNLABELLED).any()) if y_train.numel() else y_val is not None
+    labelled = bool(((torch.cat([y_train, y_val]) if y_val is not None else y_train) != UNLABELLED).any())
     if x_val is None and val_split > 0 and len(x_train) >= 2:
         perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))
         n_val = min(max(1, round(val_split * len(x_train))), len(x_train) - 1)
