@@ -308,7 +308,6 @@ def _splice_head(graph: gs.Graph, head: nn.Module, kind: str, *, half: bool, fea
         logits = build_head(graph, feats, HeadSpec.from_module(head), prefix=HEAD_PREFIX, dtype=np.float32)
     else:
         logits = _dense_head(graph, feats, head)
-    _int32_head_indices(graph)
     if leading is not None:  # (B', C) -> (..., C)
         shape = _node(graph, "out_shape", "Concat", [leading, _const("classes", [n_cls], np.int64)], dtype=np.int64,
                       axis=0)
@@ -325,15 +324,6 @@ def _splice_head(graph: gs.Graph, head: nn.Module, kind: str, *, half: bool, fea
             _rewire(graph, out, logits)
     else:
         _rewire(graph, out, logits)
-
-
-def _int32_head_indices(graph: gs.Graph) -> None:
-    """Store the head's Gather indices as int32 (half the bytes of int64; Gather takes either)."""
-    for node in graph.nodes:
-        if node.op == "Gather" and node.name.startswith(HEAD_PREFIX) and isinstance(node.inputs[1], gs.Constant):
-            idx = node.inputs[1]
-            if idx.values.dtype == np.int64 and (idx.values.size == 0 or np.abs(idx.values).max() < 2**31):
-                node.inputs[1] = gs.Constant(idx.name, idx.values.astype(np.int32))
 
 
 def _finish(graph: gs.Graph, *, opset: int, metadata: dict[str, str]) -> onnx.ModelProto:
