@@ -24,7 +24,7 @@ class DigitsCNN(nn.Module):
     features (after a ReLU and the pool).
     """
 
-    def __init__(self, *, num_classes: int = 10, width: int = 32):
+    def __init__(self, *, num_classes: int = 10, width: int = 16):
         super().__init__()
         self.features = nn.Sequential(
             *_conv_bn_relu(1, width),
@@ -43,15 +43,19 @@ class DigitsCNN(nn.Module):
 class GlyphCNN(nn.Module):
     """Glyph recogniser: (B, 1, 32, 32) -> (B, num_classes), most parameters in the classifier.
 
-    Four conv blocks with 2x2 max-pools (32 -> 2), a Linear to `embed` features with ReLU,
-    then `fc` (embed x num_classes).
+    A stride-2 3x3 conv stem (32 -> 16), three conv blocks with 2x2 max-pools (16 -> 2), a Linear to
+    `embed` features with ReLU, then `fc` (embed x num_classes).
     """
 
     def __init__(self, *, num_classes: int = 1200, width: int = 16, embed: int = 256, image_size: int = 32):
         super().__init__()
-        blocks: list[nn.Module] = []
-        c_in = 1
-        for c_out in (width, 2 * width, 4 * width, 8 * width):
+        blocks: list[nn.Module] = [
+            nn.Conv2d(1, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]  # (B, w, 16, 16)
+        c_in = width
+        for c_out in (2 * width, 4 * width, 8 * width):
             blocks += [*_conv_bn_relu(c_in, c_out), nn.MaxPool2d(2)]
             c_in = c_out
         side = image_size // 16
@@ -87,7 +91,7 @@ class TabularMLP(nn.Module):
         return self.fc(self.features(x))
 
 
-def digits_cnn(*, num_classes: int = 10, width: int = 32) -> DigitsCNN:
+def digits_cnn(*, num_classes: int = 10, width: int = 16) -> DigitsCNN:
     """The digits sample's architecture (see DigitsCNN)."""
     return DigitsCNN(num_classes=num_classes, width=width)
 
