@@ -7,14 +7,17 @@ The only multiplies are x·x for the norm, that one by the factor, and the ±1 s
 
 Layout decides onnxruntime speed (benchmarks/head_onnx.py measures it against the Gemm head):
 
+- the norm and the fold (one ReduceSum over a (B, n/m, m) view) run on (B, ·) rows; everything after runs
+  batch-minor, on (·, B), so that every Split/Concat/Gather moves runs of (multiples of) B floats and the
+  Transposes of a batch are cheap;
 - the "tile" embedding is log2(n/N) doubling Concats of x and one Mul by the ±1 signs (n elements); "pad"
-  is one Pad; the fold is one ReduceSum over a (B, n/m, m) view;
-- the m-point transform views its index as (hi, lo) bit halves, runs radix-≤16 Split/Add/Sub/Concat
-  stages on the high bits (every Split/Concat moves runs of ≥ 2^|lo| floats, not the 1–4 floats of naive
-  radix-2 stages), transposes once so that the low bits become the high ones and runs their stages the
-  same way; transforms of ≤ 64 points skip the Transpose (node count is all that matters there);
+  is one Pad;
+- the m-point transform views its index as (hi, lo) bit halves, runs radix-4/8/16 Split/Add/Sub/Concat
+  stages on the high bits (every Split/Concat moves runs of ≥ 2^|lo|·B floats, not the 1–4 floats of
+  naive radix-2 stages), transposes once so that the low bits become the high ones and runs their stages
+  the same way; transforms of ≤ 64 points skip the Transpose (node count is all that matters there);
 - contiguous class rows (the default) are one Transpose back to natural order and one Slice; other rows
-  are one Gather on a (m, B) view, so that it copies runs of B floats.
+  are one Gather (of rows of B floats) at their transposed positions; one Transpose gives (B, C).
 """
 
 from __future__ import annotations
@@ -150,44 +153,52 @@ class _Ops:
         return self.op1("Reshape", [x, self.ints("shape", shape)])
 
     def slice(self, x: gs.Variable, start: int, end: int) -> gs.Variable:
-        """x[:, start:end] of a (B, K) tensor."""
-        return self.op1("Slice", [x, self.ints("start", [start]), self.ints("end", [end]), self.ints("axes", [1])])
+        """x[start:end] of a (K, B) tensor."""
+        return self.op1("Slice", [x, self.ints("start", [start]), self.ints("end", [end]), self.ints("axes", [0])])
 
 
 def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
-    """(B, N) -> (B, m): x̃ = embed(x) (tile/pad signs), then the fold y_k = Σ_t x̃_{k + t·m}."""
+    """(B, N) -> (m, B): x̃ = embed(x) (tile/pad signs), then the fold y_k = Σ_t x̃_{k + t·m}, transposed.
+
+    The fold of the default sizing (n = N) runs before the Transpose, on (B, n/m, m): onnxruntime reduces
+    a middle axis fast but the leading axis of a (n/m, m·B) view ~10x slower.
+    """
     n_feat, m, n = spec.in_features, spec.hadamard_size, spec.embed_size
-    if n > n_feat:
-        if not np.any(spec.signs):  # "pad": zeros after x
-            x = ops.op1("Pad", [x, ops.ints("pads", [0, 0, 0, n - n_feat])])
-        else:  # "tile": copies of x (data movement), then one sign flip by a ±1 constant of n elements
-            tiled, width = x, n_feat
-            while 2 * width <= n:  # doubling Concats: log2(n/N) copies of growing runs, not n/N small ones
-                tiled, width = ops.op1("Concat", [tiled, tiled], attrs={"axis": 1}), 2 * width
-            if width < n:
-                tiled = ops.op1("Concat", [tiled, ops.slice(tiled, 0, n - width)], attrs={"axis": 1})
-            signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)
-            x = ops.op1("Mul", [tiled, ops.const("signs", signs)])  # (B, n)
+    if n == n_feat:
+        if n > m:
+            x = ops.op1("ReduceSum", [ops.reshape(x, [-1, n // m, m]), ops.ints("axes", [1])], attrs={"keepdims": 0})
+        return ops.op1("Transpose", [x], attrs={"perm": [1, 0]})  # (m, B)
+    x = ops.op1("Transpose", [x], attrs={"perm": [1, 0]})  # (N, B)
+    if not np.any(spec.signs):  # "pad": zeros after x
+        x = ops.op1("Pad", [x, ops.ints("pads", [0, 0, n - n_feat, 0])])
+    else:  # "tile": copies of x (data movement), then one sign flip by a ±1 constant of n elements
+        tiled, width = x, n_feat
+        while 2 * width <= n:  # doubling Concats: log2(n/N) copies of growing runs, not n/N small ones
+            tiled, width = ops.op1("Concat", [tiled, tiled], attrs={"axis": 0}), 2 * width
+        if width < n:
+            tiled = ops.op1("Concat", [tiled, ops.slice(tiled, 0, n - width)], attrs={"axis": 0})
+        signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)[:, None]  # (n, 1)
+        x = ops.op1("Mul", [tiled, ops.const("signs", signs)])  # (n, B)
     if n > m:
-        x = ops.op1("ReduceSum", [ops.reshape(x, [-1, n // m, m]), ops.ints("axes", [1])], attrs={"keepdims": 0})
-    return x  # (B, m)
+        x = ops.op1("ReduceSum", [ops.reshape(x, [n // m, m, -1]), ops.ints("axes", [0])], attrs={"keepdims": 0})
+    return x  # (m, B)
 
 
 def _stage(ops: _Ops, y: gs.Variable, m: int, lo: int, hi: int) -> gs.Variable:
-    """Butterflies on position bits [lo, hi) of (B, m) rows: Split/Add/Sub/Concat on runs of 2^lo floats.
+    """Butterflies on position bits [lo, hi) of an (m, B) tensor: Split/Add/Sub/Concat on runs of 2^lo·B floats.
 
-    Returns the result viewed as (B, m/2^hi, 2^(hi-lo), 2^lo); callers reshape as they need.
+    Returns the result viewed as (m/2^hi, 2^(hi-lo), 2^lo·B); callers reshape as they need.
     """
     r = 1 << (hi - lo)
-    view = ops.reshape(y, [-1, m >> hi, r, 1 << lo])  # (B, m/2^hi, r, 2^lo)
-    parts = ops.op("Split", [view], attrs={"axis": 2, "num_outputs": r}, outputs=r)
+    view = ops.reshape(y, [m >> hi, r, -1])  # (m/2^hi, r, 2^lo·B)
+    parts = ops.op("Split", [view], attrs={"axis": 1, "num_outputs": r}, outputs=r)
     for t in range(hi - lo):
         bit = 1 << t
         for j in range(r):
             if not j & bit:
                 a, b = parts[j], parts[j | bit]
                 parts[j], parts[j | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
-    return ops.op1("Concat", parts, attrs={"axis": 2})
+    return ops.op1("Concat", parts, attrs={"axis": 1})
 
 
 def _bit_groups(lo: int, hi: int, max_bits: int) -> list[tuple[int, int]]:
@@ -198,16 +209,16 @@ def _bit_groups(lo: int, hi: int, max_bits: int) -> list[tuple[int, int]]:
 
 
 def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
-    """Unnormalised Sylvester WHT of (B, m) rows, left in a transposed layout.
+    """Unnormalised Sylvester WHT of an (m, B) tensor (one transform per column), left in a transposed layout.
 
     The natural output index k = hi · 2^p_lo + lo (p_lo low bits) is split in two halves; the high half's
-    stages run first on runs of 2^p_lo floats, one Transpose makes the low half the high one, and its
-    stages run on runs of 2^p_hi floats. Up to m = 2^_TRANSPOSE_MIN_BITS the rows are so short that the
-    Transposes cost more than they save: p_lo = 0 and all stages run in natural order.
+    stages run first on runs of 2^p_lo·B floats, one Transpose makes the low half the high one, and its
+    stages run on runs of 2^p_hi·B floats. Up to m = 2^_TRANSPOSE_MIN_BITS the rows are so short that the
+    Transpose costs more than it saves: p_lo = 0 and all stages run in natural order.
 
     Returns:
-        (z, 2^p_lo, 2^p_hi): z holds output k = hi · 2^p_lo + lo at flat position lo · 2^p_hi + hi of
-        each row (natural order when p_lo = 0), in some (B, ...) view.
+        (z, 2^p_lo, 2^p_hi): z holds output k = hi · 2^p_lo + lo at row lo · 2^p_hi + hi (natural order
+        when p_lo = 0), in some (..., B) view.
     """
     p = m.bit_length() - 1
     p_lo = p // 2 if p > _TRANSPOSE_MIN_BITS else 0
@@ -216,31 +227,30 @@ def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
         max_bits = _SMALL_RADIX_BITS
     else:
         max_bits = _LARGE_RADIX_BITS if p >= _RADIX16_MIN_BITS else _RADIX_BITS
-    for lo, hi in _bit_groups(p_lo, p, max_bits):  # high bits: runs of >= 2^p_lo floats
+    for lo, hi in _bit_groups(p_lo, p, max_bits):  # high bits: runs of >= 2^p_lo·B floats
         y = _stage(ops, y, m, lo, hi)
     if p_lo:
-        y = ops.op1("Transpose", [ops.reshape(y, [-1, 1 << p_hi, 1 << p_lo])], attrs={"perm": [0, 2, 1]})
-        for lo, hi in _bit_groups(p_hi, p, max_bits):  # the old low bits, now high: runs of >= 2^p_hi floats
+        y = ops.op1("Transpose", [ops.reshape(y, [1 << p_hi, 1 << p_lo, -1])], attrs={"perm": [1, 0, 2]})
+        for lo, hi in _bit_groups(p_hi, p, max_bits):  # the old low bits, now high: runs of >= 2^p_hi·B floats
             y = _stage(ops, y, m, lo, hi)
     return y, 1 << p_lo, 1 << p_hi
 
 
 def _pick_rows(ops: _Ops, z: gs.Variable, rows: np.ndarray, size_lo: int, size_hi: int) -> gs.Variable:
-    """Transform output (see `_wht`) -> (B, C) = z_natural[:, rows].
+    """Transform output (see `_wht`) -> (C, B) = z_natural[rows].
 
-    Contiguous rows: back to natural order (one Transpose unless already natural) and one Slice. Others:
-    a Transpose to (natural index, B) so that the one Gather copies rows of B floats, then one to (B, C).
+    Contiguous rows (the default): back to natural order (one Transpose unless already natural) and one
+    Slice. Others: one Gather of rows of B floats at their transposed positions.
     """
     m = size_lo * size_hi
     c = len(rows)
     if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
         if size_lo > 1:
-            z = ops.op1("Transpose", [ops.reshape(z, [-1, size_lo, size_hi])], attrs={"perm": [0, 2, 1]})
-        return ops.slice(ops.reshape(z, [-1, m]), int(rows[0]), int(rows[0]) + c)  # (B, m) -> (B, C)
-    z = ops.op1("Transpose", [ops.reshape(z, [-1, size_lo, size_hi])], attrs={"perm": [2, 1, 0]})
-    idx = ops.const("rows", rows.astype(np.int32))  # int32: half the bytes, Gather takes either
-    picked = ops.op1("Gather", [ops.reshape(z, [m, -1]), idx], attrs={"axis": 0})  # (C, B)
-    return ops.op1("Transpose", [picked], attrs={"perm": [1, 0]})
+            z = ops.op1("Transpose", [ops.reshape(z, [size_lo, size_hi, -1])], attrs={"perm": [1, 0, 2]})
+        return ops.slice(ops.reshape(z, [m, -1]), int(rows[0]), int(rows[0]) + c)  # (m, B) -> (C, B)
+    pos = (rows % size_lo) * size_hi + rows // size_lo  # where output k = rows[c] sits
+    idx = ops.const("rows", pos.astype(np.int32))  # int32: half the bytes, Gather takes either
+    return ops.op1("Gather", [ops.reshape(z, [m, -1]), idx], attrs={"axis": 0})  # (C, B)
 
 
 def build_head(
@@ -273,9 +283,10 @@ def build_head(
     den = ops.op1("Add", [ops.op1("Sqrt", [sq]), ops.const("eps", np.asarray(spec.eps, dtype))])
     factor = ops.op1("Div", [ops.const("scale", np.asarray(spec.scale, dtype)), den])
 
+    # The transform runs batch-minor, on (m, B): every Split/Concat/Gather moves runs of (multiples of) B floats.
     z, size_lo, size_hi = _wht(ops, _embed_fold(ops, x, spec), spec.hadamard_size)
-    picked = _pick_rows(ops, z, spec.rows, size_lo, size_hi)  # (B, C)
-    logits = ops.op1("Mul", [picked, factor])
+    picked = ops.op1("Transpose", [_pick_rows(ops, z, spec.rows, size_lo, size_hi)], attrs={"perm": [1, 0]})
+    logits = ops.op1("Mul", [picked, factor])  # (B, C)
     if spec.bias is not None:
         logits = ops.op1("Add", [logits, ops.const("bias", spec.bias.astype(dtype))])
     if rank != 2:
