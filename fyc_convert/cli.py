@@ -56,6 +56,11 @@ def _shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def _check_shape(text: str | None) -> str | None:
+    _shape(text)  # raises typer.BadParameter (exit code 2) on a malformed shape
+    return text
+
+
 @app.command()
 def convert(
     checkpoint: Annotated[Path, typer.Argument(help="Trained model: state_dict/checkpoint .pt (+ --arch), "
@@ -65,7 +70,7 @@ def convert(
     arch_kwargs: Annotated[Optional[str], typer.Option(help="JSON keyword arguments for --arch.")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="Allow unpickling a whole model: this RUNS CODE from the file.")] = False,
     layer: Annotated[Optional[str], typer.Option(help="Dotted name of the classifier (found automatically otherwise).")] = None,
-    input_shape: Annotated[Optional[str], typer.Option(help="One sample's shape, e.g. 3,224,224 (when data/metadata lack it).")] = None,
+    input_shape: Annotated[Optional[str], typer.Option(callback=_check_shape, help="One sample's shape, e.g. 3,224,224 (when data/metadata lack it).")] = None,
     data: Annotated[Optional[Path], typer.Option(help=".npz, ImageFolder folder or .pt dict: calibrate, fine-tune, measure accuracy.")] = None,
     val_split: Annotated[float, typer.Option(help="Validation share when the data has no validation split.")] = 0.1,
     epochs: Annotated[int, typer.Option(min=0, help="Fine-tuning epochs (0 = calibrate α and bias only).")] = 3,
@@ -114,7 +119,7 @@ def convert(
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _MetricsColumn(),
                       TimeElapsedColumn(),
                       console=console, transient=False, disable=quiet or not rank0) as bars:
-            result = run_convert(checkpoint, opts, progress=lambda msg: console.log(msg) if not quiet else None,
+            result = run_convert(checkpoint, opts, progress=lambda msg: console.print(f"[dim]·[/] {msg}"),
                                  epoch_progress=None if quiet or not rank0 else bars)
     except FycError as e:
         if verbose:
@@ -123,6 +128,13 @@ def convert(
             render(e.report, console)  # type: ignore[attr-defined]
         err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
         raise typer.Exit(e.exit_code) from None
+    except OSError as e:  # a file the library did not expect to fail (disk full, permissions)
+        if verbose:
+            err_console.print_exception()
+        where = f": {e.filename}" if e.filename else ""
+        err_console.print(f"[red]error:[/] {e.strerror or e}{where}; check the path and free space, "
+                          f"or rerun with --verbose", soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/]: no partial output was left under a final name")
         raise typer.Exit(130) from None

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -307,20 +306,21 @@ def _write_report(report: Report, out_dir: Path, opts: ConvertOptions) -> None:
 
 
 def _prepare_output_dir(out_dir: Path, *, force: bool, resume: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputError(f"{out_dir} exists and is not a folder; pass a different -o/--output-dir")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (force or resume):
-        raise OutputExistsError(f"output folder {out_dir} already exists; pass --force to overwrite its files, "
-                                f"--resume to continue, or -o to choose another folder")
     try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise OutputError(f"{out_dir} exists and is not a folder; pass a different -o/--output-dir")
+        if out_dir.exists() and any(out_dir.iterdir()) and not (force or resume):
+            raise OutputExistsError(f"output folder {out_dir} already exists; pass --force to overwrite its files, "
+                                    f"--resume to continue, or -o to choose another folder")
         out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".fyc-write-test-{os.getpid()}.tmp"
+        probe.touch()
+        probe.unlink()
+        for stale in out_dir.glob(".*.tmp"):  # temp files of an interrupted earlier run
+            stale.unlink(missing_ok=True)
     except OSError as e:
-        raise OutputError(f"cannot create output folder {out_dir}: {e.strerror}; choose a writable -o/--output-dir") from e
-    if not os.access(out_dir, os.W_OK | os.X_OK):
-        raise OutputError(f"output folder {out_dir} is not writable; choose a writable -o/--output-dir")
-    stale = [p for p in out_dir.glob(".*.tmp")]
-    for p in stale:  # temp files of an interrupted earlier run
-        p.unlink(missing_ok=True) if p.is_file() else shutil.rmtree(p, ignore_errors=True)
+        raise OutputError(f"output folder {out_dir} is not writable ({e.strerror}); "
+                          f"choose a writable -o/--output-dir") from e
 
 
 def _meta_shape(meta: dict[str, Any]) -> tuple[int, ...] | None:

@@ -23,7 +23,7 @@ class ParamsReport:
     original: int  # all parameters of the loaded model
     converted: int  # all parameters after the swap (alpha and bias included)
     removed: int  # original - converted
-    removed_pct: float  # the paper's Table 1 "% fixed params": 100 * N * C / original
+    removed_pct: float  # 100 * removed / original: the paper's Table 1 "% fixed params"
     head_before: int  # N*C (+ C bias) of the learned nn.Linear
     head_after: int  # alpha (when learned) + C bias
     trainable: int  # parameters that fine-tuning updates after the swap
