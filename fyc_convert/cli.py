@@ -118,7 +118,7 @@ def convert(
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _MetricsColumn(),
                       TimeElapsedColumn(),
-                      console=console, transient=False, disable=quiet or not rank0) as bars:
+                      console=console, transient=True, disable=quiet or not rank0) as bars:
             result = run_convert(checkpoint, opts, progress=lambda msg: console.print(f"[dim]·[/] {msg}"),
                                  epoch_progress=None if quiet or not rank0 else bars)
     except FycError as e:

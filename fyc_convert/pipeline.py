@@ -196,6 +196,9 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path | 
         say(f"fine-tuning {opts.epochs} epoch(s) with {opts.optimizer}")
         result = finetune(model, head, bundle, cfg, teacher=original if cfg.distill else None,
                           progress=epoch_progress)
+        for h in result.history:
+            val = f", val acc {_pct(h.val.accuracy)}" if h.val is not None and h.val.accuracy is not None else ""
+            say(f"epoch {h.epoch}: loss {h.loss:.4f}{val}, {h.seconds:.1f} s, {h.samples_per_s:,.0f} samples/s")
         acc.finetuned = accuracy(model)
         report.training = {"epochs": opts.epochs, "optimizer": opts.optimizer, "device": result.device,
                            "world_size": result.world_size, "resumed_from_epoch": result.resumed_from_epoch,
@@ -321,6 +324,10 @@ def _prepare_output_dir(out_dir: Path, *, force: bool, resume: bool) -> None:
     except OSError as e:
         raise OutputError(f"output folder {out_dir} is not writable ({e.strerror}); "
                           f"choose a writable -o/--output-dir") from e
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
 
 
 def _meta_shape(meta: dict[str, Any]) -> tuple[int, ...] | None:

@@ -119,53 +119,53 @@ def _ms(x: float | None) -> str:
 
 
 def render(report: Report, console: Console) -> None:
-    """Print the before/after table a user reads in five seconds."""
+    """Print the before/after table a user reads in five seconds (fits 80 columns)."""
     p = report.params
-    title = f"fyc-convert · {report.head} head on [bold]{report.layer}[/] ({report.in_features} → {report.num_classes})"
-    t = Table(title=title, show_header=True, header_style="bold")
+    t = Table(title=f"{report.layer}: {report.in_features} → {report.num_classes}, fixed {report.head} head",
+              header_style="bold", title_style="bold")
     t.add_column("")
     t.add_column("original", justify="right")
     t.add_column("converted", justify="right")
     t.add_column("change", justify="right")
-    t.add_row("parameters", _int(p.original), _int(p.converted), f"−{_int(p.removed)} ({p.removed_pct:.2f}% fixed)")
-    t.add_row("classifier params", _int(p.head_before), _int(p.head_after), "")
-    t.add_row("trainable after swap", "", _int(p.trainable), "")
+    t.add_row("parameters", _int(p.original), _int(p.converted), f"−{p.removed_pct:.2f}%")
+    t.add_row("classifier params", _int(p.head_before), _int(p.head_after), f"−{_int(p.removed)}")
     o = report.onnx
     if o is not None and o.original_bytes is not None:
         red = "" if o.size_reduction_pct is None else f"{-o.size_reduction_pct:+.1f}%".replace("-", "−")
-        t.add_row("ONNX on disk", _bytes(o.original_bytes), _bytes(o.converted_bytes), red)
+        t.add_row("ONNX file", _bytes(o.original_bytes), _bytes(o.converted_bytes), red)
         total = sum(o.head_ops.values())
         addsub = o.head_ops.get("Add", 0) + o.head_ops.get("Sub", 0)
         dense = sum(o.head_ops.get(k, 0) for k in ("MatMul", "Gemm", "Conv"))
-        t.add_row("classifier graph", f"Gemm, {_int(report.in_features * report.num_classes)} weights",
-                  f"{total} ops, {addsub} Add/Sub" + (f", {dense} MatMul" if dense else ", no MatMul"), "")
-        if o.max_abs_diff is not None:
-            t.add_row("ONNX parity", "", f"max |Δ| {o.max_abs_diff:.2e}", "")
+        t.add_row("classifier ops", "1 Gemm", f"{total} ({addsub} add/sub)", f"{dense} MatMul")
     a = report.accuracy
     if a.measured_on is None:
-        t.add_row("accuracy", "not measured", "(pass --data)", "")
+        t.add_row("accuracy", "—", "—", "no --data")
     else:
         final = a.finetuned if a.finetuned is not None else a.calibrated
         delta = "" if final is None or a.original is None else f"{100 * (final - a.original):+.2f} pts"
-        t.add_row(f"accuracy ({a.measured_on})", _pct(a.original), _pct(final), delta)
-        t.add_row("  after swap / calibration", "", f"{_pct(a.swapped)} / {_pct(a.calibrated)}", "")
+        t.add_row("accuracy", _pct(a.original), _pct(final), delta.replace("-", "−"))
+        t.add_row("  swapped → calibrated", "", f"{_pct(a.swapped)} → {_pct(a.calibrated)}", "")
         if a.agreement is not None:
-            t.add_row("  top-1 agreement", "", _pct(a.agreement), "")
-    lat = report.latency_ms
-    if lat:
-        for key, label in (("model_b1", "latency, model, batch 1"), ("model_b32", "latency, model, batch 32"),
-                           ("head_b1", "latency, head only, batch 1"), ("head_b64", "latency, head only, batch 64")):
-            entry = lat.get(key)
-            if entry:
-                ratio = entry["original"] / entry["converted"] if entry.get("converted") else None
-                t.add_row(label, _ms(entry.get("original")), _ms(entry.get("converted")),
-                          "" if ratio is None else f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower")
+            t.add_row("  agreement", "", _pct(a.agreement), "top-1")
+    for key, label in (("model_b1", "latency, batch 1"), ("model_b32", "latency, batch 32"),
+                       ("head_b1", "head only, batch 1"), ("head_b64", "head only, batch 64")):
+        entry = (report.latency_ms or {}).get(key)
+        if entry:
+            ratio = entry["original"] / entry["converted"]
+            t.add_row(label, _ms(entry["original"]), _ms(entry["converted"]),
+                      f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower")
+    if o is not None and o.max_abs_diff is not None:
+        t.add_row("ONNX vs PyTorch", "", f"{o.max_abs_diff:.1e}", "max |Δ|")
     if report.coherence is not None:
-        t.add_row("class-vector coherence", "", f"{report.coherence:.3f}", "max |cos|")
+        t.add_row("coherence", "", f"{report.coherence:.3f}", "max |cos|")
     console.print(t)
+    where = f" on {a.measured_on}" if a.measured_on else ""
+    if a.measured_on:
+        console.print(f"[dim]accuracy measured{where}[/]")
     for note in report.notes:
         console.print(f"[dim]note:[/] {note}")
     if report.files:
-        console.print("[dim]wrote:[/] " + ", ".join(str(Path(f)) for f in report.files.values()))
+        folder = Path(next(iter(report.files.values()))).parent
+        console.print(f"[dim]wrote to {folder}/:[/] " + ", ".join(Path(f).name for f in report.files.values()))
     status_style = {"ok": "green", "dry_run": "cyan"}.get(report.status, "red")
     console.print(f"[{status_style}]status: {report.status}[/]  ({report.elapsed_s:.1f} s)")
