@@ -12,10 +12,11 @@ Layout decides onnxruntime speed (benchmarks/head_onnx.py measures it against th
   Transposes of a batch are cheap;
 - the "tile" embedding is log2(n/N) doubling Concats of x and one Mul by the ±1 signs (n elements); "pad"
   is one Pad;
-- the m-point transform views its index as (hi, lo) bit halves, runs radix-4/8/16 Split/Add/Sub/Concat
-  stages on the high bits (every Split/Concat moves runs of ≥ 2^|lo|·B floats, not the 1–4 floats of
-  naive radix-2 stages), transposes once so that the low bits become the high ones and runs their stages
-  the same way; transforms of ≤ 64 points skip the Transpose (node count is all that matters there);
+- the m-point transform views its index as (hi, lo) bit halves, runs radix-4 Split/Add/Sub/Concat stages
+  (radix-8 from 8192 points) on the high bits, so that every Split/Concat moves runs of ≥ 2^|lo|·B floats
+  rather than the 1–4 floats of naive radix-2 stages, transposes once so that the low bits become the
+  high ones, and runs their stages the same way; transforms of ≤ 64 points skip the Transpose and use
+  radix-2 stages (node count is all that matters there);
 - contiguous class rows (the default) are one Transpose back to natural order and one Slice; other rows
   are one Gather (of rows of B floats) at their transposed positions; one Transpose gives (B, C).
 """
@@ -33,13 +34,14 @@ from fyc_convert.errors import ExportError
 
 __all__ = ["HeadSpec", "build_head", "head_model", "head_op_census", "largest_head_constant"]
 
-# Radix of the Split/Add/Sub/Concat stages, by transform size (measured, benchmarks/head_onnx.py): radix-4
-# up to 2^_TRANSPOSE_MIN_BITS points (node count is all that matters), radix-8, and radix-16 from
-# 2^_RADIX16_MIN_BITS points on (where each Split/Concat pass over the batch costs more than 48 more nodes).
-_SMALL_RADIX_BITS = 2
-_RADIX_BITS = 3
-_LARGE_RADIX_BITS = 4
-_RADIX16_MIN_BITS = 13
+# Radix of the Split/Add/Sub/Concat stages, by transform size. Measured (benchmarks/head_onnx.py, each head
+# right after the Gemm): at batch 1 fewer nodes win (radix-2 up to 64 points, radix-4 beats radix-8 by ~12%
+# at 1024 points and ~4% at 32768); at batch 64 fewer passes over the batch win from 2^13 points on
+# (radix-8 beats radix-4 by ~10% at 32768 points; radix-16 another ~8%, but +20% at batch 1).
+_SMALL_RADIX_BITS = 1
+_RADIX_BITS = 2
+_LARGE_RADIX_BITS = 3
+_LARGE_MIN_BITS = 13
 _TRANSPOSE_MIN_BITS = 6  # transforms of up to 2^6 points run without the mid Transpose
 
 
@@ -226,7 +228,7 @@ def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
     if not p_lo:
         max_bits = _SMALL_RADIX_BITS
     else:
-        max_bits = _LARGE_RADIX_BITS if p >= _RADIX16_MIN_BITS else _RADIX_BITS
+        max_bits = _LARGE_RADIX_BITS if p >= _LARGE_MIN_BITS else _RADIX_BITS
     for lo, hi in _bit_groups(p_lo, p, max_bits):  # high bits: runs of >= 2^p_lo·B floats
         y = _stage(ops, y, m, lo, hi)
     if p_lo:
