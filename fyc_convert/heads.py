@@ -31,6 +31,7 @@ _DEFAULT_LOGIT_RANGE = 10.0  # initial α·‖V_c‖: logits start as 10·cos(V_
 _EXACT_COHERENCE_MAX_C = 8192
 _LSA_MAX_CELLS = 4_000_000  # C × candidates above this: greedy assignment instead of the Hungarian method
 _CHUNK = 512
+_SCORE_SAMPLES = 4096  # features used to score rows in from_linear (a seeded subsample)
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -85,16 +86,27 @@ def _candidate_rows(in_features: int, signs: Tensor, *, n: int, m: int) -> Tenso
 
 
 def _layout(
-    in_features: int, num_classes: int, *, hadamard_size: int | None, embedding: Embedding, seed: int
+    in_features: int,
+    num_classes: int,
+    *,
+    hadamard_size: int | None,
+    embedding: Embedding,
+    seed: int,
+    fold: bool = True,
 ) -> tuple[int, int, Tensor, Tensor]:
-    """Default sizing of docs/design.md. Returns (m, n, signs, candidate rows)."""
+    """Default sizing of docs/design.md. Returns (m, n, signs, candidate rows).
+
+    ``fold=False`` skips the fold shortcut (m = n = nextpow2(max(N, C + 1)) first): more candidate rows,
+    which is what :meth:`HadamardHead.from_linear` wants.
+    """
     if hadamard_size is not None:
         if not is_pow2(hadamard_size) or hadamard_size < 2:
             raise HeadError(f"hadamard_size must be a power of two >= 2, got {hadamard_size}")
         sizes = [hadamard_size]
     else:
         m0 = next_pow2(num_classes + 1)  # row 0 is never used by default
-        first = m0 if in_features % m0 == 0 else next_pow2(max(in_features, num_classes + 1))
+        use_fold = fold and in_features % m0 == 0
+        first = m0 if use_fold else next_pow2(max(in_features, num_classes + 1))
         sizes = [first << k for k in range(_MAX_DOUBLINGS + 1)]
     best = 0
     for m in sizes:
@@ -119,17 +131,12 @@ def _normalize(x: Tensor, eps: float) -> Tensor:
     return x / (norm + eps).to(x.dtype)
 
 
-def _transform(x: Tensor, signs: Tensor, *, n: int, m: int) -> Tensor:
-    """``H_m · F · x`` for every row: (..., N) -> (..., m); column r is ``V_r · x`` for all m rows r."""
-    return fwht(embed_fold(x, signs.to(x.dtype), n=n, m=m))
-
-
 def _norms_sq(in_features: int, signs: Tensor, rows: Tensor, *, n: int, m: int) -> Tensor:
     """(len(rows),) float64 ‖V_r‖², from the transformed identity in chunks of features."""
     acc = torch.zeros(rows.numel(), dtype=torch.float64, device=rows.device)
     for s in range(0, in_features, _CHUNK):
         eye = torch.eye(in_features, dtype=torch.float64, device=rows.device)[s : s + _CHUNK]
-        acc += _transform(eye, signs, n=n, m=m).index_select(1, rows).square().sum(dim=0)  # V.T chunk
+        acc += hadamard_project(eye, signs, rows, n=n, m=m).square().sum(dim=0)  # V.T chunk
     return acc
 
 
@@ -138,13 +145,13 @@ def _rows_coherence(in_features: int, signs: Tensor, rows: Tensor, *, n: int, m:
     if rows.numel() < 2:
         return 0.0
     eye = torch.eye(in_features, dtype=torch.float64, device=rows.device)
-    v = _transform(eye, signs, n=n, m=m).index_select(1, rows).T  # (C, N) class vectors
+    v = hadamard_project(eye, signs, rows, n=n, m=m).T  # (C, N) class vectors
     norms = v.norm(dim=1).clamp_min(1e-300)  # (C,)
     v = v / norms.unsqueeze(1)
     worst = 0.0
     for s in range(0, v.shape[0], _CHUNK):
         # (chunk, C) cosines via the fast transform: V · v̂_c / ‖V_r‖
-        g = _transform(v[s : s + _CHUNK], signs, n=n, m=m).index_select(1, rows).abs_() / norms
+        g = hadamard_project(v[s : s + _CHUNK], signs, rows, n=n, m=m).abs_() / norms
         idx = torch.arange(g.shape[0], device=g.device)
         g[idx, idx + s] = 0.0
         worst = max(worst, float(g.max()))
@@ -319,8 +326,8 @@ class HadamardHead(nn.Module):
     def class_vectors(self) -> Tensor:
         """The effective (C, N) integer-valued class matrix V (inspection and tests only)."""
         eye = torch.eye(self.in_features, dtype=self.signs.dtype, device=self.signs.device)
-        vt = _transform(eye, self.signs, n=self.embed_size, m=self.hadamard_size)  # (N, m) = (H F).T
-        return vt.index_select(1, self.rows).T.contiguous()
+        vt = hadamard_project(eye, self.signs, self.rows, n=self.embed_size, m=self.hadamard_size)  # (N, C)
+        return vt.T.contiguous()
 
     def coherence(self) -> float:
         """Max |cos| between distinct class vectors (float64).
@@ -345,12 +352,17 @@ class HadamardHead(nn.Module):
         fixed_scale: float | None = None,
         embedding: Embedding = "tile",
         seed: int = 0,
+        hadamard_size: int | None = None,
     ) -> HadamardHead:
         """Build a head that starts as close as possible to a trained ``linear`` (class order kept).
 
-        Rows: each class c gets a distinct candidate row r (never row 0) maximising Σ_c cos(W_c, V_r)
-        (Hungarian method; greedy for very large C × m). Scale and bias: with ``features`` (S, N), the
-        inputs ``linear`` saw, α and b are the least-squares fit of ``α·V x̂ + b ≈ W x + b₀``; without them,
+        Size: by default m = n = nextpow2(max(N, C + 1)) without the fold shortcut, so there are about
+        twice as many candidate rows as classes (on the digits CNN, N=128, C=10: 89-92% accuracy right
+        after the swap against 61% with the 16-point fold). Rows: each class c gets a distinct candidate
+        row r (never row 0) maximising the summed score (Hungarian method; greedy for very large C × m).
+        The score is the correlation over ``features`` between the trained logit ``W_c x`` and ``V_r x̂``
+        when features are given and C·m is small enough (the Hungarian range), else cos(W_c, V_r).
+        Scale and bias: with ``features``, the least-squares fit of ``α·V x̂ + b ≈ W x + b₀``; without,
         α is the least-squares fit of ``α·V_rows ≈ W`` times sqrt(N) (features of unit RMS per entry
         assumed) and b = b₀.
 
@@ -361,31 +373,47 @@ class HadamardHead(nn.Module):
             fixed_scale: Keep α fixed at this value (the bias is still fitted when features are given).
             embedding: As in the constructor.
             seed: As in the constructor.
+            hadamard_size: Force the transform size m (e.g. the constructor's fold size, for speed).
 
         Returns:
             A HadamardHead on the linear layer's device and dtype.
         """
         w = linear.weight.detach().to("cpu", torch.float64)  # (C, N)
         c_out, n_in = w.shape
-        m, n, signs, cand = _layout(n_in, c_out, hadamard_size=None, embedding=embedding, seed=seed)
-        cand_norm = _norms_sq(n_in, signs, cand, n=n, m=m).sqrt()  # (K,)
-        w_unit = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        b0 = linear.bias.detach().to("cpu", torch.float64) if linear.bias is not None else torch.zeros(c_out)
+        m, n, signs, cand = _layout(n_in, c_out, hadamard_size=hadamard_size, embedding=embedding, seed=seed,
+                                    fold=False)
+        x = None if features is None else features.detach().to("cpu", torch.float64).reshape(-1, n_in)
+        if x is not None and c_out * cand.numel() <= _LSA_MAX_CELLS:
+            sample = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:_SCORE_SAMPLES]]
+            t = sample @ w.T  # (S, C) trained logits, centred and normalised per class
+            t = t - t.mean(dim=0)
+            t = t / t.norm(dim=0).clamp_min(1e-30)
+            u = hadamard_project(_normalize(sample, 1e-8), signs, cand, n=n, m=m)  # (S, K)
+            u = u - u.mean(dim=0)
+            u = u / u.norm(dim=0).clamp_min(1e-30)
 
-        def cos_fn(idx: Tensor) -> Tensor:  # (len(idx), K) cos(W_c, V_r)
-            return _transform(w_unit[idx], signs, n=n, m=m).index_select(1, cand) / cand_norm
+            def score(idx: Tensor) -> Tensor:  # (len(idx), K) correlation of W_c x with V_r x̂
+                return t[:, idx].T @ u
 
-        rows = cand[_assign(cos_fn, c_out, cand.numel())]
+        else:
+            cand_norm = _norms_sq(n_in, signs, cand, n=n, m=m).sqrt()  # (K,)
+            w_unit = (w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)).float()  # fp32: half the traffic
+            signs32 = signs.float()
+
+            def score(idx: Tensor) -> Tensor:  # (len(idx), K) cos(W_c, V_r)
+                return hadamard_project(w_unit[idx], signs32, cand, n=n, m=m).double() / cand_norm
+
+        rows = cand[_assign(score, c_out, cand.numel())]
         head = cls(n_in, c_out, bias=bias, fixed_scale=fixed_scale, rows=rows, hadamard_size=m,
                    embedding=embedding, seed=seed).double()
         assert head.embed_size == n and torch.equal(head.signs, signs)
-        b0 = linear.bias.detach().to("cpu", torch.float64) if linear.bias is not None else torch.zeros(c_out)
         with torch.no_grad():
-            if features is not None:
-                x = features.detach().to("cpu", torch.float64).reshape(-1, n_in)
+            if x is not None:
                 alpha, b = _fit_scale_bias(head.raw(x), x @ w.T + b0, bias=bias, fixed_scale=fixed_scale)
             else:
                 dots = torch.cat([  # (C,) W_c · V_{rows[c]}
-                    _transform(w[s : s + _CHUNK], signs, n=n, m=m).gather(1, rows[s : s + _CHUNK, None])[:, 0]
+                    hadamard_project(w[s : s + _CHUNK], signs, rows[s : s + _CHUNK], n=n, m=m).diagonal()
                     for s in range(0, c_out, _CHUNK)
                 ])
                 fit = float(dots.sum() / _norms_sq(n_in, signs, rows, n=n, m=m).sum())
