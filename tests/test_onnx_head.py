@@ -123,7 +123,7 @@ def test_matches_hadamard_head(n_feat: int, c: int, variant: str) -> None:
 
 
 def test_large_tiled_transform_matches_hadamard_head() -> None:
-    # N=512, C=32000: a 32768-point transform of 64 signed copies of x, in radix-16 stages
+    # N=512, C=32000: a 32768-point transform of 64 signed copies of x, in radix-8 stages
     head = _hadamard_head(512, 32000, "tile-contiguous-bias")
     assert (head.hadamard_size, head.embed_size) == (32768, 32768)
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(7))
