@@ -366,3 +366,17 @@ def test_orthogonal_from_linear_fits_scale_and_bias():
 def test_default_scale_gives_logits_of_order_ten():
     head = HadamardHead(512, 1000)
     assert head.scale.item() * math.sqrt(head.embed_size) == pytest.approx(10.0)
+
+
+def test_coherence_above_the_exact_limit_is_a_seeded_sample(monkeypatch: pytest.MonkeyPatch):
+    head = HadamardHead(192, 300)
+    exact = head.coherence()
+    monkeypatch.setattr(heads_mod, "_EXACT_COHERENCE_MAX_C", 100)
+    sampled = head.coherence()
+    assert 0.0 < sampled <= exact + 1e-12
+    assert head.coherence() == sampled  # same seed, same sample
+
+
+def test_empty_batch():
+    head = HadamardHead(100, 20)
+    assert head(torch.zeros(0, 100)).shape == (0, 20)
