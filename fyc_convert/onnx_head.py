@@ -174,9 +174,13 @@ def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
     if not np.any(spec.signs):  # "pad": zeros after x
         x = ops.op1("Pad", [x, ops.ints("pads", [0, 0, n - n_feat, 0])])
     else:  # "tile": copies of x (data movement), then one sign flip by a ±1 constant of n elements
-        tiled, width = x, n_feat
-        while 2 * width <= n:  # doubling Concats: log2(n/N) copies of growing runs, not n/N small ones
-            tiled, width = ops.op1("Concat", [tiled, tiled], attrs={"axis": 0}), 2 * width
+        # Doubling Concats: log2(n/N) copies of growing runs, not n/N small ones. They stack copies on a
+        # new leading axis: onnxruntime would move the Transpose above past Concats of the (N, B) matrix
+        # itself and transpose the n-row result instead.
+        tiled, copies = ops.reshape(x, [1, n_feat, -1]), 1  # (copies, N, B)
+        while 2 * copies * n_feat <= n:
+            tiled, copies = ops.op1("Concat", [tiled, tiled], attrs={"axis": 0}), 2 * copies
+        tiled, width = ops.reshape(tiled, [copies * n_feat, -1]), copies * n_feat
         if width < n:
             tiled = ops.op1("Concat", [tiled, ops.slice(tiled, 0, n - width)], attrs={"axis": 0})
         signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)[:, None]  # (n, 1)
