@@ -10,7 +10,7 @@ Latin A, Greek Alpha and Cyrillic A render identically, so only one of them is a
 Train: seven faces, `train_copies` augmented renderings each. Validation: the held-out face
 DejaVuSansCondensed-Oblique, one clean rendering and `val_copies - 1` augmented ones.
 
-    python -m sample_models.glyphs --out sample_models/data/glyphs.npz
+    python -m sample_models.glyphs --out sample_models/data/glyphs.npz [--select]
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ _FONT_PX = 42  # ascent ~39 px + descent ~10 px fits the 64 px canvas with a mar
 _BASELINE = 49  # canvas row of the baseline
 _MARGIN = 3  # glyphs larger than the canvas minus this margin are drawn smaller
 _KEEP_CATEGORIES = ("L", "N", "P", "S")  # letters, numbers, punctuation, symbols (no marks, spaces, controls)
+NUM_CLASSES = 1200  # the committed class list: select_glyph_classes(num_classes=NUM_CLASSES,
+MIN_DISTANCE = 0.06  # min_distance=MIN_DISTANCE), remade by `python -m sample_models.glyphs --select`
 
 
 def font_codepoints(path: str | Path) -> set[int]:
@@ -103,7 +105,9 @@ def _draw_canvas(face: str, char: str, fonts: dict[tuple[str, int], ImageFont.Fr
     """One character on the 64x64 canvas: baseline at a fixed row, ink centred horizontally. (64, 64) uint8."""
     px = _FONT_PX
     while True:
-        font = fonts.get((face, px)) or fonts.setdefault((face, px), _load_font(face, px))
+        if (face, px) not in fonts:
+            fonts[face, px] = _load_font(face, px)
+        font = fonts[face, px]
         big = Image.new("L", (4 * _CANVAS, 4 * _CANVAS), 0)
         origin = (_CANVAS, 2 * _CANVAS)  # anchor "ls": left end of the baseline
         ImageDraw.Draw(big).text(origin, char, fill=255, font=font, anchor="ls")
@@ -170,7 +174,15 @@ def render_glyphs(
 
     Returns:
         x (S, 1, 32, 32) float32 in [0, 1] and y (S,) int64, ordered face, character, copy.
+
+    Raises:
+        ValueError: a face lacks one of the characters (it would draw its "missing glyph" box).
     """
+    for face in faces:
+        mapped = font_codepoints(FONT_DIR / face)
+        missing = [f"U+{ord(c):04X}" for c in chars if ord(c) not in mapped]
+        if missing:
+            raise ValueError(f"{face} has no glyph for {', '.join(missing[:5])}; install fonts-dejavu 2.37")
     rng = np.random.default_rng(seed)
     fonts: dict[tuple[str, int], ImageFont.FreeTypeFont] = {}
     x = np.empty((len(faces) * len(chars) * copies, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
@@ -275,7 +287,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output .npz (default {DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--select", action="store_true", help=f"first remake {CLASSES_FILE.name} from the fonts")
     args = parser.parse_args(argv)
+    if args.select:
+        chars = select_glyph_classes(num_classes=NUM_CLASSES, min_distance=MIN_DISTANCE)
+        CLASSES_FILE.write_text("".join(f"{ord(c):04X}\n" for c in chars), encoding="ascii")
     print(render_glyph_dataset(args.out, seed=args.seed))
 
 

@@ -127,6 +127,12 @@ def test_glyph_rendering_is_deterministic() -> None:
 
 
 @needs_fonts
+def test_render_glyphs_refuses_a_character_missing_from_a_face() -> None:
+    with pytest.raises(ValueError, match="U\\+4E2D"):
+        glyphs.render_glyphs(["a", "\u4e2d"], glyphs.TRAIN_FACES[:1], copies=1, clean_first=True, seed=0)
+
+
+@needs_fonts
 def test_render_glyph_dataset_writes_the_npz(tmp_path: Path) -> None:
     chars = ["a", "\u0416", "\u2192"]
     out = glyphs.render_glyph_dataset(tmp_path / "sub" / "g.npz", classes=chars, train_copies=2, val_copies=2)
