@@ -63,16 +63,18 @@ def _block_rows(rows: int, n: int, x: Tensor) -> int:
     return rows if x.device.type != "cpu" else max(1, min(rows, _CPU_BLOCK_BYTES // (n * x.element_size())))
 
 
-def _stages(src: Tensor, first: Tensor, second: Tensor) -> Tensor:
-    """The log2(n) radix-2 add/sub stages of the unnormalized WHT on a (b, n) block, n >= 2.
+_LOW = 16  # the lowest log2(_LOW) bits are transformed after a transpose (strided small-h stages are slow)
 
-    Stage k writes ``[lo + hi, lo - hi]`` into ``first`` (k even) or ``second`` (k odd): ping-pong, two
-    elementwise kernels per stage and no copies. ``src`` must not alias ``first``. Stages run from the
-    largest stride down (their order is irrelevant: H_n = H_2 ⊗ … ⊗ H_2). Returns the buffer written last.
+
+def _stage_range(src: Tensor, first: Tensor, second: Tensor, h_hi: int, h_lo: int) -> Tensor:
+    """Radix-2 add/sub stages of stride h = h_hi, h_hi/2, …, h_lo on a (b, n) block; returns the last buffer.
+
+    Stage k writes ``[lo + hi, lo - hi]`` into ``first`` (k even) or ``second`` (k odd): two elementwise
+    kernels per stage, no copies. ``src`` must not alias ``first``.
     """
     b, n = src.shape
-    h, dst = n // 2, first
-    while h >= 1:
+    h, dst = h_hi, first
+    while h >= h_lo:
         s = src.view(b, n // (2 * h), 2, h)
         d = dst.view(b, n // (2 * h), 2, h)
         torch.add(s[:, :, 0], s[:, :, 1], out=d[:, :, 0])
@@ -81,8 +83,29 @@ def _stages(src: Tensor, first: Tensor, second: Tensor) -> Tensor:
     return src
 
 
+def _stages(src: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """All log2(n) stages of the unnormalized WHT on a (b, n) block, n >= 2; returns the buffer holding it.
+
+    The stages on the high bits run in place order (contiguous runs of >= _LOW elements); then the block is
+    transposed (b, n/_LOW, _LOW) -> (b, _LOW, n/_LOW) so the low bits become high ones, their stages run,
+    and it is transposed back. Stage order is irrelevant (H_n = H_2 ⊗ … ⊗ H_2). Every stage and transpose
+    writes into the other buffer, starting with ``first``: after log2(n) + 2 (or log2(n)) writes, the result
+    is in ``first`` exactly when log2(n) is odd. ``src`` must not alias ``first``.
+    """
+    b, n = src.shape
+    if n < 16 * _LOW:
+        return _stage_range(src, first, second, n // 2, 1)
+    res = _stage_range(src, first, second, n // 2, _LOW)  # high bits, h >= _LOW
+    other = second if res is first else first
+    other.view(b, _LOW, n // _LOW).copy_(res.view(b, n // _LOW, _LOW).transpose(1, 2))
+    res = _stage_range(other, res, other, n // 2, n // _LOW)  # the low bits, now on top
+    other = second if res is first else first
+    other.view(b, n // _LOW, _LOW).copy_(res.view(b, _LOW, n // _LOW).transpose(1, 2))
+    return other
+
+
 def _fwht_2d(x: Tensor) -> Tensor:
-    """fwht of a contiguous (B, n) tensor, block by block; the last stage lands in the output."""
+    """fwht of a contiguous (B, n) tensor, block by block; the last write lands in the output."""
     rows, n = x.shape
     out = torch.empty_like(x)
     if n == 1:
@@ -92,7 +115,8 @@ def _fwht_2d(x: Tensor) -> Tensor:
     odd = (n.bit_length() - 1) % 2 == 1
     for r0 in range(0, rows, block):
         o, w = out[r0 : r0 + block], work[: min(block, rows - r0)]
-        _stages(x[r0 : r0 + block], o if odd else w, w if odd else o)
+        res = _stages(x[r0 : r0 + block], o if odd else w, w if odd else o)
+        assert res is o  # the parity rule of _stages
     return out
 
 
