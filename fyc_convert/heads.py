@@ -135,8 +135,10 @@ def _norms_sq(in_features: int, signs: Tensor, rows: Tensor, *, n: int, m: int) 
     """(len(rows),) float64 ‖V_r‖², from the transformed identity in chunks of features."""
     acc = torch.zeros(rows.numel(), dtype=torch.float64, device=rows.device)
     for s in range(0, in_features, _CHUNK):
-        eye = torch.eye(in_features, dtype=torch.float64, device=rows.device)[s : s + _CHUNK]
-        acc += hadamard_project(eye, signs, rows, n=n, m=m).square().sum(dim=0)  # V.T chunk
+        c = min(_CHUNK, in_features - s)
+        eye = torch.zeros(c, in_features, dtype=torch.float64, device=rows.device)
+        eye[torch.arange(c), torch.arange(s, s + c)] = 1.0  # rows s..s+c of the identity
+        acc += hadamard_project(eye, signs, rows, n=n, m=m).square().sum(dim=0)  # (c, len(rows)) = V.T chunk
     return acc
 
 
@@ -174,16 +176,16 @@ def _fit_scale_bias(
     return alpha, b
 
 
-def _assign(cos_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int) -> Tensor:
-    """Give each class a distinct candidate, maximising the summed cosine. Returns (C,) candidate indices.
+def _assign(score_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int) -> Tensor:
+    """Give each class a distinct candidate, maximising the summed score. Returns (C,) candidate indices.
 
-    ``cos_fn(idx)`` gives the (len(idx), K) float64 cosine block for the classes ``idx``. Exact Hungarian
+    ``score_fn(idx)`` gives the (len(idx), K) float64 score block for the classes ``idx``. Exact Hungarian
     method when C·K is small enough; otherwise greedy over per-class top-k lists (best pairs first),
     repeated for the classes left over with the taken candidates masked out.
     """
     classes = torch.arange(num_classes)
     if num_classes * num_cand <= _LSA_MAX_CELLS:
-        cos = torch.cat([cos_fn(classes[s : s + _CHUNK]) for s in range(0, num_classes, _CHUNK)])
+        cos = torch.cat([score_fn(classes[s : s + _CHUNK]) for s in range(0, num_classes, _CHUNK)])
         cls, cand = linear_sum_assignment(cos.numpy(), maximize=True)
         out = np.empty(num_classes, dtype=np.int64)
         out[cls] = cand
@@ -195,7 +197,7 @@ def _assign(cos_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int)
         todo = torch.from_numpy(np.flatnonzero(out < 0))
         vals, cands = [], []
         for s in range(0, todo.numel(), _CHUNK):
-            cos = cos_fn(todo[s : s + _CHUNK]).masked_fill_(taken, -math.inf)  # (chunk, K)
+            cos = score_fn(todo[s : s + _CHUNK]).masked_fill_(taken, -math.inf)  # (chunk, K)
             v, c = cos.topk(k, dim=1)
             vals.append(v)
             cands.append(c)
@@ -285,6 +287,7 @@ class HadamardHead(nn.Module):
         else:
             self.register_buffer("scale", torch.tensor(float(fixed_scale)))
         self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+        self._norm_cache: tuple[tuple[int, ...], Tensor] | None = None  # see class_vector_norms
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, hadamard_size="
@@ -315,9 +318,17 @@ class HadamardHead(nn.Module):
         return out
 
     def class_vector_norms(self) -> Tensor:
-        """(C,) ‖V_c‖₂ in the head's dtype (computed, cost ~ N·m·log m)."""
-        sq = _norms_sq(self.in_features, self.signs.double(), self.rows, n=self.embed_size, m=self.hadamard_size)
-        return sq.sqrt().to(self.signs.dtype)
+        """(C,) ‖V_c‖₂ in the head's dtype and device.
+
+        Computed once (cost ~ N·m·log m) and cached against the versions of ``rows`` and ``signs``, so
+        loading a state_dict or editing the buffers recomputes it.
+        """
+        key = (self.rows.data_ptr(), self.rows._version, self.signs.data_ptr(), self.signs._version)
+        if self._norm_cache is None or self._norm_cache[0] != key:
+            sq = _norms_sq(self.in_features, self.signs.double(), self.rows, n=self.embed_size,
+                           m=self.hadamard_size)
+            self._norm_cache = (key, sq.sqrt())
+        return self._norm_cache[1].to(self.signs.device, self.signs.dtype)
 
     def cosines(self, x: Tensor) -> Tensor:
         """(..., N) -> (..., C): ``cos(V_c, x) = V_c · x̂ / ‖V_c‖`` (for :func:`cosine_loss`)."""

@@ -34,7 +34,7 @@ from fyc_convert.errors import ExportError
 
 __all__ = ["HeadSpec", "build_head", "head_model", "head_op_census", "largest_head_constant"]
 
-# Radix of the Split/Add/Sub/Concat stages, by transform size. Measured (benchmarks/head_onnx.py, each head
+# Radix of the Split/Add/Sub/Concat stages, by transform size. Measured (onnxruntime, 1 thread, each head
 # right after the Gemm): at batch 1 fewer nodes win (radix-2 up to 64 points, radix-4 beats radix-8 by ~12%
 # at 1024 points and ~4% at 32768); at batch 64 fewer passes over the batch win from 2^13 points on
 # (radix-8 beats radix-4 by ~10% at 32768 points; radix-16 another ~8%, but +20% at batch 1).

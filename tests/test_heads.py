@@ -211,6 +211,12 @@ def test_cosines_are_normalised_dot_products():
     expected = _unit(x) @ (v / v.norm(dim=1, keepdim=True)).T
     assert torch.allclose(head.cosines(x), expected, atol=1e-5)
     assert head.cosines(x).abs().max().item() <= 1.0 + 1e-6
+    # the cached norms follow a state_dict with other rows
+    other = HadamardHead(100, 20, rows=torch.arange(60, 80), hadamard_size=head.hadamard_size)
+    head.load_state_dict(other.state_dict())
+    v = head.class_vectors()
+    assert torch.allclose(head.class_vector_norms(), v.norm(dim=1), atol=1e-4)
+    assert torch.allclose(head.cosines(x), _unit(x) @ (v / v.norm(dim=1, keepdim=True)).T, atol=1e-5)
 
 
 def test_cosine_loss_values_and_gradient():
