@@ -241,6 +241,16 @@ def embed_fold(x: Tensor, signs: Tensor, *, n: int, m: int) -> Tensor:
     return _EmbedFold.apply(x, signs.to(x.dtype), n, m)
 
 
+def _as_slice(rows: Tensor) -> slice | None:
+    """``rows`` as a slice when it is a contiguous ascending range on the CPU (a copy beats a gather)."""
+    if rows.device.type != "cpu" or rows.numel() == 0:
+        return None
+    lo = int(rows[0])
+    if not torch.equal(rows, torch.arange(lo, lo + rows.numel(), dtype=rows.dtype)):
+        return None
+    return slice(lo, lo + rows.numel())
+
+
 class _Project(torch.autograd.Function):
     """``(H_m · F · x)[rows]`` as one autograd node, block by block so each block stays in cache.
 
@@ -260,6 +270,7 @@ class _Project(torch.autograd.Function):
         ping = torch.empty((block, m), dtype=x.dtype, device=x.device)
         pong = torch.empty_like(ping)
         emb = torch.empty((block, n), dtype=x.dtype, device=x.device) if big_n < n and n > m else None
+        span = _as_slice(rows)
         for r0 in range(0, total, block):
             xb = flat[r0 : r0 + block]
             b = xb.shape[0]
@@ -277,7 +288,10 @@ class _Project(torch.autograd.Function):
                 torch.sum(src.view(b, n // m, m), dim=1, out=q)
                 y = q
             res = y if m == 1 else _stages(y, p, q)  # (b, m) = H_m F x
-            torch.index_select(res, 1, rows, out=out[r0 : r0 + block])
+            if span is not None:
+                out[r0 : r0 + block] = res[:, span]
+            else:
+                torch.index_select(res, 1, rows, out=out[r0 : r0 + block])
         return out.view(*x.shape[:-1], rows.numel())
 
     @staticmethod
@@ -290,10 +304,15 @@ class _Project(torch.autograd.Function):
         block = _block_rows(total, n, flat)
         ping = torch.empty((block, m), dtype=grad.dtype, device=grad.device)
         pong = torch.empty_like(ping)
+        span = _as_slice(rows)
         for r0 in range(0, total, block):
             gb = flat[r0 : r0 + block]
             p, q = ping[: gb.shape[0]], pong[: gb.shape[0]]
-            q.zero_().index_copy_(1, rows, gb)  # (b, m): gradient of every transform output
+            q.zero_()  # (b, m): gradient of every transform output
+            if span is not None:
+                q[:, span] = gb
+            else:
+                q.index_copy_(1, rows, gb)
             res = q if m == 1 else _stages(q, p, q)
             out[r0 : r0 + block] = _embed_fold_adjoint_2d(res, signs, in_features, n)
         return out.view(*grad.shape[:-1], in_features), None, None, None, None

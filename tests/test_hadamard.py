@@ -126,11 +126,12 @@ def test_embed_fold_gradcheck_and_bad_sizes():
         embed_fold(x, signs[:2], n=8, m=8)
 
 
+@pytest.mark.parametrize("contiguous", [False, True])
 @pytest.mark.parametrize("big_n, n, m", [(5, 8, 8), (12, 12, 4), (12, 16, 8), (16, 16, 16), (3, 64, 64)])
-def test_hadamard_project_matches_transform_then_gather(big_n: int, n: int, m: int):
+def test_hadamard_project_matches_transform_then_gather(big_n: int, n: int, m: int, contiguous: bool):
     g = _gen(9)
     signs = torch.randint(0, 2, (n - big_n,), generator=g).double() * 2 - 1
-    rows = torch.randperm(m, generator=g)[: max(1, m // 2)]
+    rows = torch.arange(1, 1 + m // 2) if contiguous else torch.randperm(m, generator=g)[: max(1, m // 2)]
     x = torch.randn(3, 2, big_n, dtype=torch.float64, generator=g, requires_grad=True)
     out = hadamard_project(x, signs, rows, n=n, m=m)
     dense = sylvester(m, dtype=torch.float64)[rows] @ embedding_matrix(big_n, signs, n=n, m=m)  # (C, N)
