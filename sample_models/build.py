@@ -2,6 +2,8 @@
 
     python -m sample_models.build [--only digits|glyphs|tabular]
 
+    python -m sample_models.build --out-dir /tmp/samples      # elsewhere, to compare with the shipped files
+
 Writes sample_models/{digits.npz, tabular.npz, digits_cnn.pt, glyph_cnn.pt, tabular_mlp.pt} and the
 generated glyph data sample_models/data/glyphs.npz. Each checkpoint is
 {"state_dict": ..., "meta": {...}} with plain Python types in meta, loadable with weights_only=True.
@@ -113,8 +115,9 @@ def _fit_and_save(
     data: dict[str, np.ndarray],
     meta: dict,
     cfg: TrainConfig,
+    out_dir: Path,
 ) -> dict:
-    """Train `builder(**arch_kwargs)` on `data`, measure val accuracy, save HERE/name.pt; returns a summary."""
+    """Train `builder(**arch_kwargs)` on `data`, measure val accuracy, save out_dir/name.pt; returns a summary."""
     _deterministic(SEED)
     model = builder(**arch_kwargs)
     x_train, x_val = normalise(data["x_train"], meta), normalise(data["x_val"], meta)
@@ -127,7 +130,7 @@ def _fit_and_save(
         "arch_kwargs": arch_kwargs,
         "val_accuracy": round(val_accuracy, 6),
     }
-    path = HERE / f"{name}.pt"
+    path = out_dir / f"{name}.pt"
     torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.fc.parameters())
@@ -142,8 +145,16 @@ def _fit_and_save(
     }
 
 
-def build_digits() -> dict:
-    """sklearn's UCI digits: 8x8 images scaled to [0, 1], seeded stratified 80/20 split, small CNN."""
+def build_digits(*, out_dir: Path = HERE) -> dict:
+    """sklearn's UCI digits: 8x8 images scaled to [0, 1], seeded stratified 80/20 split, small CNN.
+
+    Args:
+        out_dir: writes digits.npz and digits_cnn.pt there.
+
+    Returns:
+        A summary: checkpoint path, val_accuracy, params, classifier_params, classifier_share,
+        train_seconds, bytes.
+    """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -152,7 +163,7 @@ def build_digits() -> dict:
     y = bunch.target.astype(np.int64)
     x_train, x_val, y_train, y_val = train_test_split(x, y, test_size=0.2, stratify=y, random_state=SEED)
     data = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val}
-    np.savez_compressed(HERE / "digits.npz", **data)
+    np.savez_compressed(out_dir / "digits.npz", **data)
     mean, std = _channel_stats(x_train)
     meta = {
         "input_shape": [1, 8, 8],
@@ -164,12 +175,19 @@ def build_digits() -> dict:
     cfg = TrainConfig(epochs=30, lr=3e-3, batch_size=64, max_shift=1)
     return _fit_and_save(
         name="digits_cnn", builder=archs.digits_cnn, arch_kwargs={"num_classes": 10, "width": 16},
-        data=data, meta=meta, cfg=cfg,
+        data=data, meta=meta, cfg=cfg, out_dir=out_dir,
     )
 
 
-def build_tabular() -> dict:
-    """sklearn's breast cancer (Wisconsin diagnostic) table: 30 standardised features, 2 classes, MLP."""
+def build_tabular(*, out_dir: Path = HERE) -> dict:
+    """sklearn's breast cancer (Wisconsin diagnostic) table: 30 standardised features, 2 classes, MLP.
+
+    Args:
+        out_dir: writes tabular.npz and tabular_mlp.pt there.
+
+    Returns:
+        A summary as build_digits returns.
+    """
     from sklearn.datasets import load_breast_cancer
     from sklearn.model_selection import train_test_split
 
@@ -184,7 +202,7 @@ def build_tabular() -> dict:
         "x_val": ((x_val - mean) / std).astype(np.float32),
         "y_val": y_val,
     }
-    np.savez_compressed(HERE / "tabular.npz", **data)
+    np.savez_compressed(out_dir / "tabular.npz", **data)
     meta = {
         "input_shape": [x.shape[1]],
         "classes": [str(c) for c in bunch.target_names],
@@ -194,13 +212,20 @@ def build_tabular() -> dict:
     return _fit_and_save(
         name="tabular_mlp", builder=archs.tabular_mlp,
         arch_kwargs={"in_features": x.shape[1], "num_classes": 2, "hidden": [64, 64]},
-        data=data, meta=meta, cfg=cfg,
+        data=data, meta=meta, cfg=cfg, out_dir=out_dir,
     )
 
 
-def build_glyphs() -> dict:
-    """1,200 Unicode glyphs rendered from seven DejaVu Sans faces; validation on the held-out eighth face."""
-    path = glyphs.render_glyph_dataset(glyphs.DEFAULT_OUT)
+def build_glyphs(*, out_dir: Path = HERE) -> dict:
+    """1,200 Unicode glyphs rendered from seven DejaVu Sans faces; validation on the held-out eighth face.
+
+    Args:
+        out_dir: writes glyph_cnn.pt there and the rendered data to out_dir/data/glyphs.npz.
+
+    Returns:
+        A summary as build_digits returns.
+    """
+    path = glyphs.render_glyph_dataset(out_dir / "data" / "glyphs.npz")
     with np.load(path) as npz:
         data = {k: npz[k] for k in ("x_train", "y_train", "x_val", "y_val")}
         classes = [str(c) for c in npz["classes"]]
@@ -219,7 +244,7 @@ def build_glyphs() -> dict:
     return _fit_and_save(
         name="glyph_cnn", builder=archs.glyph_cnn,
         arch_kwargs={"num_classes": len(classes), "width": 16, "embed": 256, "image_size": glyphs.IMAGE_SIZE},
-        data=data, meta=meta, cfg=cfg,
+        data=data, meta=meta, cfg=cfg, out_dir=out_dir,
     )
 
 
@@ -229,9 +254,11 @@ BUILDERS = {"digits": build_digits, "glyphs": build_glyphs, "tabular": build_tab
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(BUILDERS), help="rebuild one sample (default: all)")
+    parser.add_argument("--out-dir", type=Path, default=HERE, help=f"where to write (default {HERE})")
     args = parser.parse_args(argv)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     for name in [args.only] if args.only else BUILDERS:
-        summary = BUILDERS[name]()
+        summary = BUILDERS[name](out_dir=args.out_dir)
         print(
             f"{name}: val accuracy {summary['val_accuracy']:.4f}, params {summary['params']:,} "
             f"(classifier {summary['classifier_params']:,} = {summary['classifier_share']:.1%}), "
