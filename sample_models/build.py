@@ -1,8 +1,6 @@
 """Rebuild the sample models' data and checkpoints, deterministically (seeded, 1 CPU thread).
 
-    python -m sample_models.build [--only digits|glyphs|tabular]
-
-    python -m sample_models.build --out-dir /tmp/samples      # elsewhere, to compare with the shipped files
+    python -m sample_models.build [--only digits|glyphs|tabular] [--out-dir DIR]
 
 Writes sample_models/{digits.npz, tabular.npz, digits_cnn.pt, glyph_cnn.pt, tabular_mlp.pt} and the
 generated glyph data sample_models/data/glyphs.npz. Each checkpoint is
@@ -13,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +37,20 @@ class TrainConfig:
     max_shift: int = 0  # random translation of image batches by up to this many pixels (0: none)
 
 
-def _deterministic(seed: int) -> None:
+@contextmanager
+def _deterministic(seed: int) -> Iterator[None]:
+    """Seed torch, use one thread and deterministic algorithms inside; restore the previous settings after."""
+    threads, strict, rng = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.get_rng_state()
     torch.manual_seed(seed)
     # one thread: bit-reproducible, and on a busy machine 2 threads spend most of their time spin-waiting
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(strict)
+        torch.set_rng_state(rng)
 
 
 def _shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -118,12 +126,12 @@ def _fit_and_save(
     out_dir: Path,
 ) -> dict:
     """Train `builder(**arch_kwargs)` on `data`, measure val accuracy, save out_dir/name.pt; returns a summary."""
-    _deterministic(SEED)
-    model = builder(**arch_kwargs)
     x_train, x_val = normalise(data["x_train"], meta), normalise(data["x_val"], meta)
     y_train, y_val = torch.from_numpy(data["y_train"]), torch.from_numpy(data["y_val"])
-    seconds = train(model, x_train, y_train, cfg, seed=SEED)
-    val_accuracy = accuracy(model, x_val, y_val)
+    with _deterministic(SEED):
+        model = builder(**arch_kwargs)
+        seconds = train(model, x_train, y_train, cfg, seed=SEED)
+        val_accuracy = accuracy(model, x_val, y_val)
     meta = {
         **meta,
         "arch": f"sample_models.archs:{builder.__name__}",

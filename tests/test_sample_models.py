@@ -87,7 +87,9 @@ def test_tabular_data_is_standardised() -> None:
 
 
 def test_rebuilding_the_tabular_sample_reproduces_the_shipped_files(tmp_path: Path) -> None:
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     summary = build_tabular(out_dir=tmp_path)
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, strict)
     with np.load(SAMPLES / "tabular.npz") as shipped, np.load(tmp_path / "tabular.npz") as rebuilt:
         assert shipped.files == rebuilt.files
         for key in shipped.files:
