@@ -225,8 +225,8 @@ def calibrate(
     teacher: nn.Module | None = None,
     distill: bool = False,
     temperature: float = 4.0,
-    max_samples: int = 50_000,
-    max_iter: int = 100,
+    max_samples: int = 20_000,
+    max_iter: int = 50,
     batch_size: int = 256,
     seed: int = 0,
 ) -> Calibration:
