@@ -63,8 +63,8 @@ class FinetuneConfig:
     lr: float | None = None  # peak learning rate; None: 0.01 for "sgd"/"class-lr", 1e-3 for "adamw"
     batch_size: int = 64  # samples per step and per process (under torchrun each rank takes this many)
     optimizer: Literal["sgd", "adamw", "class-lr"] = "sgd"  # SGD with momentum, AdamW, or per-class rates
-    momentum: float = 0.9  # SGD momentum (ignored by adamw and class-lr)
-    weight_decay: float = 5e-4  # L2 on every trained parameter, α included (as in the paper); 0 disables
+    momentum: float = 0.9  # SGD momentum (adamw and class-lr do not use it)
+    weight_decay: float = 5e-4  # on every trained parameter, α included (as in the paper); class-lr: none
     cosine: bool = True  # cosine decay of the learning rate to 0 over all steps; False: constant
     distill: bool = False  # learn from the teacher's softened logits (KL), plus cross-entropy when labelled
     temperature: float = 4.0  # softening temperature T of the distillation KL (the KL is scaled by T²)
