@@ -83,19 +83,21 @@ def _stage_range(src: Tensor, first: Tensor, second: Tensor, h_hi: int, h_lo: in
     return src
 
 
-def _stages(src: Tensor, first: Tensor, second: Tensor) -> Tensor:
-    """All log2(n) stages of the unnormalized WHT on a (b, n) block, n >= 2; returns the buffer holding it.
+def _stages(src: Tensor, first: Tensor, second: Tensor, *, top: int | None = None) -> Tensor:
+    """The WHT stages of stride h < top (default all log2(n)) on a (b, n) block; returns the buffer holding it.
 
-    The stages on the high bits run in place order (contiguous runs of >= _LOW elements); then the block is
-    transposed (b, n/_LOW, _LOW) -> (b, _LOW, n/_LOW) so the low bits become high ones, their stages run,
-    and it is transposed back. Stage order is irrelevant (H_n = H_2 ⊗ … ⊗ H_2). Every stage and transpose
-    writes into the other buffer, starting with ``first``: after log2(n) + 2 (or log2(n)) writes, the result
-    is in ``first`` exactly when log2(n) is odd. ``src`` must not alias ``first``.
+    With ``top = T < n`` this applies ``I_{n/T} ⊗ H_T`` (the low log2(T) bits only). The stages on the high
+    bits run in place order (contiguous runs of >= _LOW elements); then the block is transposed
+    (b, n/_LOW, _LOW) -> (b, _LOW, n/_LOW) so the low bits become high ones, their stages run, and it is
+    transposed back. Stage order is irrelevant (H = H_2 ⊗ … ⊗ H_2). Every stage and transpose writes into
+    the other buffer, starting with ``first``: for top = n the result is in ``first`` exactly when log2(n)
+    is odd. ``src`` must not alias ``first``.
     """
     b, n = src.shape
-    if n < 16 * _LOW:
-        return _stage_range(src, first, second, n // 2, 1)
-    res = _stage_range(src, first, second, n // 2, _LOW)  # high bits, h >= _LOW
+    top = n if top is None else top
+    if top < 16 * _LOW:
+        return _stage_range(src, first, second, top // 2, 1)
+    res = _stage_range(src, first, second, top // 2, _LOW)  # high bits, h >= _LOW
     other = second if res is first else first
     other.view(b, _LOW, n // _LOW).copy_(res.view(b, n // _LOW, _LOW).transpose(1, 2))
     res = _stage_range(other, res, other, n // 2, n // _LOW)  # the low bits, now on top
@@ -241,6 +243,18 @@ def embed_fold(x: Tensor, signs: Tensor, *, n: int, m: int) -> Tensor:
     return _EmbedFold.apply(x, signs.to(x.dtype), n, m)
 
 
+def _copy_table(signs: Tensor, in_features: int, n: int) -> Tensor:
+    """(k, N) table ``E = H_k · S`` for a tile of k = n/N whole copies, S = [1; signs] (k, N).
+
+    ``H_n x̃ = (I_k ⊗ H_N)(E ⊙ x)`` (rows of the (k, N) view), so the stages over the k copies never run:
+    the embedding multiplies x by the integers E (|E| <= k) instead of by the ±1 signs — the same number
+    of multiplications, log2(k) fewer add/sub stages.
+    """
+    k = n // in_features
+    s = torch.cat([torch.ones(1, in_features, dtype=signs.dtype, device=signs.device), signs.view(k - 1, in_features)])
+    return _fwht_2d(s.T.contiguous()).T.contiguous()  # (k, N): transform over the copy index
+
+
 def _as_slice(rows: Tensor) -> slice | None:
     """``rows`` as a slice when it is a contiguous ascending range on the CPU (a copy beats a gather)."""
     if rows.device.type != "cpu" or rows.numel() == 0:
@@ -255,8 +269,9 @@ class _Project(torch.autograd.Function):
     """``(H_m · F · x)[rows]`` as one autograd node, block by block so each block stays in cache.
 
     Forward per block: embed into a work buffer, fold, the add/sub stages, gather the C rows; the (B, m)
-    transform is never materialized. Backward: scatter the C gradients into m zeros, the same stages
-    (H is symmetric), then the adjoint of embed+fold.
+    transform is never materialized. When the tile is k whole copies of x (n == m, N | n), the copy-axis
+    stages are folded into the embedding by :func:`_copy_table`. Backward: scatter the C gradients into m
+    zeros, the same stages (H is symmetric), then the adjoint of the embedding.
     """
 
     @staticmethod
@@ -271,12 +286,18 @@ class _Project(torch.autograd.Function):
         pong = torch.empty_like(ping)
         emb = torch.empty((block, n), dtype=x.dtype, device=x.device) if big_n < n and n > m else None
         span = _as_slice(rows)
+        table = _copy_table(signs, big_n, n) if big_n < n == m and n % big_n == 0 else None
+        ctx.table = table
         for r0 in range(0, total, block):
             xb = flat[r0 : r0 + block]
             b = xb.shape[0]
             p, q = ping[:b], pong[:b]
+            top = None
             if n == m == big_n:
                 y = xb
+            elif table is not None:  # whole copies: E ⊙ x, the copy-axis stages are done
+                torch.mul(xb.unsqueeze(1), table, out=q.view(b, n // big_n, big_n))
+                y, top = q, big_n
             elif n == m:
                 _embed_into(xb, signs, q)  # (b, m)
                 y = q
@@ -287,7 +308,7 @@ class _Project(torch.autograd.Function):
                     src = emb[:b]
                 torch.sum(src.view(b, n // m, m), dim=1, out=q)
                 y = q
-            res = y if m == 1 else _stages(y, p, q)  # (b, m) = H_m F x
+            res = y if m == 1 else _stages(y, p, q, top=top)  # (b, m) = H_m F x
             if span is not None:
                 out[r0 : r0 + block] = res[:, span]
             else:
@@ -313,8 +334,13 @@ class _Project(torch.autograd.Function):
                 q[:, span] = gb
             else:
                 q.index_copy_(1, rows, gb)
-            res = q if m == 1 else _stages(q, p, q)
-            out[r0 : r0 + block] = _embed_fold_adjoint_2d(res, signs, in_features, n)
+            if ctx.table is not None:  # adjoint of (I ⊗ H_N)(E ⊙ x): low stages, then Σ_copies E ⊙ .
+                res = _stages(q, p, q, top=in_features)
+                k = n // in_features
+                out[r0 : r0 + block] = (res.view(-1, k, in_features) * ctx.table).sum(dim=1)
+            else:
+                res = q if m == 1 else _stages(q, p, q)
+                out[r0 : r0 + block] = _embed_fold_adjoint_2d(res, signs, in_features, n)
         return out.view(*grad.shape[:-1], in_features), None, None, None, None
 
 

@@ -127,7 +127,9 @@ def test_embed_fold_gradcheck_and_bad_sizes():
 
 
 @pytest.mark.parametrize("contiguous", [False, True])
-@pytest.mark.parametrize("big_n, n, m", [(5, 8, 8), (12, 12, 4), (12, 16, 8), (16, 16, 16), (3, 64, 64)])
+@pytest.mark.parametrize(
+    "big_n, n, m", [(5, 8, 8), (12, 12, 4), (12, 16, 8), (16, 16, 16), (3, 64, 64), (4, 16, 16), (256, 512, 512)]
+)
 def test_hadamard_project_matches_transform_then_gather(big_n: int, n: int, m: int, contiguous: bool):
     g = _gen(9)
     signs = torch.randint(0, 2, (n - big_n,), generator=g).double() * 2 - 1

@@ -14,7 +14,7 @@ from torch import nn
 
 import fyc_convert.heads as heads_mod
 from fyc_convert.errors import HeadError
-from fyc_convert.hadamard import next_pow2, sylvester
+from fyc_convert.hadamard import embedding_matrix, next_pow2, sylvester
 from fyc_convert.heads import HadamardHead, OrthogonalHead, cosine_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +71,7 @@ def test_reference_equivalence(big_n: int, c: int, dtype: torch.dtype, tol: floa
 @example(big_n=2, c=8192)
 @example(big_n=5, c=8192)
 @example(big_n=1664, c=1000)
+@example(big_n=256, c=600)
 def test_property_default_head(big_n: int, c: int):
     try:
         head = HadamardHead(big_n, c).double()
@@ -84,6 +85,10 @@ def test_property_default_head(big_n: int, c: int):
     v = head.class_vectors()
     assert v.shape == (c, big_n)
     assert torch.equal(v, v.round())
+    m, n = head.hadamard_size, head.embed_size
+    if m <= 2048:  # independent dense check: V = H_m[rows] · F
+        f = embedding_matrix(big_n, head.signs, n=n, m=m)
+        assert torch.equal(v, sylvester(m, dtype=torch.float64)[head.rows] @ f)
     assert _distinct_rows(v)
     assert bool((v.abs().sum(dim=1) > 0).all())
     assert 0 not in head.rows.tolist()
