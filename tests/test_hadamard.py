@@ -140,7 +140,8 @@ def test_hadamard_project_matches_transform_then_gather(big_n: int, n: int, m: i
     assert out.shape == (3, 2, rows.numel())
     assert torch.allclose(out, x @ dense.T, atol=1e-10)
     assert torch.allclose(out, fwht(embed_fold(x, signs, n=n, m=m))[..., rows], atol=1e-10)
-    assert torch.autograd.gradcheck(lambda t: hadamard_project(t, signs, rows, n=n, m=m), (x,))
+    x1 = x[0, :1].detach().clone().requires_grad_(True)  # (1, N): gradcheck costs one forward per input
+    assert torch.autograd.gradcheck(lambda t: hadamard_project(t, signs, rows, n=n, m=m), (x1,))
 
 
 def test_hadamard_project_many_rows_spans_cpu_blocks():
