@@ -1,8 +1,8 @@
 """The Hadamard head as an ONNX subgraph of add/sub butterflies (no MatMul, Gemm or Conv).
 
 Math (docs/design.md): ``logits = scale / (‖x‖ + eps) · (H_m · fold(embed(x)))[rows] + bias``. The
-normalisation is applied to the C outputs instead of the N inputs (the map is linear in x, so both orders
-give the same function) and α is folded into that per-sample factor: ``z[rows] · (α / (‖x‖ + eps)) + b``.
+normalisation and α are one per-sample factor α / (‖x‖ + eps), applied to whichever of the N inputs and
+the C outputs is smaller (the map is linear in x, so both orders give the same function).
 The only multiplies are x·x for the norm, that one by the factor, and the ±1 sign flip of "tile".
 
 Layout decides onnxruntime speed (benchmarks/head_onnx.py measures it against the Gemm head):
@@ -289,10 +289,17 @@ def build_head(
     den = ops.op1("Add", [ops.op1("Sqrt", [sq]), ops.const("eps", np.asarray(spec.eps, dtype))])
     factor = ops.op1("Div", [ops.const("scale", np.asarray(spec.scale, dtype)), den])
 
+    # The factor multiplies the smaller end: the (B, N) input when C > N (at N=512, C=32000, batch 64 the
+    # (B, C) multiply was an 8 MB pass of ~8 ms), else the (B, C) output.
+    scale_input = c > n_feat
+    if scale_input:
+        x = ops.op1("Mul", [x, factor])
+
     # The transform runs batch-minor, on (m, B): every Split/Concat/Gather moves runs of (multiples of) B floats.
     z, size_lo, size_hi = _wht(ops, _embed_fold(ops, x, spec), spec.hadamard_size)
-    picked = ops.op1("Transpose", [_pick_rows(ops, z, spec.rows, size_lo, size_hi)], attrs={"perm": [1, 0]})
-    logits = ops.op1("Mul", [picked, factor])  # (B, C)
+    logits = ops.op1("Transpose", [_pick_rows(ops, z, spec.rows, size_lo, size_hi)], attrs={"perm": [1, 0]})
+    if not scale_input:
+        logits = ops.op1("Mul", [logits, factor])  # (B, C)
     if spec.bias is not None:
         logits = ops.op1("Add", [logits, ops.const("bias", spec.bias.astype(dtype))])
     if rank != 2:
