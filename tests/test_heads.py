@@ -391,3 +391,28 @@ def test_coherence_above_the_exact_limit_is_a_seeded_sample(monkeypatch: pytest.
 def test_empty_batch():
     head = HadamardHead(100, 20)
     assert head(torch.zeros(0, 100)).shape == (0, 20)
+
+
+def test_from_linear_widens_the_transform_only_when_calibration_agrees_better():
+    # The shipped digits CNN (N=64, C=10): 63 candidate rows at m=64 start far from the trained layer;
+    # m=128 offers 127 and calibrates to much higher agreement, so from_linear picks it.
+    from pathlib import Path
+
+    from fyc_convert.loading import load_model
+
+    root = Path(__file__).resolve().parents[1] / "sample_models"
+    loaded = load_model(root / "digits_cnn.pt", arch="sample_models.archs:digits_cnn")
+    model, meta = loaded.model, loaded.meta
+    x = torch.from_numpy(np.load(root / "digits.npz")["x_train"][:1024]).float()
+    x = (x - meta["mean"][0]) / meta["std"][0]  # the normalisation the sample model expects
+    feats = model.features(x).detach()  # (S, 64): the classifier's inputs
+    head = HadamardHead.from_linear(model.fc, features=feats)
+    base = HadamardHead.from_linear(model.fc, features=feats, hadamard_size=64)
+    wide = HadamardHead.from_linear(model.fc, features=feats, hadamard_size=128)
+    target = model.fc(feats).argmax(1)
+    a_base = heads_mod._calibrated_agreement(base, feats.double(), target)
+    a_wide = heads_mod._calibrated_agreement(wide, feats.double(), target)
+    assert a_wide > a_base + heads_mod._WIDEN_MARGIN  # measured: 0.90 vs 0.98
+    assert head.hadamard_size == 128 and torch.equal(head.rows, wide.rows)
+    # Without features there is nothing to compare: the base size is kept.
+    assert HadamardHead.from_linear(model.fc).hadamard_size == 64
