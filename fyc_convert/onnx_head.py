@@ -12,11 +12,12 @@ Layout decides onnxruntime speed (benchmarks/head_onnx.py measures it against th
   Transposes of a batch are cheap;
 - the "tile" embedding is log2(n/N) doubling Concats of x and one Mul by the ±1 signs (n elements); "pad"
   is one Pad;
-- the m-point transform views its index as (hi, lo) bit halves, runs radix-4 Split/Add/Sub/Concat stages
+- transforms of ≤ 64 points run radix-2 Split/Add/Sub/Concat stages (node count is all that matters
+  there), those of ≤ 4096 points radix-4 stages, all in natural order (their Split/Concat runs of
+  2^bit·B floats are long enough); larger ones view the index as (hi, lo) bit halves, run radix-4 stages
   (radix-8 from 8192 points) on the high bits, so that every Split/Concat moves runs of ≥ 2^|lo|·B floats
-  rather than the 1–4 floats of naive radix-2 stages, transposes once so that the low bits become the
-  high ones, and runs their stages the same way; transforms of ≤ 64 points skip the Transpose and use
-  radix-2 stages (node count is all that matters there);
+  rather than the 1–4 floats of the lowest bits, transpose once so that the low bits become the high
+  ones, and run their stages the same way;
 - contiguous class rows (the default) are one Transpose back to natural order and one Slice; other rows
   are one Gather (of rows of B floats) at their transposed positions; one Transpose gives (B, C).
 """
@@ -39,10 +40,14 @@ __all__ = ["HeadSpec", "build_head", "head_model", "head_op_census", "largest_he
 # at 1024 points and ~4% at 32768); at batch 64 fewer passes over the batch win from 2^13 points on
 # (radix-8 beats radix-4 by ~10% at 32768 points; radix-16 another ~8%, but +20% at batch 1).
 _SMALL_RADIX_BITS = 1
+_SMALL_MAX_BITS = 6
 _RADIX_BITS = 2
 _LARGE_RADIX_BITS = 3
 _LARGE_MIN_BITS = 13
-_TRANSPOSE_MIN_BITS = 6  # transforms of up to 2^6 points run without the mid Transpose
+# Transforms of up to 2^12 points run without the mid Transpose. Measured (1 thread, after the Gemm, batch
+# 64 / 1): 1024 points 410 / 86 us without vs 433 / 90 us with it; 4096 points 2.0 / 0.093 ms vs 2.2 /
+# 0.094 ms; at 8192 points and up the Transpose wins (5.2 vs 6.0 ms at batch 64).
+_TRANSPOSE_MIN_BITS = 12
 
 
 @dataclass(frozen=True)
@@ -219,8 +224,8 @@ def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
 
     The natural output index k = hi · 2^p_lo + lo (p_lo low bits) is split in two halves; the high half's
     stages run first on runs of 2^p_lo·B floats, one Transpose makes the low half the high one, and its
-    stages run on runs of 2^p_hi·B floats. Up to m = 2^_TRANSPOSE_MIN_BITS the rows are so short that the
-    Transpose costs more than it saves: p_lo = 0 and all stages run in natural order.
+    stages run on runs of 2^p_hi·B floats. Up to m = 2^_TRANSPOSE_MIN_BITS the Transpose costs more than
+    it saves: p_lo = 0 and all stages run in natural order.
 
     Returns:
         (z, 2^p_lo, 2^p_hi): z holds output k = hi · 2^p_lo + lo at row lo · 2^p_hi + hi (natural order
@@ -229,7 +234,7 @@ def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
     p = m.bit_length() - 1
     p_lo = p // 2 if p > _TRANSPOSE_MIN_BITS else 0
     p_hi = p - p_lo
-    if not p_lo:
+    if p <= _SMALL_MAX_BITS:
         max_bits = _SMALL_RADIX_BITS
     else:
         max_bits = _LARGE_RADIX_BITS if p >= _LARGE_MIN_BITS else _RADIX_BITS
