@@ -10,10 +10,10 @@ model in DistributedDataParallel, reduce metrics across ranks, and only rank 0 w
 head has no weight matrix, so the gradient all-reduced per step shrinks by the classifier's C×N weights
 (`gradient_bytes`).
 
-Determinism: shuffling is a function of (seed, epoch) and dropout draws from the global RNG seeded with
-`seed + rank` inside `torch.random.fork_rng` (the caller's RNG state is left as it was); the per-epoch
-checkpoint saves that RNG state, so on CPU an interrupted and resumed run ends with the same weights as an
-uninterrupted one.
+Determinism: shuffling is a function of (seed, epoch), and dropout draws from the global RNG reseeded at every
+epoch from (seed, epoch, rank) inside `torch.random.fork_rng` (the caller's RNG state is left as it was), so on
+CPU an interrupted and resumed run ends with the same weights as an uninterrupted one. Only rank 0 needs
+`out_dir`: it reads the checkpoint to resume and sends it to the other ranks, and it alone writes.
 """
 
 from __future__ import annotations
@@ -398,7 +398,7 @@ def finetune(
     world, rank = _world()
     _check_config(config, data, teacher, world)
     ckpt = Path(config.out_dir) / CHECKPOINT_NAME if config.out_dir is not None else None
-    state = _load_checkpoint(ckpt, config, world) if config.resume else None
+    state = _resume_state(ckpt, config, world, rank) if config.resume else None
     model.to(device)
     if teacher is not None:
         teacher.to(device).eval()
@@ -436,13 +436,11 @@ def finetune(
 
     cuda_devices = [device.index] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
-        if state is not None:
-            _set_rng(state["rng"][rank])
-        else:
-            torch.manual_seed(config.seed + rank)
+        if state is None:
             _save_checkpoint(ckpt, model, None, None, 0, history, config, world, rank)
         for epoch in range(start, config.epochs):
             sampler_gen.manual_seed(config.seed * 1_000_003 + epoch)  # shuffle order = f(seed, epoch)
+            torch.manual_seed((config.seed * 1_000_003 + epoch) * 1_009 + rank)  # dropout = f(seed, epoch, rank)
             if world > 1:
                 sampler.set_epoch(epoch)
             model.train()
@@ -523,8 +521,6 @@ def _check_config(config: FinetuneConfig, data: DataBundle, teacher: nn.Module |
         raise TrainingError("class-lr needs labels (its rates are per class); use --optimizer sgd with --distill")
     if config.optimizer == "class-lr" and world > 1:
         raise TrainingError("class-lr does its own backward passes and does not run under torchrun; use sgd or adamw")
-    if config.resume and config.out_dir is None:
-        raise TrainingError("--resume needs the output folder of the interrupted run")
     if len(data.train) == 0:
         raise DataError(f"the training split of {data.source} is empty; add samples or change --val-split")
 
@@ -599,29 +595,10 @@ def _world() -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state() -> dict[str, Tensor]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng(state: dict[str, Tensor]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def _save_checkpoint(path: Path | None, model: nn.Module, opt, sched, epoch: int, history: list[EpochStats],
                      config: FinetuneConfig, world: int, rank: int) -> None:
-    """Rank 0 writes model/optimizer/scheduler/epoch/RNG (every rank's) atomically; every rank must call."""
-    if path is None:
-        return
-    rng = [_rng_state()]
-    if world > 1:
-        rng = [None] * world
-        dist.all_gather_object(rng, _rng_state())
-    if rank != 0:
+    """Rank 0 writes model/optimizer/scheduler/epoch/history atomically (no collective: ranks may differ in path)."""
+    if path is None or rank != 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -632,16 +609,31 @@ def _save_checkpoint(path: Path | None, model: nn.Module, opt, sched, epoch: int
         "model": model.state_dict(),
         "optimizer": opt.state_dict() if opt is not None else None,
         "scheduler": sched.state_dict() if sched is not None else None,
-        "rng": rng,
         "history": [asdict(h) for h in history],
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
+def _resume_state(path: Path | None, config: FinetuneConfig, world: int, rank: int) -> dict:
+    """Rank 0 reads the checkpoint and sends it (or its error) to every rank."""
+    payload: list[Any] = [None]
+    if rank == 0:
+        try:
+            payload = [_load_checkpoint(path, config, world)]
+        except TrainingError as e:
+            payload = [str(e)]
+    if world > 1:
+        dist.broadcast_object_list(payload, src=0)
+    if isinstance(payload[0], str):
+        raise TrainingError(payload[0])
+    return payload[0]
+
+
 def _load_checkpoint(path: Path | None, config: FinetuneConfig, world: int) -> dict:
     """Read the checkpoint to resume from and check that it fits this run."""
-    assert path is not None  # _check_config: resume needs out_dir
+    if path is None:
+        raise TrainingError("--resume needs the output folder of the interrupted run")
     if not path.is_file():
         raise TrainingError(f"no checkpoint to resume at {path}; run without --resume to start over")
     try:

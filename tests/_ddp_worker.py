@@ -80,8 +80,9 @@ def main() -> None:
     cal = None
     if not args.resume:
         cal = calibrate(model, head, bundle.train, device="cpu")
-    config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=0.05, device="cpu", out_dir=args.out,
-                            resume=args.resume)
+    # like the CLI, only rank 0 is given the checkpoint folder
+    config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=0.05, device="cpu",
+                            out_dir=args.out if rank == 0 else None, resume=args.resume)
     progress = _KillAt(args.kill_at_step) if args.kill_at_step else None
     result = finetune(model, head, bundle, config, progress=progress)
     args.result.mkdir(parents=True, exist_ok=True)
@@ -89,6 +90,7 @@ def main() -> None:
                 "history": [dataclasses.asdict(h) for h in result.history],
                 "final": dataclasses.asdict(result.final) if result.final else None,
                 "world_size": result.world_size,
+                "resumed_from_epoch": result.resumed_from_epoch,
                 "calibration": dataclasses.asdict(cal) if cal else None},
                args.result / f"rank{rank}.pt")
     if dist.is_initialized():

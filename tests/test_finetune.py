@@ -436,6 +436,13 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert r0["final"]["accuracy"] == single.accuracy
     assert r0["final"]["samples"] == single.samples == 30
     assert r0["final"]["loss"] == pytest.approx(single.loss, rel=1e-5)
+    # resuming the finished run: rank 0 reads the checkpoint and hands it to rank 1
+    again = _run(cmd + ["--resume"], env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for r in range(2):
+        out = torch.load(res / f"rank{r}.pt", weights_only=True)
+        assert out["resumed_from_epoch"] == 2 and len(out["history"]) == 2
+        assert _same_weights_dict(out["state_dict"], r0["state_dict"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
