@@ -497,7 +497,5 @@ def test_digits_sample_fine_tuned_within_half_a_point_of_the_original(digits_run
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="α and b alone reach 89% on the shipped digits CNN (64 features, 10 classes): the "
-                          "backbone has to move for the fixed head; the issue's 95% is not reached", strict=False)
 def test_digits_sample_calibration_alone_reaches_95_percent(digits_run):
     assert digits_run["calibrated"] >= 0.95
