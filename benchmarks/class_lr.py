@@ -21,7 +21,7 @@ per-class gradients computed three ways.
     python benchmarks/class_lr.py [--seeds 5] [--jobs 2] [--epochs 100] [--skip-increment] [--skip-timing]
 
 Measured (5 seeds, 899 test samples each, so one sample is 0.11 point; busy shared 2-core machine, 1 thread per
-process, about 34 min wall there for all rows; CPU time suggests ~10 min on a quiet 2-core machine, not verified):
+process: ~34 min wall there, ~20 min of CPU in all, so ~10 min with --jobs 2 on a quiet 2-core machine (not verified)):
 
     model                        baseline %     class-lr %     delta  McNemar p (c:b)  seeds +/-  paper Optical
     Optical SELU                 96.73 ± 0.47   96.75 ± 0.46   +0.02  1.000 (2:1)      1/0        96.86 -> 96.91
@@ -31,10 +31,10 @@ process, about 34 min wall there for all rows; CPU time suggests ~10 min on a qu
     sample tabular MLP (ReLU)    96.49 ± 0.62   96.49 ± 0.62   +0.00  1.000 (0:0)      0/0        -
 
 Validation picked cutoff 10 on every seed. Per-class rates move the weights a lot (μ reaches 2-5 on some SELU
-weights; after 10 epochs a layer's largest weight change is 0.58 of its largest weight) but the final predictions
-differ on at most 3 test samples per row over all seeds: a consistent +1 sample, nowhere near significance. The
-paper's Optical gains are one test sample out of 1797, the same size. (Early on it does speed training up: after
-1 epoch, one seed, SELU 76.64 -> 77.42 %, McNemar p 0.04; that gap is gone by epoch 100.)
+weights; after 10 epochs the two runs' weights differ by up to 0.58 of a layer's largest weight) but the final
+predictions differ on at most 3 test samples per row over all seeds: a consistent +1 sample, nowhere near
+significance. The paper's Optical gains are one test sample out of 1797, the same size. (Early on it does speed
+training up: after 1 epoch, one seed, SELU 76.64 -> 77.42 %, McNemar p 0.04; that gap is gone by epoch 100.)
 """
 
 from __future__ import annotations
