@@ -29,6 +29,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise OutputError(f"cannot write into {path.parent}: {e.strerror}; choose a writable --output-dir") from e
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield tmp
         os.replace(tmp, path)
