@@ -132,6 +132,24 @@ def test_large_tiled_transform_matches_hadamard_head() -> None:
     np.testing.assert_allclose(_run(head_model(HeadSpec.from_module(head)), x.numpy()), want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("n_feat", "c", "variant"),
+    [(3000, 4000, "pad-shuffled-bias"), (3000, 5000, "tile-contiguous-nobias")],
+)
+def test_transforms_around_the_transpose_threshold_match_hadamard_head(n_feat: int, c: int, variant: str) -> None:
+    # 4096 points: the last size run in natural order; 8192: the first with the mid Transpose (radix-8)
+    head = _hadamard_head(n_feat, c, variant)
+    assert head.hadamard_size == (4096 if c < 4096 else 8192)
+    sess = ort.InferenceSession(head_model(HeadSpec.from_module(head)).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    x = torch.randn(64, n_feat, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = head(x).numpy()
+    for batch in (1, 3, 64):
+        out = sess.run(None, {"features": x[:batch].numpy()})[0]
+        np.testing.assert_allclose(out, want[:batch], atol=1e-4, rtol=0)
+
+
 def test_default_head_sizes_and_time_axis() -> None:
     head = _hadamard_head(2048, 1000, "tile-contiguous-bias")
     assert (head.hadamard_size, head.embed_size) == (1024, 2048)  # the fold: a 1024-point transform
