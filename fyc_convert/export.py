@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from fyc_convert.errors import ExportError
+from fyc_convert.surgery import eval_mode, logits_of
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the head builder uses opset-18 forms (Split num_outputs, Reduce* axes as an input)
@@ -101,31 +102,6 @@ class _Placeholder(nn.Module):
         self.calls += 1
         self.feature_rank = x.dim()
         return _HeadMarker.apply(x, self.num_classes)
-
-
-def logits_of(output: object) -> torch.Tensor:
-    """The logits in a model's output: a tensor, `.logits`, a dict's "logits", or a tuple's first element."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(getattr(output, "logits", None), torch.Tensor):
-        return output.logits
-    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise ExportError(f"cannot find logits in the model's output ({type(output).__name__}); return a tensor (B, C)")
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode, then restore each one's own mode (mixed modes survive)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 class _LogitsOnly(nn.Module):

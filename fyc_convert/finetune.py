@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from fyc_convert.data import DataBundle
 from fyc_convert.errors import DataError, TrainingError
 from fyc_convert.files import atomic_path
+from fyc_convert.surgery import logits_of
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -190,14 +191,14 @@ def evaluate(
     try:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
-            logits = _logits(model(x))  # (B, C)
+            logits = logits_of(model(x))  # (B, C)
             labelled = y >= 0
             if labelled.any():
                 sums[0] += F.cross_entropy(logits[labelled].float(), y[labelled], reduction="sum").double()
                 sums[1] += (logits[labelled].argmax(1) == y[labelled]).sum()
                 sums[2] += labelled.sum()
             if reference_model is not None:
-                sums[3] += (logits.argmax(1) == _logits(reference_model(x)).argmax(1)).sum()
+                sums[3] += (logits.argmax(1) == logits_of(reference_model(x)).argmax(1)).sum()
             sums[4] += len(x)
     finally:
         for m, mode in zip(models, modes):
@@ -344,7 +345,7 @@ def _capture_head_inputs(model: nn.Module, head: nn.Module, data: Dataset, devic
             model(x)
             labels.append(y.to(device))
             if teacher is not None:
-                t_logits.append(_logits(teacher(x)).float())
+                t_logits.append(logits_of(teacher(x)).float())
     finally:
         hook.remove()
         for m, mode in zip(models, modes):
@@ -453,11 +454,11 @@ def finetune(
             for step, (x, y) in enumerate(loader):
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
-                logits = _logits(ddp(x))  # (B, C)
+                logits = logits_of(ddp(x))  # (B, C)
                 t_logits = None
                 if config.distill:
                     with torch.no_grad():
-                        t_logits = _logits(teacher(x)).float()
+                        t_logits = logits_of(teacher(x)).float()
                 per = _per_sample_loss(logits.float(), y, t_logits, labelled=data.labelled, distill=config.distill,
                                        temperature=config.temperature, distill_weight=config.distill_weight)
                 loss = per.mean()
@@ -562,19 +563,6 @@ def _raise_if_not_finite(loss: Tensor, world: int, epoch: int, step: int, ckpt: 
         kept = f"the last good checkpoint {ckpt} is kept" if ckpt is not None else "no checkpoint was written"
         raise TrainingError(f"loss became {loss.item()} at epoch {epoch + 1} step {step + 1}; {kept}; "
                             "lower --lr or check the data for extreme values")
-
-
-def _logits(out: Any) -> Tensor:
-    """The logits in a model's output: a tensor, `.logits`, a dict's "logits", or a tuple's first element."""
-    if isinstance(out, Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, dict) and "logits" in out:
-        return out["logits"]
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
-        return out[0]
-    raise TrainingError(f"cannot find logits in the model's output ({type(out).__name__}); return a tensor (B, C)")
 
 
 def _num_classes(head: nn.Module, data: DataBundle) -> int:

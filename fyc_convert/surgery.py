@@ -125,7 +125,7 @@ def capture_features(model: nn.Module, layer: str, inputs: Tensor, *, batch_size
 
     handle = module.register_forward_pre_hook(hook)
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in inputs.split(batch_size):
                 model(batch.to(device))
     finally:
@@ -239,7 +239,7 @@ def _from_forward(model: nn.Module, x: Tensor) -> tuple[str, nn.Linear]:
     hooked = [m for m in model.modules() if m in linears or next(m.children(), None) is None]  # Linears, leaves
     handles = [m.register_forward_hook(hook) for m in hooked]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             output = model(x)
     except Exception as e:  # noqa: BLE001 - the model's own forward can raise anything
         raise ClassifierNotFoundError(
@@ -279,6 +279,20 @@ def _example_input(model: nn.Module, input_shape: tuple[int, ...] | None, exampl
     dtype = p.dtype if p is not None else torch.float32
     g = torch.Generator().manual_seed(0)
     return torch.randn((2, *input_shape), generator=g).to(_device_of(model), dtype)  # (2, *input_shape)
+
+
+def logits_of(output: Any) -> Tensor:
+    """The logits in a model's output: a tensor, `.logits`, a dict's "logits", or a tuple's first element."""
+    if isinstance(output, Tensor):
+        return output
+    logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise ClassifierNotFoundError(
+        f"cannot find logits in the model's output ({type(output).__name__}); make it return a (B, C) tensor, "
+        f"a tuple starting with the logits, a dict with 'logits', or an object with .logits")
 
 
 def _output_tensors(output: Any) -> list[Tensor]:
@@ -321,12 +335,12 @@ def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration, then every module's own previous mode back."""
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the duration, then every module's own previous mode back (mixed modes survive)."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        yield
+        yield model
     finally:
         for m, training in modes:
             m.training = training

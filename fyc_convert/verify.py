@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from fyc_convert.errors import ExportError, VerificationError
-from fyc_convert.export import HEAD_PREFIX, eval_mode, logits_of
+from fyc_convert.export import HEAD_PREFIX
+from fyc_convert.surgery import eval_mode, logits_of
 
 _DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul")
 _CHUNK = 64  # real inputs are run in batches of this size
