@@ -14,6 +14,7 @@ from fyc_convert.hadamard import fwht
 from fyc_convert.heads import HadamardHead, OrthogonalHead, cosine_loss
 from fyc_convert.pipeline import ConvertOptions, convert
 from fyc_convert.report import Report
+from fyc_convert.weights import load_converted
 
 __version__ = "0.1.0"
 
@@ -32,5 +33,6 @@ __all__ = [
     "VerificationError",
     "convert",
     "cosine_loss",
+    "load_converted",
     "fwht",
 ]

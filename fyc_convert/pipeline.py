@@ -251,28 +251,14 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
     report.files["model_onnx"] = str(conv_res.path)
 
     say("saving model.safetensors")
-    report.files["model_safetensors"] = str(save_safetensors(model, out_dir / "model.safetensors", swap))
+    from fyc_convert.weights import save_converted
+
+    report.files["model_safetensors"] = str(save_converted(model, out_dir / "model.safetensors", layer=swap.layer,
+                                                           head=swap.head))
 
     if opts.bench:
         say("benchmarking with onnxruntime (1 thread)")
         report.latency_ms = _bench(orig_res.path, conv_res.path, swap, input_shape)
-
-
-def save_safetensors(model: torch.nn.Module, path: Path, swap) -> Path:
-    """The converted model's state_dict, with the head's description in the header metadata."""
-    from safetensors.torch import save_file
-
-    head = swap.head
-    meta = {"fyc_convert.head": head.head_kind, "fyc_convert.layer": swap.layer,
-            "fyc_convert.in_features": str(swap.in_features), "fyc_convert.num_classes": str(swap.num_classes)}
-    if getattr(head, "hadamard_size", None) is not None:
-        meta["fyc_convert.hadamard_size"] = str(head.hadamard_size)
-        meta["fyc_convert.embed_size"] = str(head.embed_size)
-        meta["fyc_convert.embedding"] = head.embedding
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
 
 
 def _bench(original_path: Path, converted_path: Path, swap, input_shape) -> dict[str, Any]:

@@ -22,8 +22,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fyc_convert.cli import app
+from fyc_convert.heads import HadamardHead
 from fyc_convert.loading import load_model
-from fyc_convert.surgery import swap_classifier
+from fyc_convert.weights import load_converted
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "digits_cnn.pt"
@@ -87,22 +88,23 @@ def test_full_run_report_values(full_run: tuple[Path, object]) -> None:
 
 def test_full_run_onnx_and_safetensors_match_the_converted_model(full_run: tuple[Path, object]) -> None:
     out, _ = full_run
-    # Rebuild the converted model from the checkpoint, then load the written weights into it.
-    model = load_model(SAMPLE, arch=ARCH).model
-    swap = swap_classifier(model, head="hadamard", layer="fc", input_shape=(1, 8, 8))
+    # The original architecture + the written weights = the converted model (head rebuilt from the header).
+    model = load_converted(load_model(SAMPLE, arch=ARCH).model, out / "model.safetensors")
+    assert isinstance(model.fc, HadamardHead)
     state = load_file(str(out / "model.safetensors"))
-    res = swap.model.load_state_dict(state, strict=True)
-    assert not res.missing_keys and not res.unexpected_keys
+    assert torch.equal(model.fc.rows, state["fc.rows"]) and torch.equal(model.fc.scale, state["fc.scale"])
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
+    rep = json.loads((out / "report.json").read_text())
     assert meta["fyc_convert.head"] == "hadamard" and meta["fyc_convert.layer"] == "fc"
-    assert meta["fyc_convert.in_features"] == str(swap.in_features) and meta["fyc_convert.num_classes"] == "10"
+    assert meta["fyc_convert.in_features"] == str(model.fc.in_features) and meta["fyc_convert.num_classes"] == "10"
+    assert int(meta["fyc_convert.hadamard_size"]) == rep["hadamard_size"] == model.fc.hadamard_size
     x = np.load(DATA)["x_val"][:16].astype(np.float32)
     onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(None, {sess.get_inputs()[0].name: x})[0]
     with torch.no_grad():
-        want = swap.model.eval()(torch.from_numpy(x)).numpy()
+        want = model.eval()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
