@@ -240,7 +240,37 @@ def _assign(score_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: in
 
 
 # ------------------------------------------------------------------------------------------ HadamardHead
-class HadamardHead(nn.Module):
+class _FixedHead(nn.Module):
+    """What both fixed heads share: ``logits = scale · raw(x) + bias`` with a learned (or fixed) α and bias."""
+
+    head_kind: str
+
+    def _init_scale_bias(self, num_classes: int, *, init: float, fixed_scale: float | None, bias: bool) -> None:
+        if fixed_scale is None:
+            self.scale = nn.Parameter(torch.tensor(init))
+        else:
+            self.register_buffer("scale", torch.tensor(float(fixed_scale)))
+        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+
+    def raw(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def class_vector_norms(self) -> Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., N) -> (..., C) logits ``scale · V x̂ + bias``."""
+        out = self.raw(x) * self.scale.to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(x.dtype)
+        return out
+
+    def cosines(self, x: Tensor) -> Tensor:
+        """(..., N) -> (..., C): ``cos(V_c, x) = V_c · x̂ / ‖V_c‖`` (for :func:`cosine_loss`)."""
+        return self.raw(x) / self.class_vector_norms().to(x.dtype)
+
+
+class HadamardHead(_FixedHead):
     """Fixed Hadamard classifier: ``logits = scale · (H_m · embed_fold(x̂))[rows] + bias``.
 
     The class vectors ``V = H_m[rows] · F`` (C×N, integer) are never stored: the state is the scalar
@@ -305,12 +335,8 @@ class HadamardHead(nn.Module):
         self.embed_size = n
         self.register_buffer("rows", rows_t.clone())
         self.register_buffer("signs", signs.to(torch.get_default_dtype()))
-        init = _DEFAULT_LOGIT_RANGE / math.sqrt(self._mean_sq_norm())
-        if fixed_scale is None:
-            self.scale = nn.Parameter(torch.tensor(init))
-        else:
-            self.register_buffer("scale", torch.tensor(float(fixed_scale)))
-        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+        self._init_scale_bias(num_classes, init=_DEFAULT_LOGIT_RANGE / math.sqrt(self._mean_sq_norm()),
+                              fixed_scale=fixed_scale, bias=bias)
         self._norm_cache: tuple[tuple[int, ...], Tensor] | None = None  # see class_vector_norms
 
     def extra_repr(self) -> str:
@@ -334,13 +360,6 @@ class HadamardHead(nn.Module):
         xh = _normalize(x, self.eps)
         return hadamard_project(xh, self.signs, self.rows, n=self.embed_size, m=self.hadamard_size)  # (..., C)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(..., N) -> (..., C) logits ``scale · V x̂ + bias``."""
-        out = self.raw(x) * self.scale.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out
-
     def class_vector_norms(self) -> Tensor:
         """(C,) ‖V_c‖₂ in the head's dtype and device.
 
@@ -353,10 +372,6 @@ class HadamardHead(nn.Module):
                            m=self.hadamard_size)
             self._norm_cache = (key, sq.sqrt())
         return self._norm_cache[1].to(self.signs.device, self.signs.dtype)
-
-    def cosines(self, x: Tensor) -> Tensor:
-        """(..., N) -> (..., C): ``cos(V_c, x) = V_c · x̂ / ‖V_c‖`` (for :func:`cosine_loss`)."""
-        return self.raw(x) / self.class_vector_norms().to(x.dtype)
 
     def class_vectors(self) -> Tensor:
         """The effective (C, N) integer-valued class matrix V (inspection and tests only)."""
@@ -483,7 +498,7 @@ def _orthogonal_matrix(in_features: int, num_classes: int, seed: int) -> Tensor:
     return q * math.sqrt(num_classes / in_features)  # (C, N), Q^T Q = (C/N) I, mean row norm 1
 
 
-class OrthogonalHead(nn.Module):
+class OrthogonalHead(_FixedHead):
     """The paper's fixed random orthonormal projection: ``logits = scale · Q x̂ + bias`` (section 2.2).
 
     ``Q`` (C, N) has orthonormal rows (a tight frame with unit mean row norm when C > N). It is rebuilt
@@ -520,12 +535,7 @@ class OrthogonalHead(nn.Module):
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("weight", _orthogonal_matrix(in_features, num_classes, seed).to(
             torch.get_default_dtype()), persistent=False)
-        init = _DEFAULT_LOGIT_RANGE
-        if fixed_scale is None:
-            self.scale = nn.Parameter(torch.tensor(init))
-        else:
-            self.register_buffer("scale", torch.tensor(float(fixed_scale)))
-        self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
+        self._init_scale_bias(num_classes, init=_DEFAULT_LOGIT_RANGE, fixed_scale=fixed_scale, bias=bias)
         self.register_load_state_dict_post_hook(_rebuild_after_load)
 
     def extra_repr(self) -> str:
@@ -538,20 +548,9 @@ class OrthogonalHead(nn.Module):
             raise HeadError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         return F.linear(_normalize(x, self.eps), self.weight.to(x.dtype))
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(..., N) -> (..., C) logits ``scale · Q x̂ + bias``."""
-        out = self.raw(x) * self.scale.to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out
-
     def class_vector_norms(self) -> Tensor:
         """(C,) ‖Q_c‖₂."""
         return self.weight.norm(dim=1)
-
-    def cosines(self, x: Tensor) -> Tensor:
-        """(..., N) -> (..., C): ``cos(Q_c, x)`` (for :func:`cosine_loss`)."""
-        return self.raw(x) / self.class_vector_norms().to(x.dtype)
 
     def class_vectors(self) -> Tensor:
         """The (C, N) matrix Q."""
