@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -57,7 +58,10 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import Tensor, nn
 
-from fyc_convert.class_lr import build_class_lr
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # sample_models/ is imported from the repository root, also in worker processes
+
+from fyc_convert.class_lr import build_class_lr  # noqa: E402
 
 PAPER_OPTICAL = {"selu": (96.86, 96.91), "relu": (97.12, 97.17), "tanh": (96.91, 96.96)}
 ETA_MU = {"selu": 1e5, "relu": 1e4, "tanh": 1e5}
