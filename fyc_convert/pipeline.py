@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from fyc_convert.errors import OutputError, OutputExistsError, VerificationError
-from fyc_convert.files import atomic_path, write_text_atomic
+from fyc_convert.files import write_text_atomic
 from fyc_convert.report import AccuracyReport, OnnxReport, ParamsReport, Report
 
 Progress = Callable[[str], None]  # receives one-line status messages ("exporting ONNX", ...)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fyc_convert.surgery import logits_of  # re-exported for the tests
+from fyc_convert.surgery import logits_of  # noqa: F401  (re-exported for the tests)
 
 
 @dataclass

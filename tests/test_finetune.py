@@ -16,7 +16,7 @@ from _ddp_worker import build
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fyc_convert.data import UNLABELLED, DataBundle
+from fyc_convert.data import UNLABELLED
 from fyc_convert.errors import DataError, TrainingError
 from fyc_convert.finetune import (
     CHECKPOINT_NAME,

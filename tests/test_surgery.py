@@ -57,7 +57,6 @@ def test_swap_matches_head_math_on_original_features(name):
     linear = model.get_submodule(layout.layer)
     x = _inputs(layout.input_shape)
     feats = _hooked_features(original, layout.layer, x)
-    n_params = sum(p.numel() for p in model.parameters())
 
     result = swap_classifier(model, input_shape=layout.input_shape, features=feats)
 
