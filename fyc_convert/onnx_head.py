@@ -3,13 +3,20 @@
 Math (docs/design.md): ``logits = scale / (‖x‖ + eps) · (H_m · fold(embed(x)))[rows] + bias``. The
 normalisation and α are one per-sample factor α / (‖x‖ + eps), applied to whichever of the N inputs and
 the C outputs is smaller (the map is linear in x, so both orders give the same function).
-The only multiplies are x·x for the norm, that one by the factor, and the ±1 sign flip of "tile".
+The only multiplies are x·x for the norm, that one by the factor, and the embedding's one: the ±1 sign
+flip of "tile", or, when x̃ is whole copies of x, the integer table that also does the top levels.
 
 Layout decides onnxruntime speed (benchmarks/head_onnx.py measures it against the Gemm head):
 
-- the norm and the fold (one ReduceSum over a (B, n/m, m) view) run on (B, ·) rows; everything after runs
-  batch-minor, on (·, B), so that every Split/Concat/Gather moves runs of (multiples of) B floats and the
-  Transposes of a batch are cheap;
+- whole copies (N a power of two, n = m = T·N; the default sizing whenever C >= N and N does not fold):
+  H_m = H_T ⊗ H_N, so the sign flip and the top log2(T) butterfly levels are one Mul of x by the table
+  H_T·S (S the T×N signs; only the K tiles holding class rows are kept, K·N <= n entries), then K
+  independent N-point transforms run side by side, batch and tile indices innermost. From 16 samples
+  on (one If on the batch size) the K transforms run in chunks of about 2048 points, so that each
+  chunk's butterflies stay in the L2 cache; below that, fewer and larger nodes win. See `_tiled`;
+- otherwise the norm and the fold (one ReduceSum over a (B, n/m, m) view) run on (B, ·) rows; everything
+  after runs batch-minor, on (·, B), so that every Split/Concat/Gather moves runs of (multiples of) B
+  floats and the Transposes of a batch are cheap;
 - the "tile" embedding is log2(n/N) doubling Concats of x and one Mul by the ±1 signs (n elements); "pad"
   is one Pad;
 - transforms of ≤ 64 points run radix-2 Split/Add/Sub/Concat stages (node count is all that matters
@@ -25,6 +32,7 @@ Layout decides onnxruntime speed (benchmarks/head_onnx.py measures it against th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -159,9 +167,23 @@ class _Ops:
     def reshape(self, x: gs.Variable, shape: list[int]) -> gs.Variable:
         return self.op1("Reshape", [x, self.ints("shape", shape)])
 
-    def slice(self, x: gs.Variable, start: int, end: int) -> gs.Variable:
-        """x[start:end] of a (K, B) tensor."""
-        return self.op1("Slice", [x, self.ints("start", [start]), self.ints("end", [end]), self.ints("axes", [0])])
+    def slice(self, x: gs.Variable, start: int, end: int, axis: int = 0) -> gs.Variable:
+        """x[start:end] along `axis` (default: the rows of a (K, B) tensor)."""
+        return self.op1("Slice", [x, self.ints("start", [start]), self.ints("end", [end]), self.ints("axes", [axis])])
+
+    def branch(self, build: Callable[[], gs.Variable]) -> gs.Graph:
+        """A subgraph (an If branch) holding the nodes `build` adds; it reads outer tensors by name.
+
+        Node and tensor names keep counting from the outer graph, so every name in the model stays unique.
+        """
+        outer, outer_ints = self.graph, self._ints
+        self.graph, self._ints = gs.Graph(opset=outer.opset), {}
+        try:
+            out = build()
+            self.graph.outputs = [out]
+            return self.graph
+        finally:
+            self.graph, self._ints = outer, outer_ints
 
 
 def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
@@ -264,6 +286,138 @@ def _pick_rows(ops: _Ops, z: gs.Variable, rows: np.ndarray, size_lo: int, size_h
     return ops.op1("Gather", [ops.reshape(z, [m, -1]), idx], attrs={"axis": 0})  # (C, B)
 
 
+# Whole-copy tiling (N a power of two, n = m = T·N: the default sizing whenever C >= N and N does not fold).
+# Index i = t·N + j, so H_m = H_T ⊗ H_N and the top log2(T) butterfly levels act on whole copies of x:
+# (H_T ⊗ I)(s ⊙ tile(x)) = (H_T S) ⊙ tile(x) with S the (T, N) table of embedding signs. Those levels and
+# the sign flip are therefore one Mul by the integer table H_T S (only the K tiles that hold class rows;
+# K·N <= n entries, values in [-T, T]) — the multiply the sign flip took anyway — and the rest is K
+# independent N-point transforms. Measured (1 thread, after the Gemm): N=512, C=32000 batch 1 294 -> 201 us,
+# N=2048, C=18000 batch 1 401 -> 264 us; batch 64 28.7 -> 16.4 ms before blocking.
+# From _BLOCK_MIN_BATCH samples on, the transforms run in chunks of about _BLOCK_POINTS points (one If on
+# the batch size picks the branch): each chunk's whole butterfly chain then stays in the 2 MB L2 (at
+# N=512, C=32000, batch 64: 8.5-9 ms against 18 ms unblocked); below it, fewer, larger nodes win.
+_BLOCK_MIN_BATCH = 16
+_BLOCK_POINTS = 1 << 11
+_BLOCK_MIN_POINTS = 1 << 13
+
+
+def _whole_tiles(spec: HeadSpec) -> bool:
+    """Whether x̃ is T >= 2 whole copies of x laid out on the transform's high index bits."""
+    n_feat, m, n = spec.in_features, spec.hadamard_size, spec.embed_size
+    return n == m and n_feat < m and n_feat & (n_feat - 1) == 0
+
+
+def _np_wht(a: np.ndarray) -> np.ndarray:
+    """Sylvester WHT along axis 0 (length a power of two), float64, for the constant tables."""
+    t = a.shape[0]
+    a = a.astype(np.float64).reshape(t, -1)
+    h = 1
+    while h < t:
+        v = a.reshape(t // (2 * h), 2, h, -1)
+        a = np.concatenate([v[:, :1] + v[:, 1:], v[:, :1] - v[:, 1:]], axis=1).reshape(t, -1)
+        h *= 2
+    return a
+
+
+def _tile_table(spec: HeadSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(tiles, table): the sorted tiles kt that hold class rows, and (H_T S)[tiles] as an (N, K) array."""
+    n_feat, m = spec.in_features, spec.hadamard_size
+    signs = np.concatenate([np.ones(n_feat), spec.signs]).reshape(m // n_feat, n_feat)  # S, (T, N)
+    tiles = np.unique(spec.rows // n_feat)
+    return tiles, _np_wht(signs)[tiles].T
+
+
+def _tile_stages(ops: _Ops, xt: gs.Variable, table: gs.Variable | None, n_feat: int, max_bits: int) -> gs.Variable:
+    """xt (N, B, 1) or (N, 1, B) times the table (N, 1, k) or (N, k, 1): the k N-point transforms of a chunk,
+    in an (N, B, k) or (N, k, B) layout (runs of 2^lo·k·B floats for every stage)."""
+    y = xt if table is None else ops.op1("Mul", [xt, table])
+    p = n_feat.bit_length() - 1
+    for lo, hi in _bit_groups(0, p, max_bits) if p else []:
+        y = _stage(ops, y, n_feat, lo, hi)
+    return y
+
+
+def _tile_pick(ops: _Ops, y: gs.Variable, n_feat: int, k: int, start: int, end: int) -> gs.Variable:
+    """(N, B, k) transforms -> (B, end - start): the chunk's natural outputs [start, end) (k·N of them).
+
+    One Transpose, (N, B·k) -> (B·k, N) = (B, k, N), gives natural order: output kt·N + kj sits at (kj, kt).
+    """
+    z = ops.op1("Transpose", [ops.reshape(y, [n_feat, -1])], attrs={"perm": [1, 0]})  # (B·k, N)
+    z = ops.reshape(z, [-1, k * n_feat])
+    return z if (start, end) == (0, k * n_feat) else ops.slice(z, start, end, axis=1)
+
+
+def _tiled(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) -> gs.Variable:
+    """The whole-copy head, (B, N) -> (B, C) (plus `bias` when given); see the note above `_BLOCK_MIN_BATCH`."""
+    n_feat, c, rows = spec.in_features, spec.num_classes, spec.rows
+    tiles, table_np = _tile_table(spec)
+    k_all = len(tiles)
+    ones = k_all == 1 and np.all(table_np == 1)
+
+    # Contiguous rows (the default) run in an (N, B, k) layout, which one Transpose turns into natural order;
+    # other rows in (N, k, B), where each output is a run of B floats for the Gather.
+    contiguous = c > 0 and np.array_equal(rows, np.arange(rows[0], rows[0] + c))
+
+    def table_of(t0: int, t1: int) -> gs.Variable | None:
+        part = table_np[:, None, t0:t1] if contiguous else table_np[:, t0:t1, None]
+        return None if ones else ops.const("table", part.astype(ops.dtype))
+
+    xt = ops.reshape(ops.op1("Transpose", [x], attrs={"perm": [1, 0]}), [n_feat, -1, 1] if contiguous else [n_feat, 1, -1])
+    tile_pos = np.searchsorted(tiles, rows // n_feat)  # where each class's tile sits among the K
+    first = int(rows[0] - tiles[0] * n_feat) if c else 0
+
+    def with_bias(z: gs.Variable, lo: int = 0, hi: int = c) -> gs.Variable:
+        if bias is None:
+            return z
+        part = bias if (lo, hi) == (0, c) else ops.const("bias", spec.bias[lo:hi].astype(ops.dtype))
+        return ops.op1("Add", [z, part])
+
+    def whole() -> gs.Variable:  # one transform of all K tiles: fewest nodes, for small batches
+        y = _tile_stages(ops, xt, table_of(0, k_all), n_feat, _RADIX_BITS)
+        if contiguous:
+            return with_bias(_tile_pick(ops, y, n_feat, k_all, first, first + c))
+        pos = (rows % n_feat) * k_all + tile_pos  # natural row r sits at (r mod N, its tile)
+        z = ops.op1("Gather", [ops.reshape(y, [n_feat * k_all, -1]), ops.const("rows", pos.astype(np.int32))],
+                    attrs={"axis": 0})  # (C, B)
+        return with_bias(ops.op1("Transpose", [z], attrs={"perm": [1, 0]}))
+
+    chunk = max(1, _BLOCK_POINTS // n_feat)
+    if k_all * n_feat < _BLOCK_MIN_POINTS or k_all <= chunk:
+        return whole()
+
+    def blocked() -> gs.Variable:  # chunks of about _BLOCK_POINTS points, each transformed while in cache
+        pieces: list[gs.Variable] = []
+        order: list[int] = []
+        for t0 in range(0, k_all, chunk):
+            t1 = min(k_all, t0 + chunk)
+            y = _tile_stages(ops, xt, table_of(t0, t1), n_feat, _LARGE_RADIX_BITS)
+            if contiguous:  # natural outputs of this chunk that are class rows
+                lo = max(first, t0 * n_feat) - t0 * n_feat
+                hi = min(first + c, t1 * n_feat) - t0 * n_feat
+                if hi > lo:
+                    cls = t0 * n_feat + lo - first
+                    pieces.append(with_bias(_tile_pick(ops, y, n_feat, t1 - t0, lo, hi), cls, cls + hi - lo))
+            else:  # rows of B floats at the chunk's positions of its classes
+                mine = np.flatnonzero((tile_pos >= t0) & (tile_pos < t1))
+                if len(mine):
+                    pos = (rows[mine] % n_feat) * (t1 - t0) + tile_pos[mine] - t0
+                    flat = ops.reshape(y, [n_feat * (t1 - t0), -1])
+                    pieces.append(ops.op1("Gather", [flat, ops.const("rows", pos.astype(np.int32))], attrs={"axis": 0}))
+                    order.extend(mine)
+        if contiguous:
+            return ops.op1("Concat", pieces, attrs={"axis": 1}) if len(pieces) > 1 else pieces[0]
+        z = ops.op1("Concat", pieces, attrs={"axis": 0}) if len(pieces) > 1 else pieces[0]  # (C, B), chunk order
+        if not np.array_equal(order, np.arange(c)):
+            back = np.empty(c, np.int32)
+            back[np.asarray(order)] = np.arange(c, dtype=np.int32)
+            z = ops.op1("Gather", [z, ops.const("order", back)], attrs={"axis": 0})  # (C, B), class order
+        return with_bias(ops.op1("Transpose", [z], attrs={"perm": [1, 0]}))
+
+    cond = ops.op1("Greater", [ops.op1("Shape", [x], attrs={"start": 0, "end": 1}, dtype=np.int64),
+                               ops.ints("min_batch", [_BLOCK_MIN_BATCH - 1])], dtype=np.bool_)
+    return ops.op1("If", [cond], attrs={"then_branch": ops.branch(blocked), "else_branch": ops.branch(whole)})
+
+
 def build_head(
     graph: gs.Graph,
     features: gs.Variable,
@@ -300,13 +454,21 @@ def build_head(
     if scale_input:
         x = ops.op1("Mul", [x, factor])
 
-    # The transform runs batch-minor, on (m, B): every Split/Concat/Gather moves runs of (multiples of) B floats.
-    z, size_lo, size_hi = _wht(ops, _embed_fold(ops, x, spec), spec.hadamard_size)
-    logits = ops.op1("Transpose", [_pick_rows(ops, z, spec.rows, size_lo, size_hi)], attrs={"perm": [1, 0]})
-    if not scale_input:
-        logits = ops.op1("Mul", [logits, factor])  # (B, C)
-    if spec.bias is not None:
-        logits = ops.op1("Add", [logits, ops.const("bias", spec.bias.astype(dtype))])
+    bias = None if spec.bias is None else ops.const("bias", spec.bias.astype(dtype))
+    if _whole_tiles(spec):
+        # the factor is then on the input whenever C >= N; the bias is added per chunk, in cache
+        logits = _tiled(ops, x, spec, bias if scale_input else None)
+        if not scale_input:
+            logits = ops.op1("Mul", [logits, factor])
+            logits = logits if bias is None else ops.op1("Add", [logits, bias])
+    else:
+        # The transform runs batch-minor, on (m, B): every Split/Concat/Gather moves runs of (multiples of) B floats.
+        z, size_lo, size_hi = _wht(ops, _embed_fold(ops, x, spec), spec.hadamard_size)
+        logits = ops.op1("Transpose", [_pick_rows(ops, z, spec.rows, size_lo, size_hi)], attrs={"perm": [1, 0]})
+        if not scale_input:
+            logits = ops.op1("Mul", [logits, factor])  # (B, C)
+        if bias is not None:
+            logits = ops.op1("Add", [logits, bias])
     if rank != 2:
         lead = ops.op1("Shape", [features], attrs={"start": 0, "end": -1}, dtype=np.int64)
         shape = ops.op1("Concat", [lead, ops.ints("classes", [c])], attrs={"axis": 0}, dtype=np.int64)
@@ -350,8 +512,29 @@ def head_model(
     return model
 
 
+def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes and, recursively, those of its subgraphs (If branches, Loop bodies)."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                nodes.extend(_all_nodes(sub))
+    return nodes
+
+
+def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    inits = list(graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                inits.extend(_all_initializers(sub))
+    return inits
+
+
 def _head_nodes(model: onnx.ModelProto, prefix: str) -> list[onnx.NodeProto]:
-    return [node for node in model.graph.node if node.name.startswith(prefix)]
+    """Nodes named under `prefix`, those inside the head's subgraphs included."""
+    return [node for node in _all_nodes(model.graph) if node.name.startswith(prefix)]
 
 
 def head_op_census(model: onnx.ModelProto, prefix: str = "fyc_head/") -> dict[str, int]:
@@ -380,8 +563,8 @@ def largest_head_constant(model: onnx.ModelProto, prefix: str = "fyc_head/") -> 
     Returns:
         The largest element count (0 when the head reads no constant).
     """
-    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
-    for node in model.graph.node:
+    sizes = {init.name: int(np.prod(init.dims)) for init in _all_initializers(model.graph)}
+    for node in _all_nodes(model.graph):
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.type == onnx.AttributeProto.TENSOR:

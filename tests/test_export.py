@@ -90,6 +90,24 @@ def test_sizes_export_slim_and_small(in_features, num_classes, tmp_path):
     assert res.node_count > original.node_count  # the butterflies replace one Gemm
 
 
+def test_whole_model_with_batch_switched_head(monkeypatch, tmp_path):
+    # 64 features, 1000 classes: 16 whole copies of x. With small block sizes the head holds an If on the
+    # batch size; both of its branches run inside the exported model and match PyTorch.
+    from fyc_convert import onnx_head
+
+    monkeypatch.setattr(onnx_head, "_BLOCK_POINTS", 128)
+    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_POINTS", 256)
+    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_BATCH", 3)
+    model = _tiny(64, 1000)
+    head = _swap(model, "fc")
+    res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc")
+    onnx.checker.check_model(str(res.path))
+    census = check_head_static(res.path, num_classes=1000, embed_size=head.embed_size)
+    assert census["If"] == 1 and not {"MatMul", "Gemm", "Conv"} & set(census)
+    ver = verify_onnx(res.path, model, input_shape=(8,), n_random=64, atol=1e-4, rtol=1e-4)
+    assert ver.batch_sizes == [1, 3, 64] and ver.max_abs_diff <= 1e-4
+
+
 def test_manifest_in_metadata_props(tmp_path):
     model = _tiny(64, 10)
     head = _swap(model, "fc")

@@ -12,6 +12,7 @@ import torch
 
 from fyc_convert.errors import ExportError
 from fyc_convert.heads import HadamardHead
+from fyc_convert import onnx_head
 from fyc_convert.onnx_head import HeadSpec, head_model, head_op_census, largest_head_constant
 
 SIZES = [(64, 10), (342, 100), (512, 1000), (2048, 1000), (192, 1000)]
@@ -122,14 +123,46 @@ def test_matches_hadamard_head(n_feat: int, c: int, variant: str) -> None:
         np.testing.assert_allclose(out, want[:batch], atol=1e-4, rtol=0)
 
 
-def test_large_tiled_transform_matches_hadamard_head() -> None:
-    # N=512, C=32000: a 32768-point transform of 64 signed copies of x, in radix-8 stages
-    head = _hadamard_head(512, 32000, "tile-contiguous-bias")
+@pytest.mark.parametrize("variant", ["tile-contiguous-bias", "tile-shuffled-nobias"])
+def test_large_tiled_transform_matches_hadamard_head(variant: str) -> None:
+    # N=512, C=32000: a 32768-point transform of 64 signed copies of x: one table Mul for the top 6 levels,
+    # then 63 512-point transforms, all at once (batch < 16) or in chunks of 4 (batch >= 16)
+    head = _hadamard_head(512, 32000, variant)
     assert (head.hadamard_size, head.embed_size) == (32768, 32768)
-    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(7))
+    model = head_model(HeadSpec.from_module(head))
+    assert head_op_census(model)["If"] == 1
+    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         want = head(x).numpy()
-    np.testing.assert_allclose(_run(head_model(HeadSpec.from_module(head)), x.numpy()), want, atol=1e-4, rtol=0)
+    for batch in (3, 16):
+        np.testing.assert_allclose(_run(model, x[:batch].numpy()), want[:batch], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shuffled", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("embedding", ["tile", "pad"])
+def test_whole_copy_branches_match_reference(
+    monkeypatch: pytest.MonkeyPatch, embedding: str, bias: bool, shuffled: bool
+) -> None:
+    # N=64, C=1000: 16 whole copies of x in a 1024-point transform. With small block sizes both branches of
+    # the If are built at this size: all 16 tiles at once below 4 samples, chunks of 2 tiles from 4 on.
+    monkeypatch.setattr(onnx_head, "_BLOCK_POINTS", 128)
+    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_POINTS", 256)
+    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_BATCH", 4)
+    spec = make_spec(64, 1000, embedding=embedding, bias=bias, shuffled=shuffled, seed=11)
+    assert (spec.hadamard_size, spec.embed_size) == (1024, 1024)
+    model = head_model(spec)
+    census = head_op_census(model)
+    assert census["If"] == 1 and not {"MatMul", "Gemm", "Conv"} & census.keys()
+    # the table Mul: once in the small-batch branch, once per chunk of 2 tiles in the other (8 chunks)
+    assert census["Mul"] == 2 + 1 + 8
+    assert largest_head_constant(model) <= max(1000, spec.embed_size)
+    rng = np.random.default_rng(4)
+    for batch in (1, 3, 4, 5, 64):
+        x = rng.normal(size=(batch, 64)).astype(np.float32)
+        out = _run(model, x)
+        assert out.shape == (batch, 1000)
+        np.testing.assert_allclose(out, reference_logits(spec, x), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -181,7 +214,8 @@ def test_static_checks(n_feat: int, c: int) -> None:
         "Add", "Sub", "Neg", "Mul", "Div", "Sqrt", "ReduceSum", "Reshape", "Split", "Slice", "Concat",
         "Transpose", "Gather", "Pad", "Identity", "Shape",
     }  # fmt: skip
-    # x·x for the norm, the one multiply by α/(‖x‖+eps), and the ±1 sign flip of a "tile" embedding
+    # x·x for the norm, the one multiply by α/(‖x‖+eps), and the embedding's one multiply: the ±1 sign flip,
+    # or for whole copies of x (512x1000: two) the integer table that also does the top butterfly levels
     assert census["Mul"] == 2 + (spec.embed_size > n_feat)
     assert 0 < largest_head_constant(model, prefix="scope/") <= max(c, spec.embed_size)
     assert all(node.name.startswith("scope/") for node in model.graph.node)

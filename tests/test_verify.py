@@ -131,3 +131,27 @@ def test_check_head_static_refuses_dense_ops_and_big_constants():
     with pytest.raises(ExportError, match="constant of 40 elements \\(limit max\\(C, n\\) = 10\\)"):
         check_head_static(_hand_head("Add", 40), num_classes=10, embed_size=8)
     assert check_head_static(_hand_head("Add", 40), num_classes=10, embed_size=40) == {"Add": 1}
+
+
+def _if_head(op: str, const_elems: int) -> onnx.ModelProto:
+    """x (B, 4) -> fyc_head/If whose then-branch is `_hand_head`'s node, its constant inside the branch."""
+    inner = _hand_head(op, const_elems).graph
+    then_branch = helper.make_graph(list(inner.node), "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                                    list(inner.initializer))
+    else_node = helper.make_node("Identity", ["x"], ["y_else"], name=f"{HEAD_PREFIX}identity")
+    else_branch = helper.make_graph([else_node], "else", [],
+                                    [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)])
+    cond = onnx.numpy_helper.from_array(np.array([True]), f"{HEAD_PREFIX}cond")
+    node = helper.make_node("If", [cond.name], ["out"], name=f"{HEAD_PREFIX}if",
+                            then_branch=then_branch, else_branch=else_branch)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 4])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, None)
+    return helper.make_model(helper.make_graph([node], "g", [x], [out], [cond]))
+
+
+def test_check_head_static_looks_inside_if_branches():
+    with pytest.raises(ExportError, match="contains MatMul"):
+        check_head_static(_if_head("MatMul", 16), num_classes=4, embed_size=4)
+    with pytest.raises(ExportError, match="constant of 40 elements"):
+        check_head_static(_if_head("Add", 40), num_classes=10, embed_size=8)
+    assert check_head_static(_if_head("Add", 40), num_classes=10, embed_size=40) == {"Add": 1, "Identity": 1, "If": 1}
