@@ -327,22 +327,23 @@ def _tile_table(spec: HeadSpec) -> tuple[np.ndarray, np.ndarray]:
     return tiles, _np_wht(signs)[tiles].T
 
 
-def _tile_stages(ops: _Ops, xt: gs.Variable, table: gs.Variable | None, n_feat: int, max_bits: int) -> gs.Variable:
-    """xt (N, B, 1) or (N, 1, B) times the table (N, 1, k) or (N, k, 1): the k N-point transforms of a chunk,
-    in an (N, B, k) or (N, k, B) layout (runs of 2^lo·k·B floats for every stage)."""
-    y = xt if table is None else ops.op1("Mul", [xt, table])
+def _tile_stages(ops: _Ops, y: gs.Variable, n_feat: int, max_bits: int) -> gs.Variable:
+    """N-point transforms along axis 0 of an (N, ...) tensor (runs of 2^lo·(the rest) floats per stage)."""
     p = n_feat.bit_length() - 1
     for lo, hi in _bit_groups(0, p, max_bits) if p else []:
         y = _stage(ops, y, n_feat, lo, hi)
     return y
 
 
-def _tile_pick(ops: _Ops, y: gs.Variable, n_feat: int, k: int, start: int, end: int) -> gs.Variable:
-    """(N, B, k) transforms -> (B, end - start): the chunk's natural outputs [start, end) (k·N of them).
+def _tile_pick(ops: _Ops, y: gs.Variable, n_feat: int, k: int, start: int, end: int, *, batch_outer: bool) -> gs.Variable:
+    """(N, B, k) or (N, k, B) transforms -> (B, end - start): the chunk's natural outputs [start, end).
 
-    One Transpose, (N, B·k) -> (B·k, N) = (B, k, N), gives natural order: output kt·N + kj sits at (kj, kt).
+    Output kt·N + kj sits at (kj, ·, kt): one Transpose, (N, B·k) -> (B·k, N) = (B, k, N), gives natural
+    order from (N, B, k); (N, k, B) takes a second one, (k, B, N) -> (B, k, N).
     """
-    z = ops.op1("Transpose", [ops.reshape(y, [n_feat, -1])], attrs={"perm": [1, 0]})  # (B·k, N)
+    z = ops.op1("Transpose", [ops.reshape(y, [n_feat, -1])], attrs={"perm": [1, 0]})
+    if not batch_outer and k > 1:
+        z = ops.op1("Transpose", [ops.reshape(z, [k, -1, n_feat])], attrs={"perm": [1, 0, 2]})
     z = ops.reshape(z, [-1, k * n_feat])
     return z if (start, end) == (0, k * n_feat) else ops.slice(z, start, end, axis=1)
 
@@ -354,15 +355,20 @@ def _tiled(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) 
     k_all = len(tiles)
     ones = k_all == 1 and np.all(table_np == 1)
 
-    # Contiguous rows (the default) run in an (N, B, k) layout, which one Transpose turns into natural order;
-    # other rows in (N, k, B), where each output is a run of B floats for the Gather.
     contiguous = c > 0 and np.array_equal(rows, np.arange(rows[0], rows[0] + c))
+    xt = ops.op1("Transpose", [x], attrs={"perm": [1, 0]})  # (N, B)
 
-    def table_of(t0: int, t1: int) -> gs.Variable | None:
-        part = table_np[:, None, t0:t1] if contiguous else table_np[:, t0:t1, None]
-        return None if ones else ops.const("table", part.astype(ops.dtype))
+    # Layouts: (N, k, B) runs the table Mul with B innermost (fast broadcasting) and puts each output in a
+    # run of B floats for a Gather; (N, B, k) needs one Transpose fewer for contiguous rows. The blocked
+    # branch uses the first (N=512, C=32000, batch 64: 8.0 against 13.1 ms), the other the second for
+    # contiguous rows.
+    def start(t0: int, t1: int, batch_outer: bool) -> gs.Variable:
+        view = ops.reshape(xt, [n_feat, -1, 1] if batch_outer else [n_feat, 1, -1])
+        if ones:
+            return view
+        part = table_np[:, None, t0:t1] if batch_outer else table_np[:, t0:t1, None]
+        return ops.op1("Mul", [view, ops.const("table", part.astype(ops.dtype))])
 
-    xt = ops.reshape(ops.op1("Transpose", [x], attrs={"perm": [1, 0]}), [n_feat, -1, 1] if contiguous else [n_feat, 1, -1])
     tile_pos = np.searchsorted(tiles, rows // n_feat)  # where each class's tile sits among the K
     first = int(rows[0] - tiles[0] * n_feat) if c else 0
 
@@ -373,9 +379,9 @@ def _tiled(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) 
         return ops.op1("Add", [z, part])
 
     def whole() -> gs.Variable:  # one transform of all K tiles: fewest nodes, for small batches
-        y = _tile_stages(ops, xt, table_of(0, k_all), n_feat, _RADIX_BITS)
+        y = _tile_stages(ops, start(0, k_all, contiguous), n_feat, _RADIX_BITS)
         if contiguous:
-            return with_bias(_tile_pick(ops, y, n_feat, k_all, first, first + c))
+            return with_bias(_tile_pick(ops, y, n_feat, k_all, first, first + c, batch_outer=True))
         pos = (rows % n_feat) * k_all + tile_pos  # natural row r sits at (r mod N, its tile)
         z = ops.op1("Gather", [ops.reshape(y, [n_feat * k_all, -1]), ops.const("rows", pos.astype(np.int32))],
                     attrs={"axis": 0})  # (C, B)
@@ -390,13 +396,14 @@ def _tiled(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) 
         order: list[int] = []
         for t0 in range(0, k_all, chunk):
             t1 = min(k_all, t0 + chunk)
-            y = _tile_stages(ops, xt, table_of(t0, t1), n_feat, _LARGE_RADIX_BITS)
+            y = _tile_stages(ops, start(t0, t1, False), n_feat, _LARGE_RADIX_BITS)
             if contiguous:  # natural outputs of this chunk that are class rows
                 lo = max(first, t0 * n_feat) - t0 * n_feat
                 hi = min(first + c, t1 * n_feat) - t0 * n_feat
                 if hi > lo:
                     cls = t0 * n_feat + lo - first
-                    pieces.append(with_bias(_tile_pick(ops, y, n_feat, t1 - t0, lo, hi), cls, cls + hi - lo))
+                    pick = _tile_pick(ops, y, n_feat, t1 - t0, lo, hi, batch_outer=False)
+                    pieces.append(with_bias(pick, cls, cls + hi - lo))
             else:  # rows of B floats at the chunk's positions of its classes
                 mine = np.flatnonzero((tile_pos >= t0) & (tile_pos < t1))
                 if len(mine):
