@@ -217,21 +217,25 @@ def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
     return x  # (m, B)
 
 
+def _butterflies(ops: _Ops, view: gs.Variable, axis: int, r: int) -> gs.Variable:
+    """The r-point WHT along `axis` (of size r) of `view`: one Split, r·log2(r) Add/Sub, one Concat."""
+    parts = ops.op("Split", [view], attrs={"axis": axis, "num_outputs": r}, outputs=r)
+    bit = 1
+    while bit < r:
+        for j in range(r):
+            if not j & bit:
+                a, b = parts[j], parts[j | bit]
+                parts[j], parts[j | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
+        bit *= 2
+    return ops.op1("Concat", parts, attrs={"axis": axis})
+
+
 def _stage(ops: _Ops, y: gs.Variable, m: int, lo: int, hi: int) -> gs.Variable:
     """Butterflies on position bits [lo, hi) of an (m, B) tensor: Split/Add/Sub/Concat on runs of 2^lo·B floats.
 
     Returns the result viewed as (m/2^hi, 2^(hi-lo), 2^lo·B); callers reshape as they need.
     """
-    r = 1 << (hi - lo)
-    view = ops.reshape(y, [m >> hi, r, -1])  # (m/2^hi, r, 2^lo·B)
-    parts = ops.op("Split", [view], attrs={"axis": 1, "num_outputs": r}, outputs=r)
-    for t in range(hi - lo):
-        bit = 1 << t
-        for j in range(r):
-            if not j & bit:
-                a, b = parts[j], parts[j | bit]
-                parts[j], parts[j | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
-    return ops.op1("Concat", parts, attrs={"axis": 1})
+    return _butterflies(ops, ops.reshape(y, [m >> hi, 1 << (hi - lo), -1]), 1, 1 << (hi - lo))
 
 
 def _bit_groups(lo: int, hi: int, max_bits: int) -> list[tuple[int, int]]:
@@ -328,10 +332,17 @@ def _tile_table(spec: HeadSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tile_stages(ops: _Ops, y: gs.Variable, n_feat: int, max_bits: int) -> gs.Variable:
-    """N-point transforms along axis 0 of an (N, ...) tensor (runs of 2^lo·(the rest) floats per stage)."""
+    """N-point transforms along axis 0 of an (N, ...) tensor (runs of 2^lo·(the rest) floats per stage).
+
+    One Reshape gives each group of index bits its own axis, highest bits outermost, so that the stages
+    need no Reshape in between. Returns that multi-axis view (same memory order as the input).
+    """
     p = n_feat.bit_length() - 1
-    for lo, hi in _bit_groups(0, p, max_bits) if p else []:
-        y = _stage(ops, y, n_feat, lo, hi)
+    groups = _bit_groups(0, p, max_bits) if p else []
+    if groups:
+        y = ops.reshape(y, [*(1 << (hi - lo) for lo, hi in reversed(groups)), -1])
+    for i, (lo, hi) in enumerate(groups):  # lowest bits (innermost of the index axes) first
+        y = _butterflies(ops, y, len(groups) - 1 - i, 1 << (hi - lo))
     return y
 
 
