@@ -11,9 +11,10 @@ Layout decides onnxruntime speed (benchmarks/head_onnx.py measures it against th
 - whole copies (N a power of two, n = m = T·N; the default sizing whenever C >= N and N does not fold):
   H_m = H_T ⊗ H_N, so the sign flip and the top log2(T) butterfly levels are one Mul of x by the table
   H_T·S (S the T×N signs; only the K tiles holding class rows are kept, K·N <= n entries), then K
-  independent N-point transforms run side by side, batch and tile indices innermost. From 16 samples
-  on (one If on the batch size) the K transforms run in chunks of about 2048 points, so that each
-  chunk's butterflies stay in the L2 cache; below that, fewer and larger nodes win. See `_tiled`;
+  independent N-point transforms run side by side on an (N, B, K) layout (one Transpose from natural
+  order). From 16 samples on (one If on the batch size) the K transforms run in chunks of about 2048
+  points, so that each chunk's butterflies stay in the L2 cache; below that, fewer and larger nodes
+  win. See `_tiled`;
 - otherwise the norm and the fold (one ReduceSum over a (B, n/m, m) view) run on (B, ·) rows; everything
   after runs batch-minor, on (·, B), so that every Split/Concat/Gather moves runs of (multiples of) B
   floats and the Transposes of a batch are cheap;
@@ -295,11 +296,14 @@ def _pick_rows(ops: _Ops, z: gs.Variable, rows: np.ndarray, size_lo: int, size_h
 # (H_T ⊗ I)(s ⊙ tile(x)) = (H_T S) ⊙ tile(x) with S the (T, N) table of embedding signs. Those levels and
 # the sign flip are therefore one Mul by the integer table H_T S (only the K tiles that hold class rows;
 # K·N <= n entries, values in [-T, T]) — the multiply the sign flip took anyway — and the rest is K
-# independent N-point transforms. Measured (1 thread, after the Gemm): N=512, C=32000 batch 1 294 -> 201 us,
-# N=2048, C=18000 batch 1 401 -> 264 us; batch 64 28.7 -> 16.4 ms before blocking.
+# independent N-point transforms. Measured (1 thread, right after the Gemm), against the 32768-point
+# transform of 16/64 signed copies: N=2048, C=18000 batch 1 401 -> ~280 us, batch 64 28.7 -> 16.4 ms
+# (N=512, C=32000 gained at batch 1 only: 294 -> ~205 us).
 # From _BLOCK_MIN_BATCH samples on, the transforms run in chunks of about _BLOCK_POINTS points (one If on
-# the batch size picks the branch): each chunk's whole butterfly chain then stays in the 2 MB L2 (at
-# N=512, C=32000, batch 64: 8.5-9 ms against 18 ms unblocked); below it, fewer, larger nodes win.
+# the batch size picks the branch): each chunk's whole butterfly chain then stays in the 2 MB L2 (batch
+# 64: N=2048, C=18000 16.4 -> 5.8 ms; N=512, C=32000 18 -> 7.7 ms). Below it the chunked branch loses
+# (batch 8: 2.4 against 1.2 ms at N=512, C=32000; the two cross near 16 samples at both sizes) and one
+# transform of all K tiles runs instead. The If costs 10-40 us at batch 1 right after a large Gemm.
 _BLOCK_MIN_BATCH = 16
 _BLOCK_POINTS = 1 << 11
 _BLOCK_MIN_POINTS = 1 << 13
