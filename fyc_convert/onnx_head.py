@@ -370,6 +370,13 @@ def _tiled(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) 
     tile_pos = np.searchsorted(tiles, rows // n_feat)  # where each class's tile sits among the K
     first = int(rows[0] - tiles[0] * n_feat) if c else 0
 
+    # (1, K, N) for contiguous rows, (K, 1, N) for others. The If's branches read the table and the bias
+    # through outer Identity nodes: a constant both branches used would be written into each of them.
+    table = None if ones else ops.const("table", (table_np.T[None] if contiguous else table_np.T[:, None]).astype(ops.dtype))
+    if k_all * n_feat >= _BLOCK_MIN_POINTS and k_all > max(1, _BLOCK_POINTS // n_feat):
+        table = None if table is None else ops.op1("Identity", [table])
+        bias = None if bias is None else ops.op1("Identity", [bias])
+
     def start(t0: int, t1: int) -> gs.Variable:
         """x times the table's tiles [t0, t1) in an (N, B, k) layout (contiguous rows) or (N, k, B) (other rows).
 
@@ -378,20 +385,17 @@ def _tiled(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) 
         batch 1, N=2048, C=18000: 18 of 112 us). (N, B, k) leaves natural order one Transpose away; (N, k, B)
         puts each output in a run of B floats for the Gather of other rows.
         """
-        if ones:
+        if table is None:
             return ops.op1("Transpose", [x], attrs={"perm": [1, 0]})  # (N, B)
-        part = table_np[:, t0:t1].T  # (k, N)
-        if contiguous:
-            prod = ops.op1("Mul", [ops.reshape(x, [-1, 1, n_feat]), ops.const("table", part[None].astype(ops.dtype))])
-        else:
-            prod = ops.op1("Mul", [ops.reshape(x, [1, -1, n_feat]), ops.const("table", part[:, None].astype(ops.dtype))])
+        part = table if (t0, t1) == (0, k_all) else ops.slice(table, t0, t1, axis=1 if contiguous else 0)
+        view = ops.reshape(x, [-1, 1, n_feat] if contiguous else [1, -1, n_feat])
+        prod = ops.op1("Mul", [view, part])  # (B, k, N) or (k, B, N)
         return ops.op1("Transpose", [ops.reshape(prod, [-1, n_feat])], attrs={"perm": [1, 0]})
 
     def with_bias(z: gs.Variable, lo: int = 0, hi: int = c) -> gs.Variable:
         if bias is None:
             return z
-        part = bias if (lo, hi) == (0, c) else ops.const("bias", spec.bias[lo:hi].astype(ops.dtype))
-        return ops.op1("Add", [z, part])
+        return ops.op1("Add", [z, bias if (lo, hi) == (0, c) else ops.slice(bias, lo, hi)])
 
     def whole() -> gs.Variable:  # all K tiles at once: fewest nodes
         y = _tile_stages(ops, start(0, k_all), n_feat, _RADIX_BITS)
