@@ -138,6 +138,46 @@ def test_large_tiled_transform_matches_hadamard_head(variant: str) -> None:
         np.testing.assert_allclose(_run(model, x[:batch].numpy()), want[:batch], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["tile-contiguous-bias", "tile-shuffled-nobias"])
+def test_large_general_transform_matches_hadamard_head(variant: str) -> None:
+    # N=1000 (not a power of two), C=5000: an 8192-point transform of signed copies; from batch 16 the top
+    # 2 levels run across 4 blocks of 2048 points and each block is transformed on its own
+    head = _hadamard_head(1000, 5000, variant)
+    assert (head.hadamard_size, head.embed_size) == (8192, 8192)
+    model = head_model(HeadSpec.from_module(head))
+    assert head_op_census(model)["If"] == 1
+    x = torch.randn(16, 1000, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = head(x).numpy()
+    for batch in (3, 16):
+        np.testing.assert_allclose(_run(model, x[:batch].numpy()), want[:batch], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shuffled", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("embedding", ["tile", "pad"])
+def test_general_branches_match_reference(
+    monkeypatch: pytest.MonkeyPatch, embedding: str, bias: bool, shuffled: bool
+) -> None:
+    # N=342, C=100: a 512-point transform of (signed copies of) x. With small block sizes both branches of
+    # the If are built: one 512-point transform below 4 samples, 8 blocks of 64 points from 4 on.
+    monkeypatch.setattr(onnx_head, "_BLOCK_POINTS", 64)
+    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_POINTS", 128)
+    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_BATCH", 4)
+    spec = make_spec(342, 100, embedding=embedding, bias=bias, shuffled=shuffled, seed=12)
+    assert (spec.hadamard_size, spec.embed_size) == (512, 512)
+    model = head_model(spec)
+    census = head_op_census(model)
+    assert census["If"] == 1 and not {"MatMul", "Gemm", "Conv"} & census.keys()
+    assert largest_head_constant(model) <= max(100, spec.embed_size)
+    rng = np.random.default_rng(5)
+    for batch in (1, 3, 4, 5, 64):
+        x = rng.normal(size=(batch, 342)).astype(np.float32)
+        out = _run(model, x)
+        assert out.shape == (batch, 100)
+        np.testing.assert_allclose(out, reference_logits(spec, x), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("shuffled", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("embedding", ["tile", "pad"])
