@@ -136,7 +136,9 @@ def render(report: Report, console: Console) -> None:
         total = sum(o.head_ops.values())
         addsub = o.head_ops.get("Add", 0) + o.head_ops.get("Sub", 0)
         dense = sum(o.head_ops.get(k, 0) for k in ("MatMul", "Gemm", "Conv"))
-        t.add_row("classifier ops", "1 Gemm", f"{total} ({addsub} add/sub)", f"{dense} MatMul")
+        # with an If on the batch size the census holds both branches; each call runs one of them
+        paths = ", 2 paths" if o.head_ops.get("If") else ""
+        t.add_row("classifier ops", "1 Gemm", f"{_int(total)} ({_int(addsub)} add/sub{paths})", f"{dense} MatMul")
     a = report.accuracy
     if a.measured_on is None:
         t.add_row("accuracy", "—", "—", "no --data")
