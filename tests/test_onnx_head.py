@@ -123,85 +123,58 @@ def test_matches_hadamard_head(n_feat: int, c: int, variant: str) -> None:
         np.testing.assert_allclose(out, want[:batch], atol=1e-4, rtol=0)
 
 
+# (N, C, m): N=512, C=32000 is a 32768-point transform of 64 signed copies of x, so one table Mul does the
+# top 6 levels and 63 512-point transforms follow, all at once (batch < 16) or in chunks of 4 (from 16);
+# N=1000 (not a power of two), C=5000 is an 8192-point transform whose top 2 levels run across 4 blocks of
+# 2048 points from batch 16, each block then transformed on its own.
+LARGE = [(512, 32000, 32768), (1000, 5000, 8192)]
+
+
 @pytest.mark.parametrize("variant", ["tile-contiguous-bias", "tile-shuffled-nobias"])
-def test_large_tiled_transform_matches_hadamard_head(variant: str) -> None:
-    # N=512, C=32000: a 32768-point transform of 64 signed copies of x: one table Mul for the top 6 levels,
-    # then 63 512-point transforms, all at once (batch < 16) or in chunks of 4 (batch >= 16)
-    head = _hadamard_head(512, 32000, variant)
-    assert (head.hadamard_size, head.embed_size) == (32768, 32768)
+@pytest.mark.parametrize(("n_feat", "c", "m"), LARGE)
+def test_large_transforms_match_hadamard_head(n_feat: int, c: int, m: int, variant: str) -> None:
+    head = _hadamard_head(n_feat, c, variant)
+    assert (head.hadamard_size, head.embed_size) == (m, m)
     model = head_model(HeadSpec.from_module(head))
     assert head_op_census(model)["If"] == 1
-    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(7))
+    x = torch.randn(16, n_feat, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         want = head(x).numpy()
     for batch in (3, 16):
         np.testing.assert_allclose(_run(model, x[:batch].numpy()), want[:batch], atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["tile-contiguous-bias", "tile-shuffled-nobias"])
-def test_large_general_transform_matches_hadamard_head(variant: str) -> None:
-    # N=1000 (not a power of two), C=5000: an 8192-point transform of signed copies; from batch 16 the top
-    # 2 levels run across 4 blocks of 2048 points and each block is transformed on its own
-    head = _hadamard_head(1000, 5000, variant)
-    assert (head.hadamard_size, head.embed_size) == (8192, 8192)
-    model = head_model(HeadSpec.from_module(head))
-    assert head_op_census(model)["If"] == 1
-    x = torch.randn(16, 1000, generator=torch.Generator().manual_seed(9))
-    with torch.no_grad():
-        want = head(x).numpy()
-    for batch in (3, 16):
-        np.testing.assert_allclose(_run(model, x[:batch].numpy()), want[:batch], atol=1e-4, rtol=0)
+# (N, C, block points, table Muls): with small block sizes both branches of the If are built at small sizes,
+# the single transform below 4 samples and the blocked one from 4 on. N=64, C=1000: 16 whole copies of x
+# in a 1024-point transform, chunks of 2 tiles (the table Mul once in the small branch and once per chunk);
+# N=342, C=100: a 512-point transform of signed copies (or zero padding), 8 blocks of 64 points.
+SWITCHED = [(64, 1000, 128, 1 + 8), (342, 100, 64, 0)]
 
 
 @pytest.mark.parametrize("shuffled", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("embedding", ["tile", "pad"])
-def test_general_branches_match_reference(
-    monkeypatch: pytest.MonkeyPatch, embedding: str, bias: bool, shuffled: bool
+@pytest.mark.parametrize(("n_feat", "c", "block", "table_muls"), SWITCHED)
+def test_batch_switched_branches_match_reference(
+    monkeypatch: pytest.MonkeyPatch, n_feat: int, c: int, block: int, table_muls: int, embedding: str,
+    bias: bool, shuffled: bool,
 ) -> None:
-    # N=342, C=100: a 512-point transform of (signed copies of) x. With small block sizes both branches of
-    # the If are built: one 512-point transform below 4 samples, 8 blocks of 64 points from 4 on.
-    monkeypatch.setattr(onnx_head, "_BLOCK_POINTS", 64)
-    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_POINTS", 128)
+    monkeypatch.setattr(onnx_head, "_BLOCK_POINTS", block)
+    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_POINTS", 2 * block)
     monkeypatch.setattr(onnx_head, "_BLOCK_MIN_BATCH", 4)
-    spec = make_spec(342, 100, embedding=embedding, bias=bias, shuffled=shuffled, seed=12)
-    assert (spec.hadamard_size, spec.embed_size) == (512, 512)
+    spec = make_spec(n_feat, c, embedding=embedding, bias=bias, shuffled=shuffled, seed=n_feat)
+    assert spec.hadamard_size == spec.embed_size
     model = head_model(spec)
     census = head_op_census(model)
     assert census["If"] == 1 and not {"MatMul", "Gemm", "Conv"} & census.keys()
-    assert largest_head_constant(model) <= max(100, spec.embed_size)
-    rng = np.random.default_rng(5)
-    for batch in (1, 3, 4, 5, 64):
-        x = rng.normal(size=(batch, 342)).astype(np.float32)
-        out = _run(model, x)
-        assert out.shape == (batch, 100)
-        np.testing.assert_allclose(out, reference_logits(spec, x), atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("shuffled", [True, False])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("embedding", ["tile", "pad"])
-def test_whole_copy_branches_match_reference(
-    monkeypatch: pytest.MonkeyPatch, embedding: str, bias: bool, shuffled: bool
-) -> None:
-    # N=64, C=1000: 16 whole copies of x in a 1024-point transform. With small block sizes both branches of
-    # the If are built at this size: all 16 tiles at once below 4 samples, chunks of 2 tiles from 4 on.
-    monkeypatch.setattr(onnx_head, "_BLOCK_POINTS", 128)
-    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_POINTS", 256)
-    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_BATCH", 4)
-    spec = make_spec(64, 1000, embedding=embedding, bias=bias, shuffled=shuffled, seed=11)
-    assert (spec.hadamard_size, spec.embed_size) == (1024, 1024)
-    model = head_model(spec)
-    census = head_op_census(model)
-    assert census["If"] == 1 and not {"MatMul", "Gemm", "Conv"} & census.keys()
-    # the table Mul: once in the small-batch branch, once per chunk of 2 tiles in the other (8 chunks)
-    assert census["Mul"] == 2 + 1 + 8
-    assert largest_head_constant(model) <= max(1000, spec.embed_size)
+    # x·x and the factor, then the table Muls, or for other N one "tile" sign flip, outside the If
+    assert census["Mul"] == 2 + (table_muls or int(embedding == "tile"))
+    assert largest_head_constant(model) <= max(c, spec.embed_size)
     rng = np.random.default_rng(4)
     for batch in (1, 3, 4, 5, 64):
-        x = rng.normal(size=(batch, 64)).astype(np.float32)
+        x = rng.normal(size=(batch, n_feat)).astype(np.float32)
         out = _run(model, x)
-        assert out.shape == (batch, 1000)
+        assert out.shape == (batch, c)
         np.testing.assert_allclose(out, reference_logits(spec, x), atol=1e-4, rtol=0)
 
 
