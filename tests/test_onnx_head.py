@@ -176,6 +176,11 @@ def test_batch_switched_branches_match_reference(
         out = _run(model, x)
         assert out.shape == (batch, c)
         np.testing.assert_allclose(out, reference_logits(spec, x), atol=1e-4, rtol=0)
+    timed = head_model(spec, time_axis=True)  # the If sees batch x time rows: 2 (small branch), 10 (blocked)
+    for lead in ((1, 2), (2, 5)):
+        x = rng.normal(size=(*lead, n_feat)).astype(np.float32)
+        want = reference_logits(spec, x.reshape(-1, n_feat)).reshape(*lead, c)
+        np.testing.assert_allclose(_run(timed, x), want, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize(
