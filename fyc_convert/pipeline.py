@@ -48,6 +48,7 @@ class ConvertOptions:
     bias: bool = True  # keep a learned bias in the head
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
+    hadamard_size: int | None = None  # transform size m of the hadamard head; None = from_linear's widest choice
     resume: bool = False  # continue an interrupted fine-tuning run from the output folder's checkpoint
     output_dir: str | Path | None = None  # default: <checkpoint stem>_fyc/ next to the checkpoint
     opset: int | None = None  # ONNX opset; None = export.DEFAULT_OPSET
@@ -117,7 +118,8 @@ def convert(checkpoint: str | Path, options: ConvertOptions | None = None, *,
 
     say(f"swapping {layer} ({linear.in_features} → {linear.out_features}) for a fixed {opts.head} head")
     swap = swap_classifier(model, head=opts.head, layer=layer, input_shape=input_shape, features=features,
-                           bias=opts.bias, fixed_scale=opts.fixed_scale, seed=opts.seed)
+                           bias=opts.bias, fixed_scale=opts.fixed_scale, seed=opts.seed,
+                           hadamard_size=opts.hadamard_size)
     head = swap.head
     pc = swap.params
     report = Report(

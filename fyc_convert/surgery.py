@@ -144,6 +144,7 @@ def swap_classifier(
     bias: bool = True,
     fixed_scale: float | None = None,
     seed: int = 0,
+    hadamard_size: int | None = None,
 ) -> SwapResult:
     """Replace the classifier in place with a fixed head built from it (class order kept).
 
@@ -157,22 +158,30 @@ def swap_classifier(
         bias: Give the head a per-class bias.
         fixed_scale: Keep α fixed at this value instead of learning it.
         seed: Seed of the head's embedding signs.
+        hadamard_size: Transform size m of the hadamard head (default: `HadamardHead.from_linear`'s choice,
+            the widest row choice); e.g. the fold size N / 2^k >= C + 1 gives a faster exported head.
 
     Returns:
         The swap's result, with exact parameter accounting.
 
     Raises:
         ClassifierNotFoundError: See `find_classifier`.
-        HeadError: Unknown head kind, or the head cannot be built for these sizes.
+        HeadError: Unknown head kind, a hadamard_size for the orthogonal head, or the head cannot be built
+            for these sizes.
     """
     from fyc_convert.heads import HadamardHead, OrthogonalHead
 
     kinds = {"hadamard": HadamardHead, "orthogonal": OrthogonalHead}
     if head not in kinds:
         raise HeadError(f"unknown head {head!r}; use one of: {', '.join(kinds)}")
+    sizing = {}
+    if hadamard_size is not None:
+        if head != "hadamard":
+            raise HeadError(f"a transform size applies to the hadamard head only; leave it unset for the {head} head")
+        sizing["hadamard_size"] = hadamard_size
     name, linear = find_classifier(model, layer=layer, input_shape=input_shape, example=example)
     original = count_params(model)
-    new = kinds[head].from_linear(linear, features=features, bias=bias, fixed_scale=fixed_scale, seed=seed)
+    new = kinds[head].from_linear(linear, features=features, bias=bias, fixed_scale=fixed_scale, seed=seed, **sizing)
     new.train(linear.training)
     if model is linear:
         model = new

@@ -131,6 +131,19 @@ def test_dry_run_writes_only_the_report(tmp_path: Path) -> None:
     assert rep["accuracy"]["original"] is None
 
 
+def test_hadamard_size_option(tmp_path: Path) -> None:
+    rep_path = tmp_path / "r.json"
+    result = _run(SAMPLE, "--arch", ARCH, "--dry-run", "--report", rep_path, "--hadamard-size", "16")
+    assert result.exit_code == 0, result.output
+    rep = json.loads(rep_path.read_text())
+    assert (rep["hadamard_size"], rep["embed_size"], rep["in_features"]) == (16, 64, 64)  # the 4-to-1 fold
+    for args, message in [(("--hadamard-size", "1000"), "power of two"),
+                          (("--head", "orthogonal", "--hadamard-size", "16"), "hadamard head only")]:
+        result = _run(SAMPLE, "--arch", ARCH, "--dry-run", "--report", tmp_path / "x.json", *args)
+        assert result.exit_code == 1 and message in result.output
+        assert "Traceback" not in result.output and not (tmp_path / "x.json").exists()
+
+
 def test_without_data_accuracy_is_not_measured(tmp_path: Path) -> None:
     out = tmp_path / "o"
     result = _run(SAMPLE, "--arch", ARCH, "-o", out, "--quiet")

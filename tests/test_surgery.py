@@ -151,6 +151,27 @@ def test_unknown_head_kind():
         swap_classifier(LAYOUTS["resnet_fc"]().model, head="dense", layer="fc")
 
 
+def _mlp() -> nn.Module:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 10))
+
+
+def test_swap_with_a_chosen_transform_size():
+    # 64 features, 10 classes: from_linear's default is a 64-point transform; 16 folds the features 4 to 1
+    assert swap_classifier(_mlp(), layer="2").head.hadamard_size == 64
+    model = _mlp()
+    head = swap_classifier(model, layer="2", hadamard_size=16).head
+    assert model[2] is head and (head.hadamard_size, head.embed_size) == (16, 64)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1))
+    want = head.scale * nn.functional.normalize(x, dim=1, eps=0.0) @ head.class_vectors().T + head.bias
+    assert torch.allclose(head(x), want, atol=1e-5)
+    with pytest.raises(HeadError, match="power of two"):
+        swap_classifier(_mlp(), layer="2", hadamard_size=1000)
+    with pytest.raises(HeadError, match="hadamard head only"):
+        swap_classifier(_mlp(), head="orthogonal", layer="2", hadamard_size=16)
+
+
 def test_swap_keeps_class_order():
     # a classifier whose rows are (permuted) Hadamard class vectors must get exactly those rows, class by class
     layout = LAYOUTS["densenet_classifier"]()
