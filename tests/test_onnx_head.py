@@ -69,6 +69,15 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     return sess.run(None, {"features": x.astype(np.float32)})[0]
 
 
+def _assert_matches_head(model: onnx.ModelProto, head: HadamardHead, batches: tuple[int, ...], seed: int) -> None:
+    """onnxruntime's logits equal the PyTorch head's, to 1e-4, on random features at each batch size."""
+    x = torch.randn(max(batches), head.in_features, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        want = head(x).numpy()
+    for batch in batches:
+        np.testing.assert_allclose(_run(model, x[:batch].numpy()), want[:batch], atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("shuffled", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("embedding", ["tile", "pad"])
@@ -114,13 +123,7 @@ def test_matches_hadamard_head(n_feat: int, c: int, variant: str) -> None:
     spec = HeadSpec.from_module(head)
     assert (spec.hadamard_size, spec.embed_size) == (head.hadamard_size, head.embed_size)
     assert spec.embedding == head.embedding and np.array_equal(spec.rows, head.rows.numpy())
-    sess = ort.InferenceSession(head_model(spec).SerializeToString(), providers=["CPUExecutionProvider"])
-    x = torch.randn(64, n_feat, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        want = head(x).numpy()
-    for batch in (1, 3, 64):
-        out = sess.run(None, {"features": x[:batch].numpy()})[0]
-        np.testing.assert_allclose(out, want[:batch], atol=1e-4, rtol=0)
+    _assert_matches_head(head_model(spec), head, (1, 3, 64), seed=5)
 
 
 # (N, C, m): N=512, C=32000 is a 32768-point transform of 64 signed copies of x, so one table Mul does the
@@ -137,11 +140,7 @@ def test_large_transforms_match_hadamard_head(n_feat: int, c: int, m: int, varia
     assert (head.hadamard_size, head.embed_size) == (m, m)
     model = head_model(HeadSpec.from_module(head))
     assert head_op_census(model)["If"] == 1
-    x = torch.randn(16, n_feat, generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        want = head(x).numpy()
-    for batch in (3, 16):
-        np.testing.assert_allclose(_run(model, x[:batch].numpy()), want[:batch], atol=1e-4, rtol=0)
+    _assert_matches_head(model, head, (3, 16), seed=7)
 
 
 # (N, C, block points, table Muls): with small block sizes both branches of the If are built at small sizes,
@@ -191,14 +190,7 @@ def test_transforms_around_the_transpose_threshold_match_hadamard_head(n_feat: i
     # 4096 points: the last size run in natural order; 8192: the first with the mid Transpose (radix-8)
     head = _hadamard_head(n_feat, c, variant)
     assert head.hadamard_size == (4096 if c < 4096 else 8192)
-    sess = ort.InferenceSession(head_model(HeadSpec.from_module(head)).SerializeToString(),
-                                providers=["CPUExecutionProvider"])
-    x = torch.randn(64, n_feat, generator=torch.Generator().manual_seed(8))
-    with torch.no_grad():
-        want = head(x).numpy()
-    for batch in (1, 3, 64):
-        out = sess.run(None, {"features": x[:batch].numpy()})[0]
-        np.testing.assert_allclose(out, want[:batch], atol=1e-4, rtol=0)
+    _assert_matches_head(head_model(HeadSpec.from_module(head)), head, (1, 3, 64), seed=8)
 
 
 def test_default_head_sizes_and_time_axis() -> None:
