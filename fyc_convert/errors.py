@@ -5,6 +5,8 @@ Every message is one line that says what was wrong and what to do instead.
 
 from __future__ import annotations
 
+_MAX_LINE = 300  # characters of a foreign exception kept in our one-line messages
+
 
 class FycError(Exception):
     """Base class for every error a user can cause. Exit code 1 in the CLI."""
@@ -61,3 +63,18 @@ class OutputError(FycError):
 
 class ClassLRError(TrainingError):
     """Per-class learning rates cannot be set up: unknown layer, bad labels, or μ would not fit in memory."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's text, at most 300 characters ("" when it has none).
+
+    Exporters, onnxruntime and torch raise multi-line messages; ours quote only their first line.
+    """
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return lines[0][:_MAX_LINE] if lines else ""
+
+
+def describe(e: BaseException) -> str:
+    """An exception as ``"TypeName: first line"`` (just the type name when it has no text)."""
+    line = first_line(e)
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__

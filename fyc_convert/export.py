@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
-from fyc_convert.errors import ExportError
+from fyc_convert.errors import ExportError, describe
 from fyc_convert.surgery import eval_mode, logits_of
 
 DEFAULT_OPSET = 18
@@ -41,11 +41,6 @@ BATCH_AXIS = "batch_size"
 _MARKER_DOMAIN = "fyc"
 _MARKER_OP = "HeadMarker"
 
-
-def _first_line(e: BaseException) -> str:
-    """An exception as one short line (exporters and onnxruntime raise multi-line messages)."""
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 @dataclass
@@ -345,7 +340,7 @@ def _save(model: onnx.ModelProto, path: Path, work: Path, *, external_threshold:
     try:
         onnx.checker.check_model(str(tmp_model))
     except onnx.checker.ValidationError as e:
-        raise ExportError(f"exported graph failed onnx.checker ({_first_line(e)}); try another --opset") from e
+        raise ExportError(f"exported graph failed onnx.checker ({describe(e)}); try another --opset") from e
     if external:
         os.replace(work / data_path.name, data_path)
     os.replace(tmp_model, path)
@@ -430,7 +425,7 @@ def export_onnx(
             raise
         except Exception as e:  # the exporter raises many types; the user needs one line
             raise ExportError(
-                f"torch.onnx.export failed: {_first_line(e)}; check that the model runs on input_shape {input_shape}"
+                f"torch.onnx.export failed: {describe(e)}; check that the model runs on input_shape {input_shape}"
             ) from e
         if placeholder is not None and placeholder.calls != 1:
             raise ExportError(

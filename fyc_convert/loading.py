@@ -37,7 +37,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor, nn
 
-from fyc_convert.errors import ArchError, CheckpointError
+from fyc_convert.errors import ArchError, CheckpointError, describe, first_line
 
 STATE_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")  # where training checkpoints keep weights
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".pt2")
@@ -102,7 +102,7 @@ def load_model(
         try:
             state = torch.jit.load(str(path), map_location="cpu").state_dict()
         except RuntimeError as e:
-            raise CheckpointError(f"{path} is a corrupt TorchScript archive ({_first_line(e)}); re-save it") from e
+            raise CheckpointError(f"{path} is a corrupt TorchScript archive ({first_line(e)}); re-save it") from e
     elif kind == "export":
         fmt = "export"
         if arch is None:
@@ -118,7 +118,7 @@ def load_model(
         try:
             program = torch.export.load(str(path))
         except Exception as e:  # noqa: BLE001 - anything can fail inside an unpickler we were told to trust
-            raise CheckpointError(f"cannot read torch.export archive {path} ({_describe(e)}); re-save it") from e
+            raise CheckpointError(f"cannot read torch.export archive {path} ({describe(e)}); re-save it") from e
         state = program.state_dict  # parameters and persistent buffers, as in the eager model
     else:
         obj = _torch_load(path, trust_pickle=trust_pickle)
@@ -209,7 +209,7 @@ def _sniff(path: Path) -> str:
             with zipfile.ZipFile(path) as z:
                 names = z.namelist()
         except (zipfile.BadZipFile, OSError) as e:
-            raise CheckpointError(f"checkpoint {path} is a truncated or corrupt archive ({_first_line(e)}); "
+            raise CheckpointError(f"checkpoint {path} is a truncated or corrupt archive ({first_line(e)}); "
                                   "copy or save it again") from e
         if any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names):
             return "torchscript"
@@ -238,7 +238,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
             raw_meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a valid safetensors file ({_first_line(e)}); its header is "
+        raise CheckpointError(f"{path} is not a valid safetensors file ({first_line(e)}); its header is "
                               "corrupt or the file is truncated: copy or save it again") from e
     meta = {k: _maybe_json(v) for k, v in raw_meta.items() if k != "format"}
     return state, meta
@@ -262,7 +262,7 @@ def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
                                   f"({_unpickling_reason(e)}); save model.state_dict() with torch.save and pass "
                                   "it with --arch MODULE:CALLABLE") from e
         except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({_first_line(e) or 'unexpected end'}"
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first_line(e) or 'unexpected end'}"
                                   "); copy or save it again") from e
     try:
         with _on_sys_path(Path.cwd()):  # pickled classes import like the user's own code would
@@ -272,7 +272,7 @@ def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
                               "from the directory that holds the model's code, or save model.state_dict() and "
                               "pass it with --arch") from e
     except Exception as e:  # noqa: BLE001 - unpickling trusted code can raise anything
-        raise CheckpointError(f"cannot unpickle {path} ({_describe(e)}); check the file is complete, or save "
+        raise CheckpointError(f"cannot unpickle {path} ({describe(e)}); check the file is complete, or save "
                               "model.state_dict() and pass it with --arch") from e
 
 
@@ -331,7 +331,7 @@ def _build(arch: str, kwargs: dict[str, Any]) -> nn.Module:
             model = builder(**kwargs)
     except Exception as e:  # noqa: BLE001 - user code can raise anything
         called = json.dumps(kwargs, default=repr)
-        raise ArchError(f"--arch {arch} failed when called with {called} ({_describe(e)}); check --arch-kwargs") from e
+        raise ArchError(f"--arch {arch} failed when called with {called} ({describe(e)}); check --arch-kwargs") from e
     if not isinstance(model, nn.Module):
         raise ArchError(f"--arch {arch} returned a {type(model).__name__}, not an nn.Module; point it at a "
                         "function or class that builds the model")
@@ -395,7 +395,7 @@ def _import_module(name: str, spec: str) -> Any:
                             "or pass path/to/file.py:CALLABLE") from e
         raise ArchError(f"--arch {spec!r}: importing {name} failed, it needs module {e.name!r}; install it") from e
     except Exception as e:  # noqa: BLE001 - importing user code can raise anything
-        raise ArchError(f"--arch {spec!r}: importing {name} failed ({_describe(e)}); fix the module") from e
+        raise ArchError(f"--arch {spec!r}: importing {name} failed ({describe(e)}); fix the module") from e
 
 
 def _import_file(file: Path, spec: str) -> Any:
@@ -414,7 +414,7 @@ def _import_file(file: Path, spec: str) -> Any:
             module_spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - importing user code can raise anything
         del sys.modules[name]
-        raise ArchError(f"--arch {spec!r}: importing {file} failed ({_describe(e)}); fix the file") from e
+        raise ArchError(f"--arch {spec!r}: importing {file} failed ({describe(e)}); fix the file") from e
     return module
 
 
@@ -476,20 +476,12 @@ def _py3_name(module: str, name: str) -> str:
 # ---------------------------------------------------------------------------------------------- messages
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0].strip() if lines else ""
-
-
-def _describe(e: BaseException) -> str:
-    line = _first_line(e)
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
 
 
 def _unpickling_reason(e: pickle.UnpicklingError) -> str:
     """The weights_only unpickler's actual complaint, without torch's advice paragraphs."""
     match = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
-    return match.group(1).strip() if match else _first_line(e)
+    return match.group(1).strip() if match else first_line(e)
 
 
 def _few(items: list[str], limit: int = 6) -> str:

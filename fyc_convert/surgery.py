@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from fyc_convert.errors import ClassifierNotFoundError, HeadError
+from fyc_convert.errors import ClassifierNotFoundError, HeadError, describe
 
 HeadKind = Literal["hadamard", "orthogonal"]
 
@@ -253,7 +253,7 @@ def _from_forward(model: nn.Module, x: Tensor) -> tuple[str, nn.Linear]:
     except Exception as e:  # noqa: BLE001 - the model's own forward can raise anything
         raise ClassifierNotFoundError(
             f"running the model on an input of shape {tuple(x.shape)} to find the classifier failed "
-            f"({type(e).__name__}: {_first_line(e)}); pass the right --input-shape (one sample, no batch dim) "
+            f"({describe(e)}); pass the right --input-shape (one sample, no batch dim) "
             "or --layer NAME"
         ) from e
     finally:
@@ -368,7 +368,3 @@ def _dotted(layer: str) -> str:
 def _module_name(model: nn.Module, module: nn.Module) -> str:
     return next((repr(n) for n, m in model.named_modules() if m is module), "?")
 
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0].strip() if lines else ""

@@ -16,18 +16,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from fyc_convert.errors import ExportError, VerificationError
+from fyc_convert.errors import ExportError, VerificationError, describe
 from fyc_convert.export import HEAD_PREFIX
 from fyc_convert.surgery import eval_mode, logits_of
 
 _DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul")
 _CHUNK = 64  # real inputs are run in batches of this size
 
-
-def _first_line(e: BaseException) -> str:
-    """An exception as one short line (exporters and onnxruntime raise multi-line messages)."""
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 @dataclass
@@ -102,7 +97,7 @@ def verify_onnx(
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
-        raise VerificationError(f"onnxruntime cannot load {path}: {_first_line(e)}; re-export the model") from e
+        raise VerificationError(f"onnxruntime cannot load {path}: {describe(e)}; re-export the model") from e
     in_name = sess.get_inputs()[0].name
     param = next(iter(model.parameters()), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -119,7 +114,7 @@ def verify_onnx(
                 got = sess.run(None, {in_name: x.numpy()})[0]
             except Exception as e:
                 raise VerificationError(
-                    f"onnxruntime failed at batch {len(x)}: {_first_line(e)}; re-export the model"
+                    f"onnxruntime failed at batch {len(x)}: {describe(e)}; re-export the model"
                 ) from e
             if got.shape != ref.shape:
                 raise VerificationError(
