@@ -1,38 +1,66 @@
-"""fyc-convert: swap a trained classifier for a fixed Hadamard head (Hoffer, Hubara, Soudry, ICLR 2018)."""
+"""fyc-convert: swap a trained classifier for a fixed Hadamard head (Hoffer, Hubara, Soudry, ICLR 2018).
 
-from fyc_convert.errors import (
-    CheckpointError,
-    ClassifierNotFoundError,
-    DataError,
-    ExportError,
-    FycError,
-    HeadError,
-    TrainingError,
-    VerificationError,
-)
-from fyc_convert.hadamard import fwht
-from fyc_convert.heads import HadamardHead, OrthogonalHead, cosine_loss
-from fyc_convert.pipeline import ConvertOptions, convert
-from fyc_convert.report import Report
-from fyc_convert.weights import load_converted
+The public names are imported on first use (PEP 562), so `import fyc_convert` and `fyc-convert --help` do not
+pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointError",
-    "ClassifierNotFoundError",
-    "ConvertOptions",
-    "DataError",
-    "ExportError",
-    "FycError",
-    "HadamardHead",
-    "HeadError",
-    "OrthogonalHead",
-    "Report",
-    "TrainingError",
-    "VerificationError",
-    "convert",
-    "cosine_loss",
-    "load_converted",
-    "fwht",
-]
+_EXPORTS = {
+    "CheckpointError": "fyc_convert.errors",
+    "ClassifierNotFoundError": "fyc_convert.errors",
+    "DataError": "fyc_convert.errors",
+    "ExportError": "fyc_convert.errors",
+    "FycError": "fyc_convert.errors",
+    "HeadError": "fyc_convert.errors",
+    "OptionsError": "fyc_convert.errors",
+    "TrainingError": "fyc_convert.errors",
+    "VerificationError": "fyc_convert.errors",
+    "fwht": "fyc_convert.hadamard",
+    "HadamardHead": "fyc_convert.heads",
+    "OrthogonalHead": "fyc_convert.heads",
+    "cosine_loss": "fyc_convert.heads",
+    "ConvertOptions": "fyc_convert.options",
+    "convert": "fyc_convert.pipeline",
+    "Report": "fyc_convert.report",
+    "load_converted": "fyc_convert.weights",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from fyc_convert.errors import (
+        CheckpointError,
+        ClassifierNotFoundError,
+        DataError,
+        ExportError,
+        FycError,
+        HeadError,
+        OptionsError,
+        TrainingError,
+        VerificationError,
+    )
+    from fyc_convert.hadamard import fwht
+    from fyc_convert.heads import HadamardHead, OrthogonalHead, cosine_loss
+    from fyc_convert.options import ConvertOptions
+    from fyc_convert.pipeline import convert
+    from fyc_convert.report import Report
+    from fyc_convert.weights import load_converted
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fyc_convert' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -5,7 +5,7 @@ This is the single place where errors become exit codes: 0 ok, 1 error, 2 usage,
 
 from __future__ import annotations
 
-import os
+import signal
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -73,50 +73,69 @@ def convert(
     input_shape: Annotated[Optional[str], typer.Option(callback=_check_shape, help="One sample's shape, e.g. 3,224,224 (when data/metadata lack it).")] = None,
     data: Annotated[Optional[Path], typer.Option(help=".npz, ImageFolder folder or .pt dict: calibrate, fine-tune, measure accuracy.")] = None,
     val_split: Annotated[float, typer.Option(help="Validation share when the data has no validation split.")] = 0.1,
-    epochs: Annotated[int, typer.Option(min=0, help="Fine-tuning epochs (0 = calibrate α and bias only).")] = 3,
+    epochs: Annotated[Optional[int], typer.Option(min=0, help="Fine-tuning epochs (0 = calibrate α and bias only). [default: 3]", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: per optimizer).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    optimizer: Annotated[OptimizerKind, typer.Option(help="sgd (momentum), adamw, or class-lr (per-class learning rates).")] = OptimizerKind.sgd,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="[default: 64]", show_default=False)] = None,
+    optimizer: Annotated[Optional[OptimizerKind], typer.Option(help="sgd (momentum), adamw, or class-lr (per-class learning rates). [default: sgd]", show_default=False)] = None,
     distill: Annotated[bool, typer.Option(help="Learn from the original model's outputs too (works without labels).")] = False,
     fixed_scale: Annotated[Optional[float], typer.Option(help="Use this fixed α instead of learning it.")] = None,
     no_bias: Annotated[bool, typer.Option("--no-bias", help="Head without a bias.")] = False,
     hadamard_size: Annotated[Optional[int], typer.Option(help="Transform size of the hadamard head, a power of two (default: nextpow2(max(N, C+1)), the widest row choice; a fold size such as 1024 for 2048 → 1000 exports a faster head).")] = None,
     device: Annotated[DeviceKind, typer.Option()] = DeviceKind.auto,
-    seed: Annotated[int, typer.Option()] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted fine-tuning run in the output folder.")] = False,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    resume: Annotated[bool, typer.Option(help="Finish an interrupted run in the output folder (training continues from its checkpoint).")] = False,
     output_dir: Annotated[Optional[Path], typer.Option("-o", "--output-dir", help="Default: <checkpoint stem>_fyc/ next to the checkpoint.")] = None,
     opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: a recent one onnxruntime runs).")] = None,
     dtype: Annotated[DType, typer.Option(help="Precision of the exported backbone; inputs/outputs stay fp32.")] = DType.fp32,
-    atol: Annotated[float, typer.Option(help="Verification tolerance on logits (absolute).")] = 1e-4,
-    rtol: Annotated[float, typer.Option(help="Verification tolerance on logits (relative).")] = 1e-4,
+    atol: Annotated[Optional[float], typer.Option(help="Verification tolerance on logits (absolute). [default: 1e-4; fp16: 5e-2]", show_default=False)] = None,
+    rtol: Annotated[Optional[float], typer.Option(help="Verification tolerance on logits (relative). [default: as --atol]", show_default=False)] = None,
     report: Annotated[Optional[Path], typer.Option(help="Also write the JSON report here (the only output of --dry-run).")] = None,
     dry_run: Annotated[bool, typer.Option(help="Load, find and swap; report parameter savings; train and write nothing.")] = False,
     bench: Annotated[bool, typer.Option(help="Add onnxruntime latency of original vs converted to the report.")] = False,
     force: Annotated[bool, typer.Option(help="Write into an existing output folder.")] = False,
-    class_lr_eta_mu: Annotated[float, typer.Option(help="class-lr: meta learning rate of the per-class factors μ.")] = 1e4,
-    class_lr_cutoff: Annotated[int, typer.Option(help="class-lr: epoch after which plain gradients return.")] = 10,
+    class_lr_eta_mu: Annotated[Optional[float], typer.Option(help="class-lr: meta learning rate of the per-class factors μ. [default: 1e4]", show_default=False)] = None,
+    class_lr_cutoff: Annotated[Optional[int], typer.Option(help="class-lr: epoch after which plain gradients return. [default: 10]", show_default=False)] = None,
     class_lr_layers: Annotated[Optional[str], typer.Option(help="class-lr: comma-separated layer names (default: hidden Linear layers).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the final status line.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")] = False,
 ) -> None:
     """Swap a trained classifier's last nn.Linear for a fixed Hadamard head, fine-tune, export slim ONNX."""
-    from fyc_convert.pipeline import ConvertOptions
-    from fyc_convert.pipeline import convert as run_convert
-    from fyc_convert.report import render
-
-    opts = ConvertOptions(
+    opts = dict(
         head=head.value, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, layer=layer,
         input_shape=_shape(input_shape), data=data, val_split=val_split, epochs=epochs, lr=lr,
-        batch_size=batch_size, optimizer=optimizer.value, distill=distill, fixed_scale=fixed_scale,
-        bias=not no_bias, hadamard_size=hadamard_size, device=device.value, seed=seed, resume=resume, output_dir=output_dir, opset=opset,
-        dtype=dtype.value, atol=atol, rtol=rtol, report_path=report, dry_run=dry_run, bench=bench, force=force,
+        batch_size=batch_size, optimizer=optimizer.value if optimizer is not None else None, distill=distill,
+        fixed_scale=fixed_scale, bias=not no_bias, hadamard_size=hadamard_size, device=device.value, seed=seed,
+        resume=resume, output_dir=output_dir, opset=opset, dtype=dtype.value, atol=atol, rtol=rtol,
+        report_path=report, dry_run=dry_run, bench=bench, force=force,
         class_lr_eta_mu=class_lr_eta_mu, class_lr_cutoff=class_lr_cutoff,
-        class_lr_layers=tuple(s.strip() for s in class_lr_layers.split(",") if s.strip()) if class_lr_layers else None,
+        class_lr_layers=tuple(s.strip() for s in class_lr_layers.split(",")) if class_lr_layers else None,
     )
-    distributed = _init_distributed(device.value)
-    rank0 = not distributed or _rank() == 0
-    console = Console(quiet=quiet or not rank0, highlight=False)
+    raise typer.Exit(_run(checkpoint, opts, quiet=quiet, verbose=verbose))
+
+
+def _run(checkpoint: Path, fields: dict, *, quiet: bool, verbose: bool) -> int:
+    """Run the conversion; the one place where errors become exit codes and one line on stderr."""
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)  # schedulers send SIGTERM: handle it like Ctrl-C
+    except ValueError:  # not the main thread (an embedding application): leave its handlers alone
+        previous = None
+    distributed = rank0 = False
+    console = Console(quiet=True)
+    try:
+        from fyc_convert import distributed as dist
+        from fyc_convert.options import check_options, make_options
+        from fyc_convert.pipeline import convert as run_convert
+        from fyc_convert.report import render
+
+        if dist.launched_by_torchrun():
+            dist.init_from_env(fields["device"])
+            distributed = True
+        rank0 = dist.is_main()
+        console = Console(quiet=quiet or not rank0, highlight=False)
+        opts = make_options(None, fields)
+        if rank0:
+            for note in check_options(opts):
+                err_console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _MetricsColumn(),
                       TimeElapsedColumn(),
                       console=console, transient=True, disable=quiet or not rank0) as bars:
@@ -126,29 +145,55 @@ def convert(
         if verbose:
             err_console.print_exception()
         if getattr(e, "report", None) is not None and rank0:
+            from fyc_convert.report import render
+
             render(e.report, console)  # type: ignore[attr-defined]
         err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
-        raise typer.Exit(e.exit_code) from None
+        return e.exit_code
     except OSError as e:  # a file the library did not expect to fail (disk full, permissions)
         if verbose:
             err_console.print_exception()
         where = f": {e.filename}" if e.filename else ""
         err_console.print(f"[red]error:[/] {e.strerror or e}{where}; check the path and free space, "
                           f"or rerun with --verbose", soft_wrap=True)
-        raise typer.Exit(1) from None
+        return 1
     except KeyboardInterrupt:
-        err_console.print("[red]interrupted[/]: no partial output was left under a final name")
-        raise typer.Exit(130) from None
-    finally:
-        if distributed:
-            import torch.distributed as dist
+        err_console.print("[red]interrupted[/]: no partial output was left under a final name; "
+                          "--resume finishes the run")
+        return 130
+    except _Terminated:
+        err_console.print("[red]terminated[/]: no partial output was left under a final name; "
+                          "--resume finishes the run")
+        return 143
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if verbose:
+            err_console.print_exception()
+        from fyc_convert.errors import describe
 
-            dist.destroy_process_group()
+        err_console.print(f"[red]error:[/] unexpected {describe(e)}; rerun with --verbose and report it",
+                          soft_wrap=True)
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if distributed:
+            from fyc_convert import distributed as dist
+
+            dist.shutdown()
     if rank0:
         if quiet:
             Console(highlight=False).print(f"status: {result.status}")
         else:
             render(result, console)
+    return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived (a scheduler or `kill`): unwinds like KeyboardInterrupt, so temporaries are removed."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 class _MetricsColumn(ProgressColumn):
@@ -164,26 +209,6 @@ class _MetricsColumn(ProgressColumn):
         if f.get("samples_per_s"):
             parts.append(f"{f['samples_per_s']:,.0f} samples/s")
         return Text("  ".join(parts))
-
-
-def _init_distributed(device: str) -> bool:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL on GPUs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    import torch
-    import torch.distributed as dist
-
-    use_cuda = device != "cpu" and torch.cuda.is_available()
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return True
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank()
 
 
 def main() -> None:

@@ -14,6 +14,12 @@ class FycError(Exception):
     exit_code: int = 1
 
 
+class OptionsError(FycError):
+    """An option has a bad value or does not fit the other options. Exit code 2 (a usage error) in the CLI."""
+
+    exit_code = 2
+
+
 class CheckpointError(FycError):
     """The checkpoint cannot be read, is unsafe to read, or does not fit the architecture."""
 
@@ -32,6 +38,10 @@ class HeadError(FycError):
 
 class DataError(FycError):
     """The data cannot be read or does not fit the model."""
+
+
+class ModelRunError(FycError):
+    """The user's model raised while it ran (feature capture, calibration, training or evaluation)."""
 
 
 class TrainingError(FycError):

@@ -32,6 +32,7 @@ from fyc_convert.surgery import eval_mode, logits_of
 
 DEFAULT_OPSET = 18
 MIN_OPSET = 18  # the head builder uses opset-18 forms (Split num_outputs, Reduce* axes as an input)
+MAX_OPSET = 20  # the newest opset torch.onnx's TorchScript-based exporter writes
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of weights; protobuf cannot serialise a model over 2 GiB
 HEAD_PREFIX = "fyc_head/"
 INPUT_NAME = "input"

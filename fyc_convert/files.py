@@ -1,17 +1,36 @@
-"""Atomic file output: write to a temporary name in the same folder, then rename.
+"""Output files that appear whole or not at all, and the clean-up of what an interrupted run left behind.
 
-A reader (or a user who interrupts the run) never sees a half-written file under the final name.
+Every temporary name this package creates is ``.fyc-<pid>-<stem>.<random>.tmp`` (files and folders), written
+next to its final place and renamed onto it when complete. A run that is killed leaves such names behind;
+`remove_stale_temps` deletes exactly those (ours, of processes that are gone) and nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from fyc_convert.errors import OutputError
+
+_TEMP = re.compile(r"^\.fyc-(\d+)-.+\.tmp$")
+
+
+def _prefix(stem: str) -> str:
+    return f".fyc-{os.getpid()}-{stem}."
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether `name` is one of this package's temporary names."""
+    return _TEMP.match(name) is not None
+
+
+def _writable_here(path: Path, e: OSError) -> OutputError:
+    return OutputError(f"folder {path.parent} is not writable ({e.strerror}); choose a writable -o/--output-dir")
 
 
 @contextlib.contextmanager
@@ -24,9 +43,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as e:
-        raise OutputError(f"cannot write into {path.parent}: {e.strerror}; choose a writable --output-dir") from e
+        raise _writable_here(path, e) from e
     os.close(fd)
     tmp = Path(tmp_name)
     umask = os.umask(0)
@@ -44,3 +63,45 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def temp_dir(parent: str | Path, stem: str) -> Path:
+    """A new temporary folder in `parent` (removed by `remove_stale_temps` once this process is gone)."""
+    parent = Path(parent)
+    try:
+        return Path(tempfile.mkdtemp(prefix=_prefix(stem), suffix=".tmp", dir=parent))
+    except OSError as e:
+        raise _writable_here(parent / stem, e) from e
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str | Path) -> list[str]:
+    """Delete the temporary files and folders of dead runs directly in `folder`; returns their names.
+
+    Only names of the form ``.fyc-<pid>-….tmp`` whose process no longer exists are touched.
+    """
+    folder = Path(folder)
+    removed: list[str] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _TEMP.match(entry.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return sorted(removed)

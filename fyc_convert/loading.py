@@ -84,7 +84,7 @@ def load_model(
         ArchError: `arch` / `arch_kwargs` do not resolve to a callable that builds an nn.Module.
     """
     path = Path(path)
-    kwargs = _parse_arch_kwargs(arch_kwargs)
+    kwargs = parse_arch_kwargs(arch_kwargs)
     kind = _sniff(path)
     notes: list[str] = []
     meta: dict[str, Any] = {}
@@ -309,7 +309,7 @@ def _is_state_dict(obj: Any) -> bool:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def _parse_arch_kwargs(arch_kwargs: str | dict | None) -> dict[str, Any]:
+def parse_arch_kwargs(arch_kwargs: str | dict | None) -> dict[str, Any]:
     if arch_kwargs is None:
         return {}
     if isinstance(arch_kwargs, str):

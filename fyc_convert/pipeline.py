@@ -5,63 +5,52 @@ The CLI is a thin shell over this function; Python users call it directly:
     from fyc_convert import convert
     report = convert("model.pt", arch="mypkg.models:resnet", data="data.npz", epochs=3)
     print(report.accuracy.finetuned, report.onnx.converted_bytes)
+
+Outputs and interruptions: every option is checked before any work (`options.check_options`). The ONNX files,
+the weights and the report are written into a temporary folder inside the output folder and only moved to their
+final names once the converted model has been verified; `report.json` is moved before `model.onnx`, so a
+`model.onnx` never exists without the verified report beside it. A killed run leaves only temporary names,
+which the next run removes; `--resume` then finishes it: training continues from its last checkpoint (or is
+skipped when it had finished, calibration too), and export, verification, saving and the report run again.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
+import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from fyc_convert.errors import OutputError, OutputExistsError, VerificationError
-from fyc_convert.files import write_text_atomic
+from fyc_convert.distributed import is_main, on_main
+from fyc_convert.errors import FycError, ModelRunError, OutputError, OutputExistsError, TrainingError, \
+    VerificationError, describe
+from fyc_convert.files import remove_stale_temps, temp_dir, write_text_atomic
+from fyc_convert.options import ConvertOptions, check_options, make_options
 from fyc_convert.report import AccuracyReport, OnnxReport, ParamsReport, Report
+
+__all__ = ["ConvertOptions", "OUTPUT_NAMES", "convert"]
 
 Progress = Callable[[str], None]  # receives one-line status messages ("exporting ONNX", ...)
 
-
-@dataclass
-class ConvertOptions:
-    """Every option of a conversion; the CLI flags map one to one onto these fields."""
-
-    head: Literal["hadamard", "orthogonal"] = "hadamard"  # kind of fixed head to swap in
-    arch: str | None = None  # "module:callable" or "path/file.py:callable" building the model (state_dicts)
-    arch_kwargs: str | dict[str, Any] | None = None  # JSON (or dict) of keyword arguments for `arch`
-    trust_pickle: bool = False  # allow unpickling a whole nn.Module (runs code from the file)
-    layer: str | None = None  # dotted name of the classifier; found automatically when None
-    input_shape: tuple[int, ...] | None = None  # one sample's shape, e.g. (3, 224, 224), when data/meta lack it
-    data: str | Path | None = None  # .npz / ImageFolder / .pt data for calibration, fine-tuning and accuracy
-    val_split: float = 0.1  # validation share when the data has no validation split
-    epochs: int = 3  # fine-tuning epochs; 0 = calibrate alpha and bias only
-    lr: float | None = None  # learning rate; None = the optimizer's default
-    batch_size: int = 64
-    optimizer: Literal["sgd", "adamw", "class-lr"] = "sgd"
-    distill: bool = False  # learn from the original model's outputs (KL) as well as labels
-    fixed_scale: float | None = None  # a fixed alpha instead of a learned one
-    bias: bool = True  # keep a learned bias in the head
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    hadamard_size: int | None = None  # transform size m of the hadamard head; None = from_linear's widest choice
-    resume: bool = False  # continue an interrupted fine-tuning run from the output folder's checkpoint
-    output_dir: str | Path | None = None  # default: <checkpoint stem>_fyc/ next to the checkpoint
-    opset: int | None = None  # ONNX opset; None = export.DEFAULT_OPSET
-    dtype: Literal["fp32", "fp16"] = "fp32"  # precision of the exported backbone (inputs/outputs stay fp32)
-    atol: float = 1e-4  # onnxruntime-vs-PyTorch tolerance on logits
-    rtol: float = 1e-4
-    report_path: str | Path | None = None  # extra copy of report.json (the only output of --dry-run)
-    dry_run: bool = False  # load, find, swap and count; train and write nothing (but `report_path`)
-    bench: bool = False  # add onnxruntime latencies of original vs converted to the report
-    force: bool = False  # allow writing into an existing output folder
-    class_lr_eta_mu: float = 1e4  # per-class learning rates: meta learning rate of mu
-    class_lr_cutoff: int = 10  # per-class learning rates: epoch after which plain gradients return
-    class_lr_layers: tuple[str, ...] | None = None  # per-class learning rates: layers (default: hidden Linears)
+CHECKPOINT_DIR = "checkpoints"  # training checkpoints and the run state, for --resume
+RUN_STATE = "run.json"  # what happened before fine-tuning (accuracies, calibration), written before epoch 0
+_RUN_FORMAT = "fyc-run/1"
+# Options the state before fine-tuning depends on: a resumed run must have the same.
+_RUN_FIELDS = ("head", "arch", "arch_kwargs", "layer", "data", "val_split", "distill", "fixed_scale", "bias",
+               "seed", "hadamard_size")
+# Final output names, in the order an earlier run's outputs are retired (model.onnx first: it must never be
+# left beside a report that does not describe it) ...
+OUTPUT_NAMES = ("model.onnx.data", "model.onnx", "model.failed.onnx.data", "model.failed.onnx", "report.json",
+                "original.onnx.data", "original.onnx", "model.safetensors")
+_FEATURE_SAMPLES = 2048  # training samples whose classifier inputs choose the head's rows
 
 
 def convert(checkpoint: str | Path, options: ConvertOptions | None = None, *,
@@ -76,18 +65,29 @@ def convert(checkpoint: str | Path, options: ConvertOptions | None = None, *,
         epoch_progress: passed to the training loop (a rich Progress to draw per-epoch bars), or None.
 
     Raises:
-        FycError subclasses with a one-line message; VerificationError (with `.report`) when the
-        exported model does not match PyTorch — the ONNX file is then kept only as `model.failed.onnx`.
+        FycError subclasses with a one-line message; OptionsError for a bad option (before any work);
+        VerificationError (with `.report`) when the exported model does not match PyTorch — the ONNX file is
+        then kept only as `model.failed.onnx`, beside `model.safetensors` and the report.
     """
-    opts = dataclasses.replace(options or ConvertOptions(), **fields)
-    say = progress or (lambda _msg: None)
+    opts = make_options(options, fields)
+    notes = check_options(opts)
     t0 = time.perf_counter()
+    say = progress or (lambda _msg: None)
     ckpt = Path(checkpoint)
     out_dir = Path(opts.output_dir) if opts.output_dir else ckpt.parent / f"{ckpt.stem}_fyc"
-    writes = not opts.dry_run and _is_main_process()
-    if writes:
-        _prepare_output_dir(out_dir, force=opts.force, resume=opts.resume)
+    created = False
+    if not opts.dry_run:
+        created = bool(on_main(lambda: _prepare_output_dir(out_dir, force=opts.force, resume=opts.resume)))
+    try:
+        return _run(ckpt, opts, out_dir, notes, t0, say, epoch_progress)
+    except BaseException:
+        if not opts.dry_run and is_main():
+            _remove_if_empty(out_dir, created)
+        raise
 
+
+def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: float, say: Progress,
+         epoch_progress: Any) -> Report:
     # Imports here keep `import fyc_convert` (and `fyc-convert --help`) fast.
     from fyc_convert.loading import load_model
     from fyc_convert.surgery import capture_features, find_classifier, swap_classifier
@@ -114,7 +114,8 @@ def convert(checkpoint: str | Path, options: ConvertOptions | None = None, *,
         from fyc_convert.data import check_data
 
         check_data(bundle, num_classes=linear.out_features, input_shape=input_shape)
-        features = capture_features(model, layer, _first_inputs(bundle.train, 2048))
+        with _model_run("capturing the classifier's input features", input_shape):
+            features = capture_features(model, layer, _sample_inputs(bundle.train, _FEATURE_SAMPLES, opts.seed))
 
     say(f"swapping {layer} ({linear.in_features} → {linear.out_features}) for a fixed {opts.head} head")
     swap = swap_classifier(model, head=opts.head, layer=layer, input_shape=input_shape, features=features,
@@ -136,6 +137,7 @@ def convert(checkpoint: str | Path, options: ConvertOptions | None = None, *,
         params=ParamsReport(original=pc.original, converted=pc.converted, removed=pc.removed,
                             removed_pct=pc.removed_pct, head_before=pc.head_before, head_after=pc.head_after,
                             trainable=pc.trainable),
+        notes=list(notes),
     )
     from fyc_convert.finetune import gradient_bytes
 
@@ -145,122 +147,231 @@ def convert(checkpoint: str | Path, options: ConvertOptions | None = None, *,
                             "so its savings are in trained parameters only, not in file size or compute")
 
     if bundle is not None and not opts.dry_run:
-        _train(model, original, head, bundle, opts, out_dir if writes else None, report, say, epoch_progress)
+        _train(model, original, head, bundle, opts, out_dir, report, say, epoch_progress, input_shape)
     elif bundle is None:
         report.notes.append("accuracy not measured: pass --data to calibrate, fine-tune and measure accuracy")
 
     if opts.dry_run:
         report.elapsed_s = time.perf_counter() - t0
-        if opts.report_path is not None and _is_main_process():
+        if opts.report_path is not None and is_main():
             write_text_atomic(opts.report_path, report.to_json())
             report.files["report"] = str(opts.report_path)
         return report
-    if not writes:  # non-zero ranks under torchrun: rank 0 exports and writes
-        return report
-
     if input_shape is None:
         from fyc_convert.errors import ExportError
 
         raise ExportError("cannot export without the input shape: pass --input-shape C,H,W or --data")
-    _export_and_verify(model, original, swap, bundle, input_shape, opts, out_dir, report, say)
-    report.elapsed_s = time.perf_counter() - t0
-    _write_report(report, out_dir, opts)
+    # rank 0 exports, verifies and writes; the other ranks wait and end with its exit code
+    on_main(lambda: _export_and_verify(model, original, swap, bundle, input_shape, opts, out_dir, report, say, t0))
     return report
 
 
-def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path | None, report: Report,
-           say: Progress, epoch_progress: Any) -> None:
-    """Accuracy before/after the swap, calibration, fine-tuning — all through finetune.py's one loop."""
-    from fyc_convert.finetune import FinetuneConfig, calibrate, evaluate, finetune
+# ---------------------------------------------------------------------------------------------- training
+
+
+def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path, report: Report, say: Progress,
+           epoch_progress: Any, input_shape) -> None:
+    """Accuracy before/after the swap, calibration, fine-tuning — all through finetune.py's one loop.
+
+    With --resume and a training checkpoint in the output folder, the accuracies measured before fine-tuning
+    come from the run state and calibration is skipped: the checkpoint holds the calibrated (or further
+    trained) model.
+    """
+    from fyc_convert.finetune import CHECKPOINT_NAME, FinetuneConfig, calibrate, evaluate, finetune
 
     device = opts.device
     held_out = bundle.val if bundle.val is not None else bundle.train
     where = "val" if bundle.val is not None else "train (no validation split)"
-    acc = AccuracyReport(measured_on=f"{where}, {len(held_out)} samples")
+    distill = opts.distill or not bundle.labelled
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    epochs = opts.epochs_value
+    resuming = opts.resume and epochs > 0 and bool(on_main(lambda: (ckpt_dir / CHECKPOINT_NAME).is_file()))
+    state = on_main(lambda: _read_run_state(ckpt_dir, opts)) if resuming else None
+    if opts.resume and not resuming:
+        report.notes.append("--resume: no training checkpoint in the output folder, so the run started over")
 
     def accuracy(m) -> float | None:
-        return evaluate(m, held_out, device=device).accuracy
+        with _model_run("evaluation", input_shape):
+            return evaluate(m, held_out, device=device).accuracy
 
-    acc.original = accuracy(original)
-    acc.swapped = accuracy(model)
-    say("calibrating α and bias with the backbone frozen")
-    calibrate(model, head, bundle.train, device=device, seed=opts.seed,
-              teacher=original if opts.distill or not bundle.labelled else None,
-              distill=opts.distill or not bundle.labelled)
-    acc.calibrated = accuracy(model)
-    if opts.epochs > 0:
+    if state is not None:
+        acc = AccuracyReport(**state["accuracy"])
+        report.resumed.append(f"calibration and the accuracies before it, from {CHECKPOINT_DIR}/{RUN_STATE}")
+    else:
+        acc = AccuracyReport(measured_on=f"{where}, {len(held_out)} samples")
+        acc.original = accuracy(original)
+        acc.swapped = accuracy(model)
+        if not resuming:
+            say("calibrating α and bias with the backbone frozen")
+            with _model_run("calibration", input_shape):
+                calibrate(model, head, bundle.train, device=device, seed=opts.seed,
+                          teacher=original if distill else None, distill=distill)
+            acc.calibrated = accuracy(model)
+        else:  # a checkpoint without run state (written by an older version): the model comes from it
+            report.notes.append("--resume: the calibrated accuracy was not recorded by the interrupted run")
+    if epochs > 0:
+        if state is None:
+            on_main(lambda: _write_run_state(ckpt_dir, opts, acc))
         cfg = FinetuneConfig(
-            epochs=opts.epochs, lr=opts.lr, batch_size=opts.batch_size, optimizer=opts.optimizer,
-            distill=opts.distill or not bundle.labelled, seed=opts.seed, device=opts.device,
-            out_dir=None if out_dir is None else out_dir / "checkpoints", resume=opts.resume,
-            class_lr_eta_mu=opts.class_lr_eta_mu, class_lr_cutoff=opts.class_lr_cutoff,
-            class_lr_layers=list(opts.class_lr_layers) if opts.class_lr_layers else None)
-        say(f"fine-tuning {opts.epochs} epoch(s) with {opts.optimizer}")
-        result = finetune(model, head, bundle, cfg, teacher=original if cfg.distill else None,
-                          progress=epoch_progress)
-        for h in result.history:
-            val = f", val acc {_pct(h.val.accuracy)}" if h.val is not None and h.val.accuracy is not None else ""
+            epochs=epochs, lr=opts.lr, batch_size=opts.batch_size_value, optimizer=opts.optimizer_value,
+            distill=distill, seed=opts.seed, device=opts.device, out_dir=ckpt_dir, resume=resuming,
+            **_class_lr_config(opts))
+        say(f"fine-tuning {epochs} epoch(s) with {cfg.optimizer}")
+        with _model_run("fine-tuning", input_shape):
+            result = finetune(model, head, bundle, cfg, teacher=original if cfg.distill else None,
+                              progress=epoch_progress)
+        if result.resumed_from_epoch:
+            done = result.resumed_from_epoch
+            report.resumed.append(f"fine-tuning epochs 1–{done} of {epochs}, from {CHECKPOINT_DIR}/{CHECKPOINT_NAME}"
+                                  + (" (training had finished)" if done >= epochs else ""))
+        for h in result.history[result.resumed_from_epoch or 0:]:
+            val = f", val acc {100 * h.val.accuracy:.2f}%" if h.val is not None and h.val.accuracy is not None else ""
             say(f"epoch {h.epoch}: loss {h.loss:.4f}{val}, {h.seconds:.1f} s, {h.samples_per_s:,.0f} samples/s")
         acc.finetuned = accuracy(model)
-        report.training = {"epochs": opts.epochs, "optimizer": opts.optimizer, "device": result.device,
+        report.training = {"epochs": epochs, "optimizer": cfg.optimizer, "device": result.device,
                            "world_size": result.world_size, "resumed_from_epoch": result.resumed_from_epoch,
                            "history": [dataclasses.asdict(h) for h in result.history]}
-    acc.agreement = evaluate(model, held_out, device=device, reference_model=original).agreement
+    with _model_run("evaluation", input_shape):
+        acc.agreement = evaluate(model, held_out, device=device, reference_model=original).agreement
     report.accuracy = acc
     model.cpu().eval()
 
 
+def _class_lr_config(opts: ConvertOptions) -> dict[str, Any]:
+    """The class-lr fields of FinetuneConfig: its defaults unless class-lr is used and they were given."""
+    if opts.optimizer_value != "class-lr":
+        return {}
+    out: dict[str, Any] = {}
+    if opts.class_lr_eta_mu is not None:
+        out["class_lr_eta_mu"] = opts.class_lr_eta_mu
+    if opts.class_lr_cutoff is not None:
+        out["class_lr_cutoff"] = opts.class_lr_cutoff
+    if opts.class_lr_layers:
+        out["class_lr_layers"] = list(opts.class_lr_layers)
+    return out
+
+
+def _run_fields(opts: ConvertOptions) -> dict[str, Any]:
+    return json.loads(json.dumps({k: getattr(opts, k) for k in _RUN_FIELDS}, default=str))
+
+
+def _write_run_state(ckpt_dir: Path, opts: ConvertOptions, acc: AccuracyReport) -> None:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    state = {"format": _RUN_FORMAT, "options": _run_fields(opts), "accuracy": dataclasses.asdict(acc)}
+    write_text_atomic(ckpt_dir / RUN_STATE, json.dumps(state, indent=2) + "\n")
+
+
+def _read_run_state(ckpt_dir: Path, opts: ConvertOptions) -> dict[str, Any] | None:
+    """The state an interrupted run wrote before fine-tuning, checked against this run's options."""
+    path = ckpt_dir / RUN_STATE
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TrainingError(f"cannot read {path} ({describe(e)}); run with --force instead of --resume to start "
+                            "over") from e
+    if not isinstance(state, dict) or state.get("format") != _RUN_FORMAT:
+        raise TrainingError(f"{path} is not a fyc-convert run state; run with --force instead of --resume")
+    now = _run_fields(opts)
+    for key, value in now.items():
+        if state["options"].get(key) != value:
+            raise TrainingError(f"the interrupted run in {ckpt_dir.parent} used {key}={state['options'].get(key)!r}, "
+                                f"this run has {key}={value!r}; resume with the same options or pass --force to "
+                                "start over")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
 def _export_and_verify(model, original, swap, bundle, input_shape, opts: ConvertOptions, out_dir: Path,
-                       report: Report, say: Progress) -> None:
+                       report: Report, say: Progress, t0: float) -> None:
+    """Export both models into a temporary folder, verify, save the weights, then move everything into place."""
     from fyc_convert.export import DEFAULT_OPSET, export_onnx
     from fyc_convert.verify import check_head_static, mark_failed, verify_onnx
+    from fyc_convert.weights import save_converted
 
     opset = opts.opset or DEFAULT_OPSET
     model.cpu().eval()
     original.cpu().eval()
-    say("exporting original.onnx and model.onnx")
-    orig_res = export_onnx(original, out_dir / "original.onnx", input_shape=input_shape, opset=opset,
-                           dtype=opts.dtype)
-    manifest = {"fyc_convert.checkpoint": Path(report.checkpoint).name}
-    conv_res = export_onnx(model, out_dir / "model.onnx", input_shape=input_shape, opset=opset, dtype=opts.dtype,
-                           head_layer=swap.layer, metadata=manifest)
-    report.files["original_onnx"] = str(orig_res.path)
-    onnx_rep = OnnxReport(original_bytes=orig_res.bytes, converted_bytes=conv_res.bytes,
-                          size_reduction_pct=100.0 * (1 - conv_res.bytes / orig_res.bytes),
-                          head_ops=dict(conv_res.head_ops), original_nodes=orig_res.node_count,
-                          converted_nodes=conv_res.node_count, opset=opset, dtype=opts.dtype)
-    report.onnx = onnx_rep
-
-    say("verifying model.onnx against PyTorch with onnxruntime")
-    if opts.head == "hadamard":
-        check_head_static(conv_res.path, num_classes=swap.num_classes, embed_size=swap.head.embed_size)
-    real = None
-    if bundle is not None:
-        real = _first_inputs(bundle.val if bundle.val is not None else bundle.train, 64)
-    atol, rtol = (opts.atol, opts.rtol) if opts.dtype == "fp32" else (max(opts.atol, 5e-2), max(opts.rtol, 5e-2))
+    stage = temp_dir(out_dir, "outputs")
     try:
-        ver = verify_onnx(conv_res.path, model, inputs=real, input_shape=input_shape, atol=atol, rtol=rtol,
-                          seed=opts.seed)
-    except VerificationError as err:
-        failed = mark_failed(conv_res.path)
-        report.status = "verification_failed"
-        report.onnx.max_abs_diff, report.onnx.mean_abs_diff = err.max_abs_diff, err.mean_abs_diff
-        report.files["failed_onnx"] = str(failed)
-        _write_report(report, out_dir, opts)
-        err.report = report  # type: ignore[attr-defined]
-        raise
-    onnx_rep.max_abs_diff, onnx_rep.mean_abs_diff = ver.max_abs_diff, ver.mean_abs_diff
-    report.files["model_onnx"] = str(conv_res.path)
+        _retire_outputs(out_dir)
+        say("exporting original.onnx and model.onnx")
+        orig_res = export_onnx(original, stage / "original.onnx", input_shape=input_shape, opset=opset,
+                               dtype=opts.dtype)
+        manifest = {"fyc_convert.checkpoint": Path(report.checkpoint).name}
+        conv_res = export_onnx(model, stage / "model.onnx", input_shape=input_shape, opset=opset, dtype=opts.dtype,
+                               head_layer=swap.layer, metadata=manifest)
+        onnx_rep = OnnxReport(original_bytes=orig_res.bytes, converted_bytes=conv_res.bytes,
+                              size_reduction_pct=100.0 * (1 - conv_res.bytes / orig_res.bytes),
+                              head_ops=dict(conv_res.head_ops), original_nodes=orig_res.node_count,
+                              converted_nodes=conv_res.node_count, opset=opset, dtype=opts.dtype)
+        report.onnx = onnx_rep
+        say("saving model.safetensors")
+        save_converted(model, stage / "model.safetensors", layer=swap.layer, head=swap.head)
+        outputs = ["model.safetensors", *_with_data(stage, "original.onnx")]
+        report.files["original_onnx"] = str(out_dir / "original.onnx")
+        report.files["model_safetensors"] = str(out_dir / "model.safetensors")
 
-    say("saving model.safetensors")
-    from fyc_convert.weights import save_converted
+        say("verifying model.onnx against PyTorch with onnxruntime")
+        if opts.head == "hadamard":
+            check_head_static(conv_res.path, num_classes=swap.num_classes, embed_size=swap.head.embed_size)
+        real = None
+        if bundle is not None:
+            real = _first_inputs(bundle.val if bundle.val is not None else bundle.train, 64)
+        atol, rtol = opts.tolerance
+        try:
+            ver = verify_onnx(conv_res.path, model, inputs=real, input_shape=input_shape, atol=atol, rtol=rtol,
+                              seed=opts.seed)
+        except VerificationError as err:
+            failed = mark_failed(conv_res.path)
+            report.status = "verification_failed"
+            onnx_rep.max_abs_diff, onnx_rep.mean_abs_diff = err.max_abs_diff, err.mean_abs_diff
+            report.files["failed_onnx"] = str(out_dir / failed.name)
+            _commit(stage, out_dir, [*outputs, *_with_data(stage, failed.name)], report, opts, t0)
+            err.report = report  # type: ignore[attr-defined]
+            raise
+        onnx_rep.max_abs_diff, onnx_rep.mean_abs_diff = ver.max_abs_diff, ver.mean_abs_diff
+        report.files["model_onnx"] = str(out_dir / "model.onnx")
 
-    report.files["model_safetensors"] = str(save_converted(model, out_dir / "model.safetensors", layer=swap.layer,
-                                                           head=swap.head))
+        if opts.bench:
+            say("benchmarking with onnxruntime (1 thread)")
+            report.latency_ms = _bench(orig_res.path, conv_res.path, swap, input_shape)
+        _commit(stage, out_dir, [*outputs, *_with_data(stage, "model.onnx")], report, opts, t0)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
-    if opts.bench:
-        say("benchmarking with onnxruntime (1 thread)")
-        report.latency_ms = _bench(orig_res.path, conv_res.path, swap, input_shape)
+
+def _with_data(stage: Path, name: str) -> list[str]:
+    """`name` and, when the export put the weights beside it, its external data file (moved first)."""
+    return [f"{name}.data", name] if (stage / f"{name}.data").exists() else [name]
+
+
+def _commit(stage: Path, out_dir: Path, names: list[str], report: Report, opts: ConvertOptions, t0: float) -> None:
+    """Move the staged outputs to their final names; report.json goes before model.onnx."""
+    report.files["report"] = str(out_dir / "report.json")
+    report.elapsed_s = time.perf_counter() - t0
+    write_text_atomic(stage / "report.json", report.to_json())
+    last = [n for n in names if n.startswith("model.onnx")]
+    try:
+        for name in [n for n in names if n not in last] + ["report.json"] + last:
+            os.replace(stage / name, out_dir / name)
+    except OSError as e:
+        raise OutputError(f"cannot move the outputs into {out_dir} ({e.strerror}); check the folder and free "
+                          "space") from e
+    if opts.report_path is not None:
+        write_text_atomic(opts.report_path, report.to_json())
+
+
+def _retire_outputs(out_dir: Path) -> None:
+    """Remove an earlier run's final outputs (--force/--resume), model.onnx first."""
+    for name in OUTPUT_NAMES:
+        try:
+            (out_dir / name).unlink(missing_ok=True)
+        except IsADirectoryError as e:
+            raise OutputError(f"{out_dir / name} is a folder where fyc-convert writes a file; move it away") from e
 
 
 def _bench(original_path: Path, converted_path: Path, swap, input_shape) -> dict[str, Any]:
@@ -288,34 +399,57 @@ def _bench(original_path: Path, converted_path: Path, swap, input_shape) -> dict
     return out
 
 
-def _write_report(report: Report, out_dir: Path, opts: ConvertOptions) -> None:
-    report.files["report"] = str(out_dir / "report.json")
-    text = report.to_json()
-    write_text_atomic(out_dir / "report.json", text)
-    if opts.report_path is not None:
-        write_text_atomic(opts.report_path, text)
+# ---------------------------------------------------------------------------------------------- output folder
 
 
-def _prepare_output_dir(out_dir: Path, *, force: bool, resume: bool) -> None:
+def _prepare_output_dir(out_dir: Path, *, force: bool, resume: bool) -> bool:
+    """Check (and create) the output folder, remove the temporaries of interrupted runs; True if created."""
     try:
         if out_dir.exists() and not out_dir.is_dir():
             raise OutputError(f"{out_dir} exists and is not a folder; pass a different -o/--output-dir")
         if out_dir.exists() and any(out_dir.iterdir()) and not (force or resume):
             raise OutputExistsError(f"output folder {out_dir} already exists; pass --force to overwrite its files, "
                                     f"--resume to continue, or -o to choose another folder")
+        created = not out_dir.exists()
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".fyc-write-test-{os.getpid()}.tmp"
-        probe.touch()
-        probe.unlink()
-        for stale in out_dir.glob(".*.tmp"):  # temp files of an interrupted earlier run
-            stale.unlink(missing_ok=True)
+        probe = temp_dir(out_dir, "write-test")
+        probe.rmdir()
+        remove_stale_temps(out_dir)
+        remove_stale_temps(out_dir / CHECKPOINT_DIR)
+        return created
     except OSError as e:
         raise OutputError(f"output folder {out_dir} is not writable ({e.strerror}); "
                           f"choose a writable -o/--output-dir") from e
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
+def _remove_if_empty(out_dir: Path, created: bool) -> None:
+    """After a failed run: the folder it created, if nothing of value was written (an empty checkpoints/ included)."""
+    if not created or not out_dir.is_dir():
+        return
+    try:
+        ckpt_dir = out_dir / CHECKPOINT_DIR
+        if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
+            ckpt_dir.rmdir()
+        if not any(out_dir.iterdir()):
+            out_dir.rmdir()
+    except OSError:
+        pass  # a file appeared meanwhile: keep the folder
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _model_run(stage: str, input_shape) -> Iterator[None]:
+    """Turn an exception raised by the user's model during `stage` into a one-line ModelRunError."""
+    try:
+        yield
+    except (FycError, KeyboardInterrupt):
+        raise
+    except Exception as e:  # noqa: BLE001 - the model's own forward can raise anything
+        shape = f" of shape {tuple(input_shape)}" if input_shape else ""
+        raise ModelRunError(f"the model failed during {stage} ({describe(e)}); check that it runs on the data's "
+                            f"samples{shape} (--verbose shows the traceback)") from e
 
 
 def _meta_shape(meta: dict[str, Any]) -> tuple[int, ...] | None:
@@ -328,6 +462,7 @@ def _first_inputs(dataset, n: int) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in range(n)])
 
 
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
+def _sample_inputs(dataset, n: int, seed: int) -> torch.Tensor:
+    """A seeded random subset of n inputs (data sorted by class must not bias what it is used for)."""
+    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return torch.stack([dataset[int(i)][0] for i in idx])

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich import filesize
 from rich.console import Console
 from rich.table import Table
 
@@ -74,6 +75,7 @@ class Report:
     elapsed_s: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)  # stages taken from an interrupted run (--resume)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,13 +103,8 @@ def _int(n: int | None) -> str:
 
 
 def _bytes(n: int | None) -> str:
-    if n is None:
-        return "—"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
+    """Decimal units (1 kB = 1000 B), as rich and most file managers print them."""
+    return "—" if n is None else filesize.decimal(n)
 
 
 def _pct(x: float | None) -> str:
@@ -166,6 +163,8 @@ def render(report: Report, console: Console) -> None:
         console.print(f"[dim]accuracy measured{where}[/]")
     for note in report.notes:
         console.print(f"[dim]note:[/] {note}")
+    for stage in report.resumed:
+        console.print(f"[dim]resumed:[/] {stage}")
     if report.files:
         folder = Path(next(iter(report.files.values()))).parent
         console.print(f"[dim]wrote to {folder}/:[/] " + ", ".join(Path(f).name for f in report.files.values()))

@@ -34,5 +34,5 @@ def test_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
 
 
 def test_missing_folder_is_a_typed_error(tmp_path: Path) -> None:
-    with pytest.raises(OutputError, match="cannot write into"):
+    with pytest.raises(OutputError, match="is not writable"):
         write_text_atomic(tmp_path / "no" / "such" / "dir" / "x.json", "{}")
