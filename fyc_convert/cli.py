@@ -6,6 +6,7 @@ This is the single place where errors become exit codes: 0 ok, 1 error, 2 usage,
 from __future__ import annotations
 
 import signal
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -212,5 +213,16 @@ class _MetricsColumn(ProgressColumn):
 
 
 def main() -> None:
-    """Console-script entry point (`fyc-convert`, `python -m fyc_convert`)."""
-    app()
+    """Console-script entry point (`fyc-convert`, `python -m fyc_convert`): usage errors as one line, exit 2."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:  # Ctrl-C while the command line is parsed
+        sys.exit(130)
+    except Exception as e:
+        # Typer's (vendored click) usage errors: they carry their exit code (2) and a one-line message
+        message, exit_code = getattr(e, "format_message", None), getattr(e, "exit_code", None)
+        if not callable(message) or not isinstance(exit_code, int):
+            raise
+        err_console.print(f"[red]error:[/] {message()} (see fyc-convert --help)", soft_wrap=True)
+        sys.exit(exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fyc_convert.errors import CheckpointError
+from fyc_convert.errors import CheckpointError, FycError, OutputError, describe
 from fyc_convert.files import atomic_path
 from fyc_convert.heads import HadamardHead, OrthogonalHead
 
@@ -32,8 +32,14 @@ def save_converted(model: nn.Module, path: str | Path, *, layer: str, head: nn.M
     if isinstance(head, HadamardHead):
         meta.update(hadamard_size=str(head.hadamard_size), embed_size=str(head.embed_size), embedding=head.embedding)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={_KEY + k: v for k, v in meta.items()})
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={_KEY + k: v for k, v in meta.items()})
+    except (SafetensorError, ValueError, TypeError) as e:  # e.g. a tensor type safetensors cannot store
+        raise OutputError(f"cannot write {path.name} ({describe(e)}); the model's state_dict holds something "
+                          "safetensors cannot store") from e
+    except OSError as e:
+        raise OutputError(f"cannot write {path} ({e.strerror}); check the folder and free space") from e
     return path
 
 
@@ -52,20 +58,29 @@ def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
         raise CheckpointError(f"cannot read {path}: {e}; pass the model.safetensors that fyc-convert wrote") from e
     if "head" not in meta or "layer" not in meta:
         raise CheckpointError(f"{path} has no fyc-convert header; it was not written by fyc-convert")
+    needed = ["in_features", "num_classes"] + (["hadamard_size", "embedding"] if meta["head"] == "hadamard" else [])
+    missing = [k for k in needed if k not in meta]
+    if meta["head"] not in ("hadamard", "orthogonal") or missing:
+        what = f"lacks {', '.join(_KEY + k for k in missing)}" if missing else f"names an unknown head {meta['head']!r}"
+        raise CheckpointError(f"{path}'s fyc-convert header {what}; save the converted model again")
     layer = meta["layer"]
     try:
         old = model.get_submodule(layer)
     except AttributeError as e:
         raise CheckpointError(f"{path} converts layer {layer!r}, which this model does not have; "
                               f"build the architecture the file was converted from") from e
-    n_in, n_cls = int(meta["in_features"]), int(meta["num_classes"])
     bias = meta.get("bias", "true") == "true"
-    fixed = float(tensors[f"{layer}.scale"]) if meta.get("fixed_scale") == "true" else None
-    if meta["head"] == "hadamard":
-        head: nn.Module = HadamardHead(n_in, n_cls, bias=bias, fixed_scale=fixed, rows=tensors[f"{layer}.rows"],
-                                       hadamard_size=int(meta["hadamard_size"]), embedding=meta["embedding"])
-    else:
-        head = OrthogonalHead(n_in, n_cls, bias=bias, fixed_scale=fixed, seed=int(tensors[f"{layer}.seed"]))
+    try:
+        n_in, n_cls = int(meta["in_features"]), int(meta["num_classes"])
+        fixed = float(tensors[f"{layer}.scale"]) if meta.get("fixed_scale") == "true" else None
+        if meta["head"] == "hadamard":
+            head: nn.Module = HadamardHead(n_in, n_cls, bias=bias, fixed_scale=fixed, rows=tensors[f"{layer}.rows"],
+                                           hadamard_size=int(meta["hadamard_size"]), embedding=meta["embedding"])
+        else:
+            head = OrthogonalHead(n_in, n_cls, bias=bias, fixed_scale=fixed, seed=int(tensors[f"{layer}.seed"]))
+    except (KeyError, ValueError, FycError) as e:
+        raise CheckpointError(f"{path} does not describe a head that can be rebuilt ({describe(e)}); save the "
+                              "converted model again") from e
     parent_name, _, attr = layer.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, head.to(next(old.parameters(), torch.empty(0)).device))
