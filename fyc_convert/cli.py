@@ -160,11 +160,11 @@ def _run(checkpoint: Path, fields: dict, *, quiet: bool, verbose: bool) -> int:
         return 1
     except KeyboardInterrupt:
         err_console.print("[red]interrupted[/]: no partial output was left under a final name; "
-                          "--resume finishes the run")
+                          "--resume finishes the run", soft_wrap=True)
         return 130
     except _Terminated:
         err_console.print("[red]terminated[/]: no partial output was left under a final name; "
-                          "--resume finishes the run")
+                          "--resume finishes the run", soft_wrap=True)
         return 143
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, never a traceback
         if verbose:

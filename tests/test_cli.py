@@ -221,7 +221,8 @@ def test_read_only_output_folder_exits_1() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_interrupted_run_leaves_no_half_written_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_run_leaves_no_half_written_file(sig: int, code: int, tmp_path: Path) -> None:
     out = tmp_path / "o"
     proc = subprocess.Popen([sys.executable, "-m", "fyc_convert", str(SAMPLE), "--arch", ARCH, "--data", str(DATA),
                              "--epochs", "3", "-o", str(out), "--quiet"], cwd=ROOT,
@@ -230,10 +231,11 @@ def test_interrupted_run_leaves_no_half_written_file(tmp_path: Path) -> None:
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not list((out / "checkpoints").glob("*")):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    leftovers = [p for p in out.rglob("*") if p.is_file() and (p.name.startswith(".") or p.suffix == ".tmp")]
+    assert proc.returncode == code, err
+    assert "--resume finishes the run" in err and "Traceback" not in err
+    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]
     assert leftovers == [], leftovers
     assert not (out / "model.onnx").exists() and not (out / "report.json").exists()
     for ckpt in (out / "checkpoints").glob("*.pt"):
