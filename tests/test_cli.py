@@ -202,6 +202,11 @@ def test_verification_failure_exits_3_and_keeps_only_failed_name(tmp_path: Path,
     assert (out / "model.failed.onnx").exists() and not (out / "model.onnx").exists()
     rep = json.loads((out / "report.json").read_text())
     assert rep["status"] == "verification_failed" and rep["onnx"]["max_abs_diff"] >= 0.4
+    assert rep["elapsed_s"] > 0
+    # the PyTorch model is fine: its weights are saved for whoever debugs the export
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["model.failed.onnx", "model.safetensors",
+                                                                    "original.onnx", "report.json"]
+    assert load_converted(load_model(SAMPLE, arch=ARCH).model, out / "model.safetensors").fc.num_classes == 10
 
 
 @pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs a non-root user")
