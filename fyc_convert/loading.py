@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import pickletools
+import pkgutil
 import re
 import struct
 import sys
@@ -159,16 +160,15 @@ def resolve_arch(spec: str) -> Callable[..., Any]:
         module = _import_file(Path(module_name), spec)
     else:
         module = _import_module(module_name, spec)
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                             and getattr(v, "__module__", None) == module.__name__)
-            close = difflib.get_close_matches(attr, defined, n=3, cutoff=0.3)
-            names = close + [n for n in defined if n not in close]  # the likeliest first
-            raise ArchError(f"--arch {spec!r}: {module_name} has no attribute {attr!r}; callables defined in it: "
-                            f"{_few(names) or 'none'}")
-        obj = getattr(obj, part)
+    try:
+        obj = pkgutil.resolve_name(f"{module.__name__}:{attr}")  # the module is imported: this walks `attr`
+    except AttributeError:
+        defined = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                         and getattr(v, "__module__", None) == module.__name__)
+        close = difflib.get_close_matches(attr, defined, n=3, cutoff=0.3)
+        names = close + [n for n in defined if n not in close]  # the likeliest first
+        raise ArchError(f"--arch {spec!r}: {module_name} has no attribute {attr!r}; callables defined in it: "
+                        f"{_few(names) or 'none'}") from None
     if not callable(obj):
         raise ArchError(f"--arch {spec!r} is a {type(obj).__name__}, not a callable; point it at a function or "
                         "class that builds the model")
@@ -422,22 +422,29 @@ def _import_file(file: Path, spec: str) -> Any:
 
 
 def _unsafe_globals(path: Path) -> list[str]:
-    """The globals a pickle-based checkpoint imports that weights_only refuses, found by static disassembly."""
+    """The globals a pickle-based checkpoint imports that weights_only refuses, found by static disassembly.
+
+    torch's `get_unsafe_globals_in_checkpoint` reads zip checkpoints (torch.save's format since 1.6); for the
+    legacy format we list the file's globals ourselves and ask torch's allowlist about them the same way.
+    """
     try:
         if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as z:
-                found = _pickle_globals(io.BytesIO(z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))))
-        else:
-            with path.open("rb") as f:
-                found = _pickle_globals(f)
-    except (OSError, zipfile.BadZipFile, StopIteration):
+            return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        with path.open("rb") as f:
+            return _refused_by_torch(_pickle_globals(f))
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError):
         return []
-    from torch import _weights_only_unpickler
 
-    allowed = set(_weights_only_unpickler._get_allowed_globals()) | {
-        f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals() if hasattr(g, "__module__")
-    }
-    return sorted(found - allowed)
+
+def _refused_by_torch(names: set[str]) -> list[str]:
+    """Which of the dotted global names torch's weights_only allowlist refuses (asked through its public API)."""
+    body = b"".join(b"c%s\n%s\n" % tuple(n.rsplit(".", 1)[i].encode() for i in (0, 1)) for n in sorted(names) if "." in n)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:  # a checkpoint whose only pickle is a tuple of those globals
+        z.writestr("archive/data.pkl", b"\x80\x02(" + body + b"t.")
+        z.writestr("archive/version", "3\n")
+    archive.seek(0)
+    return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(archive))
 
 
 def _pickle_globals(stream: IO[bytes]) -> set[str]:
