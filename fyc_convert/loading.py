@@ -438,7 +438,10 @@ def _unsafe_globals(path: Path) -> list[str]:
 
 def _refused_by_torch(names: set[str]) -> list[str]:
     """Which of the dotted global names torch's weights_only allowlist refuses (asked through its public API)."""
-    body = b"".join(b"c%s\n%s\n" % tuple(n.rsplit(".", 1)[i].encode() for i in (0, 1)) for n in sorted(names) if "." in n)
+    body = b""
+    for name in sorted(n for n in names if "." in n):
+        module, attr = name.rsplit(".", 1)
+        body += b"c" + module.encode() + b"\n" + attr.encode() + b"\n"  # the GLOBAL opcode
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as z:  # a checkpoint whose only pickle is a tuple of those globals
         z.writestr("archive/data.pkl", b"\x80\x02(" + body + b"t.")
