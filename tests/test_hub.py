@@ -224,7 +224,8 @@ def test_huggingface_without_transformers(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTForImageClass"
                                                                                               "ification"]}))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real(name, *a))
     assert _error(tmp_path) == (f"{tmp_path} is a Hugging Face save_pretrained folder (ViTForImageClassification); "
                                 "building it needs transformers: pip install transformers")
 
