@@ -45,8 +45,8 @@ class ParamCount:
     `removed_pct` is Table 1's "% fixed params" of Hoffer et al. (2018): 100 · removed / original, where
     removed = original − converted. With the default head (learned scale α, bias kept) a C×N classifier
     loses its C·N weights and gains the one scalar α, so removed = C·N − 1 and the share is the paper's
-    C·N / total to well within its two decimals: ResNet-50 (25,557,032 params, 2048→1000) 8.01%,
-    DenseNet-169 (14,149,480, 1664→1000) 11.76%, ShuffleNet (1,826,555, 960→1000) 52.56%.
+    C·N / total to well within its two decimals (the paper's ResNet-50, DenseNet-169 and ShuffleNet rows are
+    reproduced exactly by tests/test_surgery.py::test_removed_share_reproduces_table_1).
 
     Attributes:
         original: Parameters of the model before the swap.
@@ -638,11 +638,12 @@ def _example_input(model: nn.Module, input_shape: tuple[int, ...] | None, exampl
 def guess_input_shape(model: nn.Module) -> tuple[tuple[int, ...], str] | None:
     """A last-resort input shape when neither the options, the checkpoint, the model's config nor the data give one.
 
-    Tried in order, each checked by one forward pass of two samples (the first that runs wins):
+    Tried in order, each checked by a forward pass of two samples (the first that runs wins):
     1. a patch embedding's own image size (an `img_size` / `image_size` attribute of a module, as timm's
        PatchEmbed has) with the input channels of the first Conv2d;
-    2. a conv net with global pooling (an adaptive pooling layer to 1×1, or any `*AdaptivePool*` /
-       `*GlobalPool*` module, such as timm's SelectAdaptivePool2d): the first Conv2d's input channels, 224×224;
+    2. a conv net with global pooling: the first Conv2d's input channels and 224×224 (the ImageNet size), when
+       the model has an adaptive pooling layer to 1×1 or a `*AdaptivePool*` / `*GlobalPool*` module (timm's
+       SelectAdaptivePool2d), or else when it runs at both 224×224 and 192×192 (pooling written as a function);
     3. a model whose first layer is an nn.Linear: (in_features,).
 
     Returns:
@@ -650,26 +651,31 @@ def guess_input_shape(model: nn.Module) -> tuple[tuple[int, ...], str] | None:
     """
     modules = list(model.named_modules())
     conv = next(((n, m) for n, m in modules if isinstance(m, nn.Conv2d)), None)
-    guesses: list[tuple[tuple[int, ...], str]] = []
+    guesses: list[tuple[tuple[int, ...], str, tuple[int, ...] | None]] = []  # (shape, how, a second shape to run)
     if conv is not None:
         name, first = conv
-        channels = f"{first.in_channels} channels from the first conv {name!r}"
+        c = first.in_channels
+        channels = f"{c} channels from the first conv {name!r}"
         size = next((s for _, m in modules for s in [_image_size(m)] if s is not None), None)
         if size is not None:
-            guesses.append(((first.in_channels, *size), f"guessed: {channels}, {size[0]}x{size[1]} from the patch "
-                                                         "embedding's image size"))
+            guesses.append(((c, *size), f"guessed: {channels}, {size[0]}x{size[1]} from the patch embedding's "
+                                        "image size", None))
         pool = next((n for n, m in modules if _is_global_pool(m)), None)
+        square = (c, GUESS_SIZE, GUESS_SIZE)
         if pool is not None:
-            guesses.append(((first.in_channels, GUESS_SIZE, GUESS_SIZE),
-                            f"guessed: {channels}, {GUESS_SIZE}x{GUESS_SIZE} for a conv net with global pooling "
-                            f"({pool!r})"))
+            guesses.append((square, f"guessed: {channels}, {GUESS_SIZE}x{GUESS_SIZE} for a conv net with global "
+                                    f"pooling ({pool!r})", None))
+        else:
+            other = GUESS_SIZE * 6 // 7  # 192: a second size that only global pooling makes fit too
+            guesses.append((square, f"guessed: {channels}, {GUESS_SIZE}x{GUESS_SIZE} for a conv net with global "
+                                    f"pooling (it runs at {GUESS_SIZE} and {other})", (c, other, other)))
     leaf = next(((n, m) for n, m in modules if next(m.children(), None) is None and any(True for _ in m.parameters())),
                 None)
     if leaf is not None and isinstance(leaf[1], nn.Linear):
         guesses.append(((leaf[1].in_features,), f"guessed: {leaf[1].in_features} features from the first layer "
-                                                f"{leaf[0]!r} (nn.Linear)"))
-    for shape, how in guesses:
-        if _runs(model, shape):
+                                                f"{leaf[0]!r} (nn.Linear)", None))
+    for shape, how, also in guesses:
+        if _runs(model, shape) and (also is None or _runs(model, also)):
             return shape, how + " (pass --input-shape to override)"
     return None
 

@@ -289,3 +289,9 @@ def test_guess_input_shape_for_an_mlp():
 def test_guess_input_shape_gives_up():
     assert guess_input_shape(FlattenedMapClassifier()) is None  # no global pooling: 224x224 does not fit its Linear
     assert guess_input_shape(nn.Sequential(nn.Conv1d(2, 3, 1))) is None
+
+
+def test_guess_input_shape_for_functional_pooling():
+    layout = LAYOUTS["shufflenet_fc"]()  # x.mean([2, 3]): no pooling module, but it runs at any size
+    shape, how = guess_input_shape(layout.model)
+    assert shape == (3, 224, 224) and "global pooling (it runs at 224 and 192)" in how
