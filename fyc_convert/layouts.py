@@ -25,8 +25,11 @@ class ConvHead(nn.Module):
         self.head = head
 
     def forward(self, x: Tensor) -> Tensor:
-        # (B, N, h, w) -> (B, h, w, N) -> head -> (B, h, w, C) -> (B, C, h, w)
-        return self.head(x.movedim(1, -1)).movedim(-1, 1)
+        # (B, N, h, w) -> (B, h, w, N) -> head -> (B, h, w, C) -> (B, C, h, w). Non-negative dims: the TorchScript
+        # exporter writes movedim(-1, 1) as a Transpose with perm [0, -1, 1, 2], which ONNX refuses.
+        last = x.dim() - 1
+        y = self.head(x.permute(0, *range(2, last + 1), 1))
+        return y.permute(0, last, *range(1, last))
 
 
 def is_pointwise_conv(module: nn.Module) -> bool:

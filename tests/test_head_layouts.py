@@ -295,3 +295,16 @@ def test_guess_input_shape_for_functional_pooling():
     layout = LAYOUTS["shufflenet_fc"]()  # x.mean([2, 3]): no pooling module, but it runs at any size
     shape, how = guess_input_shape(layout.model)
     assert shape == (3, 224, 224) and "global pooling (it runs at 224 and 192)" in how
+
+
+@pytest.mark.parametrize("name", ["pooled_conv_head", "squeezed_conv_head"])
+def test_conv_wrapper_exports_with_the_marker_on_its_inner_head(tmp_path, name):
+    from fyc_convert.export import export_onnx
+    from fyc_convert.verify import verify_onnx
+
+    layout = HEAD_LAYOUTS[name]()
+    swap = swap_classifier(layout.model, input_shape=layout.input_shape, inputs=_inputs(layout.input_shape))
+    res = export_onnx(layout.model, tmp_path / "m.onnx", input_shape=layout.input_shape, head_layer=swap.layer)
+    assert res.head_kind == "hadamard" and "MatMul" not in res.head_ops and "Gemm" not in res.head_ops
+    ver = verify_onnx(res.path, layout.model, input_shape=layout.input_shape)  # raises beyond tolerance
+    assert ver.max_abs_diff < 1e-5
