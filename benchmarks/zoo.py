@@ -15,6 +15,8 @@ next pick). Each model is built with random weights (seed 0), its state_dict sav
   input shape from `fyc_convert.preprocess.resolve_preprocessing` when that module exists (the model's
   `pretrained_cfg` / `config`), else `surgery.guess_input_shape`; `find_classifiers`; `swap_classifier` with the
   head features of 4 random inputs. Export and verification are reported as "not run".
+- `--timm-as folder`: each timm model saved in timm's hub layout (`timm.models.save_for_hf`) and loaded from
+  that folder with no `--arch` at all.
 - `--mode cli`: `python -m fyc_convert CKPT --arch timm:create_model --arch-kwargs '{"model_name": ...}' -o DIR`
   (the folder alone for the Hugging Face models); each stage's outcome from the exit code, the one stderr line
   and report.json.
@@ -222,6 +224,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=("library", "cli"), default="library")
     parser.add_argument("--only", nargs="*", help="run just these timm names (and hf-* names)")
     parser.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face models")
+    parser.add_argument("--timm-as", choices=("state_dict", "folder"), default="state_dict",
+                        help="save each timm model as a state_dict (loaded with --arch) or as a timm hub folder "
+                             "(timm's save_for_hf; loaded with no --arch)")
     parser.add_argument("--json", type=Path, help="write the outcomes here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -240,10 +245,12 @@ def main() -> None:
         hf = {k: v for k, v in hf.items() if k in args.only}
 
     outcomes: list[Outcome] = []
+    as_folder = args.timm_as == "folder"
     for name, params in sample:
         outcomes.append(_one(args.mode, Outcome(name, "timm", params),
-                             lambda folder, n=name: _timm_checkpoint(n, folder),
-                             arch="timm:create_model", arch_kwargs={"model_name": name}))
+                             lambda folder, n=name: _timm_checkpoint(n, folder, as_folder=as_folder),
+                             arch=None if as_folder else "timm:create_model",
+                             arch_kwargs=None if as_folder else {"model_name": name}))
     for name, config in hf.items():
         outcomes.append(_one(args.mode, Outcome(name, "huggingface"), lambda folder, c=config: _hf_folder(c, folder)))
 
@@ -283,11 +290,16 @@ def _one(mode: str, out: Outcome, make, *, arch: str | None = None, arch_kwargs:
     return out
 
 
-def _timm_checkpoint(name: str, folder: Path) -> Path:
+def _timm_checkpoint(name: str, folder: Path, *, as_folder: bool) -> Path:
     import timm
 
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False)
+    if as_folder:  # config.json (architecture, num_classes, pretrained_cfg, model_args) + model.safetensors
+        from timm.models import save_for_hf
+
+        save_for_hf(model, folder / name, safe_serialization=True)
+        return folder / name
     path = folder / f"{name}.pt"
     torch.save(model.state_dict(), path)
     return path
