@@ -298,7 +298,10 @@ def _timm_checkpoint(name: str, folder: Path, *, as_folder: bool) -> Path:
     if as_folder:  # config.json (architecture, num_classes, pretrained_cfg, model_args) + model.safetensors
         from timm.models import save_for_hf
 
-        save_for_hf(model, folder / name, safe_serialization=True)
+        try:
+            save_for_hf(model, folder / name, safe_serialization=True)
+        except RuntimeError:  # safetensors refuses tensors shared between modules: timm then writes a .bin
+            save_for_hf(model, folder / name, safe_serialization=False)
         return folder / name
     path = folder / f"{name}.pt"
     torch.save(model.state_dict(), path)
