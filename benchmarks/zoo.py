@@ -17,9 +17,10 @@ next pick). Each model is built with random weights (seed 0), its state_dict sav
   head features of 4 random inputs. Export and verification are reported as "not run".
 - `--timm-as folder`: each timm model saved in timm's hub layout (`timm.models.save_for_hf`) and loaded from
   that folder with no `--arch` at all.
-- `--mode cli`: `python -m fyc_convert CKPT --arch timm:create_model --arch-kwargs '{"model_name": ...}' -o DIR`
-  (the folder alone for the Hugging Face models); each stage's outcome from the exit code, the one stderr line
-  and report.json.
+- `--mode cli`: `python -m fyc_convert CKPT --arch timm:create_model --arch-kwargs '{"model_name": ...}'` (the
+  folder alone for the Hugging Face models and `--timm-as folder`), once with `--dry-run` (load, input shape,
+  find, swap), then for real into a temporary folder (export, verify: exit code 3 is a verification failure);
+  a failure's stage is read from its one stderr line.
 
 One thread; models are built one at a time. Output: one line per model (each stage: ok / FAIL / not run, then the
 first error line) and the counts per stage; `--json` writes the same as a list of records.
@@ -185,33 +186,48 @@ def run_library(out: Outcome, checkpoint: Path, arch: str | None, arch_kwargs: d
 
 
 def run_cli(out: Outcome, checkpoint: Path, arch: str | None, arch_kwargs: dict | None, work: Path) -> None:
-    out_dir = work / "out"
-    cmd = [sys.executable, "-m", "fyc_convert", str(checkpoint), "-o", str(out_dir), "--force",
-           "--report", str(work / "report.json")]
+    """Two CLI runs: `--dry-run` (load, input shape, find, swap), then the real one (export, verification)."""
+    base = [sys.executable, "-m", "fyc_convert", str(checkpoint), "--force"]
     if arch is not None:
-        cmd += ["--arch", arch, "--arch-kwargs", json.dumps(arch_kwargs)]
+        base += ["--arch", arch, "--arch-kwargs", json.dumps(arch_kwargs)]
+    rc, error = _cli(base + ["--dry-run"])
+    if rc != 0:
+        failed = _stage_of(error, ("load", "shape", "find", "swap"))
+        for s in STAGES[:STAGES.index(failed)]:
+            out.stages[s] = "ok"
+        out.stages[failed] = "none" if "has no classifier" in error else "FAIL"
+        out.detail[failed] = f"exit {rc}: {error}"
+        return
+    for s in ("load", "shape", "find", "swap"):
+        out.stages[s] = "ok"
+    rc, error = _cli(base + ["-o", str(work / "out"), "--report", str(work / "report.json")])
+    report = json.loads((work / "report.json").read_text()) if (work / "report.json").is_file() else {}
+    out.detail["find"] = str(report.get("layer", ""))
+    if rc == 0:
+        out.stages["export"] = out.stages["verify"] = "ok"
+        return
+    failed = "verify" if rc == 3 else _stage_of(error, ("shape", "export"))
+    if failed == "verify":
+        out.stages["export"] = "ok"
+    out.stages[failed], out.detail[failed] = "FAIL", f"exit {rc}: {error}"
+
+
+def _cli(cmd: list[str]) -> tuple[int, str]:
+    """(exit code, the last stderr line) of one CLI run, one thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    error = lines[-1].strip() if lines else f"exit {proc.returncode}"
-    report = {}
-    if (work / "report.json").is_file():
-        report = json.loads((work / "report.json").read_text())
-    if proc.returncode == 0:
-        for s in STAGES:
-            out.stages[s] = "ok"
-        out.detail["find"] = str(report.get("layer", ""))
-        return
-    # which stage failed: what the report got to, else the error text
-    reached = ["load", "shape", "find", "swap"] if report.get("layer") else []
-    if report.get("onnx"):
-        reached.append("export")
-    for s in reached:
-        out.stages[s] = "ok"
-    failed = ("verify" if proc.returncode == 3 else
-              next((s for s in STAGES if s not in reached), "verify"))
-    out.stages[failed] = "FAIL"
-    out.detail[failed] = f"exit {proc.returncode}: {error}"
+    lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+    return proc.returncode, (lines[-1] if lines else "")
+
+
+def _stage_of(error: str, stages: tuple[str, ...]) -> str:
+    """Which stage a CLI error line belongs to, by what it talks about (the CLI prints no error types)."""
+    words = {"shape": ("input shape", "--input-shape"), "find": ("classifier", "--layer", "nn.Linear"),
+             "swap": ("head", "transform size"), "export": ("export", "onnx", "opset")}
+    for stage in stages:
+        if any(w in error for w in words.get(stage, ())):
+            return stage
+    return stages[0] if stages[0] != "shape" else stages[-1]
 
 
 # ---------------------------------------------------------------------------------------------- main
