@@ -308,3 +308,15 @@ def test_conv_wrapper_exports_with_the_marker_on_its_inner_head(tmp_path, name):
     assert res.head_kind == "hadamard" and "MatMul" not in res.head_ops and "Gemm" not in res.head_ops
     ver = verify_onnx(res.path, layout.model, input_shape=layout.input_shape)  # raises beyond tolerance
     assert ver.max_abs_diff < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_swap_of_a_conv_head_and_a_distilled_pair_on_cuda():
+    for name in ("pooled_conv_head", "distilled_vit"):
+        layout = HEAD_LAYOUTS[name]()
+        model = layout.model.cuda()
+        x = _inputs(layout.input_shape)
+        result = swap_classifier(model, input_shape=layout.input_shape, inputs=x)  # CPU inputs follow the model
+        assert all(t.device.type == "cuda" for s in result.heads for t in s.head.state_dict().values())
+        with torch.no_grad():
+            assert logits_of(model(x.cuda())).shape == (6, layout.num_classes)
