@@ -8,6 +8,8 @@ Formats (sniffed from the file's bytes, not its name, except `.safetensors`):
   `trust_pickle=True`; without it we list the globals the file wants and execute nothing.
 - TorchScript (`torch.jit.save`) and `torch.export` (`.pt2`) archives: their compiled code calls the classifier
   directly, so it cannot be swapped there; with `--arch` their weights are loaded into the eager model.
+- a checkpoint folder as the model zoos save them (Hugging Face `save_pretrained`, timm's hub layout): built
+  by that library from the folder's config.json, no `--arch` needed (see `fyc_convert.hub`).
 
 State-dict keys lose the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes when that makes them fit.
 """
@@ -51,8 +53,11 @@ class LoadedModel:
 
     Attributes:
         model: The eager model, in eval mode, on the CPU.
-        format: "state_dict" | "checkpoint" | "safetensors" | "pickle" | "torchscript" | "export".
+        format: "state_dict" | "checkpoint" | "safetensors" | "pickle" | "torchscript" | "export" |
+            "huggingface" | "timm" (a zoo folder).
         meta: Non-code metadata the file carries (a checkpoint's "meta" dict, safetensors metadata), {} if none.
+            Zoo folders: "preprocessor_config" (a Hugging Face image processor's dict) and "classes" (class
+            names by index) when the folder has them.
         notes: What was done on the way that a user may want to know (prefixes stripped, keys chosen).
     """
 
@@ -68,14 +73,17 @@ def load_model(
     arch: str | None = None,
     arch_kwargs: str | dict | None = None,
     trust_pickle: bool = False,
+    trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a checkpoint in any supported format into an eager model in eval mode.
 
     Args:
-        path: The checkpoint file.
-        arch: "pkg.mod:callable" or "path/to/file.py:callable" building the model (for weights-only files).
+        path: The checkpoint file, or a Hugging Face / timm checkpoint folder.
+        arch: "pkg.mod:callable" or "path/to/file.py:callable" building the model (for weights-only files; for a
+            folder, it builds the model instead of the folder's config and gets the folder's weights).
         arch_kwargs: Keyword arguments for `arch`, as a JSON object string or a dict.
         trust_pickle: Allow unpickling arbitrary objects (a whole pickled nn.Module). This runs code from the file.
+        trust_remote_code: Let transformers run model code that a Hugging Face folder carries (`auto_map`).
 
     Returns:
         The loaded model with its format, metadata and notes.
@@ -86,6 +94,10 @@ def load_model(
     """
     path = Path(path)
     kwargs = parse_arch_kwargs(arch_kwargs)
+    if path.is_dir():
+        from fyc_convert.hub import load_folder
+
+        return load_folder(path, arch=arch, arch_kwargs=kwargs, trust_remote_code=trust_remote_code)
     kind = _sniff(path)
     notes: list[str] = []
     meta: dict[str, Any] = {}
@@ -139,8 +151,8 @@ def load_model(
             kwargs_hint = f" --arch-kwargs '{json.dumps(meta['arch_kwargs'])}'" if meta.get("arch_kwargs") else ""
             hint = f" (its metadata names --arch {meta['arch']}{kwargs_hint})"
         raise CheckpointError(f"{path} holds only weights ({fmt}); {_ARCH_HELP}{hint}")
-    model = _build(arch, kwargs)
-    _load_weights(model, state, path=path, arch=arch, notes=notes)
+    model = build_model(arch, kwargs)
+    load_state(model, state, path=path, built_by=f"--arch {arch}", notes=notes)
     return LoadedModel(model.eval(), fmt, meta, notes)
 
 
@@ -168,7 +180,7 @@ def resolve_arch(spec: str) -> Callable[..., Any]:
         close = difflib.get_close_matches(attr, defined, n=3, cutoff=0.3)
         names = close + [n for n in defined if n not in close]  # the likeliest first
         raise ArchError(f"--arch {spec!r}: {module_name} has no attribute {attr!r}; callables defined in it: "
-                        f"{_few(names) or 'none'}") from None
+                        f"{few(names) or 'none'}") from None
     if not callable(obj):
         raise ArchError(f"--arch {spec!r} is a {type(obj).__name__}, not a callable; point it at a function or "
                         "class that builds the model")
@@ -193,10 +205,6 @@ def _sniff(path: Path) -> str:
     """"safetensors" | "torchscript" | "export" | "torch" (a torch.save zip or a legacy pickle)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; check the path")
-    if path.is_dir():
-        inside = sorted(p.name for p in path.iterdir() if p.suffix in _CHECKPOINT_SUFFIXES)
-        hint = f"pass one of the files in it: {_few(inside)}" if inside else "pass the checkpoint file itself"
-        raise CheckpointError(f"checkpoint {path} is a directory, not a file; {hint}")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the save was probably interrupted, re-save it")
@@ -230,6 +238,26 @@ def _sniff(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------- readers
 
 
+def checkpoint_files(folder: Path) -> list[str]:
+    """Names of the files in `folder` that look like checkpoints (by suffix), sorted."""
+    return sorted(p.name for p in folder.iterdir() if p.suffix in _CHECKPOINT_SUFFIXES)
+
+
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """The state_dict in a weights-only file (safetensors, or torch.save read with weights_only=True).
+
+    Raises:
+        CheckpointError: The file is unreadable, needs code to load, or holds no plain state_dict.
+    """
+    if _sniff(path) == "safetensors":
+        return _read_safetensors(path)[0]
+    obj = _torch_load(path, trust_pickle=False)
+    if not _is_state_dict(obj):
+        raise CheckpointError(f"{path} does not hold a plain state_dict ({type(obj).__name__}); save "
+                              "model.state_dict() there")
+    return dict(obj)
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     from safetensors import SafetensorError, safe_open
 
@@ -254,7 +282,7 @@ def _torch_load(path: Path, *, trust_pickle: bool) -> Any:
             wanted = _unsafe_globals(path)
             if wanted:
                 raise CheckpointError(
-                    f"{path} needs code to load (it wants {_few(wanted)}), e.g. a whole pickled model; pass "
+                    f"{path} needs code to load (it wants {few(wanted)}), e.g. a whole pickled model; pass "
                     "--trust-pickle only if you trust the file (unpickling runs its code), or save "
                     "model.state_dict() and pass it with --arch MODULE:CALLABLE"
                 ) from e
@@ -291,7 +319,7 @@ def _unpack(obj: Any, path: Path, notes: list[str]) -> tuple[Mapping[str, Tensor
                              + (f"; also present, not used: {', '.join(unused)}" if unused else ""))
                 return value, "checkpoint"
         keys = [str(k) for k in obj]
-        raise CheckpointError(f"{path} holds a dict without weights (keys: {_few(keys) or 'none'}); expected a "
+        raise CheckpointError(f"{path} holds a dict without weights (keys: {few(keys) or 'none'}); expected a "
                               f"state_dict or a checkpoint with one of the keys {', '.join(STATE_KEYS)}")
     raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a model or weights; save model.state_dict() "
                           "with torch.save and pass it with --arch")
@@ -324,7 +352,8 @@ def parse_arch_kwargs(arch_kwargs: str | dict | None) -> dict[str, Any]:
     return arch_kwargs
 
 
-def _build(arch: str, kwargs: dict[str, Any]) -> nn.Module:
+def build_model(arch: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Call the `--arch` builder with `kwargs` (the current directory on sys.path); it must return an nn.Module."""
     builder = resolve_arch(arch)
     try:
         with _on_sys_path(Path.cwd()):
@@ -338,8 +367,14 @@ def _build(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     return model
 
 
-def _load_weights(model: nn.Module, state: Mapping[str, Tensor], *, path: Path, arch: str,
-                  notes: list[str]) -> None:
+def load_state(model: nn.Module, state: Mapping[str, Tensor], *, path: Path, built_by: str,
+               notes: list[str], hint: str = "check --arch and --arch-kwargs (e.g. num_classes)") -> None:
+    """Load `state` into `model` strictly, after stripping wrapper prefixes; every mismatch in one message.
+
+    Args:
+        built_by: how the model was built, for the message ("--arch pkg:fn", "timm.create_model('x')").
+        hint: what to do when the weights do not fit.
+    """
     expected = model.state_dict()
     cleaned = clean_state_dict(state)
     if _overlap(cleaned, expected) > _overlap(state, expected):
@@ -357,11 +392,10 @@ def _load_weights(model: nn.Module, state: Mapping[str, Tensor], *, path: Path, 
     mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
                   if k in state and isinstance(state[k], Tensor) and state[k].shape != v.shape]
     if missing or unexpected or mismatched:
-        parts = [f"{label} ({len(keys)}): {_few(keys)}" for label, keys in
+        parts = [f"{label} ({len(keys)}): {few(keys)}" for label, keys in
                  [("missing keys", missing), ("unexpected keys", unexpected),
                   ("shape mismatch, file vs model", mismatched)] if keys]
-        raise CheckpointError(f"the weights in {path} do not fit --arch {arch}: {'; '.join(parts)}; check --arch "
-                              "and --arch-kwargs (e.g. num_classes)")
+        raise CheckpointError(f"the weights in {path} do not fit {built_by}: {'; '.join(parts)}; {hint}")
     model.load_state_dict(state, strict=False)  # strictness checked above, with better messages
 
 
@@ -486,15 +520,14 @@ def _py3_name(module: str, name: str) -> str:
 # ---------------------------------------------------------------------------------------------- messages
 
 
-
-
 def _unpickling_reason(e: pickle.UnpicklingError) -> str:
     """The weights_only unpickler's actual complaint, without torch's advice paragraphs."""
     match = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
     return match.group(1).strip() if match else first_line(e)
 
 
-def _few(items: list[str], limit: int = 6) -> str:
+def few(items: list[str], limit: int = 6) -> str:
+    """At most `limit` items, comma-separated, then how many more."""
     shown = ", ".join(items[:limit])
     return shown + (f", … ({len(items) - limit} more)" if len(items) > limit else "")
 

@@ -1,7 +1,8 @@
 """The converted model's weights file (`model.safetensors`): save it, and load it back into the architecture.
 
-The header metadata describes the fixed head (kind, layer, N, C, transform size m, embedded length n,
-embedding), so `load_converted` can rebuild the head before loading the state_dict:
+The header metadata describes each fixed head (kind, layer, N, C, transform size m, embedded length n,
+embedding, and whether it stands in a conv classifier's `ConvHead` wrapper) — the first one also under the flat
+keys that files of one head always had — so `load_converted` can rebuild the heads before loading the state_dict:
 
     model = build_my_model()                                   # the original architecture
     model = load_converted(model, "out/model.safetensors")     # classifier swapped, weights loaded
@@ -9,6 +10,7 @@ embedding), so `load_converted` can rebuild the head before loading the state_di
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -19,18 +21,34 @@ from torch import nn
 from fyc_convert.errors import CheckpointError, FycError, OutputError, describe
 from fyc_convert.files import atomic_path
 from fyc_convert.heads import HadamardHead, OrthogonalHead
+from fyc_convert.layouts import WRAPPED_HEAD, ConvHead, is_pointwise_conv
 
 _KEY = "fyc_convert."
+_HEADS = "heads"  # header key: JSON list, one entry per fixed head (the flat keys describe the first, as before)
 
 
-def save_converted(model: nn.Module, path: str | Path, *, layer: str, head: nn.Module) -> Path:
-    """Write `model`'s state_dict to `path` (atomically), describing `head` (at `layer`) in the header."""
+def save_converted(model: nn.Module, path: str | Path, *, layer: str | None = None,
+                   head: nn.Module | None = None) -> Path:
+    """Write `model`'s state_dict to `path` (atomically), describing every fixed head it holds in the header.
+
+    The heads are found in the model (HadamardHead / OrthogonalHead modules, a conv classifier's `ConvHead`
+    wrapper included); `layer` / `head`, when given, must be one of them and is described first.
+
+    Raises:
+        OutputError: the model holds no fixed head (or not `head` at `layer`), or the file cannot be written.
+    """
     path = Path(path)
-    meta = {"head": head.head_kind, "layer": layer, "in_features": str(head.in_features),
-            "num_classes": str(head.num_classes), "bias": str(head.bias is not None).lower(),
-            "fixed_scale": str(not isinstance(head.scale, nn.Parameter)).lower()}
-    if isinstance(head, HadamardHead):
-        meta.update(hadamard_size=str(head.hadamard_size), embed_size=str(head.embed_size), embedding=head.embedding)
+    heads = [(n, m) for n, m in model.named_modules() if isinstance(m, (HadamardHead, OrthogonalHead))]
+    if layer is not None or head is not None:
+        chosen = [(n, m) for n, m in heads if (layer is None or n == layer) and (head is None or m is head)]
+        if not chosen:
+            raise OutputError(f"the model holds no fixed head at {layer!r}; save the model that swap_classifier "
+                              "returned")
+        heads = chosen + [h for h in heads if h not in chosen]
+    if not heads:
+        raise OutputError("the model holds no fixed head; save the model that swap_classifier returned")
+    entries = [_describe(model, n, m) for n, m in heads]
+    meta = {**entries[0], _HEADS: json.dumps(entries, separators=(",", ":"))}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     try:
         with atomic_path(path) as tmp:
@@ -44,7 +62,9 @@ def save_converted(model: nn.Module, path: str | Path, *, layer: str, head: nn.M
 
 
 def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
-    """Swap the fixed head described in `path`'s header into `model` (the original architecture) and load it.
+    """Swap the fixed heads described in `path`'s header into `model` (the original architecture) and load it.
+
+    Returns the model (the new head itself when the model was the classifier).
 
     Raises:
         CheckpointError: the file is not a fyc-convert weights file, or does not fit `model`.
@@ -58,16 +78,53 @@ def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
         raise CheckpointError(f"cannot read {path}: {e}; pass the model.safetensors that fyc-convert wrote") from e
     if "head" not in meta or "layer" not in meta:
         raise CheckpointError(f"{path} has no fyc-convert header; it was not written by fyc-convert")
-    needed = ["in_features", "num_classes"] + (["hadamard_size", "embedding"] if meta["head"] == "hadamard" else [])
+    try:
+        entries = json.loads(meta[_HEADS]) if _HEADS in meta else [meta]  # files of one head before "heads"
+    except ValueError as e:
+        raise CheckpointError(f"{path}'s fyc-convert header is corrupt ({describe(e)}); save the converted model "
+                              "again") from e
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise CheckpointError(f"{path}'s fyc-convert header lists no heads; save the converted model again")
+    for entry in entries:
+        model = _install(model, entry, tensors, path)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise CheckpointError(f"{path} does not fit this model ({first}); build the architecture it was "
+                              f"converted from") from e
+    return model
+
+
+def _describe(model: nn.Module, layer: str, head: nn.Module) -> dict[str, str]:
+    """One head's header entry (strings, as safetensors metadata holds them)."""
+    entry = {"head": head.head_kind, "layer": layer, "in_features": str(head.in_features),
+             "num_classes": str(head.num_classes), "bias": str(head.bias is not None).lower(),
+             "fixed_scale": str(not isinstance(head.scale, nn.Parameter)).lower()}
+    if isinstance(head, HadamardHead):
+        entry.update(hadamard_size=str(head.hadamard_size), embed_size=str(head.embed_size), embedding=head.embedding)
+    parent, _, attr = layer.rpartition(".")
+    if attr == WRAPPED_HEAD and isinstance(model.get_submodule(parent), ConvHead):
+        entry["wrapper"] = "conv1x1"  # the original layer (`parent`) was a 1x1 Conv2d
+    return entry
+
+
+def _install(model: nn.Module, meta: dict[str, str], tensors: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """Build the head one header entry describes and put it where the original classifier is."""
+    needed = ["layer", "in_features", "num_classes"] + (["hadamard_size", "embedding"] if meta.get("head") == "hadamard"
+                                                          else [])
     missing = [k for k in needed if k not in meta]
-    if meta["head"] not in ("hadamard", "orthogonal") or missing:
-        what = f"lacks {', '.join(_KEY + k for k in missing)}" if missing else f"names an unknown head {meta['head']!r}"
+    if meta.get("head") not in ("hadamard", "orthogonal") or missing:
+        what = (f"lacks {', '.join(_KEY + k for k in missing)}" if missing
+                else f"names an unknown head {meta.get('head')!r}")
         raise CheckpointError(f"{path}'s fyc-convert header {what}; save the converted model again")
     layer = meta["layer"]
+    wrapped = meta.get("wrapper") == "conv1x1"
+    original = layer.rpartition(".")[0] if wrapped else layer  # where the classifier sits in the original model
     try:
-        old = model.get_submodule(layer)
+        old = model.get_submodule(original)
     except AttributeError as e:
-        raise CheckpointError(f"{path} converts layer {layer!r}, which this model does not have; "
+        raise CheckpointError(f"{path} converts layer {original!r}, which this model does not have; "
                               f"build the architecture the file was converted from") from e
     bias = meta.get("bias", "true") == "true"
     try:
@@ -81,13 +138,14 @@ def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
     except (KeyError, ValueError, FycError) as e:
         raise CheckpointError(f"{path} does not describe a head that can be rebuilt ({describe(e)}); save the "
                               "converted model again") from e
-    parent_name, _, attr = layer.rpartition(".")
+    if wrapped and not is_pointwise_conv(old):
+        raise CheckpointError(f"{path} converts the 1x1 Conv2d {original!r}, but this model has a "
+                              f"{type(old).__name__} there; build the architecture it was converted from")
+    new = ConvHead(head) if wrapped else head
+    new = new.to(next(old.parameters(), torch.empty(0)).device)
+    if not original:
+        return new
+    parent_name, _, attr = original.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, head.to(next(old.parameters(), torch.empty(0)).device))
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()
-        raise CheckpointError(f"{path} does not fit this model ({first}); build the architecture it was "
-                              f"converted from") from e
+    setattr(parent, attr, new)
     return model

@@ -23,10 +23,11 @@ from fyc_convert.surgery import logits_of  # noqa: F401  (re-exported for the te
 @dataclass
 class Layout:
     model: nn.Module  # seeded, eval mode
-    layer: str  # dotted name of the classifier ("" in BAD_LAYOUTS when no --layer fixes it)
+    layer: str  # dotted name of the classifier ("" in BAD_LAYOUTS when no --layer fixes it); HEAD_LAYOUTS: name[,name]
     input_shape: tuple[int, ...]  # one sample, no batch dim
     in_features: int
     num_classes: int
+    combine: str = "single"  # HEAD_LAYOUTS: how the classifier layers make the logits ("single", "mean", "sum")
 
 
 @dataclass
@@ -381,6 +382,193 @@ class NoLinearOutput(nn.Module):
         return F.normalize(self.proj(self.body(x)), dim=-1)
 
 
+# ---------------------------------------------------------------- more head layouts (HEAD_LAYOUTS)
+
+
+class DistilledVit(nn.Module):
+    """timm VisionTransformerDistilled (DeiT): class and distillation tokens, `.head` and `.head_dist` averaged in
+    eval mode (both returned in distilled training); get_classifier() returns the pair."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.dist_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.blocks = _TokenBackbone(dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.head_dist = nn.Linear(dim, num_classes)
+        self.distilled_training = False
+
+    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
+        return self.head, self.head_dist
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        x = self.blocks(x)  # (B, T, dim)
+        b = x.shape[0]
+        x = self.norm(torch.cat([self.cls_token.expand(b, -1, -1), self.dist_token.expand(b, -1, -1), x], dim=1))
+        logits, dist = self.head(x[:, 0]), self.head_dist(x[:, 1])  # (B, C) each
+        if self.distilled_training and self.training:
+            return logits, dist
+        return (logits + dist) / 2
+
+
+class AveragedBranchHeads(nn.Module):
+    """A multi-branch model: each branch pools its own features, `.heads` (a ModuleList) are averaged."""
+
+    def __init__(self, num_classes: int = 6, widths: tuple[int, ...] = (12, 16, 12)):
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Sequential(_stem(3, w), nn.AdaptiveAvgPool2d(1), nn.Flatten()) for w in widths)
+        self.heads = nn.ModuleList(nn.Linear(w, num_classes) for w in widths)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([h(b(x)) for b, h in zip(self.branches, self.heads, strict=True)]).mean(0)  # (B, C)
+
+
+class SummedHeads(nn.Module):
+    """Two heads on different features whose logits are added (a global and a local classifier)."""
+
+    def __init__(self, num_classes: int = 5, width: int = 16):
+        super().__init__()
+        self.stem = _stem(3, width)
+        self.global_fc = nn.Linear(width, num_classes)
+        self.local_fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        return self.global_fc(x.mean([2, 3])) + self.local_fc(x.amax([2, 3]))
+
+
+class PooledConvHead(nn.Module):
+    """timm ClassifierHead(use_conv=True) (DLA, DPN, ...): global pool keeping (B, N, 1, 1) -> 1x1 conv -> flatten."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16, bias: bool = True):
+        super().__init__()
+        self.stem = _stem(3, width)
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Conv2d(width, num_classes, 1, bias=bias)
+        self.flatten = nn.Flatten(1)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.flatten(self.fc(self.global_pool(self.stem(x))))  # (B, C)
+
+
+class SqueezedConvHead(nn.Module):
+    """A pooled 1x1 conv classifier inside a head module, squeezed with .squeeze(-1).squeeze(-1)."""
+
+    def __init__(self, num_classes: int = 7, width: int = 12):
+        super().__init__()
+        self.features = nn.Sequential(_stem(3, width), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveMaxPool2d((1, 1)), nn.Dropout(0.2), nn.Conv2d(width, num_classes, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x)).squeeze(-1).squeeze(-1)
+
+
+class MlpHeadModule(nn.Module):
+    """get_classifier() returns the whole MLP head, a Sequential ending in Linear (then Dropout)."""
+
+    def __init__(self, num_classes: int = 9, width: int = 16, hidden: int = 24):
+        super().__init__()
+        self.body = nn.Sequential(_stem(3, width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Dropout(0.1), nn.Linear(hidden, num_classes),
+                                  nn.Dropout(0.0))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+class ModuleDictHead(nn.Module):
+    """get_classifier() returns a ModuleDict head: pre_logits Linear, activation, then the classifier `fc`."""
+
+    def __init__(self, num_classes: int = 8, width: int = 16, hidden: int = 20):
+        super().__init__()
+        self.body = nn.Sequential(_stem(3, width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.ModuleDict({"pre_logits": nn.Linear(width, hidden), "act": nn.Tanh(),
+                                   "fc": nn.Linear(hidden, num_classes)})
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.head
+        return h["fc"](h["act"](h["pre_logits"](self.body(x))))
+
+
+class AuxTrainingHead(nn.Module):
+    """Inception style: an auxiliary classifier used in training only; in eval the output is `.fc`'s alone."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.stem = _stem(3, width)
+        self.aux = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        x = self.stem(x)
+        logits = self.fc(x.mean([2, 3]))
+        return (logits, self.aux(x)) if self.training else logits
+
+
+class FeatureExtractor(nn.Module):
+    """timm with num_classes=0: `.head` is an Identity and get_classifier() returns it."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(_stem(3, width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.body(x))
+
+
+class IdentityClassifier(nn.Module):
+    """A Hugging Face model built with num_labels=0: `.classifier` is an Identity (no get_classifier())."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(_stem(3, width), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, width))
+        self.norm = nn.LayerNorm(width)
+        self.classifier = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.norm(self.body(x)))
+
+
+class ConcatHeads(nn.Module):
+    """Two heads whose outputs are concatenated into the logits: not a combination that can be swapped as one."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(_stem(3, width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.coarse = nn.Linear(width, 4)
+        self.fine = nn.Linear(width, 6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.body(x)
+        return torch.cat([self.coarse(f), self.fine(f)], dim=1)
+
+
+class FlattenedMapClassifier(nn.Module):
+    """A conv net without global pooling: its Linear needs exactly 8x8 inputs (no input size can be guessed)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 4):
+        super().__init__()
+        self.stem = _stem(3, width)
+        self.fc = nn.Linear(width * 4 * 4, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(torch.flatten(self.stem(x), 1))
+
+
 def _image(model: nn.Module, layer: str, in_features: int, num_classes: int) -> Layout:
     return Layout(model, layer, (3, 8, 8), in_features, num_classes)
 
@@ -408,4 +596,26 @@ BAD_LAYOUTS: dict[str, Callable[[], Layout]] = {
     "conv1x1_classifier": _seeded(lambda: _image(Conv1x1Classifier(10, 16), "", 16, 10)),
     "two_heads": _seeded(lambda: _image(TwoHeads(10, 16), "head_a", 16, 10)),
     "no_linear_output": _seeded(lambda: _image(NoLinearOutput(8, 16), "proj", 16, 8)),
+}
+
+# Layouts beyond one Linear at the output: several heads (layer "a,b", combine "mean"/"sum"), pooled 1x1 conv
+# classifiers, MLP head modules named by get_classifier(), training-only auxiliary heads.
+HEAD_LAYOUTS: dict[str, Callable[[], Layout]] = {
+    "distilled_vit": _seeded(lambda: Layout(DistilledVit(10, 16), "head,head_dist", (3, 8, 8), 16, 10, "mean")),
+    "averaged_branch_heads": _seeded(lambda: Layout(AveragedBranchHeads(6, (12, 16, 12)), "heads.0,heads.1,heads.2",
+                                                    (3, 8, 8), 12, 6, "mean")),
+    "summed_heads": _seeded(lambda: Layout(SummedHeads(5, 16), "global_fc,local_fc", (3, 8, 8), 16, 5, "sum")),
+    "pooled_conv_head": _seeded(lambda: _image(PooledConvHead(10, 16), "fc", 16, 10)),
+    "pooled_conv_head_no_bias": _seeded(lambda: _image(PooledConvHead(12, 16, bias=False), "fc", 16, 12)),
+    "squeezed_conv_head": _seeded(lambda: _image(SqueezedConvHead(7, 12), "head.2", 12, 7)),
+    "mlp_head_module": _seeded(lambda: _image(MlpHeadModule(9, 16, 24), "head.3", 24, 9)),
+    "module_dict_head": _seeded(lambda: _image(ModuleDictHead(8, 16, 20), "head.fc", 20, 8)),
+    "aux_training_head": _seeded(lambda: _image(AuxTrainingHead(10, 16), "fc", 16, 10)),
+}
+
+# Models without a classifier that can be swapped automatically, beyond BAD_LAYOUTS.
+NO_CLASSIFIER: dict[str, Callable[[], Layout]] = {
+    "feature_extractor": _seeded(lambda: _image(FeatureExtractor(16), "", 16, 16)),
+    "identity_classifier": _seeded(lambda: _image(IdentityClassifier(16), "", 16, 16)),
+    "concat_heads": _seeded(lambda: _image(ConcatHeads(16), "coarse", 16, 4)),
 }

@@ -345,7 +345,8 @@ def test_error_directory(tmp_path):
     (tmp_path / "best.pt").write_bytes(b"x")
     (tmp_path / "log.txt").write_text("x")
     message = _error(CheckpointError, tmp_path)
-    assert message == f"checkpoint {tmp_path} is a directory, not a file; pass one of the files in it: best.pt"
+    assert message == (f"checkpoint {tmp_path} is a directory without config.json (neither a Hugging Face "
+                       "save_pretrained nor a timm hub folder); pass one of the files in it: best.pt")
 
 
 def test_error_empty_file(tmp_path):

@@ -278,8 +278,10 @@ def test_error_layer_is_not_linear():
 def test_error_conv_classifier_names_candidates():
     layout = BAD_LAYOUTS["conv1x1_classifier"]()
     message = _error(find_classifier, layout.model, input_shape=layout.input_shape)
-    assert message == ("no nn.Linear makes the model's output; the last layer run is 'classifier' (Conv2d); "
-                       "nn.Linear layers: se.fc1, se.fc2; pass the classifier with --layer NAME")
+    assert message == ("no nn.Linear makes the model's output; the last layer run is 'classifier' (Conv2d), a 1x1 "
+                       "conv applied to 4x4 maps before the pooling (only a 1x1 Conv2d on pooled (B, N, 1, 1) "
+                       "features can be swapped); nn.Linear layers: se.fc1, se.fc2; pass the classifier with --layer "
+                       "NAME")
 
 
 def test_error_two_heads():

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from models import HEAD_LAYOUTS, LAYOUTS
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from fyc_convert.errors import CheckpointError
+from fyc_convert.errors import CheckpointError, OutputError
 from fyc_convert.heads import HadamardHead, OrthogonalHead
+from fyc_convert.layouts import ConvHead
 from fyc_convert.surgery import logits_of, swap_classifier
 from fyc_convert.weights import load_converted, save_converted
-from models import LAYOUTS
 
 
 @pytest.mark.parametrize(
@@ -63,3 +66,62 @@ def test_unreadable_file_is_a_checkpoint_error(tmp_path: Path) -> None:
     path.write_bytes(b"\x00\x01 not safetensors")
     with pytest.raises(CheckpointError, match="cannot read"):
         load_converted(LAYOUTS["resnet_fc"]().model, path)
+
+
+# ---------------------------------------------------------------------------------------------- several heads, convs
+
+
+@pytest.mark.parametrize("layout", ["distilled_vit", "averaged_branch_heads", "pooled_conv_head",
+                                    "squeezed_conv_head", "pooled_conv_head_no_bias"])
+@pytest.mark.parametrize("head", ["hadamard", "orthogonal"])
+def test_round_trip_of_several_heads_and_conv_wrappers(tmp_path: Path, layout: str, head: str) -> None:
+    lay = HEAD_LAYOUTS[layout]()
+    x = torch.randn(3, *lay.input_shape, generator=torch.Generator().manual_seed(0))
+    swap = swap_classifier(lay.model, head=head, input_shape=lay.input_shape, inputs=x)
+    with torch.no_grad():
+        for i, s in enumerate(swap.heads):  # each head trained differently
+            s.head.scale.mul_(1.25 + i)
+            if s.head.bias is not None:
+                s.head.bias.add_(torch.linspace(-1, 1, s.num_classes) * (i + 1))
+    path = save_converted(swap.model, tmp_path / "model.safetensors")
+    with safe_open(str(path), "pt") as f:
+        entries = json.loads(f.metadata()["fyc_convert.heads"])
+    assert [e["layer"] for e in entries] == list(swap.layers)
+    assert [e.get("wrapper") for e in entries] == [("conv1x1" if s.kind == "conv1x1" else None) for s in swap.heads]
+
+    loaded = load_converted(HEAD_LAYOUTS[layout]().model, path)
+    for s in swap.heads:
+        assert type(loaded.get_submodule(s.layer)) is type(s.head)
+        if s.kind == "conv1x1":
+            assert isinstance(loaded.get_submodule(s.original_layer), ConvHead)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(loaded.eval()(x)), logits_of(swap.model.eval()(x)))
+
+
+def test_file_of_one_head_without_the_heads_key_still_loads(tmp_path: Path) -> None:
+    lay = LAYOUTS["resnet_fc"]()
+    swap = swap_classifier(lay.model, layer="fc")
+    path = save_converted(swap.model, tmp_path / "model.safetensors", layer="fc", head=swap.head)
+    with safe_open(str(path), "pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "fyc_convert.heads"}  # as written before
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    loaded = load_converted(LAYOUTS["resnet_fc"]().model, path)
+    assert isinstance(loaded.fc, HadamardHead)
+
+
+def test_saving_a_model_without_a_fixed_head_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match="the model holds no fixed head; save the model that swap_classifier"):
+        save_converted(LAYOUTS["resnet_fc"]().model, tmp_path / "m.safetensors")
+    swap = swap_classifier(LAYOUTS["resnet_fc"]().model, layer="fc")
+    with pytest.raises(OutputError, match="the model holds no fixed head at 'head'"):
+        save_converted(swap.model, tmp_path / "m.safetensors", layer="head")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_conv_file_into_a_model_with_a_linear_there_is_refused(tmp_path: Path) -> None:
+    lay = HEAD_LAYOUTS["pooled_conv_head"]()
+    swap = swap_classifier(lay.model, input_shape=lay.input_shape)
+    path = save_converted(swap.model, tmp_path / "model.safetensors")
+    other = LAYOUTS["resnet_fc"]().model  # .fc is an nn.Linear
+    with pytest.raises(CheckpointError, match="converts the 1x1 Conv2d 'fc', but this model has a Linear there"):
+        load_converted(other, path)
