@@ -11,12 +11,12 @@ Two layouts (`build_head(..., layout=...)`):
   pnnx/ncnn, onnx2torch, OpenVINO, the simplifiers and onnxruntime's quantizer): Transpose, Concat,
   static Reshape (at most one -1, the batch), Split/Slice with constant sizes, Add/Sub, Mul by constants
   broadcast over the batch only, ReduceSum, Sqrt/Div for the norm, Gather of the class rows. No Shape
-  arithmetic, no If, nothing that depends on the batch size, every tensor rank 2. The transform is a
-  constant-geometry WHT on (R, W) = (rows, columns), batch-minor: each level is Split(axis 0, halves) ->
-  a = top + bottom, s = top - bottom -> Concat([a, s], axis 1), so (R, W) becomes (R/2, 2W); the level's
-  output bit becomes the new highest column bit, so after log2(P) levels the P outputs sit in bit-reversed
-  order, which the Gather of the class rows absorbs. 4 nodes per level; the node count is bounded by
-  `portable_node_bound`.
+  arithmetic, no If, nothing that depends on the batch size, every tensor rank 2. The transform runs on
+  (R, W) = (rows, columns), batch-minor, in constant geometry: each stage views (R, W) as (R/2, 2W) (rows
+  2i and 2i+1 side by side), Splits the columns in halves, computes a = even + odd and s = even - odd and
+  Concats [a, s] along the columns; the stage's output bit becomes the highest column bit, so the outputs
+  end in natural order and contiguous class rows are one Slice. Two levels share one stage above 64
+  points; the node count is bounded by `portable_node_bound`.
 - "batch-switched": onnxruntime-server layout with an If on the batch size (see `onnx_head_switched`).
 
 Speeds of both are measured by benchmarks/head_onnx.py (numbers in the README).
@@ -221,16 +221,17 @@ class _Ops:
         """x[start:end] along `axis`."""
         return self.op1("Slice", [x, self.ints("start", [start]), self.ints("end", [end]), self.ints("axes", [axis])])
 
-    def split(self, x: gs.Variable, sizes: list[int], axis: int) -> list[gs.Variable]:
-        """Split along `axis` into pieces of the given (constant) sizes.
+    def split(self, x: gs.Variable, count: int, axis: int, sizes: list[int] | None = None) -> list[gs.Variable]:
+        """Split along `axis` into `count` equal pieces, or pieces of the given constant `sizes`.
 
-        Opset 18 added `num_outputs` for equal pieces; below 18 the sizes are the `split` input, which is the
-        form every opset from 13 on reads. Equal pieces use `num_outputs` from 18 on (what converters of
-        opset-18 graphs expect), unequal ones always pass the sizes.
+        Equal pieces: the `num_outputs` attribute from opset 18 on; below 18 no `split` input (which those
+        opsets define as equal pieces), so the pieces may have a dynamic size (a multiple of the batch).
+        Given sizes are the `split` input, the form every opset from 13 on reads.
         """
-        if self.opset >= 18 and len(set(sizes)) == 1:
-            return self.op("Split", [x], attrs={"axis": axis, "num_outputs": len(sizes)}, outputs=len(sizes))
-        return self.op("Split", [x, self.ints("split", sizes)], attrs={"axis": axis}, outputs=len(sizes))
+        if sizes is not None:
+            return self.op("Split", [x, self.ints("split", sizes)], attrs={"axis": axis}, outputs=len(sizes))
+        attrs = {"axis": axis, "num_outputs": count} if self.opset >= 18 else {"axis": axis}
+        return self.op("Split", [x], attrs=attrs, outputs=count)
 
     def reduce_sum(self, x: gs.Variable, axes: list[int], *, keepdims: int) -> gs.Variable:
         return self.op1("ReduceSum", [x, self.ints("axes", axes)], attrs={"keepdims": keepdims})
@@ -254,14 +255,6 @@ class _Ops:
 
 
 # ------------------------------------------------------------------------------------- portable layout
-def _bitrev(k: np.ndarray, bits: int) -> np.ndarray:
-    """Reverse the low `bits` bits of each entry of k."""
-    out = np.zeros_like(k)
-    for b in range(bits):
-        out |= ((k >> b) & 1) << (bits - 1 - b)
-    return out
-
-
 def _kept_table(spec: HeadSpec) -> tuple[np.ndarray, np.ndarray]:
     """(table, rows): only the blocks of the table that hold class rows, rows renumbered into them."""
     assert spec.table is not None
@@ -269,30 +262,6 @@ def _kept_table(spec: HeadSpec) -> tuple[np.ndarray, np.ndarray]:
     blocks = np.unique(spec.rows // p)
     rows = np.searchsorted(blocks, spec.rows // p) * p + spec.rows % p
     return spec.table[blocks], rows
-
-
-def _table_embed(ops: _Ops, xt: gs.Variable, n_feat: int, table: np.ndarray, batch: int) -> gs.Variable:
-    """(N, B) -> (P·K, B): row j·K + k holds table[k, j] · x_j (x zero-padded to P), for K blocks of P points.
-
-    Row j outermost makes the K transforms run side by side on the leading index bits. K copies of x
-    concatenated along the columns, (P, K·B) read as (P·K, B), put x_j in rows j·K .. j·K + K - 1 without
-    an index constant; one Mul by the (P·K, 1) table column (broadcast over the batch only) finishes.
-    """
-    k, p = table.shape
-    if p > n_feat:  # rows j >= N: any values, the table's zero there clears them
-        reps = -(-p // n_feat)
-        xt = ops.concat([xt] * reps, axis=0)
-        xt = ops.slice(xt, 0, p) if reps * n_feat > p else xt
-    mult = table.T.copy()  # (P, K)
-    mult[n_feat:] = 0.0
-    if k > 1:
-        # a no-op Reshape first: onnxruntime would otherwise move the Transpose that made `xt` below the
-        # Concat and transpose the K-times larger result
-        xt = ops.reshape(xt, [p, batch])
-        xt = ops.reshape(ops.concat([xt] * k, axis=1), [p * k, batch])
-    if k == 1 and p == n_feat and np.all(mult == 1.0):
-        return xt
-    return ops.op1("Mul", [xt, ops.const("table", mult.reshape(p * k, 1).astype(ops.dtype))])
 
 
 def _embed_fold_portable(ops: _Ops, xt: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variable:
@@ -311,71 +280,96 @@ def _embed_fold_portable(ops: _Ops, xt: gs.Variable, spec: HeadSpec, batch: int)
     return y
 
 
-# Butterfly levels per Split/Concat pair of the portable layout: two (10 nodes per 2 levels, a quarter fewer
+# Butterfly levels per Split/Concat stage of the portable layout: two (10 nodes per 2 levels, a quarter fewer
 # passes over the data than one level at a time) except for transforms of up to 2^_SMALL_MAX_BITS points,
 # where only the node count matters (4 per level). Measured by benchmarks/head_onnx.py (see the README).
 _RADIX_BITS = 2
 _SMALL_MAX_BITS = 6
 
 
-def _cg_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int) -> gs.Variable:
-    """`levels` constant-geometry butterfly levels on the leading index bits of an (R, W) tensor.
+def _natural_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> gs.Variable:
+    """`levels` butterfly levels on the lowest index bits of an (R, W) tensor, leaving outputs in natural order.
 
-    Each level: Split(axis 0) -> a = top + bottom, s = top - bottom -> Concat([a, s], axis 1): (R, W) ->
-    (R/2, 2W); the level's output bit is the new highest column bit. After L levels row r, column
-    q·W0 + w holds output bits bit-reversed in q (q = rev_L(output's top L bits)). With _RADIX_BITS = 2,
-    two levels share one Split into quarters and one Concat of the four results (10 nodes per 2 levels).
+    Each stage of r levels views (R, W) as (R/2^r, 2^r·W), so that the 2^r rows differing in their lowest r
+    bits sit side by side, splits the columns into those 2^r parts, runs the r levels of butterflies and
+    concatenates the results along the columns: the stage's output bits become the new highest column bits,
+    so after all stages (R/2^L, 2^L·W) holds the transform in natural order (row t, column k·W + w).
     """
-    done = 0
+    done, width = 0, batch
     radix = 1 if levels <= _SMALL_MAX_BITS else _RADIX_BITS
     while done < levels:
         r = min(radix, levels - done)
-        parts = ops.split(y, [rows >> r] * (1 << r), axis=0)  # parts[t]: top r bits = t (MSB first)
-        # butterflies on the r top bits, MSB first; part index t' afterwards = output bits in t's place
+        rows >>= r
+        view = ops.reshape(y, [rows, -1 if width < 0 else (width << r)])
+        parts = ops.split(view, 1 << r, axis=1)  # parts[t]: the rows whose lowest r bits are t
         for level in range(r):
-            bit = 1 << (r - 1 - level)
+            bit = 1 << level
             for t in range(1 << r):
                 if not t & bit:
                     a, b = parts[t], parts[t | bit]
                     parts[t], parts[t | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
-        # column order: the output bit of the first level lowest, of the last level highest
-        order = [int(f"{t:0{r}b}"[::-1], 2) if r > 1 else t for t in range(1 << r)]
-        y = ops.concat([parts[t] for t in order], axis=1)
-        rows >>= r
+        y = ops.concat(parts, axis=1)
+        width = width << r if width > 0 else width
         done += r
     return y
 
 
+def _table_embed(ops: _Ops, xt: gs.Variable, n_feat: int, table: np.ndarray, batch: int) -> gs.Variable:
+    """(N, B) -> (K·P, B): row k·P + j holds table[k, j] · x_j (x zero-padded to P), natural order.
+
+    K copies of x stacked along the rows (K contiguous copies) and one Mul by the (K·P, 1) table column,
+    broadcast over the batch only.
+    """
+    k, p = table.shape
+    if p > n_feat:  # rows j >= N: any values, the table's zero there clears them
+        reps = -(-p // n_feat)
+        xt = ops.concat([xt] * reps, axis=0)
+        xt = ops.slice(xt, 0, p) if reps * n_feat > p else xt
+    mult = table.copy()
+    mult[:, n_feat:] = 0.0
+    if k > 1:
+        # a no-op Reshape first: onnxruntime would otherwise move the Transpose that made `xt` below the
+        # Concat and transpose the K-times larger result
+        xt = ops.concat([ops.reshape(xt, [p, batch])] * k, axis=0)
+    if k == 1 and p == n_feat and np.all(mult == 1.0):
+        return xt
+    return ops.op1("Mul", [xt, ops.const("table", mult.reshape(k * p, 1).astype(ops.dtype))])
+
+
 def _portable(ops: _Ops, x: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variable:
-    """(B, N) -> (B, C) raw outputs z[rows] (without scale and bias): the portable layout."""
+    """(B, N) -> (B, C) raw outputs z[rows] (without scale and bias): the portable layout.
+
+    x̃ᵀ as (K·P, B) (a table) or (m, B), transformed on its lowest index bits with the outputs left in
+    natural order, so contiguous class rows are one Slice and others one Gather (of rows of B floats).
+    """
     xt = ops.transpose(x)  # (N, B)
     if spec.table is not None:
         table, rows = _kept_table(spec)
         k, p = table.shape
-        y = _table_embed(ops, xt, spec.in_features, table, batch)  # (P·K, B)
+        y = _table_embed(ops, xt, spec.in_features, table, batch)  # (K·P, B)
     else:
         k, p, rows = 1, spec.hadamard_size, spec.rows
         y = _embed_fold_portable(ops, xt, spec, batch)  # (m, B)
-    bits = p.bit_length() - 1
-    y = _cg_wht(ops, y, p * k, bits)  # (K, P·B): block k, column rev(j)·B + b
-    pos = (rows // p) * p + _bitrev(rows % p, bits)
-    flat = ops.reshape(y, [k * p, batch])
-    z = ops.op1("Gather", [flat, ops.const("rows", pos.astype(np.int32))], attrs={"axis": 0})  # (C, B)
+    y = ops.reshape(_natural_wht(ops, y, p * k, p.bit_length() - 1, batch), [k * p, batch])  # (K·P, B)
+    c = len(rows)
+    if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
+        return ops.transpose(ops.slice(y, int(rows[0]), int(rows[0]) + c))  # (C, B) -> (B, C)
+    z = ops.op1("Gather", [y, ops.const("rows", rows.astype(np.int32))], attrs={"axis": 0})  # (C, B)
     return ops.transpose(z)  # (B, C)
 
 
 def portable_node_bound(spec: HeadSpec) -> int:
-    """Upper bound on the portable head's node count: 5 per butterfly level plus a constant.
+    """Upper bound on the portable head's node count: at most 5.5 per butterfly level plus 22.
 
-    L = log2(P) levels for a table of P-point blocks, log2(m) otherwise: 4 nodes per level up to 6 levels,
-    else 10 per pair of levels (+4 for an odd one out). The constant covers the norm and factor (6 nodes),
-    the embedding (at most Concat, Slice, two Reshapes, Concat, Mul), the fold (Reshape, ReduceSum,
-    Reshape), the pick (Transpose in, Reshape, Gather, Transpose out), the bias and a time axis's two
-    Reshapes: 22.
+    L = log2(P) levels for a table of P-point blocks, log2(m) otherwise: 5 nodes per level (Reshape, Split,
+    Add, Sub, Concat) up to 6 levels, else 11 per pair of levels (+5 for an odd one out). The constant
+    covers the norm and factor (6 nodes), the embedding (at most Concat, Slice, Reshape, Concat, Mul), the
+    fold (Reshape, ReduceSum, Reshape), the pick (Transpose in, Reshape, Gather or Slice, Transpose out),
+    the bias and a time axis's two Reshapes.
     """
     p = spec.table.shape[1] if spec.table is not None else spec.hadamard_size
     levels = p.bit_length() - 1
-    per_levels = 4 * levels if levels <= _SMALL_MAX_BITS else 10 * (levels // 2) + 4 * (levels % 2)
+    per_levels = 5 * levels if levels <= _SMALL_MAX_BITS else 11 * (levels // 2) + 5 * (levels % 2)
     return per_levels + 22
 
 

@@ -78,7 +78,7 @@ def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
 
 def _butterfly_parts(ops: _Ops, view: gs.Variable, axis: int, r: int) -> list[gs.Variable]:
     """The r-point WHT along `axis` (of size r) of `view`, as its r slices: one Split, r·log2(r) Add/Sub."""
-    parts = ops.split(view, [1] * r, axis)
+    parts = ops.split(view, r, axis)
     bit = 1
     while bit < r:
         for j in range(r):
