@@ -15,7 +15,7 @@ AVX-512 bf16, which is not the float32 model). Targets (issue 11) are checked pe
   digits (64 x 10): head within 15 us of the Gemm at batch 1; 2048 x 18000: >= 10x the Gemm at batch 1
   in onnxruntime.
 
-    python benchmarks/head_onnx.py [--repeats 100] [--case 2048x18000] [--no-models] [--runtime ort|ov]
+    python benchmarks/head_onnx.py [--repeats 100] [--case 2048x18000] [--no-models] [--no-fresh] [--runtime ort|ov]
 """
 
 from __future__ import annotations
@@ -92,11 +92,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=100, help="interleaved runs per session and batch")
     parser.add_argument("--case", action="append", help="NxC of a fresh HadamardHead(N, C) (default: the targets)")
     parser.add_argument("--no-models", action="store_true", help="skip the sample heads and whole models")
+    parser.add_argument("--no-fresh", action="store_true", help="skip the fresh HadamardHead(N, C) rows")
     parser.add_argument("--runtime", action="append", choices=["ort", "ov"], help="default: both")
     args = parser.parse_args()
     torch.set_num_threads(1)
     runtimes = args.runtime or ["ort", "ov"]
     fresh = [tuple(int(v) for v in c.split("x")) for c in args.case] if args.case else FRESH
+    fresh = [] if args.no_fresh else fresh
     print(f"load average {os.getloadavg()[0]:.2f}; medians of {args.repeats}; us; ratio = baseline / ours "
           "(> 1: ours faster); 'before' = the batch-switched layout")
     print(f"{'head or model':<26} {'rt':>3} {'batch':>5} {'baseline us':>11} {'portable us':>11} {'ratio':>7} "

@@ -314,6 +314,56 @@ def _natural_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int, batch: int) 
     return y
 
 
+def _bitrev(k: np.ndarray, bits: int) -> np.ndarray:
+    """Reverse the low `bits` bits of each entry of k."""
+    out = np.zeros_like(k)
+    for b in range(bits):
+        out |= ((k >> b) & 1) << (bits - 1 - b)
+    return out
+
+
+def _small_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int) -> gs.Variable:
+    """`levels` butterfly levels on the leading index bits of an (R, W) tensor, 4 nodes per level.
+
+    For small transforms, where the node count is what costs: Split(axis 0, halves) -> a = top + bottom,
+    s = top - bottom -> Concat([a, s], axis 1), (R, W) -> (R/2, 2W), no Reshape between levels. The
+    level's output bit becomes the highest column bit, so the outputs end in bit-reversed order (row
+    rev_L(k) of the final (2^L·R', W) view holds output k), which the Gather of the class rows absorbs.
+    """
+    for _ in range(levels):
+        top, bottom = ops.split(y, 2, axis=0)
+        y = ops.concat([ops.op1("Add", [top, bottom]), ops.op1("Sub", [top, bottom])], axis=1)
+        rows //= 2
+    return y
+
+
+def _interleaved_table_embed(ops: _Ops, xt: gs.Variable, n_feat: int, table: np.ndarray,
+                             batch: int) -> gs.Variable:
+    """(N, B) -> (P·K, B): row j·K + k holds table[k, j] · x_j (x zero-padded to P), for `_small_wht`.
+
+    Row j outermost puts the K transforms on the leading index bits. K copies of x concatenated along the
+    columns, (P, K·B) read as (P·K, B), place x_j in rows j·K .. j·K + K - 1.
+    """
+    k, p = table.shape
+    xt = _pad_rows(ops, xt, n_feat, p)
+    mult = table.T.copy()  # (P, K)
+    mult[n_feat:] = 0.0
+    if k > 1:
+        xt = ops.reshape(ops.concat([ops.reshape(xt, [p, batch])] * k, axis=1), [p * k, batch])
+    if k == 1 and p == n_feat and np.all(mult == 1.0):
+        return xt
+    return ops.op1("Mul", [xt, ops.const("table", mult.reshape(p * k, 1).astype(ops.dtype))])
+
+
+def _pad_rows(ops: _Ops, xt: gs.Variable, n_feat: int, p: int) -> gs.Variable:
+    """(N, B) -> (P, B) by repeating x (rows j >= N: any values; the table's zeros there clear them)."""
+    if p <= n_feat:
+        return xt
+    reps = -(-p // n_feat)
+    xt = ops.concat([xt] * reps, axis=0)
+    return ops.slice(xt, 0, p) if reps * n_feat > p else xt
+
+
 def _table_embed(ops: _Ops, xt: gs.Variable, n_feat: int, table: np.ndarray, batch: int) -> gs.Variable:
     """(N, B) -> (K·P, B): row k·P + j holds table[k, j] · x_j (x zero-padded to P), natural order.
 
@@ -321,10 +371,7 @@ def _table_embed(ops: _Ops, xt: gs.Variable, n_feat: int, table: np.ndarray, bat
     broadcast over the batch only.
     """
     k, p = table.shape
-    if p > n_feat:  # rows j >= N: any values, the table's zero there clears them
-        reps = -(-p // n_feat)
-        xt = ops.concat([xt] * reps, axis=0)
-        xt = ops.slice(xt, 0, p) if reps * n_feat > p else xt
+    xt = _pad_rows(ops, xt, n_feat, p)
     mult = table.copy()
     mult[:, n_feat:] = 0.0
     if k > 1:
@@ -341,35 +388,47 @@ def _portable(ops: _Ops, x: gs.Variable, spec: HeadSpec, batch: int) -> gs.Varia
 
     x̃ᵀ as (K·P, B) (a table) or (m, B), transformed on its lowest index bits with the outputs left in
     natural order, so contiguous class rows are one Slice and others one Gather (of rows of B floats).
+    Transforms of up to 2^_SMALL_MAX_BITS points run `_small_wht` instead (4 nodes per level, outputs
+    bit-reversed, always picked by the Gather).
     """
     xt = ops.transpose(x)  # (N, B)
-    if spec.table is not None:
-        table, rows = _kept_table(spec)
-        k, p = table.shape
-        y = _table_embed(ops, xt, spec.in_features, table, batch)  # (K·P, B)
+    table, rows = _kept_table(spec) if spec.table is not None else (None, spec.rows)
+    k, p = table.shape if table is not None else (1, spec.hadamard_size)
+    bits = p.bit_length() - 1
+    if bits <= _SMALL_MAX_BITS:  # bit-reversed, 4 nodes per level: the node count is what costs here
+        if table is not None:
+            y = _interleaved_table_embed(ops, xt, spec.in_features, table, batch)  # (P·K, B), row j·K + k
+        else:
+            y = _embed_fold_portable(ops, xt, spec, batch)  # (m, B)
+        y = ops.reshape(_small_wht(ops, y, p * k, bits), [k * p, batch])  # block k, row rev(j)
+        pos = (rows // p) * p + _bitrev(rows % p, bits)
     else:
-        k, p, rows = 1, spec.hadamard_size, spec.rows
-        y = _embed_fold_portable(ops, xt, spec, batch)  # (m, B)
-    y = ops.reshape(_natural_wht(ops, y, p * k, p.bit_length() - 1, batch), [k * p, batch])  # (K·P, B)
-    c = len(rows)
-    if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
-        return ops.transpose(ops.slice(y, int(rows[0]), int(rows[0]) + c))  # (C, B) -> (B, C)
-    z = ops.op1("Gather", [y, ops.const("rows", rows.astype(np.int32))], attrs={"axis": 0})  # (C, B)
+        if table is not None:
+            y = _table_embed(ops, xt, spec.in_features, table, batch)  # (K·P, B), row k·P + j
+        else:
+            y = _embed_fold_portable(ops, xt, spec, batch)  # (m, B)
+        y = ops.reshape(_natural_wht(ops, y, p * k, bits, batch), [k * p, batch])  # (K·P, B), natural order
+        c = len(rows)
+        if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
+            return ops.transpose(ops.slice(y, int(rows[0]), int(rows[0]) + c))  # (C, B) -> (B, C)
+        pos = rows
+    z = ops.op1("Gather", [y, ops.const("rows", pos.astype(np.int32))], attrs={"axis": 0})  # (C, B)
     return ops.transpose(z)  # (B, C)
 
 
 def portable_node_bound(spec: HeadSpec) -> int:
     """Upper bound on the portable head's node count: at most 5.5 per butterfly level plus 22.
 
-    L = log2(P) levels for a table of P-point blocks, log2(m) otherwise: 5 nodes per level (Reshape, Split,
-    Add, Sub, Concat) up to 6 levels, else 11 per pair of levels (+5 for an odd one out). The constant
+    L = log2(P) levels for a table of P-point blocks, log2(m) otherwise: 4 nodes per level (Split, Add,
+    Sub, Concat) up to 6 levels, else 11 per pair of levels (Reshape, Split, 8 Add/Sub, Concat; +5 for an
+    odd one out). The constant
     covers the norm and factor (6 nodes), the embedding (at most Concat, Slice, Reshape, Concat, Mul), the
     fold (Reshape, ReduceSum, Reshape), the pick (Transpose in, Reshape, Gather or Slice, Transpose out),
     the bias and a time axis's two Reshapes.
     """
     p = spec.table.shape[1] if spec.table is not None else spec.hadamard_size
     levels = p.bit_length() - 1
-    per_levels = 5 * levels if levels <= _SMALL_MAX_BITS else 11 * (levels // 2) + 5 * (levels % 2)
+    per_levels = 4 * levels if levels <= _SMALL_MAX_BITS else 11 * (levels // 2) + 5 * (levels % 2)
     return per_levels + 22
 
 

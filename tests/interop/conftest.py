@@ -55,7 +55,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # no
         return
     terminalreporter.section("interop results")
     for r in RESULTS:
-        diff = "" if r.get("max_abs_diff") is None else f" max|Δ| {r['max_abs_diff']:.2e}"
+        diff = "" if r.get("max_abs_diff") is None else (
+            f" max|Δ| {r['max_abs_diff']:.2e} (|ref| <= {r['max_abs_ref']:.3g}), top-1 {r['top1_agreement']:.0%}")
         terminalreporter.write_line(
             f"{r['tool']:<16} {r['case']:<15} {r['variant']:<11} {r['status']:<8}{diff} {r.get('note', '')}")
     report = os.environ.get("FYC_INTEROP_REPORT")

@@ -94,6 +94,7 @@ def _record(tool: str, case: str, variant: str, run: ToolRun | ToolFailed | None
         diffs = [float(np.abs(y - ref[: len(y)]).max()) for y in run.outputs.values()]
         top1 = min(float((y.argmax(1) == ref[: len(y)].argmax(1)).mean()) for y in run.outputs.values())
         entry |= {"status": "runs", "max_abs_diff": max(diffs), "top1_agreement": top1,
+                  "max_abs_ref": float(np.abs(ref).max()),
                   "note": "; ".join([note, *run.notes]).strip("; ")}
     RESULTS.append(entry)
 

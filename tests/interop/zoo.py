@@ -95,7 +95,6 @@ def _models(name: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
             converted = copy.deepcopy(original)
             head = HadamardHead(n_feat, c)  # the fresh default head (from_linear is slow at this size)
             with torch.no_grad():
-                head.scale.fill_(12.0)
                 head.bias.copy_(original.fc.bias)
             converted.fc = head
     return original.eval(), converted.eval(), x
