@@ -301,7 +301,8 @@ def _natural_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int, batch: int) 
         r = min(radix, levels - done)
         rows >>= r
         view = ops.reshape(y, [rows, -1 if width < 0 else (width << r)])
-        parts = ops.split(view, 1 << r, axis=1)  # parts[t]: the rows whose lowest r bits are t
+        # parts[t]: the rows whose lowest r bits are t; constant sizes when the batch is static
+        parts = ops.split(view, 1 << r, axis=1, sizes=None if width < 0 else [width] * (1 << r))
         for level in range(r):
             bit = 1 << level
             for t in range(1 << r):
@@ -331,7 +332,7 @@ def _small_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int) -> gs.Variable
     rev_L(k) of the final (2^L·R', W) view holds output k), which the Gather of the class rows absorbs.
     """
     for _ in range(levels):
-        top, bottom = ops.split(y, 2, axis=0)
+        top, bottom = ops.split(y, 2, axis=0, sizes=[rows // 2] * 2)  # constant sizes: what pnnx needs
         y = ops.concat([ops.op1("Add", [top, bottom]), ops.op1("Sub", [top, bottom])], axis=1)
         rows //= 2
     return y
@@ -383,18 +384,92 @@ def _table_embed(ops: _Ops, xt: gs.Variable, n_feat: int, table: np.ndarray, bat
     return ops.op1("Mul", [xt, ops.const("table", mult.reshape(k * p, 1).astype(ops.dtype))])
 
 
+def _major_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> gs.Variable:
+    """`levels` butterfly levels on the lowest index bits of a batch-major (B·R, 1) view, natural order.
+
+    The state is (B·R, Q): row b·R + r holds the remaining input bits r, column q the outputs done so far.
+    Each stage of r levels views it as (B·R/2^r, 2^r·Q), Splits the columns into 2^r pieces of Q (constant
+    sizes), runs the butterflies and Concats the results along the columns, so the stage's output bits
+    become the highest column bits: the outputs end in natural order, (B, R·Q) with no Transpose at all.
+    """
+    done, width = 0, 1
+    radix = 1 if levels <= _SMALL_MAX_BITS else _RADIX_BITS
+    while done < levels:
+        r = min(radix, levels - done)
+        rows >>= r
+        view = ops.reshape(y, [batch * rows if batch > 0 else -1, width << r])
+        parts = ops.split(view, 1 << r, axis=1, sizes=[width] * (1 << r))
+        for level in range(r):
+            bit = 1 << level
+            for t in range(1 << r):
+                if not t & bit:
+                    a, b = parts[t], parts[t | bit]
+                    parts[t], parts[t | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
+        y = ops.concat(parts, axis=1)
+        width <<= r
+        done += r
+    return y
+
+
+def _major_embed(ops: _Ops, x: gs.Variable, spec: HeadSpec, table: np.ndarray | None) -> gs.Variable:
+    """(B, N) -> (B, K·P) = concat_k table[k] ⊙ pad(x) (a table), or (B, m) = fold(embed(x)), batch-major."""
+    n_feat = spec.in_features
+    if table is not None:
+        k, p = table.shape
+        y = _pad_cols(ops, x, n_feat, p)
+        y = ops.concat([y] * k, axis=1)  # (B, K·P), column k·P + j
+        mult = table.copy()
+        mult[:, n_feat:] = 0.0
+        if k == 1 and p == n_feat and np.all(mult == 1.0):
+            return y
+        return ops.op1("Mul", [y, ops.const("table", mult.reshape(1, k * p).astype(ops.dtype))])
+    m, n = spec.hadamard_size, spec.embed_size
+    y = x
+    if n > n_feat:
+        y = _pad_cols(ops, x, n_feat, n)
+        signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)[None, :]  # (1, n)
+        y = ops.op1("Mul", [y, ops.const("signs", signs)])
+    width = n
+    while width > m:  # the fold, by halves: y_k = Σ_t x̃_{k + t·m}
+        left, right = ops.split(y, 2, axis=1, sizes=[width // 2, width // 2])
+        y, width = ops.op1("Add", [left, right]), width // 2
+    return y
+
+
+def _pad_cols(ops: _Ops, x: gs.Variable, n_feat: int, width: int) -> gs.Variable:
+    """(B, N) -> (B, width) by repeating x along the columns (cut to width)."""
+    if width <= n_feat:
+        return x
+    reps = -(-width // n_feat)
+    y = ops.concat([x] * reps, axis=1)
+    return ops.slice(y, 0, width, axis=1) if reps * n_feat > width else y
+
+
+# A static batch of up to _MAJOR_MAX_BATCH rows runs batch-major (`_major_wht`: no Transpose, and the
+# fewest copies per node at batch 1); larger and dynamic batches run batch-minor, where every Split/Concat
+# moves runs of at least B floats. Measured by benchmarks/head_onnx.py (see the README).
+_MAJOR_MAX_BATCH = 4
+
+
 def _portable(ops: _Ops, x: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variable:
     """(B, N) -> (B, C) raw outputs z[rows] (without scale and bias): the portable layout.
 
     x̃ᵀ as (K·P, B) (a table) or (m, B), transformed on its lowest index bits with the outputs left in
     natural order, so contiguous class rows are one Slice and others one Gather (of rows of B floats).
     Transforms of up to 2^_SMALL_MAX_BITS points run `_small_wht` instead (4 nodes per level, outputs
-    bit-reversed, always picked by the Gather).
+    bit-reversed, always picked by the Gather); a small static batch runs batch-major (`_major_wht`).
     """
-    xt = ops.transpose(x)  # (N, B)
     table, rows = _kept_table(spec) if spec.table is not None else (None, spec.rows)
     k, p = table.shape if table is not None else (1, spec.hadamard_size)
     bits = p.bit_length() - 1
+    if 0 < batch <= _MAJOR_MAX_BATCH and bits > _SMALL_MAX_BITS:
+        y = _major_embed(ops, x, spec, table)  # (B, K·P)
+        y = ops.reshape(_major_wht(ops, y, p * k, bits, batch), [batch, k * p])  # (B, K·P), natural order
+        c = len(rows)
+        if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
+            return ops.slice(y, int(rows[0]), int(rows[0]) + c, axis=1)  # (B, C)
+        return ops.op1("Gather", [y, ops.const("rows", rows.astype(np.int32))], attrs={"axis": 1})  # (B, C)
+    xt = ops.transpose(x)  # (N, B)
     if bits <= _SMALL_MAX_BITS:  # bit-reversed, 4 nodes per level: the node count is what costs here
         if table is not None:
             y = _interleaved_table_embed(ops, xt, spec.in_features, table, batch)  # (P·K, B), row j·K + k

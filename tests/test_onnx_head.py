@@ -407,9 +407,10 @@ def test_opset_forms(opset: int) -> None:
     spec = make_spec(342, 100, seed=1)
     model = head_model(spec, opset=opset)
     splits = [n for n in model.graph.node if n.op_type == "Split"]
-    # equal pieces: `num_outputs` from 18 on, no `split` input (equal pieces by definition) below
-    assert splits and all(len(n.input) == 1 for n in splits)
-    assert all(any(a.name == "num_outputs" for a in n.attribute) == (opset >= 18) for n in splits)
+    # equal pieces of a batch-dependent size: `num_outputs` from 18 on, no `split` input (equal pieces by
+    # definition) below; constant sizes (the first level of 342x100's transform) as the `split` input
+    dynamic = [n for n in splits if len(n.input) == 1]
+    assert dynamic and all(any(a.name == "num_outputs" for a in n.attribute) == (opset >= 18) for n in dynamic)
     assert model.ir_version == onnx.helper.find_min_ir_version_for(list(model.opset_import))
     x = np.random.default_rng(1).normal(size=(3, 342)).astype(np.float32)
     np.testing.assert_allclose(_run(model, x), reference_logits(spec, x), atol=1e-4, rtol=0)
@@ -429,3 +430,24 @@ def test_static_time_axis() -> None:
 def test_unknown_layout_is_refused() -> None:
     with pytest.raises(ExportError, match="head layout 'fast' is unknown"):
         head_model(make_spec(64, 10), layout="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("kind", ["contiguous", "shuffled", "fold", "pad", "table", "tiles"])
+def test_static_batch_paths_match_reference(kind: str, batch: int) -> None:
+    """Static batches of up to 4 run batch-major, larger ones batch-minor with constant Split sizes."""
+    spec, ref = {
+        "contiguous": (lambda: make_spec(342, 100, shuffled=False), reference_logits),
+        "shuffled": (lambda: make_spec(342, 100), reference_logits),
+        "fold": (lambda: make_spec(2048, 1000), reference_logits),
+        "pad": (lambda: make_spec(700, 300, embedding="pad"), reference_logits),
+        "table": (lambda: table_spec(100, 300, 3, 256, kind="integers", seed=1), table_reference),
+        "tiles": (lambda: _default_spec(128, 1000), table_reference),
+    }[kind]
+    spec = spec()
+    model = head_model(spec, static_batch=batch)
+    assert all(-1 not in shape for shape in _reshape_targets(model))
+    assert all(len(n.input) == 2 for n in model.graph.node if n.op_type == "Split")  # constant sizes (pnnx)
+    assert ("Transpose" in head_op_census(model)) == (batch > 4 or spec.hadamard_size <= 64)
+    x = np.random.default_rng(batch).normal(size=(batch, spec.in_features)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), ref(spec, x), atol=1e-4, rtol=1e-5)

@@ -36,6 +36,10 @@ SLOW_ORIGINALS = {
 # (pass_ncnn/convert_Tensor_select takes a scalar index): class rows that are not one contiguous run
 # (from_linear's assignment, i.e. the CLI's heads) cannot be picked in ncnn. Contiguous rows are a Slice.
 NCNN_GATHER = "ncnn has no gather layer; pnnx keeps one index of the class-row Gather"
+# Default static QDQ puts every butterfly level's Add/Sub output through int8 (a per-tensor scale): on the
+# synthetic 18,000- and 32,000-class heads, whose top-1 margins are below that rounding, top-1 flips.
+# The head holds no weights, so excluding its nodes costs nothing: "ort-int8-qdq-float-head" does that.
+QDQ_HEAD = "int8 QDQ rounds each of the head's 9-11 butterfly levels; exclude fyc_head/ nodes"
 _BUILT: dict[str, zoo.Case] = {}
 
 
@@ -137,10 +141,11 @@ def test_tool_keeps_the_converted_model_exact(tool: str, case_name: str, zoo_dir
             pytest.xfail(f"{NCNN_GATHER} ({str(e).splitlines()[0]})")
 
     if tool in QUANTIZERS:
-        if isinstance(original, ToolRun):  # as good as the quantized original, within one row of 16
-            assert _agreement(ours, ref_model) >= _agreement(original, ref_original) - 1 / len(x)
-        else:
-            assert _agreement(ours, ref_model) >= 0.9
+        want = _agreement(original, ref_original) - 1 / len(x) if isinstance(original, ToolRun) else 0.9
+        got = _agreement(ours, ref_model)
+        if got < want and tool == "ort-int8-qdq" and case_name.startswith("wide"):
+            pytest.xfail(f"{QDQ_HEAD} (top-1 {got:.0%} against {want + 1 / len(x):.0%} for the original)")
+        assert got >= want, f"top-1 agreement {got:.0%} below the quantized original's {want:.0%} (less one row)"
     else:
         _assert_parity(ours, ref_model, batches)
     if ours.onnx is not None:

@@ -135,57 +135,56 @@ def quant_dynamic_tool(model: Path, x: np.ndarray, batches: list[int], work: Pat
     return ToolRun(_ort(out, x, batches), onnx=out)
 
 
-def quant_static_tool(model: Path, x: np.ndarray, batches: list[int], work: Path) -> ToolRun:
+def quant_static_tool(model: Path, x: np.ndarray, batches: list[int], work: Path, *,
+                      float_head: bool = False) -> ToolRun:
+    """Static int8 QDQ with the real rows as calibration data; `float_head` excludes the fyc_head/ nodes
+    (they hold no weights, so int8 there only adds rounding at every butterfly level)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre, out = work / "pre.onnx", work / "int8_qdq.onnx"
     try:
         quant_pre_process(str(model), str(pre), skip_symbolic_shape=True)
-        name = onnx.load(str(pre), load_external_data=False).graph.input[0].name
-        quantize_static(str(pre), str(out), _Rows(name, x), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        graph = onnx.load(str(pre), load_external_data=False).graph
+        exclude = [n.name for n in graph.node if n.name.startswith("fyc_head/")] if float_head else []
+        quantize_static(str(pre), str(out), _Rows(graph.input[0].name, x), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
     except Exception as e:  # noqa: BLE001
         raise ToolFailed(f"quantize_static: {first_line(e)}") from e
     return ToolRun(_ort(out, x, batches), onnx=out)
 
 
 def pnnx_ncnn_tool(model: Path, x: np.ndarray, batches: list[int], work: Path) -> ToolRun:
-    """pnnx (ONNX -> ncnn param/bin, fp32 weights), then ncnn in fp32 one sample at a time.
-
-    ncnn has no batch axis: every batch size runs as that many single-sample extractions.
+    """pnnx (ONNX -> ncnn param/bin, fp32 weights), then ncnn in fp32 one sample at a time (workers/ncnn_run.py,
+    its own process: ncnn may crash on a graph it misreads). ncnn has no batch axis: every batch size runs
+    as that many single-sample extractions.
     """
-    import ncnn
-
     src = work / "model.onnx"
     src.write_bytes(model.read_bytes())
     shape = ",".join(str(d) for d in (1, *x.shape[1:]))
     pnnx = Path(sys.executable).with_name("pnnx")
     proc = subprocess.run([str(pnnx), str(src), f"inputshape=[{shape}]", "fp16=0"], cwd=work,
                           capture_output=True, text=True, timeout=900)
-    param, binary = work / "model.ncnn.param", work / "model.ncnn.bin"
+    param = work / "model.ncnn.param"
     if proc.returncode != 0 or not param.exists():
         lines = [s for s in (proc.stderr + proc.stdout).splitlines() if s.strip()]
         raise ToolFailed(f"pnnx exit {proc.returncode}: {lines[-1][:300] if lines else ''}")
-    net = ncnn.Net()
-    for opt in ("use_fp16_packed", "use_fp16_storage", "use_fp16_arithmetic", "use_bf16_storage"):
-        setattr(net.opt, opt, False)
-    net.opt.num_threads = 1
-    if net.load_param(str(param)) or net.load_model(str(binary)):
-        raise ToolFailed("ncnn cannot load the param/bin pnnx wrote")
+    run = _run_worker(sys.executable, "ncnn_run.py", param, x, batches, work)
+    run.notes.append("ncnn has no batch axis: batches run sample by sample")
+    return run
 
-    def run(b: np.ndarray) -> np.ndarray:
-        rows = []
-        for sample in b:
-            ex = net.create_extractor()
-            ex.input("in0", ncnn.Mat(np.ascontiguousarray(sample)).clone())
-            ret, out = ex.extract("out0")
-            if ret != 0:
-                raise ToolFailed(f"ncnn extract returned {ret}")
-            rows.append(np.array(out).reshape(-1))
-        return np.stack(rows)
 
-    return ToolRun(_chunks(run, x, batches), notes=["ncnn has no batch axis: batches run sample by sample"])
+def _run_worker(python: str, script: str, model: Path, x: np.ndarray, batches: list[int], work: Path) -> ToolRun:
+    rows, out = work / "rows.npz", work / "out.npz"
+    np.savez(rows, x=x)
+    proc = subprocess.run([python, str(WORKERS / script), str(model), str(rows), str(out),
+                           *(str(b) for b in batches)], capture_output=True, text=True, timeout=1200)
+    if proc.returncode != 0:
+        lines = [s for s in proc.stderr.splitlines() if s.strip()]
+        raise ToolFailed(lines[-1][:300] if lines else f"{script} exit {proc.returncode} (signal {-proc.returncode})"
+                         if proc.returncode < 0 else f"{script} exit {proc.returncode}")
+    with np.load(out) as data:
+        return ToolRun({b: data[f"out_{b}"] for b in batches})
 
 
 def _worker(python_env: str, default: Path, script: str) -> Callable[[Path, np.ndarray, list[int], Path], ToolRun]:
@@ -195,15 +194,7 @@ def _worker(python_env: str, default: Path, script: str) -> Callable[[Path, np.n
         python = os.environ.get(python_env) or str(default)
         if not Path(python).exists():
             raise FileNotFoundError(f"{python_env}: no python at {python}; run .ci/interop.sh to create it")
-        rows, out = work / "rows.npz", work / "out.npz"
-        np.savez(rows, x=x)
-        proc = subprocess.run([python, str(WORKERS / script), str(model), str(rows), str(out),
-                               *(str(b) for b in batches)], capture_output=True, text=True, timeout=1200)
-        if proc.returncode != 0:
-            lines = [s for s in proc.stderr.splitlines() if s.strip()]
-            raise ToolFailed(lines[-1] if lines else f"{script} exit {proc.returncode}")
-        with np.load(out) as data:
-            return ToolRun({b: data[f"out_{b}"] for b in batches})
+        return _run_worker(python, script, model, x, batches, work)
 
     return run
 
@@ -218,8 +209,10 @@ TOOLS: dict[str, Callable[[Path, np.ndarray, list[int], Path], ToolRun]] = {
     "onnxsim": onnxsim_tool,
     "ort-int8-dynamic": quant_dynamic_tool,
     "ort-int8-qdq": quant_static_tool,
+    "ort-int8-qdq-float-head": lambda model, x, batches, work: quant_static_tool(model, x, batches, work,
+                                                                                float_head=True),
     "onnx2tf-litert": onnx2tf_litert_tool,
     "pnnx-ncnn": pnnx_ncnn_tool,
     "onnx2torch": onnx2torch_tool,
 }
-QUANTIZERS = ("ort-int8-dynamic", "ort-int8-qdq")
+QUANTIZERS = ("ort-int8-dynamic", "ort-int8-qdq", "ort-int8-qdq-float-head")
