@@ -24,7 +24,8 @@ make_venv() {  # make_venv NAME LOCKFILE: a venv from a pip freeze, rebuilt when
   fi
   rm -rf "$dir"
   python3 -m venv "$dir"
-  "$dir/bin/pip" install -q -r "$lock"
+  # the machine's local package indexes make pip warn about every package they lack: not our news
+  "$dir/bin/pip" install -q -r "$lock" 2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
   cp "$lock" "$dir/.lock"
   echo "interop: built $dir ($(( $(date +%s) - start )) s so far)"
 }
