@@ -16,6 +16,7 @@ AVX-512 bf16, which is not the float32 model). Targets (issue 11) are checked pe
   in onnxruntime.
 
     python benchmarks/head_onnx.py [--repeats 100] [--case 2048x18000] [--no-models] [--no-fresh] [--runtime ort|ov]
+                                   [--static]
 """
 
 from __future__ import annotations
@@ -76,10 +77,14 @@ def _verdict(name: str, n_c: int, batch: int, runtime: str, base_us: float, ours
 
 
 def _row(label: str, n_c: int, runtime: str, models: dict[str, object], inputs: dict[int, np.ndarray],
-         repeats: int) -> None:
+         repeats: int, static: dict[int, object] | None = None) -> None:
+    """One line per batch; `static` (batch -> model) replaces the portable model by its static-batch export."""
     for batch in BATCHES:
         x = inputs[batch]
-        runners = _runners(models, runtime, x.shape)
+        row = dict(models)
+        if static is not None:
+            row["portable"] = static[batch]
+        runners = _runners(row, runtime, x.shape)
         times = compare_latency(list(runners.values()), x, repeats=repeats, warmup=5)
         base, ours, before = (1000 * t for t in times)
         print(f"{label:<26} {runtime:>3} {batch:>5} {base:>11.1f} {ours:>11.1f} {base / ours:>6.2f}x "
@@ -94,13 +99,16 @@ def main() -> None:
     parser.add_argument("--no-models", action="store_true", help="skip the sample heads and whole models")
     parser.add_argument("--no-fresh", action="store_true", help="skip the fresh HadamardHead(N, C) rows")
     parser.add_argument("--runtime", action="append", choices=["ort", "ov"], help="default: both")
+    parser.add_argument("--static", action="store_true",
+                        help="time the portable head as exported with --static-batch (each row's batch)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     runtimes = args.runtime or ["ort", "ov"]
     fresh = [tuple(int(v) for v in c.split("x")) for c in args.case] if args.case else FRESH
     fresh = [] if args.no_fresh else fresh
     print(f"load average {os.getloadavg()[0]:.2f}; medians of {args.repeats}; us; ratio = baseline / ours "
-          "(> 1: ours faster); 'before' = the batch-switched layout")
+          "(> 1: ours faster); 'before' = the batch-switched layout"
+          + ("; portable = the static-batch export" if args.static else ""))
     print(f"{'head or model':<26} {'rt':>3} {'batch':>5} {'baseline us':>11} {'portable us':>11} {'ratio':>7} "
           f"{'before us':>11} {'ratio':>7} {'met':>4}")
     rng = np.random.default_rng(0)
@@ -114,8 +122,9 @@ def main() -> None:
             heads = {"gemm": gemm_head_model(lin.weight.detach().numpy(), lin.bias.detach().numpy()),
                      **{k: head_model(spec, layout=k) for k in LAYOUTS}}
             feats = {b: rng.standard_normal((b, n_feat)).astype(np.float32) for b in BATCHES}
+            static = {b: head_model(spec, static_batch=b) for b in BATCHES} if args.static else None
             for runtime in runtimes:
-                _row(f"{n_feat}x{c} {name} head (cli)", n_feat * c, runtime, heads, feats, args.repeats)
+                _row(f"{n_feat}x{c} {name} head (cli)", n_feat * c, runtime, heads, feats, args.repeats, static)
             converted = copy.deepcopy(model)
             converted.fc = head
             with tempfile.TemporaryDirectory() as tmp:
@@ -138,8 +147,9 @@ def main() -> None:
                  **{k: head_model(spec, layout=k) for k in LAYOUTS}}
         feats = {b: rng.standard_normal((b, n_feat)).astype(np.float32) for b in BATCHES}
         repeats = args.repeats if n_feat * c < 5_000_000 else max(20, args.repeats // 4)
+        static = {b: head_model(spec, static_batch=b) for b in BATCHES} if args.static else None
         for runtime in runtimes:
-            _row(f"{n_feat}x{c} head (fresh)", n_feat * c, runtime, heads, feats, repeats)
+            _row(f"{n_feat}x{c} head (fresh)", n_feat * c, runtime, heads, feats, repeats, static)
     print(f"load average {os.getloadavg()[0]:.2f}")
 
 
