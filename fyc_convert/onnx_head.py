@@ -270,7 +270,9 @@ def _embed_fold_portable(ops: _Ops, xt: gs.Variable, spec: HeadSpec, batch: int)
     y = xt
     if n > n_feat:
         reps = -(-n // n_feat)
-        y = ops.concat([xt] * reps, axis=0)
+        # a no-op Reshape first: onnxruntime would otherwise move the Transpose that made `xt` below the
+        # Concat and transpose the n-row result instead of the N-row input
+        y = ops.concat([ops.reshape(xt, [n_feat, batch])] * reps, axis=0)
         y = ops.slice(y, 0, n) if reps * n_feat > n else y
         signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)[:, None]  # (n, 1)
         y = ops.op1("Mul", [y, ops.const("signs", signs)])
