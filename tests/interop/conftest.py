@@ -14,14 +14,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-import zoo  # noqa: E402
 
 RESULTS: list[dict] = []  # one entry per (tool, case, variant): what the report and the summary show
 
@@ -45,12 +40,7 @@ def zoo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(folder) if folder else tmp_path_factory.mktemp("interop")
 
 
-@pytest.fixture(scope="session")
-def cases(zoo_dir: Path) -> dict[str, zoo.Case]:
-    return {}
-
-
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001 - pytest hook
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     if not RESULTS:
         return
     terminalreporter.section("interop results")

@@ -58,7 +58,7 @@ def _ort(model: Path | str, x: np.ndarray, batches: list[int]) -> dict[int, np.n
         return _chunks(lambda b: sess.run(None, {name: b})[0], x, batches)
     except ToolFailed:
         raise
-    except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
+    except Exception as e:
         raise ToolFailed(f"onnxruntime: {first_line(e)}") from e
 
 
@@ -83,7 +83,7 @@ def openvino_tool(model: Path, x: np.ndarray, batches: list[int], work: Path) ->
         return ToolRun(_chunks(run, x, batches))
     except ToolFailed:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ToolFailed(f"openvino: {first_line(e)}") from e
 
 
@@ -93,7 +93,7 @@ def onnxslim_tool(model: Path, x: np.ndarray, batches: list[int], work: Path) ->
     out = work / "slim.onnx"
     try:
         onnxslim.slim(str(model), str(out))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ToolFailed(f"onnxslim: {first_line(e)}") from e
     return ToolRun(_ort(out, x, batches), onnx=out)
 
@@ -109,7 +109,7 @@ def onnxsim_tool(model: Path, x: np.ndarray, batches: list[int], work: Path) -> 
         onnx.save(simplified, str(out))
     except ToolFailed:
         raise
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ToolFailed(f"onnxsim: {first_line(e)}") from e
     return ToolRun(_ort(out, x, batches), onnx=out)
 
@@ -130,7 +130,7 @@ def quant_dynamic_tool(model: Path, x: np.ndarray, batches: list[int], work: Pat
     out = work / "int8_dynamic.onnx"
     try:
         quantize_dynamic(str(model), str(out), weight_type=QuantType.QInt8)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ToolFailed(f"quantize_dynamic: {first_line(e)}") from e
     return ToolRun(_ort(out, x, batches), onnx=out)
 
@@ -149,7 +149,7 @@ def quant_static_tool(model: Path, x: np.ndarray, batches: list[int], work: Path
         exclude = [n.name for n in graph.node if n.name.startswith("fyc_head/")] if float_head else []
         quantize_static(str(pre), str(out), _Rows(graph.input[0].name, x), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ToolFailed(f"quantize_static: {first_line(e)}") from e
     return ToolRun(_ort(out, x, batches), onnx=out)
 
@@ -164,7 +164,7 @@ def pnnx_ncnn_tool(model: Path, x: np.ndarray, batches: list[int], work: Path) -
     shape = ",".join(str(d) for d in (1, *x.shape[1:]))
     pnnx = Path(sys.executable).with_name("pnnx")
     proc = subprocess.run([str(pnnx), str(src), f"inputshape=[{shape}]", "fp16=0"], cwd=work,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, check=False)
     param = work / "model.ncnn.param"
     if proc.returncode != 0 or not param.exists():
         lines = [s for s in (proc.stderr + proc.stdout).splitlines() if s.strip()]
@@ -178,7 +178,8 @@ def _run_worker(python: str, script: str, model: Path, x: np.ndarray, batches: l
     rows, out = work / "rows.npz", work / "out.npz"
     np.savez(rows, x=x)
     proc = subprocess.run([python, str(WORKERS / script), str(model), str(rows), str(out),
-                           *(str(b) for b in batches)], capture_output=True, text=True, timeout=1200)
+                           *(str(b) for b in batches)], capture_output=True, text=True, timeout=1200,
+                          check=False)
     if proc.returncode != 0:
         lines = [s for s in proc.stderr.splitlines() if s.strip()]
         raise ToolFailed(lines[-1][:300] if lines else f"{script} exit {proc.returncode} (signal {-proc.returncode})"
