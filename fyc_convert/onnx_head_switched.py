@@ -17,6 +17,7 @@ benchmarks/head_onnx.py (numbers in the README).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -106,7 +107,7 @@ def _bit_groups(lo: int, hi: int, max_bits: int) -> list[tuple[int, int]]:
     """Split bits [lo, hi) into groups of at most `max_bits`, as even as possible."""
     count = -(-(hi - lo) // max_bits)
     edges = [lo + round(i * (hi - lo) / count) for i in range(count + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(itertools.pairwise(edges))
 
 
 def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
