@@ -11,35 +11,26 @@ parameter (``out.backward(g)`` with a fixed random g).
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fyc_convert.bench import interleaved_medians
 from fyc_convert.heads import HadamardHead
 
 CASES = [(512, 10), (2048, 1000), (2048, 18000), (512, 32000)]
 BATCHES = [1, 64]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _interleaved_medians(fns: list[Callable[[], None]], *, repeats: int, device: torch.device) -> list[float]:
-    """Median seconds per call of each fn, calling them round-robin (after two warm-up rounds)."""
-    times: list[list[float]] = [[] for _ in fns]
-    for rep in range(repeats + 2):
-        for i, fn in enumerate(fns):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            if rep >= 2:
-                times[i].append(time.perf_counter() - t0)
-    return [sorted(t)[len(t) // 2] for t in times]
+    """Median seconds per call of each fn, round-robin after two warm-up rounds (`bench`'s one timer)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    return interleaved_medians(fns, repeats=repeats, warmup=2, sync=sync)
 
 
 def _forward(module: nn.Module, x: torch.Tensor) -> Callable[[], None]:

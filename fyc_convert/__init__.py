@@ -31,7 +31,26 @@ _EXPORTS = {
     "load_converted": "fyc_convert.weights",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CheckpointError",
+    "ClassifierNotFoundError",
+    "ConvertOptions",
+    "DataError",
+    "ExportError",
+    "FycError",
+    "HadamardHead",
+    "HeadError",
+    "OptionsError",
+    "OrthogonalHead",
+    "Report",
+    "TrainingError",
+    "VerificationError",
+    "convert",
+    "cosine_loss",
+    "fwht",
+    "load_converted",
+]
+assert sorted(__all__) == sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from fyc_convert.errors import (

@@ -4,7 +4,7 @@ How: the head module is temporarily replaced by a placeholder that the (TorchScr
 one marker node `fyc::HeadMarker`; onnx-graphsurgeon then replaces that node by the butterfly subgraph
 from `fyc_convert.onnx_head.build_head` under the `fyc_head/` scope
 (import -> edit -> cleanup().toposort() -> export). No generic simplifier or constant folding runs on the
-result, so the head keeps its compact constants; `check_head_static` re-checks it after the edit.
+result, so the head keeps its compact constants; `onnx_head.check_head_static` re-checks it after the edit.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import base64
 import copy
 import os
 import shutil
-import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,13 +28,25 @@ import torch
 from torch import nn
 
 from fyc_convert.errors import ExportError, describe
+from fyc_convert.files import temp_dir
+from fyc_convert.onnx_head import (
+    DEFAULT_OPSET,
+    HEAD_LAYOUTS,
+    HEAD_PREFIX,
+    MIN_OPSET,
+    HeadLayout,
+    HeadSpec,
+    _Ops,
+    build_head,
+    check_head_static,
+    head_op_census,
+)
 from fyc_convert.surgery import eval_mode, logits_of
 
-DEFAULT_OPSET = 18
-MIN_OPSET = 18  # the head builder uses opset-18 forms (Split num_outputs, Reduce* axes as an input)
+# DEFAULT_OPSET (17: the most converters take it) and MIN_OPSET (13: ReduceSum's axes input) come from the
+# head builder, which emits the right forms for every opset from 13 on; torch's exporter covers them all.
 MAX_OPSET = 20  # the newest opset torch.onnx's TorchScript-based exporter writes
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of weights; protobuf cannot serialise a model over 2 GiB
-HEAD_PREFIX = "fyc_head/"
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_AXIS = "batch_size"
@@ -92,11 +104,11 @@ class _Placeholder(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.calls = 0
-        self.feature_rank = 0
+        self.feature_shape: tuple[int, ...] = ()  # the features' shape without the batch, e.g. (N,) or (T, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        self.feature_rank = x.dim()
+        self.feature_shape = tuple(int(d) for d in x.shape[1:])
         return _HeadMarker.apply(x, self.num_classes)
 
 
@@ -197,7 +209,8 @@ def _manifest(head: nn.Module | None, kind: str, layer: str | None) -> dict[str,
     return manifest
 
 
-def _trace(module: nn.Module, sample: torch.Tensor, onnx_path: Path, *, opset: int, marker: bool) -> None:
+def _trace(module: nn.Module, sample: torch.Tensor, onnx_path: Path, *, opset: int, marker: bool,
+           dynamic: bool) -> None:
     """Export `module` with the TorchScript exporter (fast, and it honours the marker's `symbolic`)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
@@ -209,7 +222,7 @@ def _trace(module: nn.Module, sample: torch.Tensor, onnx_path: Path, *, opset: i
             opset_version=opset,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}},
+            dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}} if dynamic else None,
             custom_opsets={_MARKER_DOMAIN: 1} if marker else None,
             do_constant_folding=True,  # folds the backbone only: the head is a single opaque marker here
         )
@@ -230,35 +243,22 @@ def _rewire(graph: gs.Graph, old: gs.Variable, new: gs.Variable) -> None:
             graph.outputs[i] = new
 
 
-def _node(graph: gs.Graph, name: str, op: str, inputs: list, *, dtype: type = np.float32, **attrs) -> gs.Variable:
-    """Add one node named `fyc_head/<name>` with one output; returns that output."""
-    out = gs.Variable(f"{HEAD_PREFIX}{name}_out", dtype=dtype)
-    graph.nodes.append(gs.Node(op=op, name=f"{HEAD_PREFIX}{name}", attrs=attrs, inputs=inputs, outputs=[out]))
-    return out
-
-
-def _const(name: str, values, dtype: type = np.float32) -> gs.Constant:
-    return gs.Constant(f"{HEAD_PREFIX}{name}", np.ascontiguousarray(np.asarray(values, dtype=dtype)))
-
-
-def _dense_head(graph: gs.Graph, feats: gs.Variable, head: nn.Module) -> gs.Variable:
+def _dense_head(ops: _Ops, feats: gs.Variable, head: nn.Module) -> gs.Variable:
     """OrthogonalHead: logits = α/(‖x‖+eps) · x Qᵀ + b, with Q (C, N) as one constant (no fast transform)."""
     q = head.class_vectors().detach().to("cpu", torch.float32).numpy()  # (C, N)
-    sumsq = _node(graph, "sumsq", "ReduceSum", [_node(graph, "square", "Mul", [feats, feats]),
-                                                 _const("axes", [-1], np.int64)], keepdims=1)  # (B, 1)
-    norm = _node(graph, "add_eps", "Add", [_node(graph, "sqrt", "Sqrt", [sumsq]), _const("eps", [head.eps])])
-    factor = _node(graph, "factor", "Div", [_const("scale", [float(head.scale.detach())]), norm])  # (B, 1)
-    z = _node(graph, "matmul", "MatMul", [feats, _const("weight_t", q.T)])  # (B, C)
-    logits = _node(graph, "mul_factor", "Mul", [z, factor])
+    sumsq = ops.reduce_sum(ops.op1("Mul", [feats, feats]), [-1], keepdims=1)  # (B, 1)
+    norm = ops.op1("Add", [ops.op1("Sqrt", [sumsq]), ops.const("eps", np.asarray([head.eps], np.float32))])
+    factor = ops.op1("Div", [ops.const("scale", np.asarray([float(head.scale.detach())], np.float32)), norm])
+    z = ops.op1("MatMul", [feats, ops.const("weight_t", q.T)])  # (B, C)
+    logits = ops.op1("Mul", [z, factor])
     if head.bias is not None:
-        logits = _node(graph, "add_bias", "Add", [logits, _const("bias", head.bias.detach().cpu().float().numpy())])
+        logits = ops.op1("Add", [logits, ops.const("bias", head.bias.detach().cpu().float().numpy())])
     return logits
 
 
-def _splice_head(graph: gs.Graph, head: nn.Module, kind: str, *, half: bool, feature_rank: int) -> None:
+def _splice_head(graph: gs.Graph, head: nn.Module, kind: str, *, half: bool, feature_shape: tuple[int, ...],
+                 layout: HeadLayout, static_batch: int | None) -> None:
     """Replace the marker node by the head subgraph, in float32 (cast in and out around an fp16 backbone)."""
-    from fyc_convert.onnx_head import HeadSpec, build_head
-
     markers = [n for n in graph.nodes if n.op == _MARKER_OP and n.domain == _MARKER_DOMAIN]
     if len(markers) != 1:  # 0: the head's output was not part of the exported logits
         raise ExportError(
@@ -269,21 +269,18 @@ def _splice_head(graph: gs.Graph, head: nn.Module, kind: str, *, half: bool, fea
     feats, out = marker.inputs[0], marker.outputs[0]
     marker.inputs.clear()
     marker.outputs.clear()
-    n_in, n_cls = head.in_features, head.num_classes
+    # the casts' own scope under the head's: build_head's nodes count their names from zero as well
+    ops = _Ops(graph, HEAD_PREFIX if kind != "hadamard" else f"{HEAD_PREFIX}io/", np.float32)
     if half:
-        feats = _node(graph, "cast_in", "Cast", [feats], to=onnx.TensorProto.FLOAT)
-    leading = None
-    if feature_rank != 2:  # (..., N) -> (B', N); the head builders take a matrix
-        leading = _node(graph, "leading_shape", "Shape", [feats], dtype=np.int64, start=0, end=-1)
-        feats = _node(graph, "flatten", "Reshape", [feats, _const("flat_shape", [-1, n_in], np.int64)])
+        feats = ops.op1("Cast", [feats], attrs={"to": onnx.TensorProto.FLOAT}, name="cast_in")
     if kind == "hadamard":
-        logits = build_head(graph, feats, HeadSpec.from_module(head), prefix=HEAD_PREFIX, dtype=np.float32)
+        logits = build_head(graph, feats, HeadSpec.from_module(head), prefix=HEAD_PREFIX, dtype=np.float32,
+                            layout=layout, static_batch=static_batch, feature_shape=feature_shape)
     else:
-        logits = _dense_head(graph, feats, head)
-    if leading is not None:  # (B', C) -> (..., C)
-        shape = _node(graph, "out_shape", "Concat", [leading, _const("classes", [n_cls], np.int64)], dtype=np.int64,
-                      axis=0)
-        logits = _node(graph, "unflatten", "Reshape", [logits, shape])
+        flat = ops.reshape(feats, [-1, head.in_features]) if len(feature_shape) > 1 else feats
+        logits = _dense_head(ops, flat, head)
+        if len(feature_shape) > 1:  # (B', C) -> (B, *lead, C), the lead axes as traced
+            logits = ops.reshape(logits, [-1, *feature_shape[:-1], head.num_classes])
     logits.dtype = np.float32
     if half:
         # Consumers that cast straight back to float32 (the output boundary) read the float32 logits.
@@ -292,7 +289,8 @@ def _splice_head(graph: gs.Graph, head: nn.Module, kind: str, *, half: bool, fea
                 _rewire(graph, node.outputs[0], logits)
                 node.inputs.clear()
         if out.outputs or any(o is out for o in graph.outputs):
-            logits = _node(graph, "cast_out", "Cast", [logits], dtype=np.float16, to=onnx.TensorProto.FLOAT16)
+            logits = ops.op1("Cast", [logits], attrs={"to": onnx.TensorProto.FLOAT16}, dtype=np.float16,
+                             name="cast_out")
             _rewire(graph, out, logits)
     else:
         _rewire(graph, out, logits)
@@ -325,16 +323,30 @@ def _weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def external_data_files(path: Path) -> set[str]:
+    """Names of the external data files the ONNX model at `path` reads (empty when none or unreadable)."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a damaged old file just has no data files we know of
+        return set()
+    return {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
+
+
 def _save(model: onnx.ModelProto, path: Path, work: Path, *, external_threshold: int) -> Path | None:
-    """Save into `work` (a temp folder next to `path`), check, then move into place; returns the .data path."""
-    data_path = path.with_name(f"{path.name}.data")
+    """Save into `work` (a temp folder next to `path`), check, then move into place; returns the .data path.
+
+    The weights file gets a fresh name (`<stem>.<token>.onnx.data`) so that one rename switches `path` from
+    the old complete model (with its old data file) to the new complete one; the old data file is removed
+    only after the switch. No reader ever sees a model next to a data file that is not its own.
+    """
     tmp_model = work / path.name
     external = _weight_bytes(model) > external_threshold
-    if external:
-        # Written fresh inside `work`, so an old .data next to `path` is replaced, never appended to.
+    data_name = f"{path.stem}.{uuid.uuid4().hex[:8]}.onnx.data" if external else None
+    if data_name is not None:
+        # Written fresh inside `work`: never appended to an old file.
         onnx.save_model(
             model, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-            location=data_path.name, size_threshold=1024,
+            location=data_name, size_threshold=1024,
         )
     else:
         onnx.save_model(model, tmp_model)
@@ -342,12 +354,14 @@ def _save(model: onnx.ModelProto, path: Path, work: Path, *, external_threshold:
         onnx.checker.check_model(str(tmp_model))
     except onnx.checker.ValidationError as e:
         raise ExportError(f"exported graph failed onnx.checker ({describe(e)}); try another --opset") from e
-    if external:
-        os.replace(work / data_path.name, data_path)
-    os.replace(tmp_model, path)
-    if not external:
-        data_path.unlink(missing_ok=True)  # a stale .data from an earlier, larger export
-    return data_path if external else None
+    old = external_data_files(path) | {f"{path.name}.data"} if path.exists() else {f"{path.name}.data"}
+    if data_name is not None:
+        os.replace(work / data_name, path.with_name(data_name))  # a new name: nothing reads it yet
+    os.replace(tmp_model, path)  # the switch
+    for stale in old - {data_name}:
+        if "/" not in stale and stale != path.name:
+            path.with_name(stale).unlink(missing_ok=True)
+    return path.with_name(data_name) if data_name is not None else None
 
 
 def export_onnx(
@@ -360,6 +374,8 @@ def export_onnx(
     head_layer: str | None = None,
     metadata: dict[str, str] | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    head_layout: HeadLayout = "portable",
+    static_batch: int | None = None,
 ) -> ExportResult:
     """Export `model` to ONNX with a dynamic batch axis `batch_size`, the head as an add/sub subgraph.
 
@@ -370,7 +386,7 @@ def export_onnx(
         model: the PyTorch model (converted or original); it is not modified.
         path: the .onnx file to write.
         input_shape: shape of one sample, without the batch axis, e.g. (3, 224, 224).
-        opset: ONNX opset (>= 18).
+        opset: ONNX opset (>= 13; default 17, which onnx2torch, ncnn/pnnx and older runtimes take).
         dtype: "fp32", or "fp16" for a half-precision backbone with float32 inputs and outputs
             (the head itself runs in float32).
         head_layer: dotted name of the swapped HadamardHead / OrthogonalHead; None exports the model as is.
@@ -378,7 +394,13 @@ def export_onnx(
             fyc_convert.head ("hadamard", "orthogonal" or "original"), .layer, .in_features, .num_classes,
             .seed, and for a Hadamard head .hadamard_size, .embed_size, .embedding and .rows
             (`compact_rows`; `parse_rows` reads it back).
-        external_data_threshold: weights above this many bytes go to `<path>.data` next to the model.
+        external_data_threshold: weights above this many bytes go to `<stem>.<token>.onnx.data` next to the
+            model (a fresh name per export, see `ExportResult.external_data`).
+        head_layout: "portable" (the default: no If or Shape, static reshapes, ops every edge converter
+            takes) or "batch-switched" (an If on the batch size picks a cache-blocked branch from 16
+            samples on; faster for large heads at large batches in onnxruntime, not portable).
+        static_batch: Export with this fixed batch size in the whole graph (input, head, output) instead of
+            the dynamic axis `batch_size`; what many edge compilers and NPUs want.
 
     Returns:
         ExportResult with sizes, the head op census and the node count.
@@ -386,11 +408,13 @@ def export_onnx(
     Raises:
         ExportError: the model cannot be traced or exported, or the head subgraph is not slim.
     """
-    from fyc_convert.onnx_head import head_op_census
-
     path = Path(path)
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old for the head subgraph; pass --opset {MIN_OPSET} or newer")
+    if head_layout not in HEAD_LAYOUTS:
+        raise ExportError(f"head layout {head_layout!r} is unknown; pass one of {', '.join(HEAD_LAYOUTS)}")
+    if static_batch is not None and (not isinstance(static_batch, int) or static_batch < 1):
+        raise ExportError(f"static batch must be a positive integer, got {static_batch!r}; pass e.g. 1")
     if dtype not in ("fp32", "fp16"):
         raise ExportError(f"dtype {dtype!r} is not supported; pass fp32 or fp16")
     if not path.parent.is_dir():
@@ -398,7 +422,8 @@ def export_onnx(
     half = dtype == "fp16"
     param = next(model.parameters(), None)
     # batch 2: a batch of 1 can hide batch-dependent reshapes; a private generator leaves the global RNG alone
-    sample = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    batch = 2 if static_batch is None else static_batch
+    sample = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
     sample = sample.to(param.device if param is not None else "cpu")
 
     try:
@@ -409,19 +434,18 @@ def export_onnx(
 
     net = copy.deepcopy(model).half() if half else model  # never change the caller's model
     placeholder = _Placeholder(head.num_classes) if head is not None else None
-    try:
-        work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    except OSError as e:
-        raise ExportError(f"cannot write into {path.parent} ({e.strerror}); choose a writable output folder") from e
+    work = temp_dir(path.parent, path.name)  # OutputError when the folder is not writable
     try:
         traced = work / "traced.onnx"
         try:
             with eval_mode(net):
                 if placeholder is not None:
                     with _swapped(net, head_layer, placeholder):
-                        _trace(_LogitsOnly(net, half=half), sample, traced, opset=opset, marker=True)
+                        _trace(_LogitsOnly(net, half=half), sample, traced, opset=opset, marker=True,
+                               dynamic=static_batch is None)
                 else:
-                    _trace(_LogitsOnly(net, half=half), sample, traced, opset=opset, marker=False)
+                    _trace(_LogitsOnly(net, half=half), sample, traced, opset=opset, marker=False,
+                           dynamic=static_batch is None)
         except ExportError:
             raise
         except Exception as e:  # the exporter raises many types; the user needs one line
@@ -435,12 +459,14 @@ def export_onnx(
             )
         graph = gs.import_onnx(onnx.load(str(traced)))
         if head is not None:
-            _splice_head(graph, head, kind, half=half, feature_rank=placeholder.feature_rank)
-        proto = _finish(graph, opset=opset, metadata={**(metadata or {}), **_manifest(head, kind, head_layer)})
+            _splice_head(graph, head, kind, half=half, feature_shape=placeholder.feature_shape,
+                         layout=head_layout, static_batch=static_batch)
+        manifest = _manifest(head, kind, head_layer)
+        if kind == "hadamard":
+            manifest["fyc_convert.head_layout"] = head_layout
+        proto = _finish(graph, opset=opset, metadata={**(metadata or {}), **manifest})
         head_ops = head_op_census(proto, HEAD_PREFIX) if head is not None else {}
         if kind == "hadamard":
-            from fyc_convert.verify import check_head_static
-
             check_head_static(proto, num_classes=head.num_classes, embed_size=head.embed_size, prefix=HEAD_PREFIX)
         node_count = len(proto.graph.node)
         external = _save(proto, path, work, external_threshold=external_data_threshold)

@@ -1,41 +1,31 @@
-"""The Hadamard head as an ONNX subgraph of add/sub butterflies (no MatMul, Gemm or Conv).
+"""The Hadamard head as an ONNX subgraph of add/sub butterflies (no MatMul, Gemm or Conv), and its checks.
 
-Math (docs/design.md): ``logits = scale / (‖x‖ + eps) · (H_m · fold(embed(x)))[rows] + bias``. The
-normalisation and α are one per-sample factor α / (‖x‖ + eps), applied to whichever of the N inputs and
+Math (docs/design.md): ``logits = scale / (‖x‖ + eps) · (H_m · fold(embed(x)))[rows] + bias``, or with a
+block table (K, P): ``logits = scale / (‖x‖ + eps) · (concat_k H_P(table[k] ⊙ pad(x)))[rows] + bias``.
+The normalisation and α are one per-sample factor α / (‖x‖ + eps), applied to whichever of the N inputs and
 the C outputs is smaller (the map is linear in x, so both orders give the same function).
-The only multiplies are x·x for the norm, that one by the factor, and the embedding's one: the ±1 sign
-flip of "tile", or, when x̃ is whole copies of x, the integer table that also does the top levels.
 
-Layout decides onnxruntime speed (benchmarks/head_onnx.py measures it against the Gemm head):
+Two layouts (`build_head(..., layout=...)`):
 
-- whole copies (N a power of two, n = m = T·N; the default sizing whenever C >= N and N does not fold):
-  H_m = H_T ⊗ H_N, so the sign flip and the top log2(T) butterfly levels are one Mul of x by the table
-  H_T·S (S the T×N signs; only the K tiles holding class rows are kept, K·N <= n entries), then K
-  independent N-point transforms run side by side on an (N, B, K) layout (one Transpose from natural
-  order). From 16 samples on (one If on the batch size) the K transforms run in chunks of about 2048
-  points, so that each chunk's butterflies stay in the L2 cache; below that, fewer and larger nodes
-  win. See `_tiled`;
-- otherwise the norm and the fold (one ReduceSum over a (B, n/m, m) view) run on (B, ·) rows; everything
-  after runs batch-minor, on (·, B), so that every Split/Concat/Gather moves runs of (multiples of) B
-  floats and the Transposes of a batch are cheap;
-- the "tile" embedding is log2(n/N) doubling Concats of x and one Mul by the ±1 signs (n elements); "pad"
-  is one Pad;
-- transforms of ≤ 64 points run radix-2 Split/Add/Sub/Concat stages (node count is all that matters
-  there), those of ≤ 4096 points radix-4 stages, all in natural order (their Split/Concat runs of
-  2^bit·B floats are long enough); larger ones view the index as (hi, lo) bit halves, run radix-4 stages
-  (radix-8 from 8192 points) on the high bits, so that every Split/Concat moves runs of ≥ 2^|lo|·B floats
-  rather than the 1–4 floats of the lowest bits, transpose once so that the low bits become the high
-  ones, and run their stages the same way. From 16 samples on, unfolded transforms of ≥ 8192 points
-  instead run their top levels across blocks of 2048 points and then each block while in cache (`_general`);
-- contiguous class rows (the default) are one Transpose back to natural order and one Slice; other rows
-  are one Gather (of rows of B floats) at their transposed positions; one Transpose gives (B, C).
+- "portable" (the default): only ops, and forms of ops, that the edge converters handle (onnx2tf/LiteRT,
+  pnnx/ncnn, onnx2torch, OpenVINO, the simplifiers and onnxruntime's quantizer): Transpose, Concat,
+  static Reshape (at most one -1, the batch), Split/Slice with constant sizes, Add/Sub, Mul by constants
+  broadcast over the batch only, ReduceSum, Sqrt/Div for the norm, Gather of the class rows. No Shape
+  arithmetic, no If, nothing that depends on the batch size, every tensor rank 2. The transform runs on
+  (R, W) = (rows, columns), batch-minor, in constant geometry: each stage views (R, W) as (R/2, 2W) (rows
+  2i and 2i+1 side by side), Splits the columns in halves, computes a = even + odd and s = even - odd and
+  Concats [a, s] along the columns; the stage's output bit becomes the highest column bit, so the outputs
+  end in natural order and contiguous class rows are one Slice. Two levels share one stage above 64
+  points; the node count is bounded by `portable_node_bound`.
+- "batch-switched": onnxruntime-server layout with an If on the batch size (see `onnx_head_switched`).
+
+Speeds of both are measured by benchmarks/head_onnx.py (numbers in the README).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -43,21 +33,26 @@ import onnx_graphsurgeon as gs
 
 from fyc_convert.errors import ExportError
 
-__all__ = ["HeadSpec", "build_head", "head_model", "head_op_census", "largest_head_constant"]
+__all__ = [
+    "DENSE_OPS",
+    "HEAD_PREFIX",
+    "HeadLayout",
+    "HeadSpec",
+    "build_head",
+    "check_head_static",
+    "head_model",
+    "head_op_census",
+    "largest_head_constant",
+    "portable_node_bound",
+]
 
-# Radix of the Split/Add/Sub/Concat stages, by transform size. Measured (onnxruntime, 1 thread, each head
-# right after the Gemm): at batch 1 fewer nodes win (radix-2 up to 64 points, radix-4 beats radix-8 by ~12%
-# at 1024 points and ~4% at 32768); at batch 64 fewer passes over the batch win from 2^13 points on
-# (radix-8 beats radix-4 by ~10% at 32768 points; radix-16 another ~8%, but +20% at batch 1).
-_SMALL_RADIX_BITS = 1
-_SMALL_MAX_BITS = 6
-_RADIX_BITS = 2
-_LARGE_RADIX_BITS = 3
-_LARGE_MIN_BITS = 13
-# Transforms of up to 2^12 points run without the mid Transpose. Measured (1 thread, after the Gemm, batch
-# 64 / 1): 1024 points 410 / 86 us without vs 433 / 90 us with it; 4096 points 2.0 / 0.093 ms vs 2.2 /
-# 0.094 ms; at 8192 points and up the Transpose wins (5.2 vs 6.0 ms at batch 64).
-_TRANSPOSE_MIN_BITS = 12
+HEAD_PREFIX = "fyc_head/"
+HeadLayout = Literal["portable", "batch-switched"]
+HEAD_LAYOUTS: tuple[str, ...] = ("portable", "batch-switched")
+MIN_OPSET = 13  # ReduceSum takes its axes as an input from 13 on; Split's sizes are an input 13..17
+DEFAULT_OPSET = 17  # onnx2torch, ncnn/pnnx and older runtimes take <= 17
+DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "ConvInteger",
+             "QLinearConv", "Einsum")
 
 
 @dataclass(frozen=True)
@@ -72,9 +67,12 @@ class HeadSpec:
         embedding: "tile" or "pad" (informational; `signs` carries the values).
         eps: Added to ‖x‖ before dividing.
         signs: (n - N,) float, ±1 ("tile") or 0 ("pad"), the embedding signs s_i for i >= N.
-        rows: (C,) int64 in [0, m), the transform output given to each class.
+        rows: (C,) int64, the transform output given to each class: in [0, m) without a table, in
+            [0, K·P) with one.
         scale: α, the logit scale.
         bias: (C,) float or None.
+        table: None (embed/fold + one m-point transform), or (K, P) float, P a power of two >= N:
+            z = concat_k H_P(table[k] ⊙ pad(x̂, P)) (length K·P), logits_c = scale · z[rows[c]] + bias_c.
     """
 
     in_features: int
@@ -87,6 +85,7 @@ class HeadSpec:
     rows: np.ndarray
     scale: float
     bias: np.ndarray | None
+    table: np.ndarray | None = field(default=None)
 
     def __post_init__(self) -> None:
         n_feat, c, m, n = self.in_features, self.num_classes, self.hadamard_size, self.embed_size
@@ -103,8 +102,19 @@ class HeadSpec:
             )
         if not np.all(np.isin(self.signs, (-1.0, 0.0, 1.0))):
             raise ExportError("signs must be -1, 0 or +1; use the head's `signs` buffer unchanged")
-        if self.rows.shape != (c,) or (c and (self.rows.min() < 0 or self.rows.max() >= m)):
-            raise ExportError(f"rows must be {c} indices in [0, {m}); use the head's `rows` buffer unchanged")
+        outputs = m
+        if self.table is not None:
+            shape = self.table.shape
+            if len(shape) != 2 or shape[0] < 1 or shape[1] < n_feat or shape[1] & (shape[1] - 1):
+                raise ExportError(
+                    f"table must be (K, P) with P a power of two >= in_features {n_feat}, got shape {shape}; "
+                    "use the head's block_table() unchanged"
+                )
+            if not np.all(np.isfinite(self.table)):
+                raise ExportError("table holds NaN or inf; use the head's block_table() unchanged")
+            outputs = shape[0] * shape[1]
+        if self.rows.shape != (c,) or (c and (self.rows.min() < 0 or self.rows.max() >= outputs)):
+            raise ExportError(f"rows must be {c} indices in [0, {outputs}); use the head's `rows` buffer unchanged")
         if self.bias is not None and self.bias.shape != (c,):
             raise ExportError(f"bias must have shape ({c},), got {self.bias.shape}; use the head's `bias` unchanged")
 
@@ -112,213 +122,40 @@ class HeadSpec:
     def from_module(cls, head: Any) -> HeadSpec:
         """Read a `fyc_convert.heads.HadamardHead` (its attributes and buffers) into a spec.
 
+        The block table comes from ``head.block_table()`` when the head has that method and it returns an
+        array; otherwise whole-copy tile heads (N a power of two, n = m = T·N) get the table H_T·S (S the
+        (T, N) embedding signs, since H_m = H_T ⊗ H_N: z in natural order is exactly that concatenation, so
+        the rows keep their values), and other heads none.
+
         Args:
             head: A HadamardHead (anything with the same attributes and buffers).
 
         Returns:
-            The spec, with float64 signs/bias copies and int64 rows on the CPU.
+            The spec, with float64 signs/bias/table copies and int64 rows on the CPU.
         """
         bias = getattr(head, "bias", None)
+        n_feat, m, n = int(head.in_features), int(head.hadamard_size), int(head.embed_size)
+        signs = head.signs.detach().cpu().double().numpy().copy()
+        table = None
+        block_table = getattr(head, "block_table", None)
+        if callable(block_table):
+            got = block_table()
+            table = None if got is None else np.asarray(got, dtype=np.float64).copy()
+        if table is None and n == m and n_feat < m and n_feat & (n_feat - 1) == 0:
+            table = _np_wht(np.concatenate([np.ones(n_feat), signs]).reshape(m // n_feat, n_feat))  # (T, N)
         return cls(
-            in_features=int(head.in_features),
+            in_features=n_feat,
             num_classes=int(head.num_classes),
-            hadamard_size=int(head.hadamard_size),
-            embed_size=int(head.embed_size),
+            hadamard_size=m,
+            embed_size=n,
             embedding=str(head.embedding),
             eps=float(head.eps),
-            signs=head.signs.detach().cpu().double().numpy().copy(),
+            signs=signs,
             rows=head.rows.detach().cpu().numpy().astype(np.int64),
             scale=float(head.scale.detach().cpu()),
             bias=None if bias is None else bias.detach().cpu().double().numpy().copy(),
+            table=table,
         )
-
-
-class _Ops:
-    """Adds prefixed nodes and constants to a graph; every name is `prefix` + a counter."""
-
-    def __init__(self, graph: gs.Graph, prefix: str, dtype: np.dtype):
-        self.graph, self.prefix, self.dtype = graph, prefix, np.dtype(dtype)
-        self._count = 0
-        self._ints: dict[tuple, gs.Constant] = {}
-
-    def name(self, stem: str) -> str:
-        self._count += 1
-        return f"{self.prefix}{stem}_{self._count}"
-
-    def const(self, stem: str, values: np.ndarray) -> gs.Constant:
-        return gs.Constant(self.name(stem), np.ascontiguousarray(values))
-
-    def ints(self, stem: str, values: list[int]) -> gs.Constant:
-        """An int64 constant (shapes, axes, slice bounds), shared by every node that reads the same values."""
-        key = (stem, *values)
-        if key not in self._ints:
-            self._ints[key] = self.const(stem, np.asarray(values, dtype=np.int64))
-        return self._ints[key]
-
-    def op(self, op: str, inputs: list, *, attrs: dict | None = None, outputs: int = 1, dtype: Any = None) -> list:
-        node_name = self.name(op)
-        dtype = self.dtype if dtype is None else dtype
-        # short tensor names: the head has hundreds of them and each is stored at its producer and consumers
-        outs = [gs.Variable(f"{self.prefix}{self._count}.{i}", dtype=dtype) for i in range(outputs)]
-        self.graph.nodes.append(gs.Node(op=op, name=node_name, attrs=attrs or {}, inputs=inputs, outputs=outs))
-        return outs
-
-    def op1(self, op: str, inputs: list, **kw: Any) -> gs.Variable:
-        return self.op(op, inputs, **kw)[0]
-
-    def reshape(self, x: gs.Variable, shape: list[int]) -> gs.Variable:
-        return self.op1("Reshape", [x, self.ints("shape", shape)])
-
-    def slice(self, x: gs.Variable, start: int, end: int, axis: int = 0) -> gs.Variable:
-        """x[start:end] along `axis` (default: the rows of a (K, B) tensor)."""
-        return self.op1("Slice", [x, self.ints("start", [start]), self.ints("end", [end]), self.ints("axes", [axis])])
-
-    def branch(self, build: Callable[[], gs.Variable]) -> gs.Graph:
-        """A subgraph (an If branch) holding the nodes `build` adds; it reads outer tensors by name.
-
-        Node and tensor names keep counting from the outer graph, so every name in the model stays unique.
-        """
-        outer, outer_ints = self.graph, self._ints
-        self.graph, self._ints = gs.Graph(opset=outer.opset), {}
-        try:
-            out = build()
-            self.graph.outputs = [out]
-            return self.graph
-        finally:
-            self.graph, self._ints = outer, outer_ints
-
-
-def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
-    """(B, N) -> (m, B): x̃ = embed(x) (tile/pad signs), then the fold y_k = Σ_t x̃_{k + t·m}, transposed.
-
-    The fold of the default sizing (n = N) runs before the Transpose, on (B, n/m, m): onnxruntime reduces
-    a middle axis fast but the leading axis of a (n/m, m·B) view ~10x slower.
-    """
-    n_feat, m, n = spec.in_features, spec.hadamard_size, spec.embed_size
-    if n == n_feat:
-        if n > m:
-            x = ops.op1("ReduceSum", [ops.reshape(x, [-1, n // m, m]), ops.ints("axes", [1])], attrs={"keepdims": 0})
-        return ops.op1("Transpose", [x], attrs={"perm": [1, 0]})  # (m, B)
-    x = ops.op1("Transpose", [x], attrs={"perm": [1, 0]})  # (N, B)
-    if not np.any(spec.signs):  # "pad": zeros after x
-        x = ops.op1("Pad", [x, ops.ints("pads", [0, 0, n - n_feat, 0])])
-    else:  # "tile": copies of x (data movement), then one sign flip by a ±1 constant of n elements
-        # Doubling Concats: log2(n/N) copies of growing runs, not n/N small ones. They stack copies on a
-        # new leading axis: onnxruntime would move the Transpose above past Concats of the (N, B) matrix
-        # itself and transpose the n-row result instead.
-        tiled, copies = ops.reshape(x, [1, n_feat, -1]), 1  # (copies, N, B)
-        while 2 * copies * n_feat <= n:
-            tiled, copies = ops.op1("Concat", [tiled, tiled], attrs={"axis": 0}), 2 * copies
-        tiled, width = ops.reshape(tiled, [copies * n_feat, -1]), copies * n_feat
-        if width < n:
-            tiled = ops.op1("Concat", [tiled, ops.slice(tiled, 0, n - width)], attrs={"axis": 0})
-        signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)[:, None]  # (n, 1)
-        x = ops.op1("Mul", [tiled, ops.const("signs", signs)])  # (n, B)
-    if n > m:
-        x = ops.op1("ReduceSum", [ops.reshape(x, [n // m, m, -1]), ops.ints("axes", [0])], attrs={"keepdims": 0})
-    return x  # (m, B)
-
-
-def _butterfly_parts(ops: _Ops, view: gs.Variable, axis: int, r: int) -> list[gs.Variable]:
-    """The r-point WHT along `axis` (of size r) of `view`, as its r slices: one Split, r·log2(r) Add/Sub."""
-    parts = ops.op("Split", [view], attrs={"axis": axis, "num_outputs": r}, outputs=r)
-    bit = 1
-    while bit < r:
-        for j in range(r):
-            if not j & bit:
-                a, b = parts[j], parts[j | bit]
-                parts[j], parts[j | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
-        bit *= 2
-    return parts
-
-
-def _butterflies(ops: _Ops, view: gs.Variable, axis: int, r: int) -> gs.Variable:
-    """The r-point WHT along `axis` (of size r) of `view`: one Split, r·log2(r) Add/Sub, one Concat."""
-    return ops.op1("Concat", _butterfly_parts(ops, view, axis, r), attrs={"axis": axis})
-
-
-def _stage(ops: _Ops, y: gs.Variable, m: int, lo: int, hi: int) -> gs.Variable:
-    """Butterflies on position bits [lo, hi) of an (m, B) tensor: Split/Add/Sub/Concat on runs of 2^lo·B floats.
-
-    Returns the result viewed as (m/2^hi, 2^(hi-lo), 2^lo·B); callers reshape as they need.
-    """
-    return _butterflies(ops, ops.reshape(y, [m >> hi, 1 << (hi - lo), -1]), 1, 1 << (hi - lo))
-
-
-def _bit_groups(lo: int, hi: int, max_bits: int) -> list[tuple[int, int]]:
-    """Split bits [lo, hi) into groups of at most `max_bits`, as even as possible."""
-    count = -(-(hi - lo) // max_bits)
-    edges = [lo + round(i * (hi - lo) / count) for i in range(count + 1)]
-    return list(zip(edges[:-1], edges[1:]))
-
-
-def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
-    """Unnormalised Sylvester WHT of an (m, B) tensor (one transform per column), left in a transposed layout.
-
-    The natural output index k = hi · 2^p_lo + lo (p_lo low bits) is split in two halves; the high half's
-    stages run first on runs of 2^p_lo·B floats, one Transpose makes the low half the high one, and its
-    stages run on runs of 2^p_hi·B floats. Up to m = 2^_TRANSPOSE_MIN_BITS the Transpose costs more than
-    it saves: p_lo = 0 and all stages run in natural order.
-
-    Returns:
-        (z, 2^p_lo, 2^p_hi): z holds output k = hi · 2^p_lo + lo at row lo · 2^p_hi + hi (natural order
-        when p_lo = 0), in some (..., B) view.
-    """
-    p = m.bit_length() - 1
-    p_lo = p // 2 if p > _TRANSPOSE_MIN_BITS else 0
-    p_hi = p - p_lo
-    if p <= _SMALL_MAX_BITS:
-        max_bits = _SMALL_RADIX_BITS
-    else:
-        max_bits = _LARGE_RADIX_BITS if p >= _LARGE_MIN_BITS else _RADIX_BITS
-    for lo, hi in _bit_groups(p_lo, p, max_bits):  # high bits: runs of >= 2^p_lo·B floats
-        y = _stage(ops, y, m, lo, hi)
-    if p_lo:
-        y = ops.op1("Transpose", [ops.reshape(y, [1 << p_hi, 1 << p_lo, -1])], attrs={"perm": [1, 0, 2]})
-        for lo, hi in _bit_groups(p_hi, p, max_bits):  # the old low bits, now high: runs of >= 2^p_hi·B floats
-            y = _stage(ops, y, m, lo, hi)
-    return y, 1 << p_lo, 1 << p_hi
-
-
-def _pick_rows(ops: _Ops, z: gs.Variable, rows: np.ndarray, size_lo: int, size_hi: int) -> gs.Variable:
-    """Transform output (see `_wht`) -> (C, B) = z_natural[rows].
-
-    Contiguous rows (the default): back to natural order (one Transpose unless already natural) and one
-    Slice. Others: one Gather of rows of B floats at their transposed positions.
-    """
-    m = size_lo * size_hi
-    c = len(rows)
-    if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
-        if size_lo > 1:
-            z = ops.op1("Transpose", [ops.reshape(z, [size_lo, size_hi, -1])], attrs={"perm": [1, 0, 2]})
-        return ops.slice(ops.reshape(z, [m, -1]), int(rows[0]), int(rows[0]) + c)  # (m, B) -> (C, B)
-    pos = (rows % size_lo) * size_hi + rows // size_lo  # where output k = rows[c] sits
-    idx = ops.const("rows", pos.astype(np.int32))  # int32: half the bytes, Gather takes either
-    return ops.op1("Gather", [ops.reshape(z, [m, -1]), idx], attrs={"axis": 0})  # (C, B)
-
-
-# Whole-copy tiling (N a power of two, n = m = T·N: the default sizing whenever C >= N and N does not fold).
-# Index i = t·N + j, so H_m = H_T ⊗ H_N and the top log2(T) butterfly levels act on whole copies of x:
-# (H_T ⊗ I)(s ⊙ tile(x)) = (H_T S) ⊙ tile(x) with S the (T, N) table of embedding signs. Those levels and
-# the sign flip are therefore one Mul by the integer table H_T S (only the K tiles that hold class rows;
-# K·N <= n entries, values in [-T, T]) — the multiply the sign flip took anyway — and the rest is K
-# independent N-point transforms. Measured (1 thread, right after the Gemm), against the 32768-point
-# transform of 16/64 signed copies: N=2048, C=18000 batch 1 401 -> ~280 us, batch 64 28.7 -> 16.4 ms
-# (N=512, C=32000 gained at batch 1 only: 294 -> ~205 us).
-# From _BLOCK_MIN_BATCH samples on, the transforms run in chunks of about _BLOCK_POINTS points (one If on
-# the batch size picks the branch): each chunk's whole butterfly chain then stays in the 2 MB L2 (batch
-# 64: N=2048, C=18000 16.4 -> 5.8 ms; N=512, C=32000 18 -> 7.7 ms). Below it the chunked branch loses
-# (batch 8: 2.4 against 1.2 ms at N=512, C=32000; the two cross near 16 samples at both sizes) and one
-# transform of all K tiles runs instead. The If costs 10-40 us at batch 1 right after a large Gemm.
-_BLOCK_MIN_BATCH = 16
-_BLOCK_POINTS = 1 << 11
-_BLOCK_MIN_POINTS = 1 << 13
-
-
-def _whole_tiles(spec: HeadSpec) -> bool:
-    """Whether x̃ is T >= 2 whole copies of x laid out on the transform's high index bits."""
-    n_feat, m, n = spec.in_features, spec.hadamard_size, spec.embed_size
-    return n == m and n_feat < m and n_feat & (n_feat - 1) == 0
 
 
 def _np_wht(a: np.ndarray) -> np.ndarray:
@@ -333,265 +170,495 @@ def _np_wht(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _tile_table(spec: HeadSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(tiles, table): the sorted tiles kt that hold class rows, and (H_T S)[tiles] as an (N, K) array."""
-    n_feat, m = spec.in_features, spec.hadamard_size
-    signs = np.concatenate([np.ones(n_feat), spec.signs]).reshape(m // n_feat, n_feat)  # S, (T, N)
-    tiles = np.unique(spec.rows // n_feat)
-    return tiles, _np_wht(signs)[tiles].T
+class _Ops:
+    """The one ONNX node factory of the project: prefixed nodes and constants added with `gs.Graph.layer`.
 
-
-def _tile_stages(ops: _Ops, y: gs.Variable, n_feat: int, max_bits: int) -> gs.Variable:
-    """N-point transforms along axis 0 of an (N, ...) tensor (runs of 2^lo·(the rest) floats per stage).
-
-    One Reshape gives each group of index bits its own axis, highest bits outermost, so that the stages
-    need no Reshape in between. Returns that multi-axis view (same memory order as the input).
+    Every node and constant name is `prefix` + a stem + a counter; tensor names are short (`prefix` + the
+    counter), since each is stored at its producer and at every consumer. Forms that differ between
+    opsets (Split's sizes) are chosen from `opset`.
     """
-    p = n_feat.bit_length() - 1
-    groups = _bit_groups(0, p, max_bits) if p else []
-    if groups:
-        y = ops.reshape(y, [*(1 << (hi - lo) for lo, hi in reversed(groups)), -1])
-    for i, (lo, hi) in enumerate(groups):  # lowest bits (innermost of the index axes) first
-        y = _butterflies(ops, y, len(groups) - 1 - i, 1 << (hi - lo))
+
+    def __init__(self, graph: gs.Graph, prefix: str, dtype: Any, *, opset: int | None = None):
+        self.graph, self.prefix, self.dtype = graph, prefix, np.dtype(dtype)
+        self.opset = int(opset if opset is not None else (graph.opset or DEFAULT_OPSET))
+        self._count = 0
+        self._ints: dict[tuple, gs.Constant] = {}
+
+    def name(self, stem: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{stem}_{self._count}"
+
+    def const(self, stem: str, values: Any, dtype: Any = None) -> gs.Constant:
+        values = np.asarray(values, dtype=dtype if dtype is not None else None)
+        return gs.Constant(self.name(stem), np.ascontiguousarray(values))
+
+    def ints(self, stem: str, values: list[int]) -> gs.Constant:
+        """An int64 constant (shapes, axes, sizes), shared by every node that reads the same values."""
+        key = (stem, *values)
+        if key not in self._ints:
+            self._ints[key] = self.const(stem, np.asarray(values, dtype=np.int64))
+        return self._ints[key]
+
+    def op(self, op: str, inputs: list, *, attrs: dict | None = None, outputs: int = 1, dtype: Any = None,
+           name: str | None = None) -> list[gs.Variable]:
+        node_name = self.name(op) if name is None else f"{self.prefix}{name}"
+        dtype = self.dtype if dtype is None else dtype
+        stem = f"{self.prefix}{self._count}" if name is None else node_name  # named nodes: unique by their name
+        outs = [gs.Variable(f"{stem}.{i}", dtype=dtype) for i in range(outputs)]
+        # a copy: `layer` returns the node's own output list, which callers must be free to edit
+        return list(self.graph.layer(op=op, name=node_name, attrs=attrs or {}, inputs=inputs, outputs=outs))
+
+    def op1(self, op: str, inputs: list, **kw: Any) -> gs.Variable:
+        return self.op(op, inputs, **kw)[0]
+
+    def reshape(self, x: gs.Variable, shape: list[int]) -> gs.Variable:
+        return self.op1("Reshape", [x, self.ints("shape", shape)])
+
+    def transpose(self, x: gs.Variable, perm: list[int] | None = None) -> gs.Variable:
+        return self.op1("Transpose", [x], attrs={"perm": perm or [1, 0]})
+
+    def slice(self, x: gs.Variable, start: int, end: int, axis: int = 0) -> gs.Variable:
+        """x[start:end] along `axis`."""
+        return self.op1("Slice", [x, self.ints("start", [start]), self.ints("end", [end]), self.ints("axes", [axis])])
+
+    def split(self, x: gs.Variable, count: int, axis: int, sizes: list[int] | None = None) -> list[gs.Variable]:
+        """Split along `axis` into `count` equal pieces, or pieces of the given constant `sizes`.
+
+        Equal pieces: the `num_outputs` attribute from opset 18 on; below 18 no `split` input (which those
+        opsets define as equal pieces), so the pieces may have a dynamic size (a multiple of the batch).
+        Given sizes are the `split` input, the form every opset from 13 on reads.
+        """
+        if sizes is not None:
+            return self.op("Split", [x, self.ints("split", sizes)], attrs={"axis": axis}, outputs=len(sizes))
+        attrs = {"axis": axis, "num_outputs": count} if self.opset >= 18 else {"axis": axis}
+        return self.op("Split", [x], attrs=attrs, outputs=count)
+
+    def reduce_sum(self, x: gs.Variable, axes: list[int], *, keepdims: int) -> gs.Variable:
+        return self.op1("ReduceSum", [x, self.ints("axes", axes)], attrs={"keepdims": keepdims})
+
+    def concat(self, parts: list[gs.Variable], axis: int) -> gs.Variable:
+        return parts[0] if len(parts) == 1 else self.op1("Concat", parts, attrs={"axis": axis})
+
+    def branch(self, build: Any) -> gs.Graph:
+        """A subgraph (an If branch) holding the nodes `build()` adds; it reads outer tensors by name.
+
+        Node and tensor names keep counting from the outer graph, so every name in the model stays unique.
+        """
+        outer, outer_ints = self.graph, self._ints
+        self.graph, self._ints = gs.Graph(opset=outer.opset), {}
+        try:
+            out = build()
+            self.graph.outputs = [out]
+            return self.graph
+        finally:
+            self.graph, self._ints = outer, outer_ints
+
+
+# ------------------------------------------------------------------------------------- portable layout
+def _kept_table(spec: HeadSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(table, rows): only the blocks of the table that hold class rows, rows renumbered into them."""
+    assert spec.table is not None
+    p = spec.table.shape[1]
+    blocks = np.unique(spec.rows // p)
+    rows = np.searchsorted(blocks, spec.rows // p) * p + spec.rows % p
+    return spec.table[blocks], rows
+
+
+def _embed_fold_portable(ops: _Ops, xt: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variable:
+    """(N, B) -> (m, B): x̃_i = s_i · x_{i mod N} for i < n, then the fold y_k = Σ_t x̃_{k + t·m}."""
+    n_feat, m, n = spec.in_features, spec.hadamard_size, spec.embed_size
+    y = xt
+    if n > n_feat:
+        reps = -(-n // n_feat)
+        # a no-op Reshape first: onnxruntime would otherwise move the Transpose that made `xt` below the
+        # Concat and transpose the n-row result instead of the N-row input
+        y = ops.concat([ops.reshape(xt, [n_feat, batch])] * reps, axis=0)
+        y = ops.slice(y, 0, n) if reps * n_feat > n else y
+        signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)[:, None]  # (n, 1)
+        y = ops.op1("Mul", [y, ops.const("signs", signs)])
+    if n > m:
+        y = ops.reduce_sum(ops.reshape(y, [n // m, m * batch if batch > 0 else -1]), [0], keepdims=1)  # (1, m·B)
+        y = ops.reshape(y, [m, batch])
     return y
 
 
-def _tile_pick(ops: _Ops, y: gs.Variable, n_feat: int, k: int, start: int, end: int) -> gs.Variable:
-    """(N, B, k) transforms -> (B, end - start): the chunk's natural outputs [start, end).
+# Butterfly levels per Split/Concat stage of the portable layout: two (10 nodes per 2 levels, a quarter fewer
+# passes over the data than one level at a time) except for transforms of up to 2^_SMALL_MAX_BITS points,
+# where only the node count matters (4 per level). Measured by benchmarks/head_onnx.py (see the README).
+_RADIX_BITS = 2
+_SMALL_MAX_BITS = 6
 
-    Output kt·N + kj sits at (kj, ·, kt): one Transpose, (N, B·k) -> (B·k, N) = (B, k, N), gives natural order.
+
+def _natural_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> gs.Variable:
+    """`levels` butterfly levels on the lowest index bits of an (R, W) tensor, leaving outputs in natural order.
+
+    Each stage of r levels views (R, W) as (R/2^r, 2^r·W), so that the 2^r rows differing in their lowest r
+    bits sit side by side, splits the columns into those 2^r parts, runs the r levels of butterflies and
+    concatenates the results along the columns: the stage's output bits become the new highest column bits,
+    so after all stages (R/2^L, 2^L·W) holds the transform in natural order (row t, column k·W + w).
     """
-    z = ops.op1("Transpose", [ops.reshape(y, [n_feat, -1])], attrs={"perm": [1, 0]})
-    z = ops.reshape(z, [-1, k * n_feat])
-    return z if (start, end) == (0, k * n_feat) else ops.slice(z, start, end, axis=1)
+    done, width = 0, batch
+    radix = 1 if levels <= _SMALL_MAX_BITS else _RADIX_BITS
+    while done < levels:
+        r = min(radix, levels - done)
+        rows >>= r
+        view = ops.reshape(y, [rows, -1 if width < 0 else (width << r)])
+        # parts[t]: the rows whose lowest r bits are t; constant sizes when the batch is static
+        parts = ops.split(view, 1 << r, axis=1, sizes=None if width < 0 else [width] * (1 << r))
+        for level in range(r):
+            bit = 1 << level
+            for t in range(1 << r):
+                if not t & bit:
+                    a, b = parts[t], parts[t | bit]
+                    parts[t], parts[t | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
+        y = ops.concat(parts, axis=1)
+        width = width << r if width > 0 else width
+        done += r
+    return y
 
 
-def _chunked(
-    ops: _Ops,
-    spec: HeadSpec,
-    bias: gs.Variable | None,
-    size: int,
-    tiles: np.ndarray,
-    start: Callable[[int, int], gs.Variable],
-    chunk: int,
-) -> gs.Variable:
-    """Logits (B, C), plus `bias`, from transforms of `size` points run chunk by chunk, each while in cache.
+def _bitrev(k: np.ndarray, bits: int) -> np.ndarray:
+    """Reverse the low `bits` bits of each entry of k."""
+    out = np.zeros_like(k)
+    for b in range(bits):
+        out |= ((k >> b) & 1) << (bits - 1 - b)
+    return out
 
-    Natural output r = kt·size + kj comes from tile kt = r // size; `tiles` are the sorted tiles holding class
-    rows and ``start(t0, t1)`` gives tiles[t0:t1] ready for their `size`-point transforms along axis 0, as
-    (size, B·k) for contiguous rows or (size, k·B) for others.
+
+def _small_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int) -> gs.Variable:
+    """`levels` butterfly levels on the leading index bits of an (R, W) tensor, 4 nodes per level.
+
+    For small transforms, where the node count is what costs: Split(axis 0, halves) -> a = top + bottom,
+    s = top - bottom -> Concat([a, s], axis 1), (R, W) -> (R/2, 2W), no Reshape between levels. The
+    level's output bit becomes the highest column bit, so the outputs end in bit-reversed order (row
+    rev_L(k) of the final (2^L·R', W) view holds output k), which the Gather of the class rows absorbs.
     """
-    c, rows = spec.num_classes, spec.rows
-    contiguous = c > 0 and np.array_equal(rows, np.arange(rows[0], rows[0] + c))
-    tile_pos = np.searchsorted(tiles, rows // size)
-    first = int(rows[0] - tiles[0] * size) if c else 0
-    pieces: list[gs.Variable] = []
-    order: list[int] = []
-    for t0 in range(0, len(tiles), chunk):
-        t1 = min(len(tiles), t0 + chunk)
-        y = _tile_stages(ops, start(t0, t1), size, _LARGE_RADIX_BITS)
-        if contiguous:  # the chunk's natural outputs that are class rows, bias added while in cache
-            lo = max(first, t0 * size) - t0 * size
-            hi = min(first + c, t1 * size) - t0 * size
-            if hi > lo:
-                cls = t0 * size + lo - first
-                z = _tile_pick(ops, y, size, t1 - t0, lo, hi)
-                pieces.append(z if bias is None else ops.op1("Add", [z, ops.slice(bias, cls, cls + hi - lo)]))
-        else:  # rows of B floats at the chunk's positions of its classes
-            mine = np.flatnonzero((tile_pos >= t0) & (tile_pos < t1))
-            if len(mine):
-                pos = (rows[mine] % size) * (t1 - t0) + tile_pos[mine] - t0
-                flat = ops.reshape(y, [size * (t1 - t0), -1])
-                pieces.append(ops.op1("Gather", [flat, ops.const("rows", pos.astype(np.int32))], attrs={"axis": 0}))
-                order.extend(mine)
-    if contiguous:
-        return ops.op1("Concat", pieces, attrs={"axis": 1}) if len(pieces) > 1 else pieces[0]
-    z = ops.op1("Concat", pieces, attrs={"axis": 0}) if len(pieces) > 1 else pieces[0]  # (C, B), chunk order
-    if not np.array_equal(order, np.arange(c)):
-        back = np.empty(c, np.int32)
-        back[np.asarray(order)] = np.arange(c, dtype=np.int32)
-        z = ops.op1("Gather", [z, ops.const("order", back)], attrs={"axis": 0})  # (C, B), class order
-    z = ops.op1("Transpose", [z], attrs={"perm": [1, 0]})
-    return z if bias is None else ops.op1("Add", [z, bias])
+    for _ in range(levels):
+        top, bottom = ops.split(y, 2, axis=0, sizes=[rows // 2] * 2)  # constant sizes: what pnnx needs
+        y = ops.concat([ops.op1("Add", [top, bottom]), ops.op1("Sub", [top, bottom])], axis=1)
+        rows //= 2
+    return y
 
 
-def _batch_switch(ops: _Ops, x: gs.Variable, large: Callable[[], gs.Variable],
-                  small: Callable[[], gs.Variable]) -> gs.Variable:
-    """One If on the batch size: `large` from _BLOCK_MIN_BATCH samples on, else `small` (each an If branch)."""
-    batch = ops.op1("Shape", [x], attrs={"start": 0, "end": 1}, dtype=np.int64)
-    cond = ops.op1("Greater", [batch, ops.ints("min_batch", [_BLOCK_MIN_BATCH - 1])], dtype=np.bool_)
-    return ops.op1("If", [cond], attrs={"then_branch": ops.branch(large), "else_branch": ops.branch(small)})
+def _interleaved_table_embed(ops: _Ops, xt: gs.Variable, n_feat: int, table: np.ndarray,
+                             batch: int) -> gs.Variable:
+    """(N, B) -> (P·K, B): row j·K + k holds table[k, j] · x_j (x zero-padded to P), for `_small_wht`.
 
-
-def _shared(ops: _Ops, value: gs.Variable | None) -> gs.Variable | None:
-    """`value` as an outer tensor for If branches: a constant both branches read would be written into each."""
-    return None if value is None else ops.op1("Identity", [value])
-
-
-def _tiled(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) -> gs.Variable:
-    """The whole-copy head, (B, N) -> (B, C) (plus `bias` when given); see the note above `_BLOCK_MIN_BATCH`."""
-    n_feat, c, rows = spec.in_features, spec.num_classes, spec.rows
-    tiles, table_np = _tile_table(spec)
-    k_all = len(tiles)
-    ones = k_all == 1 and np.all(table_np == 1)
-    contiguous = c > 0 and np.array_equal(rows, np.arange(rows[0], rows[0] + c))
-    chunk = max(1, _BLOCK_POINTS // n_feat)
-    switch = k_all * n_feat >= _BLOCK_MIN_POINTS and k_all > chunk
-    # (1, K, N) for contiguous rows, (K, 1, N) for others
-    table = None if ones else ops.const("table", (table_np.T[None] if contiguous else table_np.T[:, None]).astype(ops.dtype))
-    if switch:
-        table, bias = _shared(ops, table), _shared(ops, bias)
-
-    def start(t0: int, t1: int) -> gs.Variable:
-        """x times the table's tiles [t0, t1) in an (N, B, k) layout (contiguous rows) or (N, k, B) (other rows).
-
-        The Mul broadcasts whole rows of N floats, (B, 1, N) x (1, k, N) or (1, B, N) x (k, 1, N), and one 2-D
-        Transpose makes the index j outermost: broadcasting x as (N, ·, 1) instead ran per 1–9 floats (at
-        batch 1, N=2048, C=18000: 18 of 112 us). (N, B, k) leaves natural order one Transpose away; (N, k, B)
-        puts each output in a run of B floats for the Gather of other rows.
-        """
-        if table is None:
-            return ops.op1("Transpose", [x], attrs={"perm": [1, 0]})  # (N, B)
-        part = table if (t0, t1) == (0, k_all) else ops.slice(table, t0, t1, axis=1 if contiguous else 0)
-        view = ops.reshape(x, [-1, 1, n_feat] if contiguous else [1, -1, n_feat])
-        prod = ops.op1("Mul", [view, part])  # (B, k, N) or (k, B, N)
-        return ops.op1("Transpose", [ops.reshape(prod, [-1, n_feat])], attrs={"perm": [1, 0]})
-
-    def whole() -> gs.Variable:  # all K tiles at once: fewest nodes
-        y = _tile_stages(ops, start(0, k_all), n_feat, _RADIX_BITS)
-        if contiguous:
-            first = int(rows[0] - tiles[0] * n_feat)
-            z = _tile_pick(ops, y, n_feat, k_all, first, first + c)
-        else:
-            pos = (rows % n_feat) * k_all + np.searchsorted(tiles, rows // n_feat)  # row r at (r mod N, its tile)
-            flat = ops.reshape(y, [n_feat * k_all, -1])
-            z = ops.op1("Gather", [flat, ops.const("rows", pos.astype(np.int32))], attrs={"axis": 0})  # (C, B)
-            z = ops.op1("Transpose", [z], attrs={"perm": [1, 0]})
-        return z if bias is None else ops.op1("Add", [z, bias])
-
-    if not switch:
-        return whole()
-    return _batch_switch(ops, x, lambda: _chunked(ops, spec, bias, n_feat, tiles, start, chunk), whole)
-
-
-def _general(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) -> gs.Variable:
-    """Any other head, (B, N) -> (B, C) (plus `bias` when given): embed and fold, then one m-point transform.
-
-    For an unfolded m >= _BLOCK_MIN_POINTS (N not a power of two, many classes) the transform is also run
-    in cache-sized pieces from _BLOCK_MIN_BATCH samples on: H_m = H_{m/P} ⊗ H_P with P = _BLOCK_POINTS, so
-    the top log2(m/P) levels run first across the m/P blocks of P·B floats (one Split, no Concat) and each
-    block that holds class rows then gets its P-point transform while in cache (N=1664, C=18000, batch 64:
-    28.6 -> 13.0 ms; batch 1 pays the If, 373 -> 420 us).
+    Row j outermost puts the K transforms on the leading index bits. K copies of x concatenated along the
+    columns, (P, K·B) read as (P·K, B), place x_j in rows j·K .. j·K + K - 1.
     """
+    k, p = table.shape
+    xt = _pad_rows(ops, xt, n_feat, p)
+    mult = table.T.copy()  # (P, K)
+    mult[n_feat:] = 0.0
+    if k > 1:
+        xt = ops.reshape(ops.concat([ops.reshape(xt, [p, batch])] * k, axis=1), [p * k, batch])
+    if k == 1 and p == n_feat and np.all(mult == 1.0):
+        return xt
+    return ops.op1("Mul", [xt, ops.const("table", mult.reshape(p * k, 1).astype(ops.dtype))])
+
+
+def _pad_rows(ops: _Ops, xt: gs.Variable, n_feat: int, p: int) -> gs.Variable:
+    """(N, B) -> (P, B) by repeating x (rows j >= N: any values; the table's zeros there clear them)."""
+    if p <= n_feat:
+        return xt
+    reps = -(-p // n_feat)
+    xt = ops.concat([xt] * reps, axis=0)
+    return ops.slice(xt, 0, p) if reps * n_feat > p else xt
+
+
+def _table_embed(ops: _Ops, xt: gs.Variable, n_feat: int, table: np.ndarray, batch: int) -> gs.Variable:
+    """(N, B) -> (K·P, B): row k·P + j holds table[k, j] · x_j (x zero-padded to P), natural order.
+
+    K copies of x stacked along the rows (K contiguous copies) and one Mul by the (K·P, 1) table column,
+    broadcast over the batch only.
+    """
+    k, p = table.shape
+    xt = _pad_rows(ops, xt, n_feat, p)
+    mult = table.copy()
+    mult[:, n_feat:] = 0.0
+    if k > 1:
+        # a no-op Reshape first: onnxruntime would otherwise move the Transpose that made `xt` below the
+        # Concat and transpose the K-times larger result
+        xt = ops.concat([ops.reshape(xt, [p, batch])] * k, axis=0)
+    if k == 1 and p == n_feat and np.all(mult == 1.0):
+        return xt
+    return ops.op1("Mul", [xt, ops.const("table", mult.reshape(k * p, 1).astype(ops.dtype))])
+
+
+def _major_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> gs.Variable:
+    """`levels` butterfly levels on the lowest index bits of a batch-major (B·R, 1) view, natural order.
+
+    The state is (B·R, Q): row b·R + r holds the remaining input bits r, column q the outputs done so far.
+    Each stage of r levels views it as (B·R/2^r, 2^r·Q), Splits the columns into 2^r pieces of Q (constant
+    sizes), runs the butterflies and Concats the results along the columns, so the stage's output bits
+    become the highest column bits: the outputs end in natural order, (B, R·Q) with no Transpose at all.
+    """
+    done, width = 0, 1
+    radix = 1 if levels <= _SMALL_MAX_BITS else _RADIX_BITS
+    while done < levels:
+        r = min(radix, levels - done)
+        rows >>= r
+        view = ops.reshape(y, [batch * rows if batch > 0 else -1, width << r])
+        parts = ops.split(view, 1 << r, axis=1, sizes=[width] * (1 << r))
+        for level in range(r):
+            bit = 1 << level
+            for t in range(1 << r):
+                if not t & bit:
+                    a, b = parts[t], parts[t | bit]
+                    parts[t], parts[t | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
+        y = ops.concat(parts, axis=1)
+        width <<= r
+        done += r
+    return y
+
+
+def _major_embed(ops: _Ops, x: gs.Variable, spec: HeadSpec, table: np.ndarray | None) -> gs.Variable:
+    """(B, N) -> (B, K·P) = concat_k table[k] ⊙ pad(x) (a table), or (B, m) = fold(embed(x)), batch-major."""
+    n_feat = spec.in_features
+    if table is not None:
+        k, p = table.shape
+        y = _pad_cols(ops, x, n_feat, p)
+        y = ops.concat([y] * k, axis=1)  # (B, K·P), column k·P + j
+        mult = table.copy()
+        mult[:, n_feat:] = 0.0
+        if k == 1 and p == n_feat and np.all(mult == 1.0):
+            return y
+        return ops.op1("Mul", [y, ops.const("table", mult.reshape(1, k * p).astype(ops.dtype))])
     m, n = spec.hadamard_size, spec.embed_size
-    y = _embed_fold(ops, x, spec)  # (m, B), shared by both branches of the If below
-
-    def plain() -> gs.Variable:  # the transform runs batch-minor, on (m, B)
-        z, size_lo, size_hi = _wht(ops, y, m)
-        z = ops.op1("Transpose", [_pick_rows(ops, z, spec.rows, size_lo, size_hi)], attrs={"perm": [1, 0]})
-        return z if bias is None else ops.op1("Add", [z, bias])
-
-    size = _BLOCK_POINTS
-    if n != m or m < _BLOCK_MIN_POINTS or m <= size:
-        return plain()
-    bias = _shared(ops, bias)
-    tiles = np.unique(spec.rows // size)
-
-    def blocked() -> gs.Variable:
-        blocks = _butterfly_parts(ops, ops.reshape(y, [m // size, -1]), 0, m // size)  # cleanup drops unused ones
-
-        def start(t0: int, t1: int) -> gs.Variable:  # chunks of one block
-            return ops.reshape(blocks[int(tiles[t0])], [size, -1])
-
-        return _chunked(ops, spec, bias, size, tiles, start, 1)
-
-    return _batch_switch(ops, x, blocked, plain)
+    y = x
+    if n > n_feat:
+        y = _pad_cols(ops, x, n_feat, n)
+        signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)[None, :]  # (1, n)
+        y = ops.op1("Mul", [y, ops.const("signs", signs)])
+    width = n
+    while width > m:  # the fold, by halves: y_k = Σ_t x̃_{k + t·m}
+        left, right = ops.split(y, 2, axis=1, sizes=[width // 2, width // 2])
+        y, width = ops.op1("Add", [left, right]), width // 2
+    return y
 
 
+def _pad_cols(ops: _Ops, x: gs.Variable, n_feat: int, width: int) -> gs.Variable:
+    """(B, N) -> (B, width) by repeating x along the columns (cut to width)."""
+    if width <= n_feat:
+        return x
+    reps = -(-width // n_feat)
+    y = ops.concat([x] * reps, axis=1)
+    return ops.slice(y, 0, width, axis=1) if reps * n_feat > width else y
+
+
+# A static batch of up to _MAJOR_MAX_BATCH rows runs batch-major (`_major_wht`: no Transpose, and the
+# fewest copies per node at batch 1); larger and dynamic batches run batch-minor, where every Split/Concat
+# moves runs of at least B floats. Measured by benchmarks/head_onnx.py (see the README).
+_MAJOR_MAX_BATCH = 4
+
+
+def _portable(ops: _Ops, x: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variable:
+    """(B, N) -> (B, C) raw outputs z[rows] (without scale and bias): the portable layout.
+
+    x̃ᵀ as (K·P, B) (a table) or (m, B), transformed on its lowest index bits with the outputs left in
+    natural order, so contiguous class rows are one Slice and others one Gather (of rows of B floats).
+    Transforms of up to 2^_SMALL_MAX_BITS points run `_small_wht` instead (4 nodes per level, outputs
+    bit-reversed, always picked by the Gather); a small static batch runs batch-major (`_major_wht`).
+    """
+    table, rows = _kept_table(spec) if spec.table is not None else (None, spec.rows)
+    k, p = table.shape if table is not None else (1, spec.hadamard_size)
+    bits = p.bit_length() - 1
+    if 0 < batch <= _MAJOR_MAX_BATCH and bits > _SMALL_MAX_BITS:
+        y = _major_embed(ops, x, spec, table)  # (B, K·P)
+        y = ops.reshape(_major_wht(ops, y, p * k, bits, batch), [batch, k * p])  # (B, K·P), natural order
+        c = len(rows)
+        if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
+            return ops.slice(y, int(rows[0]), int(rows[0]) + c, axis=1)  # (B, C)
+        return ops.op1("Gather", [y, ops.const("rows", rows.astype(np.int32))], attrs={"axis": 1})  # (B, C)
+    xt = ops.transpose(x)  # (N, B)
+    if bits <= _SMALL_MAX_BITS:  # bit-reversed, 4 nodes per level: the node count is what costs here
+        if table is not None:
+            y = _interleaved_table_embed(ops, xt, spec.in_features, table, batch)  # (P·K, B), row j·K + k
+        else:
+            y = _embed_fold_portable(ops, xt, spec, batch)  # (m, B)
+        y = ops.reshape(_small_wht(ops, y, p * k, bits), [k * p, batch])  # block k, row rev(j)
+        pos = (rows // p) * p + _bitrev(rows % p, bits)
+    else:
+        if table is not None:
+            y = _table_embed(ops, xt, spec.in_features, table, batch)  # (K·P, B), row k·P + j
+        else:
+            y = _embed_fold_portable(ops, xt, spec, batch)  # (m, B)
+        y = ops.reshape(_natural_wht(ops, y, p * k, bits, batch), [k * p, batch])  # (K·P, B), natural order
+        c = len(rows)
+        if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
+            return ops.transpose(ops.slice(y, int(rows[0]), int(rows[0]) + c))  # (C, B) -> (B, C)
+        pos = rows
+    z = ops.op1("Gather", [y, ops.const("rows", pos.astype(np.int32))], attrs={"axis": 0})  # (C, B)
+    return ops.transpose(z)  # (B, C)
+
+
+def portable_node_bound(spec: HeadSpec) -> int:
+    """Upper bound on the portable head's node count: at most 5.5 per butterfly level plus 22.
+
+    L = log2(P) levels for a table of P-point blocks, log2(m) otherwise: 4 nodes per level (Split, Add,
+    Sub, Concat) up to 6 levels, else 11 per pair of levels (Reshape, Split, 8 Add/Sub, Concat; +5 for an
+    odd one out). The constant
+    covers the norm and factor (6 nodes), the embedding (at most Concat, Slice, Reshape, Concat, Mul), the
+    fold (Reshape, ReduceSum, Reshape), the pick (Transpose in, Reshape, Gather or Slice, Transpose out),
+    the bias and a time axis's two Reshapes.
+    """
+    p = spec.table.shape[1] if spec.table is not None else spec.hadamard_size
+    levels = p.bit_length() - 1
+    per_levels = 4 * levels if levels <= _SMALL_MAX_BITS else 11 * (levels // 2) + 5 * (levels % 2)
+    return per_levels + 22
+
+
+# ----------------------------------------------------------------------------------------- the builder
 def build_head(
     graph: gs.Graph,
     features: gs.Variable,
     spec: HeadSpec,
     *,
-    prefix: str = "fyc_head/",
-    dtype: np.dtype | type = np.float32,
+    prefix: str = HEAD_PREFIX,
+    dtype: Any = np.float32,
+    layout: HeadLayout = "portable",
+    static_batch: int | None = None,
+    feature_shape: tuple[int, ...] | None = None,
 ) -> gs.Variable:
     """Add the Hadamard head to `graph`: features -> logits with add/sub butterflies only.
 
     Args:
-        graph: Graph to add nodes to (nodes are appended; call ``graph.cleanup().toposort()`` after).
-        features: (B, N) or (B, T, N) tensor in the graph.
+        graph: Graph to add nodes to (nodes are appended; call ``graph.cleanup().toposort()`` after). Its
+            `opset` picks the opset-specific forms (Split sizes).
+        features: (B, N) or (B, *lead, N) tensor in the graph.
         spec: The head (see `HeadSpec.from_module`).
         prefix: Name prefix of every node and constant added.
         dtype: Float dtype of `features` and the logits.
+        layout: "portable" (no If, no Shape, static reshapes; the default) or "batch-switched" (an If on the
+            batch size picks a cache-blocked branch for large batches; onnxruntime only).
+        static_batch: The fixed batch size of the graph, written into every reshape; None: dynamic.
+        feature_shape: The feature tensor's shape without the batch, e.g. (T, N); needed for rank > 2
+            features to reshape statically (default: read from `features.shape`).
 
     Returns:
-        The logits variable, (B, C) or (B, T, C).
+        The logits variable, (B, C) or (B, *lead, C).
+
+    Raises:
+        ExportError: an unknown layout, or a spec that layout cannot build.
     """
+    if layout not in HEAD_LAYOUTS:
+        raise ExportError(f"head layout {layout!r} is unknown; pass one of {', '.join(HEAD_LAYOUTS)}")
+    if static_batch is not None and static_batch < 1:
+        raise ExportError(f"static batch must be >= 1, got {static_batch}; pass a positive batch size or None")
     ops = _Ops(graph, prefix, dtype)
     n_feat, c = spec.in_features, spec.num_classes
-    rank = len(features.shape) if features.shape is not None else 2
-    x = features if rank == 2 else ops.reshape(features, [-1, n_feat])  # (B, N)
+    lead = _lead_shape(features, feature_shape, n_feat)
+    rows_per_sample = int(np.prod(lead)) if lead and _is_static(lead) else 1
+    batch = -1 if static_batch is None or not _is_static(lead) else static_batch * rows_per_sample
+    x = features
+    leading = None
+    if lead and _is_static(lead):
+        x = ops.reshape(features, [batch, n_feat])  # (B·T, N)
+    elif lead:  # a dynamic inner axis: only Shape can say how to restore it
+        leading = ops.op1("Shape", [features], attrs={"start": 0, "end": -1}, dtype=np.int64)
+        x = ops.reshape(features, [-1, n_feat])
 
     # α / (‖x‖ + eps), per sample: (B, 1)
-    sq = ops.op1("ReduceSum", [ops.op1("Mul", [x, x]), ops.ints("axes", [1])], attrs={"keepdims": 1})
-    den = ops.op1("Add", [ops.op1("Sqrt", [sq]), ops.const("eps", np.asarray(spec.eps, dtype))])
-    factor = ops.op1("Div", [ops.const("scale", np.asarray(spec.scale, dtype)), den])
+    sq = ops.reduce_sum(ops.op1("Mul", [x, x]), [1], keepdims=1)
+    den = ops.op1("Add", [ops.op1("Sqrt", [sq]), ops.const("eps", np.asarray(spec.eps, ops.dtype))])
+    factor = ops.op1("Div", [ops.const("scale", np.asarray(spec.scale, ops.dtype)), den])
 
-    # The factor multiplies the smaller end: the (B, N) input when C > N (at N=512, C=32000, batch 64 the
-    # (B, C) multiply was an 8 MB pass, ~1.5 ms of ~32), else the (B, C) output.
+    # The factor multiplies the smaller end: the (B, N) input when C > N, else the (B, C) output.
     scale_input = c > n_feat
     if scale_input:
         x = ops.op1("Mul", [x, factor])
+    bias = None if spec.bias is None else ops.const("bias", spec.bias.astype(ops.dtype))
+    if layout == "portable":
+        logits = _portable(ops, x, spec, batch)
+        if not scale_input:
+            logits = ops.op1("Mul", [logits, factor])
+        if bias is not None:
+            logits = ops.op1("Add", [logits, bias])
+    else:
+        from fyc_convert.onnx_head_switched import switched_logits
 
-    bias = None if spec.bias is None else ops.const("bias", spec.bias.astype(dtype))
-    # with the factor on the input the bias goes in as early as the layout allows (per chunk, in cache)
-    head = _tiled if _whole_tiles(spec) else _general
-    logits = head(ops, x, spec, bias if scale_input else None)
-    if not scale_input:
-        logits = ops.op1("Mul", [logits, factor])  # (B, C)
-        logits = logits if bias is None else ops.op1("Add", [logits, bias])
-    if rank != 2:
-        lead = ops.op1("Shape", [features], attrs={"start": 0, "end": -1}, dtype=np.int64)
-        shape = ops.op1("Concat", [lead, ops.ints("classes", [c])], attrs={"axis": 0}, dtype=np.int64)
+        logits = switched_logits(ops, x, spec, bias if scale_input else None)
+        if not scale_input:
+            logits = ops.op1("Mul", [logits, factor])  # (B, C)
+            logits = logits if bias is None else ops.op1("Add", [logits, bias])
+    if leading is not None:
+        shape = ops.op1("Concat", [leading, ops.ints("classes", [c])], attrs={"axis": 0}, dtype=np.int64)
         logits = ops.op1("Reshape", [logits, shape])
+    elif lead:
+        logits = ops.reshape(logits, [-1 if static_batch is None else static_batch, *lead, c])
     return logits
+
+
+def _is_static(lead: tuple) -> bool:
+    return all(isinstance(d, (int, np.integer)) and d > 0 for d in lead)
+
+
+def _lead_shape(features: gs.Variable, feature_shape: tuple[int, ...] | None, n_feat: int) -> tuple:
+    """The axes between the batch and the N features: () for (B, N) features, (T,) for (B, T, N)."""
+    shape = feature_shape if feature_shape is not None else (
+        tuple(features.shape[1:]) if features.shape is not None else (n_feat,))
+    if not shape or shape[-1] != n_feat and isinstance(shape[-1], (int, np.integer)):
+        raise ExportError(f"the head's features have shape {shape}, expected N = {n_feat} last; "
+                          "export a model whose classifier reads its features on the last axis")
+    return tuple(shape[:-1])
 
 
 def head_model(
     spec: HeadSpec,
     *,
-    opset: int = 18,
-    ir_version: int = 10,
-    dtype: np.dtype | type = np.float32,
-    prefix: str = "fyc_head/",
+    opset: int = DEFAULT_OPSET,
+    ir_version: int | None = None,
+    dtype: Any = np.float32,
+    prefix: str = HEAD_PREFIX,
     time_axis: bool = False,
+    time_steps: int | None = None,
+    layout: HeadLayout = "portable",
+    static_batch: int | None = None,
 ) -> onnx.ModelProto:
-    """A standalone model ``features -> logits`` holding only the head (dynamic axis ``batch_size``).
+    """A standalone model ``features -> logits`` holding only the head.
 
     Args:
         spec: The head.
-        opset: ONNX opset (18 runs well on onnxruntime 1.31).
-        ir_version: IR version to write (onnxruntime 1.31 accepts <= 13).
+        opset: ONNX opset (13 or newer).
+        ir_version: IR version to write; default: the lowest for the opset (onnxruntime refuses onnx's
+            newest default).
         dtype: Float dtype of input and output.
         prefix: Node name prefix.
-        time_axis: Take (batch_size, T, N) features instead of (batch_size, N).
+        time_axis: Take (batch, T, N) features instead of (batch, N).
+        time_steps: T as a fixed size (then every reshape is static); None: a dynamic "T" axis.
+        layout: "portable" or "batch-switched" (see `build_head`).
+        static_batch: A fixed batch size; None: the dynamic axis ``batch_size``.
 
     Returns:
         The checked model.
     """
-    shape = ["batch_size", "T", spec.in_features] if time_axis else ["batch_size", spec.in_features]
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old for the head subgraph; pass an opset of {MIN_OPSET} or newer")
+    b: int | str = "batch_size" if static_batch is None else static_batch
+    shape: list = [b, time_steps or "T", spec.in_features] if time_axis else [b, spec.in_features]
     features = gs.Variable("features", dtype=dtype, shape=shape)
     graph = gs.Graph(inputs=[features], opset=opset)
-    logits = build_head(graph, features, spec, prefix=prefix, dtype=dtype)
+    logits = build_head(graph, features, spec, prefix=prefix, dtype=dtype, layout=layout, static_batch=static_batch)
     logits.name, logits.shape = "logits", [*shape[:-1], spec.num_classes]
     graph.outputs = [logits]
     graph.cleanup().toposort()
     model = gs.export_onnx(graph)
     del model.graph.value_info[:]  # dtype-only entries for every head tensor: bytes onnxruntime infers anyway
-    model.ir_version = ir_version
+    del model.opset_import[:]
+    model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    model.ir_version = ir_version if ir_version is not None else onnx.helper.find_min_ir_version_for(
+        model.opset_import)
     onnx.checker.check_model(model)
     return model
+
+
+# ------------------------------------------------------------------------------------ census and checks
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    subs: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        subs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs)
+    return subs
 
 
 def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
@@ -599,18 +666,16 @@ def _all_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     nodes = []
     for node in graph.node:
         nodes.append(node)
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                nodes.extend(_all_nodes(sub))
+        for sub in _subgraphs(node):
+            nodes.extend(_all_nodes(sub))
     return nodes
 
 
 def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
     inits = list(graph.initializer)
     for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                inits.extend(_all_initializers(sub))
+        for sub in _subgraphs(node):
+            inits.extend(_all_initializers(sub))
     return inits
 
 
@@ -619,7 +684,7 @@ def _head_nodes(model: onnx.ModelProto, prefix: str) -> list[onnx.NodeProto]:
     return [node for node in _all_nodes(model.graph) if node.name.startswith(prefix)]
 
 
-def head_op_census(model: onnx.ModelProto, prefix: str = "fyc_head/") -> dict[str, int]:
+def head_op_census(model: onnx.ModelProto, prefix: str = HEAD_PREFIX) -> dict[str, int]:
     """Count the op types of the nodes whose names start with `prefix`.
 
     Args:
@@ -635,7 +700,7 @@ def head_op_census(model: onnx.ModelProto, prefix: str = "fyc_head/") -> dict[st
     return dict(sorted(census.items()))
 
 
-def largest_head_constant(model: onnx.ModelProto, prefix: str = "fyc_head/") -> int:
+def largest_head_constant(model: onnx.ModelProto, prefix: str = HEAD_PREFIX) -> int:
     """Element count of the largest constant the head uses (initializers and Constant nodes it reads).
 
     Args:
@@ -653,3 +718,44 @@ def largest_head_constant(model: onnx.ModelProto, prefix: str = "fyc_head/") -> 
                     sizes[node.output[0]] = int(np.prod(attr.t.dims))
     used = {name for node in _head_nodes(model, prefix) for name in node.input}
     return max((size for name, size in sizes.items() if name in used), default=0)
+
+
+def check_head_static(
+    model_or_path: onnx.ModelProto | str | Any,
+    *,
+    num_classes: int,
+    embed_size: int,
+    prefix: str = HEAD_PREFIX,
+) -> dict[str, int]:
+    """Check that the head subgraph is slim: add/sub and data movement, no dense matrix.
+
+    Args:
+        model_or_path: the exported model, or its path.
+        num_classes: C.
+        embed_size: n, the embedded length (the head's `embed_size`).
+        prefix: the head's name scope.
+
+    Returns:
+        Op census of the head subgraph, {op_type: count}.
+
+    Raises:
+        ExportError: no node is under `prefix`, a MatMul/Gemm/Conv is in the head, or a head constant has
+            more than max(num_classes, embed_size) elements.
+    """
+    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path))
+    census = head_op_census(model, prefix)
+    if not census:
+        raise ExportError(f"no {prefix} nodes in the exported graph; export with head_layer set to the swapped head")
+    dense = sorted(op for op in census if op in DENSE_OPS)
+    if dense:
+        raise ExportError(
+            f"the head subgraph contains {', '.join(dense)}; it must be add/sub only, re-export without a simplifier"
+        )
+    limit = max(num_classes, embed_size)
+    largest = largest_head_constant(model, prefix)
+    if largest > limit:
+        raise ExportError(
+            f"the head reads a constant of {largest} elements (limit max(C, n) = {limit}); "
+            "a pass re-inflated the head, re-export without constant folding"
+        )
+    return census

@@ -21,6 +21,7 @@ HEADS = ("hadamard", "orthogonal")
 OPTIMIZERS = ("sgd", "adamw", "class-lr")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("fp32", "fp16")
+HEAD_LAYOUTS = ("portable", "batch-switched")
 DEFAULT_EPOCHS = 3
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_OPTIMIZER = "sgd"
@@ -58,6 +59,8 @@ class ConvertOptions:
     resume: bool = False  # finish an interrupted run in the output folder (training from its checkpoint)
     output_dir: str | Path | None = None  # default: <checkpoint stem>_fyc/ next to the checkpoint
     opset: int | None = None  # ONNX opset; None = export.DEFAULT_OPSET
+    head_layout: Literal["portable", "batch-switched"] = "portable"  # ONNX head graph (batch-switched: ORT servers)
+    static_batch: int | None = None  # export with this fixed batch size instead of a dynamic batch axis
     dtype: Literal["fp32", "fp16"] = "fp32"  # precision of the exported backbone (inputs/outputs stay fp32)
     atol: float | None = None  # onnxruntime-vs-PyTorch tolerance on logits (None: 1e-4, fp16: 5e-2)
     rtol: float | None = None  # relative tolerance (None: as atol)
@@ -120,6 +123,8 @@ def check_options(opts: ConvertOptions) -> list[str]:
     _int_at_least("--batch-size", opts.batch_size, 1)
     _int_at_least("--seed", opts.seed, 0)
     _int_at_least("--class-lr-cutoff", opts.class_lr_cutoff, 0)
+    _int_at_least("--static-batch", opts.static_batch, 1)
+    _choice("--head-layout", opts.head_layout, HEAD_LAYOUTS)
     _positive("--lr", opts.lr)
     _positive("--fixed-scale", opts.fixed_scale)
     _positive("--class-lr-eta-mu", opts.class_lr_eta_mu)
@@ -172,6 +177,7 @@ def _ignored(opts: ConvertOptions) -> list[str]:
         given = [flag for flag, on in (("--epochs", opts.epochs is not None), ("--lr", opts.lr is not None),
                                        ("--optimizer", opts.optimizer is not None), ("--distill", opts.distill),
                                        ("--bench", opts.bench), ("--opset", opts.opset is not None),
+                                       ("--static-batch", opts.static_batch is not None),
                                        ("--force", opts.force)) if on]
         if given:
             notes.append(f"{', '.join(given)} ignored: --dry-run trains and exports nothing")

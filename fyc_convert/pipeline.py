@@ -47,9 +47,8 @@ _RUN_FORMAT = "fyc-run/1"
 _RUN_FIELDS = ("head", "arch", "arch_kwargs", "layer", "data", "val_split", "distill", "fixed_scale", "bias",
                "seed", "hadamard_size")
 # Final output names, in the order an earlier run's outputs are retired (model.onnx first: it must never be
-# left beside a report that does not describe it) ...
-OUTPUT_NAMES = ("model.onnx.data", "model.onnx", "model.failed.onnx.data", "model.failed.onnx", "report.json",
-                "original.onnx.data", "original.onnx", "model.safetensors")
+# left beside a report that does not describe it); an ONNX file's external data goes with it.
+OUTPUT_NAMES = ("model.onnx", "model.failed.onnx", "report.json", "original.onnx", "model.safetensors")
 _FEATURE_SAMPLES = 2048  # training samples whose classifier inputs choose the head's rows
 
 
@@ -300,10 +299,11 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
         _retire_outputs(out_dir)
         say("exporting original.onnx and model.onnx")
         orig_res = export_onnx(original, stage / "original.onnx", input_shape=input_shape, opset=opset,
-                               dtype=opts.dtype)
+                               dtype=opts.dtype, static_batch=opts.static_batch)
         manifest = {"fyc_convert.checkpoint": Path(report.checkpoint).name}
         conv_res = export_onnx(model, stage / "model.onnx", input_shape=input_shape, opset=opset, dtype=opts.dtype,
-                               head_layer=swap.layer, metadata=manifest)
+                               head_layer=swap.layer, metadata=manifest, head_layout=opts.head_layout,
+                               static_batch=opts.static_batch)
         onnx_rep = OnnxReport(original_bytes=orig_res.bytes, converted_bytes=conv_res.bytes,
                               size_reduction_pct=100.0 * (1 - conv_res.bytes / orig_res.bytes),
                               head_ops=dict(conv_res.head_ops), original_nodes=orig_res.node_count,
@@ -324,7 +324,7 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
         atol, rtol = opts.tolerance
         try:
             ver = verify_onnx(conv_res.path, model, inputs=real, input_shape=input_shape, atol=atol, rtol=rtol,
-                              seed=opts.seed)
+                              seed=opts.seed, static_batch=opts.static_batch)
         except VerificationError as err:
             failed = mark_failed(conv_res.path)
             report.status = "verification_failed"
@@ -338,15 +338,18 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
 
         if opts.bench:
             say("benchmarking with onnxruntime (1 thread)")
-            report.latency_ms = _bench(orig_res.path, conv_res.path, swap, input_shape)
+            report.latency_ms = _bench(orig_res.path, conv_res.path, swap, input_shape, opts)
         _commit(stage, out_dir, [*outputs, *_with_data(stage, "model.onnx")], report, opts, t0)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _with_data(stage: Path, name: str) -> list[str]:
-    """`name` and, when the export put the weights beside it, its external data file (moved first)."""
-    return [f"{name}.data", name] if (stage / f"{name}.data").exists() else [name]
+def _with_data(folder: Path, name: str) -> list[str]:
+    """`name` and, when the export put the weights beside it, its external data file (listed first)."""
+    from fyc_convert.export import external_data_files
+
+    plain = [d for d in external_data_files(folder / name) if Path(d).name == d and d not in (".", "..")]
+    return [*sorted(plain), name]
 
 
 def _commit(stage: Path, out_dir: Path, names: list[str], report: Report, opts: ConvertOptions, t0: float) -> None:
@@ -366,15 +369,19 @@ def _commit(stage: Path, out_dir: Path, names: list[str], report: Report, opts: 
 
 
 def _retire_outputs(out_dir: Path) -> None:
-    """Remove an earlier run's final outputs (--force/--resume), model.onnx first."""
+    """Remove an earlier run's final outputs (--force/--resume), model.onnx first, each ONNX file before its data."""
     for name in OUTPUT_NAMES:
-        try:
-            (out_dir / name).unlink(missing_ok=True)
-        except IsADirectoryError as e:
-            raise OutputError(f"{out_dir / name} is a folder where fyc-convert writes a file; move it away") from e
+        path = out_dir / name
+        if path.is_dir():
+            raise OutputError(f"{path} is a folder where fyc-convert writes a file; move it away")
+        data = _with_data(out_dir, name)[:-1] if name.endswith(".onnx") and path.is_file() else []
+        path.unlink(missing_ok=True)
+        for extra in data:
+            (out_dir / extra).unlink(missing_ok=True)
 
 
-def _bench(original_path: Path, converted_path: Path, swap, input_shape) -> dict[str, Any]:
+def _bench(original_path: Path, converted_path: Path, swap, input_shape, opts: ConvertOptions) -> dict[str, Any]:
+    """onnxruntime medians, 1 thread: both whole models, and the learned Gemm head beside the fixed one."""
     import numpy as np
 
     from fyc_convert.bench import compare_latency, gemm_head_model, session
@@ -383,7 +390,8 @@ def _bench(original_path: Path, converted_path: Path, swap, input_shape) -> dict
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {"threads": 1, "runtime": "onnxruntime CPU", "statistic": "median"}
     sessions = [session(original_path), session(converted_path)]
-    for b in (1, 32):
+    fixed = (opts.static_batch,) if opts.static_batch else None
+    for b in fixed or (1, 32):
         x = rng.standard_normal((b, *input_shape)).astype(np.float32)
         o, c = compare_latency(sessions, x, repeats=30)
         out[f"model_b{b}"] = {"original": o, "converted": c}
@@ -391,8 +399,9 @@ def _bench(original_path: Path, converted_path: Path, swap, input_shape) -> dict
         lin = swap.original_head
         gemm = session(gemm_head_model(lin.weight.detach().numpy(),
                                        None if lin.bias is None else lin.bias.detach().numpy()))
-        fast = session(head_model(HeadSpec.from_module(swap.head)))
-        for b in (1, 64):
+        fast = session(head_model(HeadSpec.from_module(swap.head), layout=opts.head_layout,
+                                  static_batch=opts.static_batch))
+        for b in fixed or (1, 64):
             f = rng.standard_normal((b, swap.in_features)).astype(np.float32)
             o, c = compare_latency([gemm, fast], f, repeats=100)
             out[f"head_b{b}"] = {"original": o, "converted": c}

@@ -1,12 +1,14 @@
 """Verification of an exported model: onnxruntime against PyTorch, and a static check of the head subgraph.
 
 Both raise instead of printing: `VerificationError` (with the numbers) when outputs differ,
-`ExportError` when the head subgraph is not the slim add/sub graph it must be.
+`ExportError` when the head subgraph is not the slim add/sub graph it must be (`check_head_static`, which
+lives with the head graph in `fyc_convert.onnx_head` and is re-exported here).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,13 +18,12 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from fyc_convert.errors import ExportError, VerificationError, describe
-from fyc_convert.export import HEAD_PREFIX
+from fyc_convert.errors import VerificationError, describe
+from fyc_convert.files import atomic_path
+from fyc_convert.onnx_head import check_head_static  # noqa: F401  (its old home; the pipeline imports it here)
 from fyc_convert.surgery import eval_mode, logits_of
 
-_DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul")
 _CHUNK = 64  # real inputs are run in batches of this size
-
 
 
 @dataclass
@@ -46,9 +47,25 @@ class VerifyResult:
     rtol: float
 
 
-def _batches(inputs: torch.Tensor | None, input_shape: tuple[int, ...], n_random: int, seed: int) -> list[torch.Tensor]:
-    """Real inputs in chunks, then random ones at batch n_random (>= 2), 1 and 3 (the dynamic axis)."""
+def _batches(inputs: torch.Tensor | None, input_shape: tuple[int, ...], n_random: int, seed: int,
+             static_batch: int | None = None) -> list[torch.Tensor]:
+    """Real inputs in chunks, then random ones at batch n_random (>= 2), 1 and 3 (the dynamic axis).
+
+    With a static batch every chunk has exactly that many samples (real ones first, the last chunk topped
+    up with random samples) and two random chunks follow.
+    """
     gen = torch.Generator().manual_seed(seed)
+    if static_batch is not None:
+        pool = [] if inputs is None else [inputs.detach().to("cpu", torch.float32)]
+        if pool and tuple(pool[0].shape[1:]) != tuple(input_shape):
+            raise VerificationError(
+                f"real inputs have sample shape {tuple(pool[0].shape[1:])}, the model takes {tuple(input_shape)}; "
+                "pass inputs shaped (B, *input_shape)"
+            )
+        real = sum(len(p) for p in pool)
+        fill = -real % static_batch + 2 * static_batch
+        pool.append(torch.randn(fill, *input_shape, generator=gen))
+        return list(torch.cat(pool).split(static_batch))
     out: list[torch.Tensor] = []
     if inputs is not None:
         real = inputs.detach().to("cpu", torch.float32)
@@ -73,6 +90,7 @@ def verify_onnx(
     rtol: float = 1e-4,
     n_random: int = 8,
     seed: int = 0,
+    static_batch: int | None = None,
 ) -> VerifyResult:
     """Compare onnxruntime's logits with the PyTorch model's, on real and random inputs.
 
@@ -86,6 +104,8 @@ def verify_onnx(
         rtol: relative tolerance on the logits.
         n_random: random samples in the main random batch (at least 2); batches of 1 and 3 are run as well.
         seed: seed of the random inputs (a private generator; the global RNG is untouched).
+        static_batch: the batch size the model was exported with (`export_onnx(static_batch=...)`); every
+            run then has exactly that batch. None: the dynamic axis is exercised at several sizes.
 
     Returns:
         VerifyResult with the differences.
@@ -107,7 +127,7 @@ def verify_onnx(
     n_samples = 0
     worst_excess, worst = -np.inf, (0.0, 0.0)
     with eval_mode(model):
-        for x in _batches(inputs, input_shape, n_random, seed):
+        for x in _batches(inputs, input_shape, n_random, seed, static_batch):
             with torch.no_grad():
                 ref = logits_of(model(x.to(device, dtype))).float().cpu().numpy()
             try:
@@ -149,65 +169,34 @@ def verify_onnx(
 def mark_failed(path: str | Path) -> Path:
     """Rename a model that failed verification to `<stem>.failed.onnx`; returns the new path.
 
-    Its external data file, if any, becomes `<stem>.failed.onnx.data` and the model is rewritten to point
-    at it, so a later export to the original name cannot overwrite the failed model's weights.
+    Its external data, if any, becomes `<stem>.failed.onnx.data` (a hard link, or a copy where links are
+    not possible, made before the model that points at it), so a later export to the original name cannot
+    touch the failed model's weights. Each file appears complete under its final name or not at all: the
+    failed model is written to a temporary name and renamed, and the originals are removed only after.
     """
+    from fyc_convert.export import external_data_files
+
     path = Path(path)
     failed = path.with_name(f"{path.stem}.failed{path.suffix}")
-    data = path.with_name(f"{path.name}.data")
-    if not data.exists():
-        os.replace(path, failed)
+    locations = external_data_files(path)
+    if not locations:
+        os.replace(path, failed)  # one file: one atomic rename
         return failed
     failed_data = failed.with_name(f"{failed.name}.data")
+    (old_name,) = locations  # export writes all tensors to one file
+    with atomic_path(failed_data) as tmp:
+        tmp.unlink()
+        try:
+            os.link(path.with_name(old_name), tmp)
+        except OSError:
+            shutil.copyfile(path.with_name(old_name), tmp)
     proto = onnx.load(str(path), load_external_data=False)
     for tensor in proto.graph.initializer:
         for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == data.name:
+            if entry.key == "location":
                 entry.value = failed_data.name
-    onnx.save(proto, str(failed))
-    os.replace(data, failed_data)
+    with atomic_path(failed) as tmp:
+        onnx.save(proto, str(tmp))
     path.unlink()
+    path.with_name(old_name).unlink(missing_ok=True)
     return failed
-
-
-def check_head_static(
-    model_or_path: onnx.ModelProto | str | Path,
-    *,
-    num_classes: int,
-    embed_size: int,
-    prefix: str = HEAD_PREFIX,
-) -> dict[str, int]:
-    """Check that the head subgraph is slim: add/sub and data movement, no dense matrix.
-
-    Args:
-        model_or_path: the exported model, or its path.
-        num_classes: C.
-        embed_size: n, the embedded length (the head's `embed_size`).
-        prefix: the head's name scope.
-
-    Returns:
-        Op census of the head subgraph, {op_type: count}.
-
-    Raises:
-        ExportError: no node is under `prefix`, a MatMul/Gemm/Conv is in the head, or a head constant has
-            more than max(num_classes, embed_size) elements.
-    """
-    from fyc_convert.onnx_head import head_op_census, largest_head_constant
-
-    model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path))
-    census = head_op_census(model, prefix)
-    if not census:
-        raise ExportError(f"no {prefix} nodes in the exported graph; export with head_layer set to the swapped head")
-    dense = sorted(op for op in census if op in _DENSE_OPS)
-    if dense:
-        raise ExportError(
-            f"the head subgraph contains {', '.join(dense)}; it must be add/sub only, re-export without a simplifier"
-        )
-    limit = max(num_classes, embed_size)
-    largest = largest_head_constant(model, prefix)
-    if largest > limit:
-        raise ExportError(
-            f"the head reads a constant of {largest} elements (limit max(C, n) = {limit}); "
-            "a pass re-inflated the head, re-export without constant folding"
-        )
-    return census

@@ -12,6 +12,7 @@ from torch import nn
 
 from fyc_convert.errors import ExportError
 from fyc_convert.export import HEAD_PREFIX, compact_rows, export_onnx, parse_rows
+from fyc_convert.onnx_head import HeadSpec, portable_node_bound
 from fyc_convert.surgery import swap_classifier
 from fyc_convert.verify import check_head_static, verify_onnx
 
@@ -93,19 +94,58 @@ def test_sizes_export_slim_and_small(in_features, num_classes, tmp_path):
 def test_whole_model_with_batch_switched_head(monkeypatch, tmp_path):
     # 64 features, 1000 classes: 16 whole copies of x. With small block sizes the head holds an If on the
     # batch size; both of its branches run inside the exported model and match PyTorch.
-    from fyc_convert import onnx_head
+    from fyc_convert import onnx_head_switched
 
-    monkeypatch.setattr(onnx_head, "_BLOCK_POINTS", 128)
-    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_POINTS", 256)
-    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_BATCH", 3)
+    monkeypatch.setattr(onnx_head_switched, "_BLOCK_POINTS", 128)
+    monkeypatch.setattr(onnx_head_switched, "_BLOCK_MIN_POINTS", 256)
+    monkeypatch.setattr(onnx_head_switched, "_BLOCK_MIN_BATCH", 3)
     model = _tiny(64, 1000)
     head = _swap(model, "fc")
-    res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc")
+    res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc", head_layout="batch-switched")
     onnx.checker.check_model(str(res.path))
     census = check_head_static(res.path, num_classes=1000, embed_size=head.embed_size)
     assert census["If"] == 1 and not {"MatMul", "Gemm", "Conv"} & set(census)
+    assert _metadata(res.path)["fyc_convert.head_layout"] == "batch-switched"
     ver = verify_onnx(res.path, model, input_shape=(8,), n_random=64, atol=1e-4, rtol=1e-4)
     assert ver.batch_sizes == [1, 3, 64] and ver.max_abs_diff <= 1e-4
+
+
+def test_default_export_is_portable(tmp_path):
+    model = _tiny(64, 1000)
+    head = _swap(model, "fc")
+    res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc")
+    assert res.opset == 17
+    assert not {"If", "Shape", "MatMul", "Gemm", "Conv"} & set(res.head_ops)
+    assert _metadata(res.path)["fyc_convert.head_layout"] == "portable"
+    assert sum(res.head_ops.values()) <= portable_node_bound(HeadSpec.from_module(head))
+
+
+@pytest.mark.parametrize("name", ["resnet_fc", "vit_head"])
+def test_static_batch_export(name, tmp_path):
+    layout = LAYOUTS[name]()
+    _swap(layout.model, layout.layer)
+    res = export_onnx(layout.model, tmp_path / "model.onnx", input_shape=layout.input_shape, head_layer=layout.layer,
+                      static_batch=4)
+    proto = onnx.load(str(res.path))
+    for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        assert dims[0].dim_value == 4 and not dims[0].dim_param
+    assert "Shape" not in res.head_ops and "If" not in res.head_ops
+    real = torch.randn(6, *layout.input_shape, generator=torch.Generator().manual_seed(3))
+    ver = verify_onnx(res.path, layout.model, inputs=real, input_shape=layout.input_shape, static_batch=4)
+    assert ver.batch_sizes == [4] and ver.n_samples == 16 and ver.max_abs_diff <= 1e-4
+    with pytest.raises(ExportError, match="static batch"):
+        export_onnx(layout.model, tmp_path / "m.onnx", input_shape=layout.input_shape, static_batch=0)
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18])
+def test_supported_opsets_export_and_match(opset, tmp_path):
+    layout = LAYOUTS["resnet_fc"]()
+    _swap(layout.model, layout.layer)
+    res = export_onnx(layout.model, tmp_path / "m.onnx", input_shape=layout.input_shape, head_layer=layout.layer,
+                      opset=opset)
+    assert onnx.load(str(res.path)).opset_import[0].version == opset
+    assert verify_onnx(res.path, layout.model, input_shape=layout.input_shape).max_abs_diff <= 1e-4
 
 
 def test_manifest_in_metadata_props(tmp_path):
@@ -130,7 +170,7 @@ def test_onnx_file_is_runnable_with_batch_size_axis(tmp_path):
     _swap(model, "fc")
     res = export_onnx(model, tmp_path / "model.onnx", input_shape=(8,), head_layer="fc")
     proto = onnx.load(str(res.path))
-    assert proto.ir_version == 8  # the lowest for opset 18; onnxruntime 1.31 refuses onnx 1.23's default 14
+    assert proto.ir_version == 8  # the lowest for opset 17; onnxruntime refuses onnx 1.23's default 14
     assert [(o.domain, o.version) for o in proto.opset_import] == [("", res.opset)]
     (inp,), (out,) = proto.graph.input, proto.graph.output
     assert (inp.name, out.name) == ("input", "logits")
@@ -194,19 +234,22 @@ def test_external_data_replaces_old_data_file(tmp_path):
     model = _tiny(342, 100)
     _swap(model, "fc")
     ref = export_onnx(model, tmp_path / "ref.onnx", input_shape=(8,), head_layer="fc", external_data_threshold=1)
-    assert ref.external_data == tmp_path / "ref.onnx.data"
+    assert ref.external_data.parent == tmp_path and ref.external_data.name.endswith(".onnx.data")
 
     out = tmp_path / "out"
     out.mkdir()
     stale = out / "model.onnx.data"
-    stale.write_bytes(b"\xff" * 100_000)  # an old, larger export's weights
-    res = export_onnx(model, out / "model.onnx", input_shape=(8,), head_layer="fc", external_data_threshold=1)
-    assert res.external_data == stale
-    assert stale.read_bytes() == ref.external_data.read_bytes()
-    assert res.bytes == (out / "model.onnx").stat().st_size + stale.stat().st_size
-    onnx.checker.check_model(str(res.path))
-    assert verify_onnx(res.path, model, input_shape=(8,)).max_abs_diff <= 1e-4
-    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data"]
+    stale.write_bytes(b"\xff" * 100_000)  # an old export's weights, under the old fixed name
+    first = export_onnx(model, out / "model.onnx", input_shape=(8,), head_layer="fc", external_data_threshold=1)
+    assert first.external_data.read_bytes() == ref.external_data.read_bytes()
+    assert first.bytes == (out / "model.onnx").stat().st_size + first.external_data.stat().st_size
+    assert sorted(p.name for p in out.iterdir()) == sorted(["model.onnx", first.external_data.name])
+    # a second export writes a fresh data file, switches the model in one rename, then drops the old file
+    second = export_onnx(model, out / "model.onnx", input_shape=(8,), head_layer="fc", external_data_threshold=1)
+    assert second.external_data != first.external_data and not first.external_data.exists()
+    onnx.checker.check_model(str(second.path))
+    assert verify_onnx(second.path, model, input_shape=(8,)).max_abs_diff <= 1e-4
+    assert sorted(p.name for p in out.iterdir()) == sorted(["model.onnx", second.external_data.name])
 
     small = export_onnx(model, out / "model.onnx", input_shape=(8,), head_layer="fc")
     assert small.external_data is None
@@ -245,8 +288,10 @@ def test_bad_arguments_raise_export_error(tmp_path):
         export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="nope")
     with pytest.raises(ExportError, match="HadamardHead"):
         export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="fc")  # still a Linear
-    with pytest.raises(ExportError, match="opset 13 is too old"):
-        export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), opset=13)
+    with pytest.raises(ExportError, match="opset 12 is too old"):
+        export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), opset=12)
+    with pytest.raises(ExportError, match="head layout 'x' is unknown"):
+        export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layout="x")
     with pytest.raises(ExportError, match="does not exist"):
         export_onnx(model, tmp_path / "missing" / "m.onnx", input_shape=(8,))
     assert list(tmp_path.iterdir()) == []

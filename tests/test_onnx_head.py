@@ -10,12 +10,20 @@ import pytest
 import scipy.linalg
 import torch
 
+from fyc_convert import onnx_head, onnx_head_switched
 from fyc_convert.errors import ExportError
 from fyc_convert.heads import HadamardHead
-from fyc_convert import onnx_head
-from fyc_convert.onnx_head import HeadSpec, head_model, head_op_census, largest_head_constant
+from fyc_convert.onnx_head import (
+    HeadSpec,
+    head_model,
+    head_op_census,
+    largest_head_constant,
+)
 
 SIZES = [(64, 10), (342, 100), (512, 1000), (2048, 1000), (192, 1000)]
+# the ops of the portable layout (issue 11): data movement, add/sub, the norm, Mul by constants
+PORTABLE_OPS = {"Add", "Sub", "Mul", "Div", "Sqrt", "ReduceSum", "Reshape", "Split", "Slice", "Concat",
+                "Transpose", "Gather"}
 
 
 def _next_pow2(k: int) -> int:
@@ -126,20 +134,20 @@ def test_matches_hadamard_head(n_feat: int, c: int, variant: str) -> None:
     _assert_matches_head(head_model(spec), head, (1, 3, 64), seed=5)
 
 
-# (N, C, m): N=512, C=32000 is a 32768-point transform of 64 signed copies of x, so one table Mul does the
-# top 6 levels and 63 512-point transforms follow, all at once (batch < 16) or in chunks of 4 (from 16);
-# N=1000 (not a power of two), C=5000 is an 8192-point transform whose top 2 levels run across 4 blocks of
-# 2048 points from batch 16, each block then transformed on its own.
+# (N, C, m): N=512, C=32000 is a 32768-point transform of 64 signed copies of x: a table of 63 blocks of
+# 512 points (the block without class rows dropped); N=1000 (not a power of two), C=5000 an 8192-point
+# transform of signed copies. The batch-switched layout holds one If (its blocked branch from batch 16).
 LARGE = [(512, 32000, 32768), (1000, 5000, 8192)]
 
 
+@pytest.mark.parametrize("layout", ["portable", "batch-switched"])
 @pytest.mark.parametrize("variant", ["tile-contiguous-bias", "tile-shuffled-nobias"])
 @pytest.mark.parametrize(("n_feat", "c", "m"), LARGE)
-def test_large_transforms_match_hadamard_head(n_feat: int, c: int, m: int, variant: str) -> None:
+def test_large_transforms_match_hadamard_head(n_feat: int, c: int, m: int, variant: str, layout: str) -> None:
     head = _hadamard_head(n_feat, c, variant)
     assert (head.hadamard_size, head.embed_size) == (m, m)
-    model = head_model(HeadSpec.from_module(head))
-    assert head_op_census(model)["If"] == 1
+    model = head_model(HeadSpec.from_module(head), layout=layout)
+    assert head_op_census(model).get("If", 0) == (layout == "batch-switched")
     _assert_matches_head(model, head, (3, 16), seed=7)
 
 
@@ -158,12 +166,12 @@ def test_batch_switched_branches_match_reference(
     monkeypatch: pytest.MonkeyPatch, n_feat: int, c: int, block: int, table_muls: int, embedding: str,
     bias: bool, shuffled: bool,
 ) -> None:
-    monkeypatch.setattr(onnx_head, "_BLOCK_POINTS", block)
-    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_POINTS", 2 * block)
-    monkeypatch.setattr(onnx_head, "_BLOCK_MIN_BATCH", 4)
+    monkeypatch.setattr(onnx_head_switched, "_BLOCK_POINTS", block)
+    monkeypatch.setattr(onnx_head_switched, "_BLOCK_MIN_POINTS", 2 * block)
+    monkeypatch.setattr(onnx_head_switched, "_BLOCK_MIN_BATCH", 4)
     spec = make_spec(n_feat, c, embedding=embedding, bias=bias, shuffled=shuffled, seed=n_feat)
     assert spec.hadamard_size == spec.embed_size
-    model = head_model(spec)
+    model = head_model(spec, layout="batch-switched")
     census = head_op_census(model)
     assert census["If"] == 1 and not {"MatMul", "Gemm", "Conv"} & census.keys()
     # x·x and the factor, then the table Muls, or for other N one "tile" sign flip, outside the If
@@ -175,7 +183,7 @@ def test_batch_switched_branches_match_reference(
         out = _run(model, x)
         assert out.shape == (batch, c)
         np.testing.assert_allclose(out, reference_logits(spec, x), atol=1e-4, rtol=0)
-    timed = head_model(spec, time_axis=True)  # the If sees batch x time rows: 2 (small branch), 10 (blocked)
+    timed = head_model(spec, time_axis=True, layout="batch-switched")  # the If sees batch x time rows
     for lead in ((1, 2), (2, 5)):
         x = rng.normal(size=(*lead, n_feat)).astype(np.float32)
         want = reference_logits(spec, x.reshape(-1, n_feat)).reshape(*lead, c)
@@ -220,10 +228,7 @@ def test_static_checks(n_feat: int, c: int) -> None:
     census = head_op_census(model, prefix="scope/")
     assert not {"MatMul", "Gemm", "Conv"} & census.keys()
     assert census["Gather"] >= 1 and census["Add"] >= 1 and census["Sub"] >= 1
-    assert set(census) <= {
-        "Add", "Sub", "Neg", "Mul", "Div", "Sqrt", "ReduceSum", "Reshape", "Split", "Slice", "Concat",
-        "Transpose", "Gather", "Pad", "Identity", "Shape",
-    }  # fmt: skip
+    assert set(census) <= PORTABLE_OPS
     # x·x for the norm, the one multiply by α/(‖x‖+eps), and the embedding's one multiply: the ±1 sign flip,
     # or for whole copies of x (512x1000: two) the integer table that also does the top butterfly levels
     assert census["Mul"] == 2 + (spec.embed_size > n_feat)
@@ -245,3 +250,209 @@ def test_spec_rejects_inconsistent_sizes() -> None:
         HeadSpec(**{**spec.__dict__, "hadamard_size": 12})
     with pytest.raises(ExportError, match="rows"):
         HeadSpec(**{**spec.__dict__, "rows": np.arange(10) + 10})
+
+
+# ------------------------------------------------------------------------------------ portable layout
+def table_reference(spec: HeadSpec, x: np.ndarray) -> np.ndarray:
+    """The block-table contract, densely in float64: z = concat_k H_P(table[k] ⊙ pad(x̂, P)). x: (B, N)."""
+    x = x.astype(np.float64)
+    xh = x / (np.linalg.norm(x, axis=1, keepdims=True) + spec.eps)
+    k, p = spec.table.shape
+    padded = np.concatenate([xh, np.zeros((len(x), p - spec.in_features))], axis=1)  # (B, P)
+    h = scipy.linalg.hadamard(p)
+    z = np.concatenate([(padded * spec.table[t]) @ h.T for t in range(k)], axis=1)  # (B, K·P)
+    logits = spec.scale * z[:, spec.rows]
+    return logits if spec.bias is None else logits + spec.bias
+
+
+def table_spec(n_feat: int, c: int, k: int, p: int, *, kind: str, seed: int, bias: bool = True) -> HeadSpec:
+    """A hand-made spec with a (K, P) table of random ±1 or small integers and rows over all K·P outputs."""
+    rng = np.random.default_rng(seed)
+    table = rng.choice([-1.0, 1.0], size=(k, p)) if kind == "signs" else rng.integers(-4, 5, size=(k, p)) * 1.0
+    m = 1 << (max(n_feat, 2) - 1).bit_length()
+    return HeadSpec(
+        in_features=n_feat, num_classes=c, hadamard_size=m, embed_size=m, embedding="tile", eps=1e-8,
+        signs=np.ones(m - n_feat), rows=rng.permutation(k * p)[:c].astype(np.int64),
+        scale=float(rng.uniform(2.0, 12.0)), bias=rng.normal(size=c) if bias else None, table=table,
+    )
+
+
+# (N, C, K, P): P = N; P > N (zero padding after the features); one block; many blocks
+TABLES = [(64, 100, 3, 64), (50, 120, 4, 64), (200, 30, 1, 256), (16, 300, 20, 16), (100, 40, 2, 512)]
+
+
+@pytest.mark.parametrize("kind", ["signs", "integers"])
+@pytest.mark.parametrize(("n_feat", "c", "k", "p"), TABLES)
+def test_table_path_matches_dense_reference(n_feat: int, c: int, k: int, p: int, kind: str) -> None:
+    spec = table_spec(n_feat, c, k, p, kind=kind, seed=n_feat + k)
+    model = head_model(spec)
+    census = head_op_census(model)
+    assert set(census) <= PORTABLE_OPS
+    assert len(model.graph.node) <= onnx_head.portable_node_bound(spec)
+    rng = np.random.default_rng(3)
+    for batch in (1, 3, 17):
+        x = rng.normal(size=(batch, n_feat)).astype(np.float32)
+        np.testing.assert_allclose(_run(model, x), table_reference(spec, x), atol=1e-4, rtol=1e-5)
+
+
+def test_table_path_drops_blocks_without_class_rows() -> None:
+    spec = table_spec(32, 40, 6, 32, kind="integers", seed=1)
+    rows = np.concatenate([np.arange(40, 60), np.arange(130, 150)])  # blocks 1 and 4 only
+    spec = HeadSpec(**{**spec.__dict__, "rows": rows})
+    model = head_model(spec)
+    tables = [i for i in model.graph.initializer if "table" in i.name]
+    assert [list(t.dims) for t in tables] == [[2 * 32, 1]]  # two of the six blocks
+    x = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), table_reference(spec, x), atol=1e-4, rtol=1e-5)
+
+
+class _BlockTableHead:
+    """A stand-in for a head with `block_table()` (the class-vector frame's heads)."""
+
+    def __init__(self, table: np.ndarray | None):
+        base = HadamardHead(32, 50)
+        self.__dict__.update({k: getattr(base, k) for k in
+                              ("in_features", "num_classes", "hadamard_size", "embed_size", "embedding", "eps",
+                               "signs", "rows", "scale", "bias")})
+        self._table = table
+
+    def block_table(self) -> np.ndarray | None:
+        return self._table
+
+
+def test_from_module_takes_the_block_table_else_the_whole_copy_table() -> None:
+    own = np.random.default_rng(0).choice([-1.0, 1.0], size=(2, 32))
+    assert np.array_equal(HeadSpec.from_module(_BlockTableHead(own)).table, own)
+    base = HadamardHead(32, 50)  # whole copies: N = 32, m = n = 64, T = 2
+    computed = HeadSpec.from_module(_BlockTableHead(None)).table
+    signs = np.concatenate([np.ones(32), base.signs.double().numpy()]).reshape(2, 32)
+    assert np.array_equal(computed, np.stack([signs[0] + signs[1], signs[0] - signs[1]]))  # H_2 · S
+    assert HeadSpec.from_module(HadamardHead(342, 100)).table is None  # N not a power of two
+
+
+def test_spec_rejects_bad_tables() -> None:
+    spec = table_spec(64, 10, 2, 64, kind="signs", seed=0)
+    with pytest.raises(ExportError, match="power of two"):
+        HeadSpec(**{**spec.__dict__, "table": np.ones((2, 96))})
+    with pytest.raises(ExportError, match=">= in_features"):
+        HeadSpec(**{**spec.__dict__, "table": np.ones((2, 32))})
+    with pytest.raises(ExportError, match=r"rows must be 10 indices in \[0, 128\)"):
+        HeadSpec(**{**spec.__dict__, "rows": np.arange(120, 130)})
+
+
+def _default_spec(n_feat: int, c: int) -> HeadSpec:
+    """The default sizing (docs/design.md) without building a HadamardHead (fast for huge C)."""
+    m0 = _next_pow2(c + 1)
+    if n_feat % m0 == 0:
+        m, n = m0, n_feat
+    else:
+        m = n = _next_pow2(max(n_feat, c + 1))
+    rng = np.random.default_rng(0)
+    spec = HeadSpec(in_features=n_feat, num_classes=c, hadamard_size=m, embed_size=n, embedding="tile",
+                    eps=1e-8, signs=rng.choice([-1.0, 1.0], size=n - n_feat),
+                    rows=rng.permutation(np.arange(1, m))[:c].astype(np.int64), scale=3.0, bias=rng.normal(size=c))
+    if n == m and n_feat < m and n_feat & (n_feat - 1) == 0:  # whole copies: the table, as from_module does
+        signs = np.concatenate([np.ones(n_feat), spec.signs]).reshape(m // n_feat, n_feat)
+        spec = HeadSpec(**{**spec.__dict__, "table": scipy.linalg.hadamard(m // n_feat) @ signs})
+    return spec
+
+
+BOUND_SIZES = [(64, 10), (10, 7), (342, 100), (256, 1200), (2048, 1000), (1664, 18000), (1000, 5000),
+               (4096, 30), (2048, 18000), (512, 32000)]
+
+
+@pytest.mark.parametrize(("n_feat", "c"), BOUND_SIZES)
+def test_portable_node_count_is_bounded(n_feat: int, c: int) -> None:
+    spec = _default_spec(n_feat, c)
+    model = head_model(spec)
+    nodes = len(model.graph.node)
+    p = spec.table.shape[1] if spec.table is not None else spec.hadamard_size
+    levels = p.bit_length() - 1
+    assert nodes <= onnx_head.portable_node_bound(spec) <= 5.5 * levels + 22.5
+    assert head_op_census(model)["Split"] == -(-levels // (1 if levels <= 6 else 2))
+    assert largest_head_constant(model) <= max(c, spec.embed_size)
+
+
+def _reshape_targets(model: onnx.ModelProto) -> list[list[int]]:
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    return [inits[n.input[1]].tolist() for n in model.graph.node if n.op_type == "Reshape"]
+
+
+@pytest.mark.parametrize(("n_feat", "c"), [(64, 10), (342, 100), (2048, 1000), (256, 1200), (512, 1000)])
+def test_portable_forms(n_feat: int, c: int) -> None:
+    """No If/Shape, reshapes to constant shapes with at most one -1, every head tensor of rank 2."""
+    spec = _default_spec(n_feat, c)
+    model = head_model(spec)
+    assert set(head_op_census(model)) <= PORTABLE_OPS
+    assert all(shape.count(-1) <= 1 for shape in _reshape_targets(model))
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred.graph.value_info}
+    assert ranks and set(ranks.values()) <= {2}, ranks
+    for node in model.graph.node:
+        if node.op_type == "Mul":  # constants broadcast over the batch only: (rows, 1), (1, cols) or scalars
+            for name in node.input:
+                t = next((i for i in model.graph.initializer if i.name == name), None)
+                assert t is None or len(t.dims) <= 2 and (len(t.dims) < 2 or 1 in t.dims)
+
+
+def test_static_batch_fixes_every_shape() -> None:
+    spec = _default_spec(256, 1200)
+    model = head_model(spec, static_batch=4)
+    assert all(-1 not in shape for shape in _reshape_targets(model))
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [4, 256]
+    x = np.random.default_rng(0).normal(size=(4, 256)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), table_reference(spec, x), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ExportError, match="static batch"):
+        head_model(spec, static_batch=0)
+
+
+@pytest.mark.parametrize("opset", [13, 15, 17, 18, 21])
+def test_opset_forms(opset: int) -> None:
+    spec = make_spec(342, 100, seed=1)
+    model = head_model(spec, opset=opset)
+    splits = [n for n in model.graph.node if n.op_type == "Split"]
+    # equal pieces of a batch-dependent size: `num_outputs` from 18 on, no `split` input (equal pieces by
+    # definition) below; constant sizes (the first level of 342x100's transform) as the `split` input
+    dynamic = [n for n in splits if len(n.input) == 1]
+    assert dynamic and all(any(a.name == "num_outputs" for a in n.attribute) == (opset >= 18) for n in dynamic)
+    assert model.ir_version == onnx.helper.find_min_ir_version_for(list(model.opset_import))
+    x = np.random.default_rng(1).normal(size=(3, 342)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), reference_logits(spec, x), atol=1e-4, rtol=0)
+    with pytest.raises(ExportError, match="opset 12 is too old"):
+        head_model(spec, opset=12)
+
+
+def test_static_time_axis() -> None:
+    spec = make_spec(342, 100, seed=4)
+    model = head_model(spec, time_axis=True, time_steps=5)
+    assert "Shape" not in head_op_census(model)
+    x = np.random.default_rng(2).normal(size=(3, 5, 342)).astype(np.float32)
+    want = reference_logits(spec, x.reshape(15, 342)).reshape(3, 5, 100)
+    np.testing.assert_allclose(_run(model, x), want, atol=1e-4, rtol=0)
+
+
+def test_unknown_layout_is_refused() -> None:
+    with pytest.raises(ExportError, match="head layout 'fast' is unknown"):
+        head_model(make_spec(64, 10), layout="fast")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("kind", ["contiguous", "shuffled", "fold", "pad", "table", "tiles"])
+def test_static_batch_paths_match_reference(kind: str, batch: int) -> None:
+    """Static batches of up to 4 run batch-major, larger ones batch-minor with constant Split sizes."""
+    spec, ref = {
+        "contiguous": (lambda: make_spec(342, 100, shuffled=False), reference_logits),
+        "shuffled": (lambda: make_spec(342, 100), reference_logits),
+        "fold": (lambda: make_spec(2048, 1000), reference_logits),
+        "pad": (lambda: make_spec(700, 300, embedding="pad"), reference_logits),
+        "table": (lambda: table_spec(100, 300, 3, 256, kind="integers", seed=1), table_reference),
+        "tiles": (lambda: _default_spec(128, 1000), table_reference),
+    }[kind]
+    spec = spec()
+    model = head_model(spec, static_batch=batch)
+    assert all(-1 not in shape for shape in _reshape_targets(model))
+    assert all(len(n.input) == 2 for n in model.graph.node if n.op_type == "Split")  # constant sizes (pnnx)
+    assert ("Transpose" in head_op_census(model)) == (batch > 4 or spec.hadamard_size <= 64)
+    x = np.random.default_rng(batch).normal(size=(batch, spec.in_features)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), ref(spec, x), atol=1e-4, rtol=1e-5)

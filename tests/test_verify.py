@@ -91,7 +91,9 @@ def test_mark_failed_renames_model_and_data(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.failed.onnx"]
 
     ext = export_onnx(model, tmp_path / "big.onnx", input_shape=(8,), head_layer="2", external_data_threshold=1)
+    weights = ext.external_data.read_bytes()
     failed = mark_failed(ext.path)
+    assert (tmp_path / "big.failed.onnx.data").read_bytes() == weights
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["big.failed.onnx", "big.failed.onnx.data", "model.failed.onnx"]
     proto = onnx.load(str(failed), load_external_data=False)
@@ -155,3 +157,19 @@ def test_check_head_static_looks_inside_if_branches():
     with pytest.raises(ExportError, match="constant of 40 elements"):
         check_head_static(_if_head("Add", 40), num_classes=10, embed_size=8)
     assert check_head_static(_if_head("Add", 40), num_classes=10, embed_size=40) == {"Add": 1, "Identity": 1, "If": 1}
+
+
+def test_check_head_static_lives_with_the_head_graph():
+    from fyc_convert import onnx_head, verify
+
+    assert verify.check_head_static is onnx_head.check_head_static
+
+
+def test_verify_at_a_static_batch_tops_up_the_last_chunk(tmp_path):
+    model, _, _ = _converted(tmp_path)
+    res = export_onnx(model, tmp_path / "static.onnx", input_shape=(8,), head_layer="2", static_batch=3)
+    real = torch.randn(7, 8, generator=torch.Generator().manual_seed(2))
+    ver = verify_onnx(res.path, model, inputs=real, input_shape=(8,), static_batch=3)
+    assert ver.batch_sizes == [3] and ver.n_samples == 9 + 6 and ver.max_abs_diff <= 1e-4
+    with pytest.raises(VerificationError, match="failed at batch 8: .*invalid dimensions"):
+        verify_onnx(res.path, model, input_shape=(8,))  # batches of 8, 1, 3 against a batch-3 graph

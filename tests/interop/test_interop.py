@@ -1,0 +1,192 @@
+"""Original and converted models through every deployment tool: parity with PyTorch, shapes, the head's checks.
+
+For each (tool, case): the converted model (`model.onnx`, dynamic batch) runs at batch 1 and 4 on real
+rows and must match PyTorch (|Δ| <= 1e-4 + 1e-4·|ref|, the export's own tolerance, and the same top-1);
+the static-batch export (`model_b1.onnx`) runs at batch 1; where the tool writes ONNX, its output keeps
+the head slim (no new MatMul/Gemm/Conv, no constant beyond the input's largest or max(C, n)). The original
+runs through the same tool for the record; where it fails too, ours is skipped, not failed. int8
+quantizers cannot match float32 to 1e-4: there ours must agree with PyTorch on top-1 about as often as
+the quantized original does (within two rows of 16) and keep the head slim.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import tools
+import zoo
+from conftest import RESULTS
+from tools import QUANTIZERS, TOOLS, ToolFailed, ToolRun
+
+from fyc_convert.onnx_head import DENSE_OPS, HEAD_PREFIX, check_head_static
+
+CASES = [c for c in os.environ.get("FYC_INTEROP_CASES", ",".join(zoo.CASES)).split(",") if c]
+ATOL = RTOL = 1e-4
+# Originals not run, with why: onnx2tf needs minutes for a 66-148 MB Gemm (512 x 32000 took 387 s on
+# this project's 2-core machine, 2048 x 18000 more than 13 minutes) — beyond the suite's budget.
+SLOW_ORIGINALS = {
+    ("onnx2tf-litert", "wide512x32000"): "onnx2tf takes 387 s for the 66 MB Gemm",
+    ("onnx2tf-litert", "wide2048x18000"): "onnx2tf takes > 13 min for the 148 MB Gemm",
+}
+# ncnn has no gather layer, and pnnx turns an ONNX Gather of an index list into a Crop of its first index
+# (pass_ncnn/convert_Tensor_select takes a scalar index): class rows that are not one contiguous run
+# (from_linear's assignment, i.e. the CLI's heads) cannot be picked in ncnn. Contiguous rows are a Slice.
+NCNN_GATHER = "ncnn has no gather layer; pnnx keeps one index of the class-row Gather"
+# Default static QDQ puts every butterfly level's Add/Sub output through int8 (a per-tensor scale): on the
+# synthetic 18,000- and 32,000-class heads, whose top-1 margins are below that rounding, top-1 flips.
+# The head holds no weights, so excluding its nodes costs nothing: "ort-int8-qdq-float-head" does that.
+PNNX_DYNAMIC = ("pnnx drops Split sizes that depend on the batch (ncnn then crashes): convert the "
+                "static-batch export")
+QDQ_HEAD = "int8 QDQ rounds each of the head's 9-11 butterfly levels; exclude fyc_head/ nodes"
+_BUILT: dict[str, zoo.Case] = {}
+
+
+def _picks_by_gather(case: zoo.Case) -> bool:
+    model = onnx.load(str(case.path("model")), load_external_data=False)
+    return any(n.op_type == "Gather" and n.name.startswith(HEAD_PREFIX) for n in model.graph.node)
+
+
+def _case(name: str, folder: Path) -> zoo.Case:
+    if name not in _BUILT:
+        _BUILT[name] = zoo.build_case(name, folder)
+    return _BUILT[name]
+
+
+def _attempt(tool: str, model: Path, x: np.ndarray, batches: list[int], work: Path) -> ToolRun | ToolFailed:
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return TOOLS[tool](model, x, batches, work)
+    except ToolFailed as e:
+        return e
+
+
+def _family(op: str) -> str:
+    """MatMulInteger/QLinearMatMul count as MatMul, ConvInteger/QLinearConv as Conv (quantizers rename)."""
+    return {"MatMulInteger": "MatMul", "QLinearMatMul": "MatMul", "ConvInteger": "Conv", "QLinearConv": "Conv",
+            "Gemm": "MatMul"}.get(op, op)
+
+
+def _dense_count(model: onnx.ModelProto) -> int:
+    return sum(1 for n in model.graph.node if n.op_type in DENSE_OPS)
+
+
+def _largest_initializer(model: onnx.ModelProto) -> int:
+    return max((int(np.prod(t.dims)) for t in model.graph.initializer), default=0)
+
+
+def _check_slim(tool_onnx: Path, source: Path, case: zoo.Case) -> None:
+    """The tool's output has no dense op the input lacked and no constant beyond the input's or max(C, n)."""
+    out, src = onnx.load(str(tool_onnx)), onnx.load(str(source))
+    assert _dense_count(out) <= _dense_count(src), "the tool added a MatMul/Gemm/Conv"
+    limit = max(_largest_initializer(src), case.num_classes, case.embed_size)
+    assert _largest_initializer(out) <= limit, "the tool re-inflated a constant"
+    if any(n.name.startswith(HEAD_PREFIX) for n in out.graph.node):  # names kept: the head's own checks
+        census = check_head_static(out, num_classes=case.num_classes, embed_size=case.embed_size)
+        assert not {_family(op) for op in census} & {"MatMul", "Conv"}
+
+
+def _record(tool: str, case: str, variant: str, run: ToolRun | ToolFailed | None, ref: np.ndarray | None,
+            note: str = "") -> None:
+    entry = {"tool": tool, "case": case, "variant": variant}
+    if run is None:
+        entry |= {"status": "not run", "note": note}
+    elif isinstance(run, ToolFailed):
+        entry |= {"status": "fails", "note": str(run)}
+    else:
+        diffs = [float(np.abs(y - ref[: len(y)]).max()) for y in run.outputs.values()]
+        top1 = min(float((y.argmax(1) == ref[: len(y)].argmax(1)).mean()) for y in run.outputs.values())
+        entry |= {"status": "runs", "max_abs_diff": max(diffs), "top1_agreement": top1,
+                  "max_abs_ref": float(np.abs(ref).max()),
+                  "note": "; ".join([note, *run.notes]).strip("; ")}
+    RESULTS.append(entry)
+
+
+def _assert_parity(run: ToolRun, ref: np.ndarray, batches: list[int]) -> None:
+    assert sorted(run.outputs) == sorted(batches)
+    for batch, y in run.outputs.items():
+        want = ref[: len(y)]
+        assert y.shape == want.shape, f"batch {batch}: shape {y.shape} != {want.shape}"
+        excess = np.abs(y - want) - (ATOL + RTOL * np.abs(want))
+        assert excess.max() <= 0, f"batch {batch}: max |Δ| {np.abs(y - want).max():.3g} beyond {ATOL:g} + {RTOL:g}·|ref|"
+        assert np.array_equal(y.argmax(1), want.argmax(1)), f"batch {batch}: top-1 differs"
+
+
+def _agreement(run: ToolRun, ref: np.ndarray) -> float:
+    return min(float((y.argmax(1) == ref[: len(y)].argmax(1)).mean()) for y in run.outputs.values())
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("case_name", CASES)
+@pytest.mark.parametrize("tool", list(TOOLS))
+def test_tool_keeps_the_converted_model_exact(tool: str, case_name: str, zoo_dir: Path, tmp_path: Path) -> None:
+    case = _case(case_name, zoo_dir)
+    rows = case.rows()
+    x, ref_model, ref_original = rows["x"], rows["ref_model"], rows["ref_original"]
+    batches = [1, 4]
+    variant = "model"
+    if tool == "pnnx-ncnn":  # pnnx converts at one input shape: the static-batch export is what it takes
+        dynamic = _attempt(tool, case.path("model"), x, [1], tmp_path / "dynamic")
+        _record(tool, case_name, "converted, dynamic batch", dynamic, ref_model, PNNX_DYNAMIC)
+        batches, variant = [1], "model_b1"
+    ours = _attempt(tool, case.path(variant), x, batches, tmp_path / "model")
+    slow = SLOW_ORIGINALS.get((tool, case_name))
+    original = None if slow else _attempt(tool, case.path("original"), x, batches, tmp_path / "original")
+    _record(tool, case_name, "original", original, ref_original, slow or "")
+    _record(tool, case_name, "converted" if variant == "model" else "static b1", ours, ref_model)
+    if isinstance(ours, ToolFailed):
+        if isinstance(original, ToolFailed):
+            pytest.skip(f"{tool} fails on the original too: {original}")
+        pytest.fail(f"{tool} fails only on the converted model: {ours}")
+    if tool == "pnnx-ncnn" and _picks_by_gather(case):
+        try:
+            _assert_parity(ours, ref_model, batches)
+        except AssertionError as e:
+            pytest.xfail(f"{NCNN_GATHER} ({str(e).splitlines()[0]})")
+
+    if tool in QUANTIZERS:
+        # the zoo's converted models are swapped, not fine-tuned: smaller top-1 margins than the originals,
+        # so int8 rounding may flip a row more; two rows of 16 are allowed
+        want = _agreement(original, ref_original) - 2 / len(x) if isinstance(original, ToolRun) else 0.85
+        got = _agreement(ours, ref_model)
+        if got < want and tool == "ort-int8-qdq" and case_name.startswith("wide"):
+            pytest.xfail(f"{QDQ_HEAD} (top-1 {got:.0%} against {want + 2 / len(x):.0%} for the original)")
+        assert got >= want, f"top-1 agreement {got:.0%} below the quantized original's {want:.0%} (less one row)"
+    else:
+        _assert_parity(ours, ref_model, batches)
+    if ours.onnx is not None:
+        _check_slim(ours.onnx, case.path("model"), case)
+    if variant != "model":
+        return
+
+    static = _attempt(tool, case.path("model_b1"), x, [1], tmp_path / "model_b1")
+    _record(tool, case_name, "static b1", static, ref_model)
+    if isinstance(static, ToolFailed):
+        original_b1 = None if slow else _attempt(tool, case.path("original_b1"), x, [1], tmp_path / "original_b1")
+        if isinstance(original_b1, ToolFailed):
+            pytest.skip(f"{tool} fails on the static-batch original too: {original_b1}")
+        pytest.fail(f"{tool} fails on the static-batch converted model: {static}")
+    if tool in QUANTIZERS:
+        assert _agreement(static, ref_model) >= _agreement(ours, ref_model) - 2 / len(x)
+    else:
+        _assert_parity(static, ref_model, [1])
+
+
+@pytest.mark.interop
+def test_adapters_catch_a_wrong_model(zoo_dir: Path, tmp_path: Path) -> None:
+    """The parity check fails on a model whose head was tampered with (the suite can fail)."""
+    case = _case(CASES[0], zoo_dir)
+    model = onnx.load(str(case.path("model")))
+    (bias,) = [t for t in model.graph.initializer if t.name.startswith(f"{HEAD_PREFIX}bias")]
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[0] += 1.0
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(model, str(bad))
+    rows = case.rows()
+    run = tools.onnxruntime_tool(bad, rows["x"], [1, 4], tmp_path)
+    with pytest.raises(AssertionError, match="max"):
+        _assert_parity(run, rows["ref_model"], [1, 4])
