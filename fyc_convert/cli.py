@@ -40,6 +40,11 @@ class DeviceKind(str, Enum):
     cuda = "cuda"
 
 
+class HeadLayout(str, Enum):
+    portable = "portable"
+    batch_switched = "batch-switched"
+
+
 class DType(str, Enum):
     fp32 = "fp32"
     fp16 = "fp16"
@@ -86,7 +91,9 @@ def convert(
     seed: Annotated[int, typer.Option(min=0)] = 0,
     resume: Annotated[bool, typer.Option(help="Finish an interrupted run in the output folder (training continues from its checkpoint).")] = False,
     output_dir: Annotated[Optional[Path], typer.Option("-o", "--output-dir", help="Default: <checkpoint stem>_fyc/ next to the checkpoint.")] = None,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset (default: a recent one onnxruntime runs).")] = None,
+    opset: Annotated[Optional[int], typer.Option(help="ONNX opset, 13 to 20. [default: 17, what most edge converters take]", show_default=False)] = None,
+    head_layout: Annotated[HeadLayout, typer.Option(help="ONNX head graph: portable (every edge runtime) or batch-switched (an If on the batch size, faster in onnxruntime servers for large heads at large batches).")] = HeadLayout.portable,
+    static_batch: Annotated[Optional[int], typer.Option(min=1, help="Export with this fixed batch size (edge compilers, NPUs) instead of a dynamic batch axis.")] = None,
     dtype: Annotated[DType, typer.Option(help="Precision of the exported backbone; inputs/outputs stay fp32.")] = DType.fp32,
     atol: Annotated[Optional[float], typer.Option(help="Verification tolerance on logits (absolute). [default: 1e-4; fp16: 5e-2]", show_default=False)] = None,
     rtol: Annotated[Optional[float], typer.Option(help="Verification tolerance on logits (relative). [default: as --atol]", show_default=False)] = None,
@@ -106,7 +113,8 @@ def convert(
         input_shape=_shape(input_shape), data=data, val_split=val_split, epochs=epochs, lr=lr,
         batch_size=batch_size, optimizer=optimizer.value if optimizer is not None else None, distill=distill,
         fixed_scale=fixed_scale, bias=not no_bias, hadamard_size=hadamard_size, device=device.value, seed=seed,
-        resume=resume, output_dir=output_dir, opset=opset, dtype=dtype.value, atol=atol, rtol=rtol,
+        resume=resume, output_dir=output_dir, opset=opset, head_layout=head_layout.value, static_batch=static_batch,
+        dtype=dtype.value, atol=atol, rtol=rtol,
         report_path=report, dry_run=dry_run, bench=bench, force=force,
         class_lr_eta_mu=class_lr_eta_mu, class_lr_cutoff=class_lr_cutoff,
         class_lr_layers=tuple(s.strip() for s in class_lr_layers.split(",")) if class_lr_layers else None,
