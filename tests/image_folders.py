@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 
@@ -17,9 +18,10 @@ def level(c: int, i: int) -> int:
 
 
 def write_class_folders(root: Path, classes: list[str], per_class: int, *, size: tuple[int, int] = (12, 10),
-                        ext: str = ".png", mode: str = "RGB", start: int = 0) -> list[str]:
+                        ext: str = ".png", mode: str = "RGB", start: int = 0, noise: int = 0) -> list[str]:
     """root/<class>/img_<i><ext> for each class (in the given order, labels by sorted name); returns the written
-    paths relative to root in torchvision's order (classes sorted, files sorted)."""
+    paths relative to root in torchvision's order (classes sorted, files sorted). `noise` > 0 adds seeded
+    uniform noise of that many grey levels (so crops and flips change the pixels)."""
     order = sorted(classes)
     written = []
     for name in classes:  # written in the given (unsorted) order on purpose
@@ -27,7 +29,9 @@ def write_class_folders(root: Path, classes: list[str], per_class: int, *, size:
         d.mkdir(parents=True, exist_ok=True)
         c = order.index(name)
         for i in range(start, start + per_class):
-            value = level(c, i)
-            Image.new(mode, size, value if mode == "L" else (value,) * 3).save(d / f"img_{i:03d}{ext}")
+            shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+            rng = np.random.default_rng(1000 * c + i)
+            pixels = level(c, i) + (rng.integers(-noise, noise + 1, shape) if noise else np.zeros(shape, int))
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8), mode).save(d / f"img_{i:03d}{ext}")
             written.append(f"{name}/img_{i:03d}{ext}")
     return sorted(written, key=lambda p: (order.index(p.split("/")[0]), p))
