@@ -38,7 +38,8 @@ from torch.utils.data import (
 
 from fyc_convert.errors import DataError
 
-__all__ = ["BadSample", "BatchStream", "default_workers", "make_loader", "random_subset", "sample_seed"]
+__all__ = ["BadSample", "BatchStream", "default_workers", "make_loader", "random_subset", "sample_inputs", "sample_seed",
+           "subset_loader"]
 
 
 @dataclass(frozen=True)
@@ -226,3 +227,18 @@ def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
+
+
+def subset_loader(dataset: Dataset, n: int, *, seed: int, batch_size: int = 256, device: torch.device | None = None,
+                  workers: int | None = None) -> BatchStream:
+    """Batches of a seeded random subset of at most `n` samples (`random_subset`), e.g. the features for the
+    head's row assignment: `capture_features(model, layer, subset_loader(bundle.plain_train, 2048, seed=0))`."""
+    return make_loader(dataset, batch_size=batch_size, device=device or torch.device("cpu"), workers=workers,
+                       indices=random_subset(len(dataset), n, seed=seed))
+
+
+def sample_inputs(dataset: Dataset, n: int, *, seed: int, workers: int | None = None) -> Tensor:
+    """(min(n, S), *sample_shape) float32 model inputs of a seeded random subset, on the CPU (keep n small: they
+    are held in memory; e.g. the real inputs of ONNX verification)."""
+    xs = [x for x, _ in subset_loader(dataset, n, seed=seed, workers=workers)]
+    return torch.cat(xs) if xs else torch.zeros(0)

@@ -13,7 +13,9 @@ from fyc_convert.loader import (
     default_workers,
     make_loader,
     random_subset,
+    sample_inputs,
     sample_seed,
+    subset_loader,
 )
 from fyc_convert.transforms import Normalize
 
@@ -27,6 +29,14 @@ def test_random_subset_is_seeded_sorted_and_bounded():
     assert max(a) > 500  # not the first 50: data sorted by class is sampled across classes
     assert random_subset(10, 50, seed=0) == list(range(10))
     assert random_subset(0, 5, seed=0) == []
+
+
+def test_subset_helpers_read_the_seeded_subset_normalised():
+    ds = _Raw(skip=True)
+    x = sample_inputs(ds, 3, seed=2)
+    idx = [i for i in random_subset(6, 3, seed=2) if i != 3]  # sample 3 is unreadable (skipped)
+    torch.testing.assert_close(x[:, 0, 0, 0], (torch.tensor(idx, dtype=torch.float32) / 255 - 0.5) / 0.5)
+    assert [y for _, ys in subset_loader(ds, 3, seed=2, batch_size=1) for y in ys.tolist()] == idx
 
 
 def test_sample_seeds_are_distinct():
