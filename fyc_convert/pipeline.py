@@ -97,24 +97,31 @@ def convert(checkpoint: str | Path, options: ConvertOptions | None = None, *,
     model = loaded.model.eval()
     meta = loaded.meta or {}
 
+    from fyc_convert.data import DataOptions
+    from fyc_convert.preprocess import resolve_preprocessing
+
+    data_opts = DataOptions(val_split=opts.val_split, input_shape=opts.input_shape)
     bundle = None
     if opts.data is not None:
         from fyc_convert.data import load_data
 
         say(f"reading data {opts.data}")
-        bundle = load_data(opts.data, val_split=opts.val_split, seed=opts.seed,
-                           input_shape=opts.input_shape or _meta_shape(meta),
-                           mean=meta.get("mean"), std=meta.get("std"))
-    input_shape = opts.input_shape or _meta_shape(meta) or (tuple(bundle.input_shape) if bundle else None)
+        bundle = load_data(opts.data, data_opts, seed=opts.seed, meta=meta, model=model)
+    # the model's input shape: options, checkpoint meta, the model's own config, then the data
+    prep = bundle.preprocessing if bundle is not None else resolve_preprocessing(data_opts, meta=meta, model=model)
+    input_shape = prep.input_shape
 
     original = copy.deepcopy(model)
     layer, linear = find_classifier(model, layer=opts.layer, input_shape=input_shape)
     features = None
     if bundle is not None:
         from fyc_convert.data import check_data
+        from fyc_convert.loader import subset_loader
 
         check_data(bundle, num_classes=linear.out_features, input_shape=input_shape)
-        features = capture_features(model, layer, _first_inputs(bundle.train, 2048))
+        # row-assignment features of a seeded random subset (sorted data must not bias it), streamed
+        features = capture_features(model, layer, subset_loader(bundle.plain_train, 2048, seed=opts.seed,
+                                                                workers=bundle.workers))
 
     say(f"swapping {layer} ({linear.in_features} → {linear.out_features}) for a fixed {opts.head} head")
     swap = swap_classifier(model, head=opts.head, layer=layer, input_shape=input_shape, features=features,
@@ -144,6 +151,8 @@ def convert(checkpoint: str | Path, options: ConvertOptions | None = None, *,
         report.notes.append("the orthogonal head has no fast transform: it is exported as a dense constant, "
                             "so its savings are in trained parameters only, not in file size or compute")
 
+    if bundle is not None:
+        report.notes.append(_data_note(bundle))
     if bundle is not None and not opts.dry_run:
         _train(model, original, head, bundle, opts, out_dir if writes else None, report, say, epoch_progress)
     elif bundle is None:
@@ -179,12 +188,12 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path | 
     acc = AccuracyReport(measured_on=f"{where}, {len(held_out)} samples")
 
     def accuracy(m) -> float | None:
-        return evaluate(m, held_out, device=device).accuracy
+        return evaluate(m, held_out, device=device, workers=bundle.workers).accuracy
 
     acc.original = accuracy(original)
     acc.swapped = accuracy(model)
     say("calibrating α and bias with the backbone frozen")
-    calibrate(model, head, bundle.train, device=device, seed=opts.seed,
+    calibrate(model, head, bundle.plain_train, device=device, seed=opts.seed, workers=bundle.workers,
               teacher=original if opts.distill or not bundle.labelled else None,
               distill=opts.distill or not bundle.labelled)
     acc.calibrated = accuracy(model)
@@ -204,8 +213,13 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path | 
         acc.finetuned = accuracy(model)
         report.training = {"epochs": opts.epochs, "optimizer": opts.optimizer, "device": result.device,
                            "world_size": result.world_size, "resumed_from_epoch": result.resumed_from_epoch,
+                           "precision": result.precision, "channels_last": result.channels_last,
+                           "data": bundle.summary() | {"skipped_images": result.skipped_images},
                            "history": [dataclasses.asdict(h) for h in result.history]}
-    acc.agreement = evaluate(model, held_out, device=device, reference_model=original).agreement
+        if result.skipped_images:
+            report.notes.append(f"skipped {result.skipped_images} unreadable image(s) (--skip-bad-images)")
+    acc.agreement = evaluate(model, held_out, device=device, reference_model=original,
+                             workers=bundle.workers).agreement
     report.accuracy = acc
     model.cpu().eval()
 
@@ -236,7 +250,10 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
         check_head_static(conv_res.path, num_classes=swap.num_classes, embed_size=swap.head.embed_size)
     real = None
     if bundle is not None:
-        real = _first_inputs(bundle.val if bundle.val is not None else bundle.train, 64)
+        from fyc_convert.loader import sample_inputs
+
+        real = sample_inputs(bundle.val if bundle.val is not None else bundle.plain_train, 64, seed=opts.seed,
+                             workers=bundle.workers)
     atol, rtol = (opts.atol, opts.rtol) if opts.dtype == "fp32" else (max(opts.atol, 5e-2), max(opts.rtol, 5e-2))
     try:
         ver = verify_onnx(conv_res.path, model, inputs=real, input_shape=input_shape, atol=atol, rtol=rtol,
@@ -318,14 +335,20 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def _meta_shape(meta: dict[str, Any]) -> tuple[int, ...] | None:
-    shape = meta.get("input_shape")
-    return tuple(int(s) for s in shape) if shape else None
-
-
-def _first_inputs(dataset, n: int) -> torch.Tensor:
-    n = min(n, len(dataset))
-    return torch.stack([dataset[i][0] for i in range(n)])
+def _data_note(bundle) -> str:
+    """One line for the report: the data's format and the preprocessing used, each value with its source."""
+    p = bundle.preprocessing
+    parts = [f"input {'x'.join(map(str, p.input_shape))} ({p.sources.get('input_shape', 'default')})"]
+    for name in ("mean", "std"):
+        value = getattr(p, name)
+        if value is not None:
+            parts.append(f"{name} {', '.join(f'{v:g}' for v in value)} ({p.sources.get(name)})")
+    if bundle.kind == "images":
+        parts.append(f"crop_pct {p.crop_pct:g} ({p.sources.get('crop_pct', 'default')})")
+        parts.append(f"{p.interpolation} ({p.sources.get('interpolation', 'default')})")
+    parts.append(f"augment {'on' if p.augment else 'off'} ({p.sources.get('augment', 'default')})")
+    return f"data: {bundle.kind}, {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val; " \
+           f"preprocessing: {'; '.join(parts)}"
 
 
 def _is_main_process() -> bool:
