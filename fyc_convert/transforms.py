@@ -126,7 +126,9 @@ class Normalize:
     """Batch normalisation of inputs: (x · scale − mean) / std in float32, on whatever device `x` is.
 
     `scale` is 1/255 for uint8 data (images, uint8 arrays) and 1 for float data; mean/std broadcast per channel
-    (1 or C values for (B, C, ...) batches) or per element (one value per element of a sample).
+    (1 or C values for (B, C, ...) batches) or per element (one value per element of a sample). Computed as
+    x · a + b (a = scale / std, b = −mean / std) in place on the one float copy of the batch: a 64×3×224×224
+    batch is 38 MB of float32, and every extra pass or allocation over it is a visible share of a CPU step.
     """
 
     def __init__(self, *, scale: float = 1.0, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
@@ -134,24 +136,27 @@ class Normalize:
         self.scale = scale
         self.mean = None if mean is None else _broadcast(mean, sample_shape)
         self.std = None if std is None else _broadcast(std, sample_shape)
-        self._on: dict[torch.device, tuple[Tensor | None, Tensor | None]] = {}
+        self._on: dict[torch.device, tuple[Tensor | float, Tensor | None]] = {}
 
     @property
     def identity(self) -> bool:
         return self.scale == 1.0 and self.mean is None and self.std is None
 
+    def _coefficients(self, device: torch.device) -> tuple[Tensor | float, Tensor | None]:
+        """(a, b) on `device`, made once per device."""
+        if device not in self._on:
+            a: Tensor | float = self.scale if self.std is None else (self.scale / self.std).to(device)
+            b = None if self.mean is None else (-self.mean / (1.0 if self.std is None else self.std)).to(device)
+            self._on[device] = (a, b)
+        return self._on[device]
+
     def __call__(self, x: Tensor) -> Tensor:
-        x = x.float()
-        if self.scale != 1.0:
-            x = x * self.scale
-        if x.device not in self._on:  # mean/std moved once per device
-            self._on[x.device] = tuple(None if t is None else t.to(x.device) for t in (self.mean, self.std))
-        mean, std = self._on[x.device]
-        if mean is not None:
-            x = x - mean
-        if std is not None:
-            x = x / std
-        return x
+        if self.identity:
+            return x.float()
+        a, b = self._coefficients(x.device)
+        # one new float tensor: x.float() copies integer data; float32 input gets its copy from the multiply
+        y = torch.mul(x, a) if x.dtype == torch.float32 else x.float().mul_(a)
+        return y.add_(b) if b is not None else y
 
     def __getstate__(self) -> dict:  # device copies stay in the process that made them
         return {**self.__dict__, "_on": {}}
