@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +18,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as a plain script
+
+# _KillAt SIGKILLs this process; its DataLoader workers notice that their parent is gone and exit by themselves
+from _ddp_worker import _KillAt
 
 from fyc_convert.data import DataBundle, load_data
 from fyc_convert.finetune import FinetuneConfig, calibrate, finetune
@@ -43,21 +44,6 @@ def build_image_run(data: Path, *, workers: int, seed: int = 0) -> tuple[nn.Modu
 
 def image_config(**kw) -> FinetuneConfig:
     return FinetuneConfig(**{"epochs": 3, "batch_size": 4, "lr": 0.05, "device": "cpu", **kw})
-
-
-class _KillAt:
-    """A stand-in for rich's Progress that SIGKILLs this process (DataLoader workers included) after `step` steps."""
-
-    def __init__(self, step: int):
-        self.step, self.seen = step, 0
-
-    def add_task(self, description: str, **fields) -> int:
-        return 0
-
-    def update(self, task: int, **fields) -> None:
-        self.seen += 1
-        if self.seen == self.step:
-            os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def main() -> None:

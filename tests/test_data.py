@@ -495,6 +495,15 @@ def test_npy_folder_with_its_own_val_split_float_data_and_no_labels(tmp_path):
     assert load_data(tmp_path / "f").classes == ["golden retriever", "tabby cat"]
 
 
+def test_streaming_labels_are_checked_without_decoding(tmp_path):
+    _npy_folder(tmp_path / "a")  # labels 0..2
+    b = load_data(tmp_path / "a", val_split=0)
+    with pytest.raises(DataError, match=r"training label 2 \(sample 2\) is outside 0..1 for a 2-class model"):
+        check_data(b, num_classes=2)
+    with pytest.raises(DataError, match=r"samples have shape \(1, 4, 4\) but the model expects \(1, 8, 8\)"):
+        check_data(b, num_classes=3, input_shape=(1, 8, 8))
+
+
 def test_npy_nan_row_and_bad_files(tmp_path):
     x, _ = _npy_folder(tmp_path / "n", dtype=np.float32)
     x[7, 0, 1, 1] = np.nan
