@@ -446,8 +446,10 @@ def finetune(
                 trainer.history.append(stats)
                 trainer.save(epoch + 1)
     finally:
-        if trainer.channels_last:
-            model.to(memory_format=torch.contiguous_format)  # exporters and safetensors want contiguous weights
+        if trainer.channels_last:  # exporters and safetensors want contiguous weights
+            for m in (model, teacher):
+                if m is not None:
+                    m.to(memory_format=torch.contiguous_format)
         model.eval()
     return trainer.result()
 

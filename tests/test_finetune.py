@@ -582,15 +582,20 @@ def test_fp16_loss_scaling_is_checkpointed_and_resumes(tmp_path):
 
 
 def test_channels_last_trains_and_hands_back_contiguous_weights(image_folder):
-    plain, head, bundle = build_image_run(image_folder, workers=0)
-    finetune(plain, head, bundle, image_config(epochs=1, channels_last=False))
-    model, head, bundle = build_image_run(image_folder, workers=0)
-    result = finetune(model, head, bundle, image_config(epochs=1, channels_last=True))
-    assert result.channels_last and not finetune(*build_image_run(image_folder, workers=0)[:3],
-                                                   image_config(epochs=0)).channels_last  # None on CPU: off
-    assert all(t.is_contiguous() for t in model.state_dict().values())
-    for k, v in plain.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    teacher, _, bundle = build_image_run(image_folder, workers=0, seed=1)
+    runs = {}
+    for channels_last in (True, False):
+        model, head, bundle = build_image_run(image_folder, workers=0)
+        result = finetune(model, head, bundle, image_config(epochs=1, channels_last=channels_last, distill=True),
+                          teacher=teacher)
+        assert result.channels_last is channels_last
+        # conv weights (O, I, kH, kW) in channels_last are not contiguous: both models are handed back contiguous
+        assert all(t.is_contiguous() for m in (model, teacher) for t in m.state_dict().values())
+        runs[channels_last] = model
+    for k, v in runs[False].state_dict().items():  # the same training, up to float reassociation
+        torch.testing.assert_close(runs[True].state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    default = finetune(*build_image_run(image_folder, workers=0)[:3], image_config(epochs=0))
+    assert not default.channels_last  # None: channels_last on CUDA only
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
