@@ -19,6 +19,7 @@ private, so neither the number of workers nor a resume changes what a step sees,
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -149,7 +150,7 @@ class BatchStream:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         non_blocking = self.device.type == "cuda"
         t = time.perf_counter()
-        for batch, bad in self.loader:
+        for batch, bad in self._start():
             self._handle_bad(bad)
             if batch is None:  # every sample of the batch was skipped
                 continue
@@ -163,6 +164,22 @@ class BatchStream:
             self.data_seconds += time.perf_counter() - t
             yield x, y
             t = time.perf_counter()
+
+    def _start(self) -> Iterator[Any]:
+        """The DataLoader's iterator; its workers are forked here, with the garbage collector's objects frozen.
+
+        A forked worker that runs a collection would otherwise free this process's uncollected garbage, and
+        destructors of native objects whose threads did not survive the fork then block forever (an onnxruntime
+        session's thread pool does: tests/test_loader.py reproduces it). Frozen objects are never collected in
+        the worker (their pages also stay shared); this process unfreezes them as soon as the workers exist.
+        """
+        if self.loader.num_workers == 0:
+            return iter(self.loader)
+        gc.freeze()
+        try:
+            return iter(self.loader)
+        finally:
+            gc.unfreeze()
 
     def _handle_bad(self, bad: list[BadSample]) -> None:
         for b in bad:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import Dataset, RandomSampler, TensorDataset
@@ -135,6 +141,20 @@ def test_bad_samples_raise_one_line_in_the_main_process_or_are_skipped(workers):
     assert ys.tolist() == [0, 1, 2, 4, 5] and ds.skipped == {"file3.png"}
     only_bad = list(make_loader(_Raw(skip=True), batch_size=1, device=CPU, indices=[3, 4]))
     assert [b[1].tolist() for b in only_bad] == [[4]]  # a batch with nothing left is dropped
+
+
+def test_workers_do_not_free_the_parents_garbage():
+    # a forked worker that collected an onnxruntime session left in a cycle used to block forever
+    script = Path(__file__).with_name("_fork_gc_worker.py")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the script and its hung worker
+        proc.communicate()
+        pytest.fail("a DataLoader worker hung freeing the parent's garbage (onnxruntime session destructor)")
+    assert proc.returncode == 0 and out.strip() == "ok 4", err[-2000:]
 
 
 def test_default_workers_and_bad_workers():
