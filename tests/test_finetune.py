@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _ddp_worker import build
@@ -18,7 +19,7 @@ from image_folders import write_class_folders
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fyc_convert.data import UNLABELLED
+from fyc_convert.data import UNLABELLED, NpyDataset, load_data
 from fyc_convert.errors import DataError, TrainingError
 from fyc_convert.finetune import (
     CHECKPOINT_NAME,
@@ -524,6 +525,26 @@ def test_unreadable_image_mid_training_stops_in_one_line_or_is_skipped(tmp_path)
     result = finetune(model, head, bundle, image_config(epochs=2))
     assert result.skipped_images == 1 and bundle.skipped_images() == [str(bad)]
     assert len(result.history) == 2
+
+
+def test_memory_mapped_npy_data_trains(tmp_path):
+    _, _, blobs = build()  # the separable blobs, written as .npy files
+    (tmp_path / "arrays").mkdir()
+    for split, ds in (("train", blobs.train), ("val", blobs.val)):
+        np.save(tmp_path / "arrays" / f"x_{split}.npy", ds.tensors[0].numpy())
+        np.save(tmp_path / "arrays" / f"y_{split}.npy", ds.tensors[1].numpy())
+    bundle = load_data(tmp_path / "arrays", workers=1)
+    assert isinstance(bundle.train, NpyDataset) and (len(bundle.train), len(bundle.val)) == (90, 30)
+    model, head, _ = build()
+    start = evaluate(model, bundle.val, device="cpu", workers=1).accuracy
+    calibrate(model, head, bundle.train, device="cpu", workers=1)
+    result = finetune(model, head, bundle, _cfg(epochs=3))
+    assert result.final.accuracy > start and result.final.accuracy >= 0.8
+    reference, head, tensors = build()  # the same run on the in-memory tensors: the same weights
+    calibrate(reference, head, tensors.train, device="cpu")
+    finetune(reference, head, tensors, _cfg(epochs=3))
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v)
 
 
 def test_calibrate_streams_a_bounded_seeded_subset(image_folder):
