@@ -7,9 +7,10 @@ BatchNorm, two more convs, global pool, a HadamardHead), so that decoding, not t
 on a 2-core CPU; one torch thread in the training process.
 
 1. Peak memory of one fine-tuning epoch (`fyc_convert.finetune`, one DataLoader worker) over 1,000 and over
-   20,000 images, each in a fresh process: the resident set of the process tree (training process + workers)
-   sampled every 0.1 s, summed as RSS and as PSS (shared pages counted once), and the training process's own
-   peak (ru_maxrss). Target: the larger within 15% of the smaller (constant memory).
+   20,000 images, each in a fresh process: the memory of the process tree (training process + workers)
+   sampled every 0.1 s, summed as RSS and as USS (pages unique to the tree: what it would free; unlike PSS it
+   does not move when other processes on the machine map the same torch libraries), and the training
+   process's own peak (ru_maxrss). Target: the larger within 15% of the smaller (constant memory).
    `--eager-src OLD_TREE` also measures the eager loader of an older checkout (e.g. `git archive 8089556`),
    which decoded every image into one float32 tensor, on the 1,000 images.
 2. Throughput of the loader alone (images/s through `make_loader`, augmenting, batch 64) with 1 and 2 workers.
@@ -20,8 +21,11 @@ on a 2-core CPU; one torch thread in the training process.
    wall-clock images/s of the epoch, and images per CPU-second of the training process (the whole call, setup
    included, workers not counted): on shared cores the second is the steadier measure of the loop's own cost.
 
+4. With `--long N`: one epoch over N synthetic uint8 samples (made in the worker, no decoding), the training
+   process's RSS/USS every 150 steps and its peak so far: memory stays flat over a long run.
+
     python benchmarks/data_pipeline.py [--root /tmp/fyc_bench_images] [--sizes 1000 20000] [--repeats 3]
-                                       [--eager-src /tmp/base] [--skip-rss] [--skip-throughput]
+                                       [--eager-src /tmp/base] [--skip-rss] [--skip-throughput] [--long 96000]
 
 Prints medians and ratios; the numbers quoted in the README's Data section come from this script.
 """
@@ -133,26 +137,26 @@ def child_epoch(folder: Path, eager_src: str | None) -> None:
 
 
 def measure_epoch_memory(folder: Path, eager_src: str | None = None) -> dict:
-    """Run `child_epoch` in a fresh process; sample the tree's RSS and PSS every 0.1 s."""
+    """Run `child_epoch` in a fresh process; sample the tree's RSS and USS every 0.1 s."""
     import psutil
 
     cmd = [sys.executable, __file__, "--child", str(folder)] + (["--eager-src", eager_src] if eager_src else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": eager_src or str(REPO)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peaks = {"rss": 0.0, "pss": 0.0}
+    peaks = {"rss": 0.0, "uss": 0.0}
     stop = threading.Event()
 
     def sample() -> None:
         root = psutil.Process(proc.pid)
         while not stop.is_set():
-            rss = pss = 0
+            rss = uss = 0
             try:
                 for p in [root, *root.children(recursive=True)]:
                     info = p.memory_full_info()
-                    rss, pss = rss + info.rss, pss + info.pss
+                    rss, uss = rss + info.rss, uss + info.uss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-            peaks["rss"], peaks["pss"] = max(peaks["rss"], rss / 2**20), max(peaks["pss"], pss / 2**20)
+            peaks["rss"], peaks["uss"] = max(peaks["rss"], rss / 2**20), max(peaks["uss"], uss / 2**20)
             stop.wait(0.1)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -163,7 +167,61 @@ def measure_epoch_memory(folder: Path, eager_src: str | None = None) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"child failed ({proc.returncode}): {err.strip().splitlines()[-1] if err.strip() else ''}")
     child = json.loads(out.strip().splitlines()[-1])
-    return {"tree_rss_mib": peaks["rss"], "tree_pss_mib": peaks["pss"], **child}
+    return {"tree_rss_mib": peaks["rss"], "tree_uss_mib": peaks["uss"], **child}
+
+
+class _Synthetic:
+    """A streaming dataset of uint8 (3, 224, 224) samples made in the worker (no files, cheap): a long run's
+    memory without the time of decoding."""
+
+    streaming, takes_sample_seeds, skip_bad_images = True, False, False
+
+    def __init__(self, n: int):
+        from fyc_convert.transforms import Normalize
+
+        self.n, self.labels, self.skipped = n, np.arange(n) % CLASSES, set()
+        self.normalize = Normalize(scale=1 / 255, mean=MEAN, std=STD, sample_shape=(3, INPUT, INPUT))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        import torch
+
+        g = torch.Generator().manual_seed(i)
+        return torch.randint(0, 256, (3, INPUT, INPUT), generator=g, dtype=torch.uint8), int(self.labels[i])
+
+
+def long_run(n: int, every: int = 150) -> None:
+    """One epoch over n synthetic samples; the training process's RSS / USS every `every` steps and its peak."""
+    import psutil
+    import torch
+
+    from fyc_convert.data import DataBundle
+    from fyc_convert.finetune import FinetuneConfig, finetune
+
+    torch.set_num_threads(1)
+    bundle = DataBundle(train=_Synthetic(n), val=None, num_classes=CLASSES, input_shape=(3, INPUT, INPUT),
+                        classes=None, labelled=True, source="synthetic", kind="images", workers=1)
+    model, head = _model(CLASSES)
+    me, t0, rows = psutil.Process(), time.perf_counter(), []
+
+    class Probe:  # the progress interface: called once per step
+        steps = 0
+
+        def add_task(self, *a, **k) -> int:
+            return 0
+
+        def update(self, *a, **k) -> None:
+            Probe.steps += 1
+            if Probe.steps % every == 0:
+                rows.append((Probe.steps, me.memory_info().rss / 2**20, me.memory_full_info().uss / 2**20,
+                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t0))
+
+    finetune(model, head, bundle, FinetuneConfig(epochs=1, batch_size=BATCH, device="cpu"), progress=Probe())
+    print(f"{'step':>6} {'RSS MiB':>8} {'USS MiB':>8} {'peak so far':>12} {'s':>6}")
+    for step, rss, uss, peak, sec in rows:
+        print(f"{step:>6} {rss:>8.0f} {uss:>8.0f} {peak:>12.0f} {sec:>6.0f}")
 
 
 # ---------------------------------------------------------------------------------------------- 2./3. throughput
@@ -241,6 +299,8 @@ def main() -> None:
     p.add_argument("--eager-src", default=None)
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--long", type=int, default=0, help="also one epoch over this many synthetic samples, memory "
+                                                        "every 150 steps (e.g. 96000: 1,500 steps)")
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is not None:
@@ -256,22 +316,22 @@ def main() -> None:
 
     if not args.skip_rss:
         print("\n1. peak memory of one fine-tuning epoch (fresh process each, 1 DataLoader worker)")
-        print(f"{'images':>8} {'tree RSS MiB':>13} {'tree PSS MiB':>13} {'main RSS MiB':>13} {'epoch s':>8} "
+        print(f"{'images':>8} {'tree RSS MiB':>13} {'tree USS MiB':>13} {'main RSS MiB':>13} {'epoch s':>8} "
               f"{'img/s':>7} {'data share':>10}")
         rows = {}
         for n, folder in zip(args.sizes, (small, large)):
             r = rows[n] = measure_epoch_memory(folder)
-            print(f"{n:>8,} {r['tree_rss_mib']:>13.0f} {r['tree_pss_mib']:>13.0f} {r['maxrss_mib']:>13.0f} "
+            print(f"{n:>8,} {r['tree_rss_mib']:>13.0f} {r['tree_uss_mib']:>13.0f} {r['maxrss_mib']:>13.0f} "
                   f"{r['seconds']:>8.1f} {r['images_per_s']:>7.0f} {r['data_share']:>10.2f}")
         a, b = rows[args.sizes[0]], rows[args.sizes[1]]
-        for key, name in (("tree_pss_mib", "tree PSS"), ("tree_rss_mib", "tree RSS"), ("maxrss_mib", "main RSS")):
+        for key, name in (("tree_rss_mib", "tree RSS"), ("tree_uss_mib", "tree USS"), ("maxrss_mib", "main RSS")):
             ratio = b[key] / a[key]
             print(f"{name}: {args.sizes[1]:,} / {args.sizes[0]:,} = {ratio:.3f}  (target <= 1.15: "
                   f"{'met' if ratio <= 1.15 else 'NOT met'})")
         if args.eager_src:
             e = measure_epoch_memory(small, args.eager_src)
-            print(f"eager loader of {args.eager_src} on {args.sizes[0]:,} images: tree PSS {e['tree_pss_mib']:.0f} MiB,"
-                  f" main RSS {e['maxrss_mib']:.0f} MiB, {e['seconds']:.1f} s")
+            print(f"eager loader of {args.eager_src} on {args.sizes[0]:,} images: tree RSS {e['tree_rss_mib']:.0f} MiB, "
+                  f"USS {e['tree_uss_mib']:.0f} MiB, main RSS {e['maxrss_mib']:.0f} MiB, {e['seconds']:.1f} s")
 
     if not args.skip_throughput:
         import torch
@@ -305,6 +365,9 @@ def main() -> None:
                       f"ours {_median(rates['ours']):6.0f} img/s, ratio {ratio:.3f} (goal >= 0.95: "
                       f"{'met' if ratio >= 0.95 else 'NOT met'}); runs plain "
                       f"{', '.join(f'{r:.0f}' for r in rates['plain'])}, ours {', '.join(f'{r:.0f}' for r in rates['ours'])}")
+    if args.long:
+        print(f"\n4. a long epoch: {args.long:,} synthetic uint8 samples made in 1 worker, training process memory")
+        long_run(args.long)
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
           f"total {time.perf_counter() - t0:.0f} s")
 

@@ -540,6 +540,7 @@ class _Trainer:
                                 acc=correct / labelled_n if labelled_n else None,
                                 samples_per_s=seen * self.world / elapsed,
                                 data_share=min(1.0, self.loader.data_seconds / elapsed))
+            del x, y, loss, logits  # free this batch before the next one is fetched and normalised beside it
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - t0

@@ -155,6 +155,7 @@ class BatchStream:
             if batch is None:  # every sample of the batch was skipped
                 continue
             x, y = batch[0], batch[1]
+            del batch  # the stacked uint8 batch lives only until normalised
             x = x.to(self.device, non_blocking=non_blocking)
             y = y.to(self.device, non_blocking=non_blocking)
             if self.normalize is not None:
