@@ -219,9 +219,9 @@ def long_run(n: int, every: int = 150) -> None:
                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.perf_counter() - t0))
 
     finetune(model, head, bundle, FinetuneConfig(epochs=1, batch_size=BATCH, device="cpu"), progress=Probe())
-    print(f"{'step':>6} {'RSS MiB':>8} {'USS MiB':>8} {'peak so far':>12} {'s':>6}")
+    print(f"{'step':>8} {'RSS MiB':>8} {'USS MiB':>8} {'peak so far':>12} {'s':>6}")
     for step, rss, uss, peak, sec in rows:
-        print(f"{step:>6} {rss:>8.0f} {uss:>8.0f} {peak:>12.0f} {sec:>6.0f}")
+        print(f"{step:>8,} {rss:>8.0f} {uss:>8.0f} {peak:>12.0f} {sec:>6.0f}")
 
 
 # ---------------------------------------------------------------------------------------------- 2./3. throughput
@@ -302,9 +302,13 @@ def main() -> None:
     p.add_argument("--long", type=int, default=0, help="also one epoch over this many synthetic samples, memory "
                                                         "every 150 steps (e.g. 96000: 1,500 steps)")
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--long-child", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is not None:
         child_epoch(args.child, args.eager_src)
+        return
+    if args.long_child:
+        long_run(args.long_child)
         return
     sys.path.insert(0, str(REPO))
     print(f"load average at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f}"
@@ -366,8 +370,10 @@ def main() -> None:
                       f"{'met' if ratio >= 0.95 else 'NOT met'}); runs plain "
                       f"{', '.join(f'{r:.0f}' for r in rates['plain'])}, ours {', '.join(f'{r:.0f}' for r in rates['ours'])}")
     if args.long:
-        print(f"\n4. a long epoch: {args.long:,} synthetic uint8 samples made in 1 worker, training process memory")
-        long_run(args.long)
+        print(f"\n4. a long epoch: {args.long:,} synthetic uint8 samples made in 1 worker, training process memory "
+              "(a fresh process)", flush=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        subprocess.run([sys.executable, __file__, "--long-child", str(args.long)], env=env, check=True)
     print(f"\nload average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
           f"total {time.perf_counter() - t0:.0f} s")
 
