@@ -10,10 +10,15 @@ model in DistributedDataParallel, reduce metrics across ranks, and only rank 0 w
 head has no weight matrix, so the gradient all-reduced per step shrinks by the classifier's C×N weights
 (`gradient_bytes`).
 
-Determinism: shuffling is a function of (seed, epoch), and dropout draws from the global RNG reseeded at every
-epoch from (seed, epoch, rank) inside `torch.random.fork_rng` (the caller's RNG state is left as it was), so on
-CPU an interrupted and resumed run ends with the same weights as an uninterrupted one. Only rank 0 needs
-`out_dir`: it reads the checkpoint to resume and sends it to the other ranks, and it alone writes.
+Data comes through `fyc_convert.loader.make_loader` (the same batches everywhere: workers decode images, batches
+are normalised on the device). On CUDA the loop trains in mixed precision by default (bf16 autocast where the GPU
+supports it, else fp16 with a GradScaler; `precision="fp32"` turns it off) and conv nets use channels_last.
+
+Determinism: shuffling and each sample's augmentation are functions of (seed, epoch), and dropout draws from the
+global RNG reseeded at every epoch from (seed, epoch, rank) inside `torch.random.fork_rng` (the caller's RNG state
+is left as it was), so on CPU an interrupted and resumed run ends with the same weights as an uninterrupted one,
+with any number of DataLoader workers. Only rank 0 needs `out_dir`: it reads the checkpoint to resume and sends it
+to the other ranks, and it alone writes.
 """
 
 from __future__ import annotations
@@ -28,12 +33,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from fyc_convert.data import DataBundle
-from fyc_convert.errors import DataError, TrainingError
+from fyc_convert.errors import DataError, TrainingError, first_line
 from fyc_convert.files import atomic_path
-from fyc_convert.surgery import logits_of
+from fyc_convert.loader import BatchStream, make_loader, random_subset
+from fyc_convert.surgery import capture_features, logits_of
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -47,6 +53,7 @@ __all__ = [
     "finetune",
     "gradient_bytes",
     "resolve_device",
+    "resolve_precision",
 ]
 
 CHECKPOINT_NAME = "finetune.pt"  # the one checkpoint file in `FinetuneConfig.out_dir`, replaced every epoch
@@ -75,7 +82,8 @@ class FinetuneConfig:
     out_dir: Path | None = None  # checkpoint folder (CHECKPOINT_NAME written after every epoch); None: none
     resume: bool = False  # continue from out_dir's checkpoint and finish the same number of epochs
     eval_batch_size: int = 256  # batch size of evaluation after every epoch
-    num_workers: int = 0  # DataLoader worker processes (data is in memory: 0 is usually fastest)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # "auto": bf16/fp16 autocast on CUDA, fp32 on CPU
+    channels_last: bool | None = None  # channels_last memory format for conv nets; None: on CUDA
     class_lr_eta_mu: float = 1e4  # class-lr: learning rate of the per-class factors μ
     class_lr_cutoff: int = 10  # class-lr: epoch from which plain gradients return
     class_lr_layers: list[str] | None = None  # class-lr: nn.Linear names with per-class rates; None: default
@@ -103,6 +111,7 @@ class EpochStats:
     scale: float  # α after the epoch
     seconds: float  # wall time of the training part of the epoch
     samples_per_s: float  # training throughput, all ranks together
+    data_share: float = 0.0  # share of the epoch's time spent waiting for batches (decoding, transfer), rank 0
 
 
 @dataclass
@@ -115,6 +124,9 @@ class FinetuneResult:
     world_size: int  # processes (1 without torchrun)
     resumed_from_epoch: int | None  # epochs already done in the checkpoint it resumed from
     checkpoint: Path | None  # the checkpoint file (written by rank 0), or None without out_dir
+    precision: str = "fp32"  # what it trained in: "fp32", "bf16" or "fp16" (autocast; weights stay fp32)
+    channels_last: bool = False  # whether the model trained in channels_last memory format
+    skipped_images: int = 0  # unreadable images skipped (`skip_bad_images`), all ranks together
 
 
 @dataclass
@@ -143,6 +155,26 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_precision(precision: str, device: str | torch.device, *, optimizer: str = "sgd") -> str:
+    """The precision a run trains in: "auto" -> "bf16" on CUDA where supported, else "fp16" (with a GradScaler);
+    "fp32" on CPU and for class-lr (it computes its own gradients). Explicit "bf16"/"fp16" also run on CPU.
+
+    Raises:
+        TrainingError: an unknown precision, or mixed precision with class-lr.
+    """
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise TrainingError(f"unknown precision {precision!r}; pass --precision auto, fp32, bf16 or fp16")
+    device = resolve_device(device)
+    if precision == "auto":
+        if device.type != "cuda" or optimizer == "class-lr":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision != "fp32" and optimizer == "class-lr":
+        raise TrainingError(f"class-lr computes its own per-class gradients in fp32; pass --precision fp32 "
+                            f"(not {precision}) or use --optimizer sgd/adamw")
+    return precision
+
+
 def gradient_bytes(model: nn.Module) -> int:
     """Bytes of gradient DDP all-reduces per step: trainable parameters × element size."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -154,34 +186,35 @@ def gradient_bytes(model: nn.Module) -> int:
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    data: Dataset | DataLoader,
+    data: Dataset | DataLoader | BatchStream,
     *,
     device: str | torch.device = "auto",
     reference_model: nn.Module | None = None,
     batch_size: int = 256,
+    workers: int | None = None,
 ) -> Metrics:
-    """Accuracy, cross-entropy and top-1 agreement with a reference model, in eval mode.
+    """Accuracy, cross-entropy and top-1 agreement with a reference model, in eval mode, one batch at a time.
 
     Under torch.distributed a Dataset is split across ranks and the sums reduced, so every rank must call
     this and every rank gets the same numbers. Training modes are restored afterwards.
 
     Args:
         model: the model to measure (its output: logits (B, C), or a tuple/dict/object holding them).
-        data: (x, y) samples, y = -1 when unlabelled; a DataLoader is used as given (not split across ranks).
+        data: (x, y) samples, y = -1 when unlabelled; a DataLoader or BatchStream is used as given (not split
+            across ranks).
         device: where to run; the model is moved there.
         reference_model: e.g. the original model; agreement = share of equal top-1 predictions.
         batch_size: batch size when `data` is a Dataset.
+        workers: DataLoader workers when `data` is a Dataset (None: `make_loader`'s default for the data).
 
     Returns:
         Metrics over all samples (and ranks).
     """
     device = resolve_device(device)
-    world, rank = _world()
-    if isinstance(data, DataLoader):
-        loader = data
-    else:
-        shard = Subset(data, range(rank, len(data), world)) if world > 1 else data
-        loader = DataLoader(shard, batch_size=batch_size, shuffle=False)
+    world, _ = _world()
+    given = isinstance(data, (DataLoader, BatchStream))
+    loader = data if given else make_loader(data, batch_size=batch_size, device=device, workers=workers,
+                                            distributed=True)
     models = [m for m in (model, reference_model) if m is not None]
     modes = [m.training for m in models]
     for m in models:
@@ -203,7 +236,7 @@ def evaluate(
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    if world > 1 and not isinstance(data, DataLoader):
+    if world > 1 and not given:
         dist.all_reduce(sums)
     loss, correct, labelled, agree, n = sums.tolist()
     return Metrics(
@@ -230,11 +263,12 @@ def calibrate(
     max_iter: int = 50,
     batch_size: int = 256,
     seed: int = 0,
+    workers: int | None = None,
 ) -> Calibration:
     """Fit only α and the bias of the fixed head, backbone frozen, on features computed once.
 
-    The head's input features are captured in one eval-mode pass (at most `max_samples` samples, a seeded
-    random subset), the head's fixed transform z = V·x̂ (S, C) is cached, and the convex problem
+    The head's input features are captured in one streaming eval-mode pass over at most `max_samples` samples (a
+    seeded random subset, `loader.random_subset`), the head's fixed transform z = V·x̂ (S, C) is cached, and the convex problem
     min over (α, b) of mean CE(α·z + b, y) is solved with L-BFGS — seconds even for many classes.
     A fixed α (a buffer) or a missing bias is left alone. Under torch.distributed each rank takes a shard of
     the subset and the loss and gradients are summed across ranks, so all ranks end with the same α and b.
@@ -251,6 +285,7 @@ def calibrate(
         max_iter: L-BFGS iterations.
         batch_size: batch size of the feature pass.
         seed: seed of the subset.
+        workers: DataLoader workers (None: `make_loader`'s default for the data).
 
     Returns:
         Calibration with the fitted α and the loss before and after.
@@ -266,11 +301,9 @@ def calibrate(
     if distill and teacher is None:
         raise TrainingError("distillation needs the original model as teacher; pass teacher=")
     world, rank = _world()
-    n = len(train_data)
-    idx = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
-    idx = idx[rank::world]
-    feats, labels, t_logits = _capture_head_inputs(model, head, Subset(train_data, idx.tolist()), device,
-                                                   batch_size=batch_size, teacher=teacher if distill else None)
+    idx = random_subset(len(train_data), max_samples, seed=seed)[rank::world]
+    loader = make_loader(train_data, batch_size=batch_size, device=device, workers=workers, indices=idx)
+    feats, labels, t_logits = _head_inputs(model, head, loader, teacher if distill else None, device)
     labelled = bool((labels >= 0).any())
     if world > 1:
         flag = torch.tensor([float(labelled)], device=device)
@@ -328,33 +361,36 @@ def _scale_bias(head: nn.Module) -> dict[str, Tensor]:
     return {k: state[k] for k in ("scale", "bias") if state.get(k) is not None}
 
 
-@torch.no_grad()
-def _capture_head_inputs(model: nn.Module, head: nn.Module, data: Dataset, device: torch.device, *,
-                         batch_size: int, teacher: nn.Module | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Run the model once in eval mode: the head's inputs (S, N), labels (S,), teacher logits (S, C)."""
-    feats: list[Tensor] = []
-    hook = head.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach()))
+def _head_inputs(model: nn.Module, head: nn.Module, loader: BatchStream, teacher: nn.Module | None,
+                 device: torch.device) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One eval-mode pass: the head's inputs (S, N) (surgery.capture_features' hook), labels (S,), and the
+    teacher's logits (S, C) on the same batches."""
+    labels: list[Tensor] = []
+    t_logits: list[Tensor] = []
     models = [m for m in (model, teacher) if m is not None]
     modes = [m.training for m in models]
-    labels, t_logits = [], []
-    try:
-        for m in models:
-            m.to(device).eval()
-        for x, y in DataLoader(data, batch_size=batch_size, shuffle=False):
-            x = x.to(device)
-            model(x)
-            labels.append(y.to(device))
+    for m in models:
+        m.to(device).eval()
+
+    def batches():  # runs inside capture_features' no_grad pass
+        for x, y in loader:
+            labels.append(y)
             if teacher is not None:
                 t_logits.append(logits_of(teacher(x)).float())
+            yield x
+
+    try:
+        feats = capture_features(model, head, batches())
     finally:
-        hook.remove()
         for m, mode in zip(models, modes):
             m.train(mode)
-    if not feats:
-        return (torch.zeros(0, getattr(head, "in_features", 0), device=device),
-                torch.zeros(0, dtype=torch.int64, device=device),
-                torch.zeros(0, getattr(head, "num_classes", 0), device=device) if teacher is not None else None)
-    return torch.cat(feats), torch.cat(labels), torch.cat(t_logits) if teacher is not None else None
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64, device=device)
+    if len(feats) != len(y):
+        raise TrainingError(f"the head sees {len(feats)} feature vectors for {len(y)} samples; calibration needs "
+                            "one per sample (a (B, N) input); use --epochs to fine-tune without it")
+    t = (torch.cat(t_logits) if t_logits else torch.zeros(0, getattr(head, "num_classes", 0), device=device)
+         ) if teacher is not None else None
+    return feats, y, t
 
 
 # ---------------------------------------------------------------------------------------------- fine-tuning
@@ -373,140 +409,209 @@ def finetune(
 
     Trains every parameter of `model` with requires_grad (the head's α and bias included; weight decay on all of
     them), evaluates on `data.val` after each epoch, and writes `config.out_dir / CHECKPOINT_NAME` (model,
-    optimizer, scheduler, epoch, RNG state) first for the starting point and then after every epoch. With
-    `config.resume` it continues from that checkpoint and stops after `config.epochs` epochs in all.
-    Calibrate first (`calibrate`); the model is modified in place and left in eval mode on `device`.
+    optimizer, scheduler, loss scaler, epoch, history) first for the starting point and then after every epoch.
+    With `config.resume` it continues from that checkpoint and stops after `config.epochs` epochs in all.
+    Calibrate first (`calibrate`); the model is modified in place and left in eval mode on `device`, in the
+    default (contiguous) memory format.
 
     Args:
         model: the swapped model.
         head: its fixed head (for α in the history).
-        data: training and validation data (`load_data`, checked with `check_data`).
+        data: training and validation data (`load_data`, checked with `check_data`); `data.workers` loader workers.
         config: the options.
         teacher: the original model; needed when `config.distill` (and always for unlabelled data).
         progress: a `rich.progress.Progress` (or anything with its `add_task(description, total=, **fields)` /
             `update(task, advance=, **fields)`): one task per epoch with fields `loss`, `acc` (None when
-            unlabelled) and `samples_per_s`; only rank 0 reports. None: silent.
+            unlabelled), `samples_per_s` and `data_share` (share of the time spent waiting for batches);
+            only rank 0 reports. None: silent.
 
     Returns:
         FinetuneResult with one EpochStats per epoch.
 
     Raises:
         TrainingError: NaN/inf loss (the last good checkpoint is kept), a checkpoint that cannot be resumed,
-            or options that do not fit (no teacher for distillation, class-lr under torchrun).
-        DataError: unlabelled data without distillation.
+            or options that do not fit (no teacher for distillation, class-lr under torchrun or in fp16/bf16).
+        DataError: unlabelled data without distillation; an image that cannot be read (without skip_bad_images).
     """
-    device = resolve_device(config.device)
-    world, rank = _world()
-    _check_config(config, data, teacher, world)
-    ckpt = Path(config.out_dir) / CHECKPOINT_NAME if config.out_dir is not None else None
-    state = _resume_state(ckpt, config, world, rank) if config.resume else None
-    model.to(device)
-    if teacher is not None:
-        teacher.to(device).eval()
-    if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise TrainingError(f"checkpoint {ckpt} does not fit this model ({first}); run without --resume") from None
+    trainer = _Trainer(model, head, data, config, teacher)
+    try:
+        with torch.random.fork_rng(devices=trainer.cuda_devices):
+            if trainer.state is None:
+                trainer.save(0)
+            for epoch in range(trainer.start_epoch, config.epochs):
+                stats = trainer.train_epoch(epoch, progress)
+                stats.val = (evaluate(model, data.val, device=trainer.device, reference_model=teacher,
+                                      batch_size=config.eval_batch_size, workers=data.workers)
+                             if data.val is not None else None)
+                trainer.history.append(stats)
+                trainer.save(epoch + 1)
+    finally:
+        if trainer.channels_last:  # exporters and safetensors want contiguous weights
+            for m in (model, teacher):
+                if m is not None:
+                    m.to(memory_format=torch.contiguous_format)
+        model.eval()
+    return trainer.result()
 
-    sampler_gen = torch.Generator()
-    if world > 1:
-        sampler = DistributedSampler(data.train, num_replicas=world, rank=rank, shuffle=True, seed=config.seed)
-    else:
-        sampler = RandomSampler(data.train, generator=sampler_gen)
-    n_per_rank = len(sampler)
-    loader = DataLoader(data.train, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
-                        drop_last=n_per_rank > config.batch_size, pin_memory=device.type == "cuda")
-    steps_per_epoch = len(loader)
-    lr = config.lr if config.lr is not None else (1e-3 if config.optimizer == "adamw" else 0.01)
-    opt = _build_optimizer(model, config, lr=lr, num_classes=_num_classes(head, data),
-                           steps_per_epoch=steps_per_epoch)
-    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.epochs * steps_per_epoch))
-             if config.cosine else None)
-    history = [EpochStats(**{**h, "val": Metrics(**h["val"]) if h["val"] else None})
-               for h in (state["history"] if state else [])]
-    start = state["epoch"] if state else 0
-    if state is not None and state["optimizer"] is not None:
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-    ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-           if world > 1 else model)
-    class_lr = hasattr(opt, "backward_and_step")
 
-    cuda_devices = [device.index] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_devices):
-        if state is None:
-            _save_checkpoint(ckpt, model, None, None, 0, history, config, world, rank)
-        for epoch in range(start, config.epochs):
-            sampler_gen.manual_seed(config.seed * 1_000_003 + epoch)  # shuffle order = f(seed, epoch)
-            torch.manual_seed((config.seed * 1_000_003 + epoch) * 1_009 + rank)  # dropout = f(seed, epoch, rank)
-            if world > 1:
-                sampler.set_epoch(epoch)
-            model.train()
-            task = None
-            if progress is not None and rank == 0:
-                task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=steps_per_epoch,
-                                         loss=float("nan"), acc=None, samples_per_s=0.0)
-            sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss·B, correct, labelled, samples
-            t0 = time.perf_counter()
-            for step, (x, y) in enumerate(loader):
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                logits = logits_of(ddp(x))  # (B, C)
-                t_logits = None
-                if config.distill:
-                    with torch.no_grad():
-                        t_logits = logits_of(teacher(x)).float()
-                per = _per_sample_loss(logits.float(), y, t_logits, labelled=data.labelled, distill=config.distill,
-                                       temperature=config.temperature, distill_weight=config.distill_weight)
-                loss = per.mean()
-                if class_lr:
-                    _raise_if_not_finite(loss.detach(), world, epoch, step, ckpt)
-                    opt.backward_and_step(per, y)
-                else:
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    _raise_if_not_finite(loss.detach(), world, epoch, step, ckpt)
-                    opt.step()
-                if sched is not None:
-                    sched.step()
+class _Trainer:
+    """One fine-tuning run's state (minGPT's Trainer): device, loader, optimizer, schedule, resume, DDP.
+
+    Built once by `finetune`; `train_epoch` is the loop over batches and `step` one optimisation step.
+    """
+
+    def __init__(self, model: nn.Module, head: nn.Module, data: DataBundle, config: FinetuneConfig,
+                 teacher: nn.Module | None):
+        self.model, self.head, self.data, self.config, self.teacher = model, head, data, config, teacher
+        self.device = resolve_device(config.device)
+        self.world, self.rank = _world()
+        _check_config(config, data, teacher, self.world)
+        self.precision = resolve_precision(config.precision, self.device, optimizer=config.optimizer)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.ckpt = Path(config.out_dir) / CHECKPOINT_NAME if config.out_dir is not None else None
+        self.state = _resume_state(self.ckpt, config, self.precision, self.world, self.rank) if config.resume else None
+        self.cuda_devices = [self.device.index] if self.device.type == "cuda" else []
+
+        self.channels_last = (config.channels_last if config.channels_last is not None else
+                              self.device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules()))
+        model.to(self.device)
+        if teacher is not None:
+            teacher.to(self.device).eval()
+        if self.channels_last:
+            for m in (model, teacher):
+                if m is not None:
+                    m.to(memory_format=torch.channels_last)
+        if self.state is not None:
+            try:
+                model.load_state_dict(self.state["model"])
+            except RuntimeError as e:
+                raise TrainingError(f"checkpoint {self.ckpt} does not fit this model ({first_line(e)}); "
+                                    "run without --resume") from None
+
+        per_rank = math.ceil(len(data.train) / self.world)
+        self.loader = make_loader(data.train, batch_size=config.batch_size, device=self.device, workers=data.workers,
+                                  shuffle=True, seed=config.seed, drop_last=per_rank > config.batch_size,
+                                  distributed=True, channels_last=self.channels_last)
+        steps_per_epoch = len(self.loader)
+        lr = config.lr if config.lr is not None else (1e-3 if config.optimizer == "adamw" else 0.01)
+        self.opt = _build_optimizer(model, config, lr=lr, num_classes=_num_classes(head, data),
+                                    steps_per_epoch=steps_per_epoch)
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, config.epochs * steps_per_epoch))
+                      if config.cosine else None)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.history = [EpochStats(**{**h, "val": Metrics(**h["val"]) if h["val"] else None})
+                        for h in (self.state["history"] if self.state else [])]
+        self.start_epoch = self.state["epoch"] if self.state else 0
+        if self.state is not None and self.state["optimizer"] is not None:
+            self.opt.load_state_dict(self.state["optimizer"])
+            if self.sched is not None:
+                self.sched.load_state_dict(self.state["scheduler"])
+            if self.state.get("scaler"):
+                self.scaler.load_state_dict(self.state["scaler"])
+        self.ddp = (nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.world > 1 else model)
+        self.class_lr = hasattr(self.opt, "backward_and_step")
+
+    def train_epoch(self, epoch: int, progress: Any) -> EpochStats:
+        """One pass over the training data; metrics summed over all ranks."""
+        config, device = self.config, self.device
+        self.loader.set_epoch(epoch)  # shuffle order and augmentation = f(seed, epoch)
+        torch.manual_seed((config.seed * 1_000_003 + epoch) * 1_009 + self.rank)  # dropout = f(seed, epoch, rank)
+        self.model.train()
+        task = None
+        if progress is not None and self.rank == 0:
+            task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=len(self.loader),
+                                     loss=float("nan"), acc=None, samples_per_s=0.0, data_share=0.0)
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss·B, correct, labelled, samples
+        t0 = time.perf_counter()
+        for step, (x, y) in enumerate(self.loader):
+            loss, logits = self.step(x, y, epoch, step)
+            with torch.no_grad():
+                sums[0] += loss.double() * len(x)
+                if self.data.labelled:
+                    sums[1] += (logits.argmax(1) == y).sum()
+                    sums[2] += len(y)
+                sums[3] += len(x)
+            if task is not None:
+                loss_sum, correct, labelled_n, seen = sums.tolist()
+                elapsed = time.perf_counter() - t0
+                progress.update(task, advance=1, loss=loss_sum / seen,
+                                acc=correct / labelled_n if labelled_n else None,
+                                samples_per_s=seen * self.world / elapsed,
+                                data_share=min(1.0, self.loader.data_seconds / elapsed))
+            del x, y, loss, logits  # free this batch before the next one is fetched and normalised beside it
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - t0
+        if self.world > 1:
+            dist.all_reduce(sums)
+            for b in self.model.buffers():  # BatchNorm statistics: take rank 0's so all ranks evaluate the same
+                dist.broadcast(b, 0)
+        loss_sum, correct, labelled_n, seen = sums.tolist()
+        return EpochStats(
+            epoch=epoch + 1, loss=loss_sum / max(seen, 1), accuracy=correct / labelled_n if labelled_n else None,
+            val=None, lr=self.opt.param_groups[0]["lr"], scale=_scale_value(self.head), seconds=seconds,
+            samples_per_s=seen / seconds if seconds > 0 else 0.0,
+            data_share=min(1.0, self.loader.data_seconds / seconds) if seconds > 0 else 0.0)
+
+    def step(self, x: Tensor, y: Tensor, epoch: int, step: int) -> tuple[Tensor, Tensor]:
+        """Forward (autocast when mixed precision), loss, backward, optimizer and schedule step: (loss, logits)."""
+        config = self.config
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            logits = logits_of(self.ddp(x))  # (B, C)
+            t_logits = None
+            if config.distill:
                 with torch.no_grad():
-                    sums[0] += loss.detach().double() * len(x)
-                    if data.labelled:
-                        sums[1] += (logits.argmax(1) == y).sum()
-                        sums[2] += len(y)
-                    sums[3] += len(x)
-                if task is not None:
-                    loss_sum, correct, labelled_n, seen = sums.tolist()
-                    progress.update(task, advance=1, loss=loss_sum / seen,
-                                    acc=correct / labelled_n if labelled_n else None,
-                                    samples_per_s=seen * world / (time.perf_counter() - t0))
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - t0
-            if world > 1:
-                dist.all_reduce(sums)
-                for b in model.buffers():  # BatchNorm statistics: take rank 0's so all ranks evaluate the same
-                    dist.broadcast(b, 0)
-            loss_sum, correct, labelled_n, seen = sums.tolist()
-            val = (evaluate(model, data.val, device=device, reference_model=teacher,
-                            batch_size=config.eval_batch_size) if data.val is not None else None)
-            history.append(EpochStats(
-                epoch=epoch + 1, loss=loss_sum / max(seen, 1), accuracy=correct / labelled_n if labelled_n else None,
-                val=val, lr=opt.param_groups[0]["lr"], scale=_scale_value(head), seconds=seconds,
-                samples_per_s=seen / seconds if seconds > 0 else 0.0))
-            _save_checkpoint(ckpt, model, opt, sched, epoch + 1, history, config, world, rank)
-    model.eval()
-    return FinetuneResult(
-        history=history,
-        final=history[-1].val if history else None,
-        device=str(device),
-        world_size=world,
-        resumed_from_epoch=start if state is not None else None,
-        checkpoint=ckpt,
-    )
+                    t_logits = logits_of(self.teacher(x)).float()
+        per = _per_sample_loss(logits.float(), y, t_logits, labelled=self.data.labelled, distill=config.distill,
+                               temperature=config.temperature, distill_weight=config.distill_weight)
+        loss = per.mean()
+        stepped = True
+        if self.class_lr:
+            _raise_if_not_finite(loss.detach(), self.world, epoch, step, self.ckpt)
+            self.opt.backward_and_step(per, y)
+        else:
+            self.opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            _raise_if_not_finite(loss.detach(), self.world, epoch, step, self.ckpt)
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+            self.scaler.step(self.opt)  # = opt.step() unless fp16 (unscales; skips steps with inf gradients)
+            self.scaler.update()
+            stepped = not self.scaler.is_enabled() or self.scaler.get_scale() >= scale  # the scale drops on a skip
+        if self.sched is not None and stepped:
+            self.sched.step()
+        return loss.detach(), logits.detach()
+
+    def save(self, epoch: int) -> None:
+        started = epoch > 0 or self.state is not None
+        _save_checkpoint(self.ckpt, self.model, self.opt if started else None, self.sched if started else None,
+                         self.scaler if started else None, epoch, self.history, self.config, self.precision,
+                         self.world, self.rank)
+
+    def result(self) -> FinetuneResult:
+        return FinetuneResult(
+            history=self.history,
+            final=self.history[-1].val if self.history else None,
+            device=str(self.device),
+            world_size=self.world,
+            resumed_from_epoch=self.start_epoch if self.state is not None else None,
+            checkpoint=self.ckpt,
+            precision=self.precision,
+            channels_last=self.channels_last,
+            skipped_images=len(_gather_skipped(self.data, self.world)),
+        )
+
+
+def _gather_skipped(data: DataBundle, world: int) -> set[str]:
+    """The files skipped on any rank (a file may be skipped on different ranks in different epochs)."""
+    mine = set(data.skipped_images())
+    if world == 1:
+        return mine
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, mine)
+    return set().union(*every)
 
 
 def _check_config(config: FinetuneConfig, data: DataBundle, teacher: nn.Module | None, world: int) -> None:
@@ -583,8 +688,8 @@ def _world() -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(path: Path | None, model: nn.Module, opt, sched, epoch: int, history: list[EpochStats],
-                     config: FinetuneConfig, world: int, rank: int) -> None:
+def _save_checkpoint(path: Path | None, model: nn.Module, opt, sched, scaler, epoch: int, history: list[EpochStats],
+                     config: FinetuneConfig, precision: str, world: int, rank: int) -> None:
     """Rank 0 writes model/optimizer/scheduler/epoch/history atomically (no collective: ranks may differ in path)."""
     if path is None or rank != 0:
         return
@@ -594,21 +699,23 @@ def _save_checkpoint(path: Path | None, model: nn.Module, opt, sched, epoch: int
         "epoch": epoch,
         "world_size": world,
         "config": {k: getattr(config, k) for k in _RESUME_FIELDS},
+        "precision": precision,
         "model": model.state_dict(),
         "optimizer": opt.state_dict() if opt is not None else None,
         "scheduler": sched.state_dict() if sched is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "history": [asdict(h) for h in history],
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def _resume_state(path: Path | None, config: FinetuneConfig, world: int, rank: int) -> dict:
+def _resume_state(path: Path | None, config: FinetuneConfig, precision: str, world: int, rank: int) -> dict:
     """Rank 0 reads the checkpoint and sends it (or its error) to every rank."""
     payload: list[Any] = [None]
     if rank == 0:
         try:
-            payload = [_load_checkpoint(path, config, world)]
+            payload = [_load_checkpoint(path, config, precision, world)]
         except TrainingError as e:
             payload = [str(e)]
     if world > 1:
@@ -618,7 +725,7 @@ def _resume_state(path: Path | None, config: FinetuneConfig, world: int, rank: i
     return payload[0]
 
 
-def _load_checkpoint(path: Path | None, config: FinetuneConfig, world: int) -> dict:
+def _load_checkpoint(path: Path | None, config: FinetuneConfig, precision: str, world: int) -> dict:
     """Read the checkpoint to resume from and check that it fits this run."""
     if path is None:
         raise TrainingError("--resume needs the output folder of the interrupted run")
@@ -626,7 +733,7 @@ def _load_checkpoint(path: Path | None, config: FinetuneConfig, world: int) -> d
         raise TrainingError(f"no checkpoint to resume at {path}; run without --resume to start over")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for files it cannot read
         raise TrainingError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it and run without --resume")
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise TrainingError(f"{path} is not a fyc-convert fine-tuning checkpoint; run without --resume")
@@ -636,6 +743,9 @@ def _load_checkpoint(path: Path | None, config: FinetuneConfig, world: int) -> d
         if saved.get(k) != now:
             raise TrainingError(f"checkpoint {path} was written with {k}={saved.get(k)!r} but this run has "
                                 f"{k}={now!r}; resume with the same options or run without --resume")
+    if state.get("precision", "fp32") != precision:
+        raise TrainingError(f"checkpoint {path} was trained in {state.get('precision', 'fp32')} but this run trains "
+                            f"in {precision}; resume with the same --precision or run without --resume")
     if state["world_size"] != world:
         raise TrainingError(f"checkpoint {path} was written by {state['world_size']} process(es), this run has "
                             f"{world}; resume with the same --nproc_per_node")

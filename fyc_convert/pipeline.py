@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from fyc_convert.distributed import is_main, on_main
 from fyc_convert.errors import FycError, ModelRunError, OutputError, OutputExistsError, TrainingError, \
@@ -96,25 +95,32 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
     model = loaded.model.eval()
     meta = loaded.meta or {}
 
+    from fyc_convert.data import DataOptions
+    from fyc_convert.preprocess import resolve_preprocessing
+
+    data_opts = DataOptions(val_split=opts.val_split, input_shape=opts.input_shape)
     bundle = None
     if opts.data is not None:
         from fyc_convert.data import load_data
 
         say(f"reading data {opts.data}")
-        bundle = load_data(opts.data, val_split=opts.val_split, seed=opts.seed,
-                           input_shape=opts.input_shape or _meta_shape(meta),
-                           mean=meta.get("mean"), std=meta.get("std"))
-    input_shape = opts.input_shape or _meta_shape(meta) or (tuple(bundle.input_shape) if bundle else None)
+        bundle = load_data(opts.data, data_opts, seed=opts.seed, meta=meta, model=model)
+    # the model's input shape: options, checkpoint meta, the model's own config, then the data
+    prep = bundle.preprocessing if bundle is not None else resolve_preprocessing(data_opts, meta=meta, model=model)
+    input_shape = prep.input_shape
 
     original = copy.deepcopy(model)
     layer, linear = find_classifier(model, layer=opts.layer, input_shape=input_shape)
     features = None
     if bundle is not None:
         from fyc_convert.data import check_data
+        from fyc_convert.loader import subset_loader
 
         check_data(bundle, num_classes=linear.out_features, input_shape=input_shape)
         with _model_run("capturing the classifier's input features", input_shape):
-            features = capture_features(model, layer, _sample_inputs(bundle.train, _FEATURE_SAMPLES, opts.seed))
+            # a seeded random subset (data sorted by class must not bias the rows), streamed
+            features = capture_features(model, layer, subset_loader(bundle.plain_train, _FEATURE_SAMPLES,
+                                                                    seed=opts.seed, workers=bundle.workers))
 
     say(f"swapping {layer} ({linear.in_features} → {linear.out_features}) for a fixed {opts.head} head")
     swap = swap_classifier(model, head=opts.head, layer=layer, input_shape=input_shape, features=features,
@@ -145,6 +151,8 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
         report.notes.append("the orthogonal head has no fast transform: it is exported as a dense constant, "
                             "so its savings are in trained parameters only, not in file size or compute")
 
+    if bundle is not None:
+        report.notes.append(_data_note(bundle))
     if bundle is not None and not opts.dry_run:
         _train(model, original, head, bundle, opts, out_dir, report, say, epoch_progress, input_shape)
     elif bundle is None:
@@ -191,7 +199,7 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path, r
 
     def accuracy(m) -> float | None:
         with _model_run("evaluation", input_shape):
-            return evaluate(m, held_out, device=device).accuracy
+            return evaluate(m, held_out, device=device, workers=bundle.workers).accuracy
 
     if state is not None:
         acc = AccuracyReport(**state["accuracy"])
@@ -203,7 +211,7 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path, r
         if not resuming:
             say("calibrating α and bias with the backbone frozen")
             with _model_run("calibration", input_shape):
-                calibrate(model, head, bundle.train, device=device, seed=opts.seed,
+                calibrate(model, head, bundle.plain_train, device=device, seed=opts.seed, workers=bundle.workers,
                           teacher=original if distill else None, distill=distill)
             acc.calibrated = accuracy(model)
         else:  # a checkpoint without run state (written by an older version): the model comes from it
@@ -229,9 +237,14 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path, r
         acc.finetuned = accuracy(model)
         report.training = {"epochs": epochs, "optimizer": cfg.optimizer, "device": result.device,
                            "world_size": result.world_size, "resumed_from_epoch": result.resumed_from_epoch,
+                           "precision": result.precision, "channels_last": result.channels_last,
+                           "data": bundle.summary() | {"skipped_images": result.skipped_images},
                            "history": [dataclasses.asdict(h) for h in result.history]}
+        if result.skipped_images:
+            report.notes.append(f"skipped {result.skipped_images} unreadable image(s) (--skip-bad-images)")
     with _model_run("evaluation", input_shape):
-        acc.agreement = evaluate(model, held_out, device=device, reference_model=original).agreement
+        acc.agreement = evaluate(model, held_out, device=device, reference_model=original,
+                                 workers=bundle.workers).agreement
     report.accuracy = acc
     model.cpu().eval()
 
@@ -320,7 +333,10 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
             check_head_static(conv_res.path, num_classes=swap.num_classes, embed_size=swap.head.embed_size)
         real = None
         if bundle is not None:
-            real = _first_inputs(bundle.val if bundle.val is not None else bundle.train, 64)
+            from fyc_convert.loader import sample_inputs
+
+            real = sample_inputs(bundle.val if bundle.val is not None else bundle.plain_train, 64, seed=opts.seed,
+                                 workers=bundle.workers)
         atol, rtol = opts.tolerance
         try:
             ver = verify_onnx(conv_res.path, model, inputs=real, input_shape=input_shape, atol=atol, rtol=rtol,
@@ -461,17 +477,17 @@ def _model_run(stage: str, input_shape) -> Iterator[None]:
                             f"samples{shape} (--verbose shows the traceback)") from e
 
 
-def _meta_shape(meta: dict[str, Any]) -> tuple[int, ...] | None:
-    shape = meta.get("input_shape")
-    return tuple(int(s) for s in shape) if shape else None
-
-
-def _first_inputs(dataset, n: int) -> torch.Tensor:
-    n = min(n, len(dataset))
-    return torch.stack([dataset[i][0] for i in range(n)])
-
-
-def _sample_inputs(dataset, n: int, seed: int) -> torch.Tensor:
-    """A seeded random subset of n inputs (data sorted by class must not bias what it is used for)."""
-    idx = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return torch.stack([dataset[int(i)][0] for i in idx])
+def _data_note(bundle) -> str:
+    """One line for the report: the data's format and the preprocessing used, each value with its source."""
+    p = bundle.preprocessing
+    parts = [f"input {'x'.join(map(str, p.input_shape))} ({p.sources.get('input_shape', 'default')})"]
+    for name in ("mean", "std"):
+        value = getattr(p, name)
+        if value is not None:
+            parts.append(f"{name} {', '.join(f'{v:g}' for v in value)} ({p.sources.get(name)})")
+    if bundle.kind == "images":
+        parts.append(f"crop_pct {p.crop_pct:g} ({p.sources.get('crop_pct', 'default')})")
+        parts.append(f"{p.interpolation} ({p.sources.get('interpolation', 'default')})")
+    parts.append(f"augment {'on' if p.augment else 'off'} ({p.sources.get('augment', 'default')})")
+    return f"data: {bundle.kind}, {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val; " \
+           f"preprocessing: {'; '.join(parts)}"

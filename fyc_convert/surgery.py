@@ -238,20 +238,25 @@ def find_classifier(
     return found.heads[0].name, found.heads[0].module
 
 
-def capture_features(model: nn.Module, layer: str, inputs: Tensor, *, batch_size: int = 256) -> Tensor:
-    """The inputs the layer sees when the model runs on `inputs` (eval mode, no grad).
+def capture_features(model: nn.Module, layer: str | nn.Module, inputs: Tensor | Iterable[Any], *,
+                     batch_size: int = 256) -> Tensor:
+    """The inputs the layer sees when the model runs on `inputs` (eval mode, no grad): the one capture hook.
 
     Args:
         model: The model.
-        layer: Dotted name of the layer (usually the classifier).
-        inputs: (S, *sample_shape) model inputs.
-        batch_size: Samples per forward pass.
+        layer: Dotted name of the layer (usually the classifier), or the module itself.
+        inputs: (S, *sample_shape) model inputs, run in batches of `batch_size`; or an iterable of batches
+            (tensors, or (x, ...) tuples as `fyc_convert.loader.make_loader` yields them), read once, so only
+            the features are kept (a stream of images never sits in memory).
+        batch_size: Samples per forward pass when `inputs` is a tensor.
 
     Returns:
-        (S', N) features, S' = S times the positions per sample (e.g. T tokens when the layer sees (B, T, N)).
+        (S', N) features on the model's device, S' = S times the positions per sample (e.g. T tokens when the
+        layer sees (B, T, N)); (0, N) when there were no inputs.
     """
-    module = model.get_submodule(_dotted(layer))
+    module = layer if isinstance(layer, nn.Module) else model.get_submodule(_dotted(layer))
     device = _device_of(model)
+    batches = inputs.split(batch_size) if isinstance(inputs, Tensor) else inputs
     chunks: list[Tensor] = []
 
     def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -261,10 +266,13 @@ def capture_features(model: nn.Module, layer: str, inputs: Tensor, *, batch_size
     handle = module.register_forward_pre_hook(hook)
     try:
         with eval_mode(model), torch.no_grad():
-            for batch in inputs.split(batch_size):
-                model(batch.to(device))
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(x.to(device))
     finally:
         handle.remove()
+    if not chunks:
+        return torch.zeros(0, getattr(module, "in_features", 0), device=device)
     return torch.cat(chunks)
 
 

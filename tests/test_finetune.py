@@ -10,13 +10,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _ddp_worker import build
+from _stream_worker import build_image_run, image_config
+from image_folders import write_class_folders
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fyc_convert.data import UNLABELLED
+from fyc_convert.data import UNLABELLED, NpyDataset, load_data
 from fyc_convert.errors import DataError, TrainingError
 from fyc_convert.finetune import (
     CHECKPOINT_NAME,
@@ -26,11 +29,13 @@ from fyc_convert.finetune import (
     finetune,
     gradient_bytes,
     resolve_device,
+    resolve_precision,
 )
 from fyc_convert.heads import HadamardHead, OrthogonalHead
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_ddp_worker.py"
+STREAM_WORKER = REPO / "tests" / "_stream_worker.py"
 
 
 def _cfg(**kw) -> FinetuneConfig:
@@ -261,7 +266,8 @@ def test_progress_gets_one_task_per_epoch_and_one_update_per_step():
     assert all(f["total"] == steps for _, f in progress.tasks)
     assert len(progress.updates) == 2 * steps
     assert all(u["advance"] == 1 and u["loss"] > 0 and 0 <= u["acc"] <= 1 and u["samples_per_s"] > 0
-               for u in progress.updates)
+               and 0 < u["data_share"] < 1 for u in progress.updates)
+    assert all(f["data_share"] == 0.0 for _, f in progress.tasks)
 
 
 def test_distill_without_labels_learns_from_the_teacher():
@@ -455,6 +461,173 @@ def test_finetune_on_cuda():
     assert result.final.samples == 30
 
 
+# ------------------------------------------------------------------------------------------ streaming data
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """3 classes x 8 noisy 20x18 PNGs (class = brightness), written once for the module."""
+    root = tmp_path_factory.mktemp("images") / "imgs"
+    write_class_folders(root, ["a", "b", "c"], 8, size=(20, 18), noise=25)
+    return root
+
+
+def test_finetune_streams_an_image_folder_the_same_with_any_number_of_workers(image_folder):
+    runs = {}
+    for workers in (0, 2):
+        model, head, bundle = build_image_run(image_folder, workers=workers)
+        assert bundle.kind == "images" and bundle.preprocessing.augment
+        cal = calibrate(model, head, bundle.plain_train, device="cpu", workers=workers)
+        assert cal.samples == len(bundle.train) == 18
+        result = finetune(model, head, bundle, image_config(epochs=2))
+        runs[workers] = (model, result)
+    (m0, r0), (m2, r2) = runs[0], runs[2]
+    assert _same_weights(m0, m2)  # the same batches, crops and flips with 0 or 2 workers
+    assert [h.loss for h in r0.history] == [h.loss for h in r2.history]
+    assert r0.final.samples == 6 and r0.final.accuracy is not None
+    assert all(0 <= h.data_share <= 1 for h in r0.history + r2.history)
+
+
+def test_killed_image_run_with_workers_resumes_to_the_same_weights(image_folder, tmp_path):
+    ckpt, res = tmp_path / "ckpt", tmp_path / "res.pt"
+    base = [sys.executable, str(STREAM_WORKER), "--data", str(image_folder), "--out", str(ckpt), "--result", str(res),
+            "--workers", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = _run(base + ["--kill-at-step", "7"], env=env)  # 5 steps an epoch: killed in the middle of epoch 2
+    assert killed.returncode == -9, killed.stderr
+    assert torch.load(ckpt / CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
+    assert not res.exists()
+    resumed = _run(base + ["--resume"], env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    out = torch.load(res, weights_only=True)
+    assert out["resumed_from_epoch"] == 1 and [h["epoch"] for h in out["history"]] == [1, 2, 3]
+
+    reference, head, bundle = build_image_run(image_folder, workers=0)  # uninterrupted, in this process
+    calibrate(reference, head, bundle.plain_train, device="cpu")
+    finetune(reference, head, bundle, image_config())
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(out["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_unreadable_image_mid_training_stops_in_one_line_or_is_skipped(tmp_path):
+    root = tmp_path / "imgs"
+    write_class_folders(root, ["a", "b", "c"], 8, size=(20, 18))
+    bad = root / "b" / "img_003.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")
+    model, head, bundle = build_image_run(root, workers=2)
+    with pytest.raises(DataError) as err:
+        finetune(model, head, bundle, image_config(epochs=1))
+    assert str(err.value).startswith(f"cannot read image {bad}: ") and "\n" not in str(err.value)
+    model, head, bundle = build_image_run(root, workers=2)
+    bundle.train.skip_bad_images = True  # shared by the train/eval views' loaders
+    for ds in (bundle.val, bundle.train_eval):
+        ds.skip_bad_images = True
+    result = finetune(model, head, bundle, image_config(epochs=2))
+    assert result.skipped_images == 1 and bundle.skipped_images() == [str(bad)]
+    assert len(result.history) == 2
+
+
+def test_memory_mapped_npy_data_trains(tmp_path):
+    _, _, blobs = build()  # the separable blobs, written as .npy files
+    (tmp_path / "arrays").mkdir()
+    for split, ds in (("train", blobs.train), ("val", blobs.val)):
+        np.save(tmp_path / "arrays" / f"x_{split}.npy", ds.tensors[0].numpy())
+        np.save(tmp_path / "arrays" / f"y_{split}.npy", ds.tensors[1].numpy())
+    bundle = load_data(tmp_path / "arrays", workers=1)
+    assert isinstance(bundle.train, NpyDataset) and (len(bundle.train), len(bundle.val)) == (90, 30)
+    model, head, _ = build()
+    start = evaluate(model, bundle.val, device="cpu", workers=1).accuracy
+    calibrate(model, head, bundle.train, device="cpu", workers=1)
+    result = finetune(model, head, bundle, _cfg(epochs=3))
+    assert result.final.accuracy > start and result.final.accuracy >= 0.8
+    reference, head, tensors = build()  # the same run on the in-memory tensors: the same weights
+    calibrate(reference, head, tensors.train, device="cpu")
+    finetune(reference, head, tensors, _cfg(epochs=3))
+    for k, v in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+
+
+def test_calibrate_streams_a_bounded_seeded_subset(image_folder):
+    model, head, bundle = build_image_run(image_folder, workers=0)
+    a = calibrate(model, head, bundle.plain_train, device="cpu", max_samples=10, seed=1)
+    assert a.samples == 10
+    scale = float(head.scale.detach())
+    model, head, bundle = build_image_run(image_folder, workers=1)
+    b = calibrate(model, head, bundle.plain_train, device="cpu", max_samples=10, seed=1, workers=1)
+    assert b.samples == 10 and float(head.scale.detach()) == scale and b.loss_after == a.loss_after
+
+
+# ------------------------------------------------------------------------------------------ precision, memory format
+
+
+def test_resolve_precision():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(TrainingError, match="unknown precision 'half'; pass --precision auto, fp32, bf16 or fp16"):
+        resolve_precision("half", cpu)
+    with pytest.raises(TrainingError, match="class-lr computes its own per-class gradients in fp32"):
+        resolve_precision("bf16", cpu, optimizer="class-lr")
+    if torch.cuda.is_available():
+        expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        assert resolve_precision("auto", "cuda") == expected
+        assert resolve_precision("auto", "cuda", optimizer="class-lr") == "fp32"
+
+
+def test_bf16_autocast_trains_fp32_weights_on_cpu():
+    fp32, _, bundle = build()
+    finetune(fp32, fp32[5], bundle, _cfg(epochs=2, precision="fp32"))
+    model, head, bundle = build()
+    result = finetune(model, head, bundle, _cfg(epochs=2, precision="bf16"))
+    assert result.precision == "bf16"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not _same_weights(model, fp32)  # the matmuls ran in bf16
+    assert result.final.accuracy >= 0.8 and result.history[-1].loss < result.history[0].loss * 1.5
+
+
+def test_fp16_loss_scaling_is_checkpointed_and_resumes(tmp_path):
+    reference, head, bundle = build()
+    finetune(reference, head, bundle, _cfg(epochs=3, precision="fp16"))
+    model, head, bundle = build()
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, head, bundle, _cfg(epochs=3, precision="fp16", out_dir=tmp_path),
+                 progress=_Recorder(at=16, action=_interrupt))
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert saved["precision"] == "fp16" and saved["scaler"]["scale"] > 0
+    model, head, bundle = build()
+    with pytest.raises(TrainingError, match="was trained in fp16 but this run trains in fp32"):
+        finetune(model, head, bundle, _cfg(epochs=3, precision="fp32", out_dir=tmp_path, resume=True))
+    result = finetune(model, head, bundle, _cfg(epochs=3, precision="fp16", out_dir=tmp_path, resume=True))
+    assert result.resumed_from_epoch == 1 and result.precision == "fp16"
+    assert _same_weights(model, reference)
+
+
+def test_channels_last_trains_and_hands_back_contiguous_weights(image_folder):
+    teacher, _, bundle = build_image_run(image_folder, workers=0, seed=1)
+    runs = {}
+    for channels_last in (True, False):
+        model, head, bundle = build_image_run(image_folder, workers=0)
+        result = finetune(model, head, bundle, image_config(epochs=1, channels_last=channels_last, distill=True),
+                          teacher=teacher)
+        assert result.channels_last is channels_last
+        # conv weights (O, I, kH, kW) in channels_last are not contiguous: both models are handed back contiguous
+        assert all(t.is_contiguous() for m in (model, teacher) for t in m.state_dict().values())
+        runs[channels_last] = model
+    for k, v in runs[False].state_dict().items():  # the same training, up to float reassociation
+        torch.testing.assert_close(runs[True].state_dict()[k], v, rtol=1e-4, atol=1e-5)
+    default = finetune(*build_image_run(image_folder, workers=0)[:3], image_config(epochs=0))
+    assert not default.channels_last  # None: channels_last on CUDA only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mixed_precision_and_channels_last_on_cuda_by_default(image_folder):
+    model, head, bundle = build_image_run(image_folder, workers=1)
+    result = finetune(model, head, bundle, image_config(epochs=1, device="cuda"))
+    assert result.precision in ("bf16", "fp16") and result.channels_last
+    assert all(t.is_contiguous() for t in model.state_dict().values())
+    assert result.final.samples == 6
+
+
 # ------------------------------------------------------------------------------------------ shipped samples
 
 SAMPLES = REPO / "sample_models"
@@ -472,6 +645,7 @@ def _sample_run(name: str, data: Path, config: FinetuneConfig) -> dict[str, floa
     check_data(bundle, num_classes=len(meta["classes"]), input_shape=tuple(meta["input_shape"]))
     original = copy.deepcopy(model)
     swap = swap_classifier(model, layer="fc", features=capture_features(model, "fc", bundle.train.tensors[0][:2048]))
+    assert bundle.preprocessing.sources["mean"] == "option" and not bundle.preprocessing.augment
     acc = {"original": evaluate(original, bundle.val, device="cpu").accuracy,
            "swapped": evaluate(model, bundle.val, device="cpu").accuracy}
     calibrate(model, swap.head, bundle.train, device="cpu")

@@ -1,0 +1,67 @@
+"""The ImageFolder workflow end to end: a timm-style model (its preprocessing in `pretrained_cfg`) converted,
+fine-tuned on a train/val folder of JPEGs with workers, exported and verified, the preprocessing in the report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import textwrap
+from pathlib import Path
+
+import torch
+from image_folders import write_class_folders
+
+from fyc_convert import convert
+
+ARCH = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class TinyTimmNet(nn.Module):
+        """A stand-in of a timm classifier: conv stem, global pool, `fc`, get_classifier(), pretrained_cfg."""
+
+        def __init__(self, num_classes=4):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                          nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.fc = nn.Linear(16, num_classes)
+            self.pretrained_cfg = {"input_size": (3, 24, 24), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+                                   "crop_pct": 0.875, "interpolation": "bicubic", "num_classes": num_classes}
+
+        def get_classifier(self):
+            return self.fc
+
+        def forward(self, x):
+            return self.fc(self.features(x))
+
+    def build(num_classes=4):
+        return TinyTimmNet(num_classes)
+''')
+
+
+def test_timm_style_model_on_a_train_val_jpeg_folder(tmp_path: Path) -> None:
+    (tmp_path / "tiny_timm.py").write_text(ARCH)
+    arch = f"{tmp_path / 'tiny_timm.py'}:build"
+    spec = importlib.util.spec_from_file_location("tiny_timm", tmp_path / "tiny_timm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # the same builder, to make the trained checkpoint
+    torch.manual_seed(0)
+    torch.save(module.build().state_dict(), tmp_path / "tiny.pt")
+    data = tmp_path / "images"
+    write_class_folders(data / "train", ["w", "x", "y", "z"], 10, size=(40, 30), ext=".jpg", noise=10)
+    write_class_folders(data / "val", ["w", "x", "y", "z"], 3, size=(40, 30), ext=".jpg", noise=10, start=20)
+
+    report = convert(tmp_path / "tiny.pt", arch=arch, data=data, epochs=1, batch_size=8,
+                     output_dir=tmp_path / "out", device="cpu")
+    assert report.status == "ok"
+    assert report.accuracy.measured_on == "val, 12 samples"
+    assert report.accuracy.finetuned is not None and report.onnx.max_abs_diff < 1e-4
+    note = next(n for n in report.notes if n.startswith("data: images, 40 train / 12 val"))
+    assert "input 3x24x24 (model.pretrained_cfg)" in note and "crop_pct 0.875 (model.pretrained_cfg)" in note
+    assert "bicubic (model.pretrained_cfg)" in note and "augment on (default (image folder))" in note
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    prep = saved["training"]["data"]["preprocessing"]
+    assert prep["mean"] == {"value": [0.5, 0.5, 0.5], "source": "model.pretrained_cfg"}
+    assert saved["training"]["data"]["kind"] == "images" and saved["training"]["data"]["workers"] >= 1
+    assert saved["training"]["data"]["skipped_images"] == 0
