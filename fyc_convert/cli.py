@@ -5,11 +5,14 @@ This is the single place where errors become exit codes: 0 ok, 1 error, 2 usage,
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import signal
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -17,109 +20,104 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from fyc_convert.errors import FycError
+from fyc_convert.options import cli_fields
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 err_console = Console(stderr=True, highlight=False)
 
 
-class HeadKind(str, Enum):
-    hadamard = "hadamard"
-    orthogonal = "orthogonal"
-
-
-class OptimizerKind(str, Enum):
-    sgd = "sgd"
-    adamw = "adamw"
-    class_lr = "class-lr"
-
-
-class DeviceKind(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class HeadLayout(str, Enum):
-    portable = "portable"
-    batch_switched = "batch-switched"
-
-
-class DType(str, Enum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-
-
-def _shape(text: str | None) -> tuple[int, ...] | None:
-    if text is None:
-        return None
+def _parse(kind: str, name: str, text: str) -> Any:
+    """A comma-separated option value: "ints", "floats" or "names"."""
+    parts = [p.strip() for p in text.replace("x", ",").split(",")] if kind == "ints" else \
+        [p.strip() for p in text.split(",")]
     try:
-        shape = tuple(int(s) for s in text.replace("x", ",").split(",") if s.strip())
+        if kind == "ints":
+            return tuple(int(p) for p in parts if p)
+        if kind == "floats":
+            return tuple(float(p) for p in parts if p)
     except ValueError:
-        shape = ()
-    if not shape or any(s <= 0 for s in shape):
-        raise typer.BadParameter(f"{text!r} is not a shape; write positive integers like 3,224,224")
-    return shape
+        example = "3,224,224" if kind == "ints" else "0.485,0.456,0.406"
+        raise typer.BadParameter(f"{text!r} is not a list of {'integers' if kind == 'ints' else 'numbers'}; "
+                                 f"write them like {example}", param_hint=name) from None
+    return tuple(parts)
 
 
-def _check_shape(text: str | None) -> str | None:
-    _shape(text)  # raises typer.BadParameter (exit code 2) on a malformed shape
-    return text
+def _annotation(f: dataclasses.Field) -> tuple[Any, Any]:
+    """(typer annotation, default) for one option field."""
+    meta = f.metadata
+    text = str(f.type)
+    choices = meta.get("choices")
+    if meta.get("parse"):
+        base: Any = str
+    elif choices is not None and all(isinstance(c, str) for c in choices):
+        base = Enum(f"{f.name.title().replace('_', '')}Choice", {c.replace("-", "_"): c for c in choices}, type=str)
+    elif text.startswith("bool"):
+        base = bool
+    elif text.startswith("int"):
+        base = int
+    elif text.startswith("float"):
+        base = float
+    elif text.startswith("Path"):
+        base = Path
+    else:
+        base = str
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(base, type) and issubclass(base, Enum) and default is not None:
+        default = base(default)
+    flag = meta.get("flag") or f"--{f.name.replace('_', '-')}"
+    names = [flag] if flag.count("/") == 1 and flag.startswith("--") and base is bool else flag.split("/")
+    bounds = {}
+    if base in (int, float) and not meta.get("parse"):
+        bounds = {k: meta[k] for k in ("ge",) if meta.get(k) is not None}
+        bounds = {"min": bounds["ge"]} if bounds else {}
+    metavar = {"ints": "N,N,…", "floats": "X,X,…", "names": "NAME,…"}.get(meta.get("parse") or "") or \
+        {int: "N", float: "X", Path: "PATH", str: "TEXT", bool: ""}.get(base)
+    option = typer.Option(*names, help=meta.get("help", ""), rich_help_panel=meta.get("panel"), metavar=metavar,
+                          show_default=default is not None and base is not bool, **bounds)
+    return Annotated[Optional[base] if default is None else base, option], default
 
 
-@app.command()
-def convert(
-    checkpoint: Annotated[Path, typer.Argument(help="Trained model: state_dict/checkpoint .pt (+ --arch), "
-                                                     ".safetensors (+ --arch), pickled module (+ --trust-pickle), TorchScript.")],
-    head: Annotated[HeadKind, typer.Option(help="Fixed head to swap in.")] = HeadKind.hadamard,
-    arch: Annotated[Optional[str], typer.Option(help="MODULE:CALLABLE (or path/file.py:CALLABLE) that builds the model.")] = None,
-    arch_kwargs: Annotated[Optional[str], typer.Option(help="JSON keyword arguments for --arch.")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="Allow unpickling a whole model: this RUNS CODE from the file.")] = False,
-    layer: Annotated[Optional[str], typer.Option(help="Dotted name of the classifier (found automatically otherwise).")] = None,
-    input_shape: Annotated[Optional[str], typer.Option(callback=_check_shape, help="One sample's shape, e.g. 3,224,224 (when data/metadata lack it).")] = None,
-    data: Annotated[Optional[Path], typer.Option(help=".npz, ImageFolder folder or .pt dict: calibrate, fine-tune, measure accuracy.")] = None,
-    val_split: Annotated[float, typer.Option(help="Validation share when the data has no validation split.")] = 0.1,
-    epochs: Annotated[Optional[int], typer.Option(min=0, help="Fine-tuning epochs (0 = calibrate α and bias only). [default: 3]", show_default=False)] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate (default: per optimizer).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="[default: 64]", show_default=False)] = None,
-    optimizer: Annotated[Optional[OptimizerKind], typer.Option(help="sgd (momentum), adamw, or class-lr (per-class learning rates). [default: sgd]", show_default=False)] = None,
-    distill: Annotated[bool, typer.Option(help="Learn from the original model's outputs too (works without labels).")] = False,
-    fixed_scale: Annotated[Optional[float], typer.Option(help="Use this fixed α instead of learning it.")] = None,
-    no_bias: Annotated[bool, typer.Option("--no-bias", help="Head without a bias.")] = False,
-    hadamard_size: Annotated[Optional[int], typer.Option(help="Transform size of the hadamard head, a power of two (default: nextpow2(max(N, C+1)), the widest row choice; a fold size such as 1024 for 2048 → 1000 exports a faster head).")] = None,
-    device: Annotated[DeviceKind, typer.Option()] = DeviceKind.auto,
-    seed: Annotated[int, typer.Option(min=0)] = 0,
-    resume: Annotated[bool, typer.Option(help="Finish an interrupted run in the output folder (training continues from its checkpoint).")] = False,
-    output_dir: Annotated[Optional[Path], typer.Option("-o", "--output-dir", help="Default: <checkpoint stem>_fyc/ next to the checkpoint.")] = None,
-    opset: Annotated[Optional[int], typer.Option(help="ONNX opset, 13 to 20. [default: 17, what most edge converters take]", show_default=False)] = None,
-    head_layout: Annotated[HeadLayout, typer.Option(help="ONNX head graph: portable (every edge runtime) or batch-switched (an If on the batch size, faster in onnxruntime servers for large heads at large batches).")] = HeadLayout.portable,
-    static_batch: Annotated[Optional[int], typer.Option(min=1, help="Export with this fixed batch size (edge compilers, NPUs) instead of a dynamic batch axis.")] = None,
-    dtype: Annotated[DType, typer.Option(help="Precision of the exported backbone; inputs/outputs stay fp32.")] = DType.fp32,
-    atol: Annotated[Optional[float], typer.Option(help="Verification tolerance on logits (absolute). [default: 1e-4; fp16: 5e-2]", show_default=False)] = None,
-    rtol: Annotated[Optional[float], typer.Option(help="Verification tolerance on logits (relative). [default: as --atol]", show_default=False)] = None,
-    report: Annotated[Optional[Path], typer.Option(help="Also write the JSON report here (the only output of --dry-run).")] = None,
-    dry_run: Annotated[bool, typer.Option(help="Load, find and swap; report parameter savings; train and write nothing.")] = False,
-    bench: Annotated[bool, typer.Option(help="Add onnxruntime latency of original vs converted to the report.")] = False,
-    force: Annotated[bool, typer.Option(help="Write into an existing output folder.")] = False,
-    class_lr_eta_mu: Annotated[Optional[float], typer.Option(help="class-lr: meta learning rate of the per-class factors μ. [default: 1e4]", show_default=False)] = None,
-    class_lr_cutoff: Annotated[Optional[int], typer.Option(help="class-lr: epoch after which plain gradients return. [default: 10]", show_default=False)] = None,
-    class_lr_layers: Annotated[Optional[str], typer.Option(help="class-lr: comma-separated layer names (default: hidden Linear layers).")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the final status line.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")] = False,
-) -> None:
-    """Swap a trained classifier's last nn.Linear for a fixed Hadamard head, fine-tune, export slim ONNX."""
-    opts = dict(
-        head=head.value, arch=arch, arch_kwargs=arch_kwargs, trust_pickle=trust_pickle, layer=layer,
-        input_shape=_shape(input_shape), data=data, val_split=val_split, epochs=epochs, lr=lr,
-        batch_size=batch_size, optimizer=optimizer.value if optimizer is not None else None, distill=distill,
-        fixed_scale=fixed_scale, bias=not no_bias, hadamard_size=hadamard_size, device=device.value, seed=seed,
-        resume=resume, output_dir=output_dir, opset=opset, head_layout=head_layout.value, static_batch=static_batch,
-        dtype=dtype.value, atol=atol, rtol=rtol,
-        report_path=report, dry_run=dry_run, bench=bench, force=force,
-        class_lr_eta_mu=class_lr_eta_mu, class_lr_cutoff=class_lr_cutoff,
-        class_lr_layers=tuple(s.strip() for s in class_lr_layers.split(",")) if class_lr_layers else None,
-    )
-    raise typer.Exit(_run(checkpoint, opts, quiet=quiet, verbose=verbose))
+def _command() -> Callable[..., None]:
+    """The `fyc-convert` command, its flags made from `ConvertOptions`' fields (one option, one field)."""
+    fields = cli_fields()
+    params = [inspect.Parameter("checkpoint", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+        Path, typer.Argument(help="Trained model: state_dict/checkpoint .pt (+ --arch), .safetensors (+ --arch), a "
+                                  "Hugging Face or timm model folder, a pickled module (+ --trust-pickle), "
+                                  "TorchScript.")])]
+    for f in fields:
+        annotation, default = _annotation(f)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=annotation))
+    params += [
+        inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option("--quiet", "-q", help="Print only errors, notes and the final status line.",
+                               rich_help_panel=_PANEL_OUT)]),
+        inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.", rich_help_panel=_PANEL_OUT)]),
+    ]
+
+    def convert(checkpoint: Path, **kwargs: Any) -> None:
+        """Swap a trained classifier for a fixed Hadamard head, fine-tune, export a slim verified ONNX model."""
+        quiet, verbose = kwargs.pop("quiet"), kwargs.pop("verbose")
+        values: dict[str, Any] = {}
+        for f in fields:
+            value = kwargs[f.name]
+            if isinstance(value, Enum):
+                value = value.value
+            kind = f.metadata.get("parse")
+            if kind and value is not None:
+                value = _parse(kind, f"--{f.name.replace('_', '-')}", value)
+            values[f.name] = value
+        raise typer.Exit(_run(checkpoint, values, quiet=quiet, verbose=verbose))
+
+    convert.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    convert.__annotations__ = {p.name: p.annotation for p in params}
+    return convert
+
+
+_PANEL_OUT = "Output"
+app.command()(_command())
 
 
 def _run(checkpoint: Path, fields: dict, *, quiet: bool, verbose: bool) -> int:

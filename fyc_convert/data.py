@@ -38,6 +38,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from fyc_convert.errors import DataError, describe
 from fyc_convert.loader import BadSample, default_workers
+from fyc_convert.options import DataOptions
 from fyc_convert.preprocess import Preprocessing, resolve_preprocessing
 from fyc_convert.transforms import EvalTransform, Normalize, TrainTransform
 
@@ -50,21 +51,6 @@ UNLABELLED = -1  # label of every sample in an unlabelled data set
 CLASS_LISTS = ("classes.txt", "class_names.txt", "labels.txt", "synsets.txt")  # class order files, looked up in order
 HELD_OUT_DIRS = ("val", "validation", "test")  # beside train/: the first that has class folders is the val split
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # Pillow modes read as one channel when no shape is given
-
-
-@dataclass
-class DataOptions:
-    """How `--data` is read and fed to the model (the CLI flags map onto these fields)."""
-
-    val_split: float = 0.1  # share held out (seeded) when the data has no validation split of its own
-    input_shape: tuple[int, ...] | None = None  # one sample (C, H, W) / (F,); None: meta, model config, then data
-    mean: tuple[float, ...] | None = None  # per-channel mean of inputs in [0, 1]; None: meta, model config, none
-    std: tuple[float, ...] | None = None  # per-channel std; None: meta, model config, else 1
-    crop_pct: float | None = None  # eval crop: shorter side resized to H / crop_pct; None: meta, model, else 1.0
-    interpolation: str | None = None  # Pillow resampling for images; None: meta, model config, else bilinear
-    augment: bool | None = None  # random-resized crop + flip on training images; None: meta, else on for images
-    workers: int | None = None  # DataLoader worker processes; None: 0 for in-memory arrays, a share of the cores
-    skip_bad_images: bool = False  # skip images that cannot be decoded (counted) instead of stopping
 
 
 @dataclass

@@ -43,9 +43,6 @@ from fyc_convert.onnx_head import (
 )
 from fyc_convert.surgery import eval_mode, logits_of
 
-# DEFAULT_OPSET (17: the most converters take it) and MIN_OPSET (13: ReduceSum's axes input) come from the
-# head builder, which emits the right forms for every opset from 13 on; torch's exporter covers them all.
-MAX_OPSET = 20  # the newest opset torch.onnx's TorchScript-based exporter writes
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of weights; protobuf cannot serialise a model over 2 GiB
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

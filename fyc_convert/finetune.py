@@ -23,11 +23,12 @@ to the other ranks, and it alone writes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from fyc_convert.data import DataBundle
 from fyc_convert.errors import DataError, TrainingError, first_line
 from fyc_convert.files import atomic_path
+from fyc_convert.options import FinetuneConfig
 from fyc_convert.loader import BatchStream, make_loader, random_subset
 from fyc_convert.surgery import capture_features, logits_of
 
@@ -61,32 +63,6 @@ _FORMAT = "fyc-finetune/1"
 # Config fields that must match between an interrupted run and its resumption.
 _RESUME_FIELDS = ("epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay", "cosine", "distill",
                   "temperature", "distill_weight", "seed", "class_lr_eta_mu", "class_lr_cutoff", "class_lr_layers")
-
-
-@dataclass
-class FinetuneConfig:
-    """Options of `finetune` (the CLI flags map onto these)."""
-
-    epochs: int = 3  # passes over the training data; 0 = no training (calibrate only, done by the caller)
-    lr: float | None = None  # peak learning rate; None: 0.01 for "sgd"/"class-lr", 1e-3 for "adamw"
-    batch_size: int = 64  # samples per step and per process (under torchrun each rank takes this many)
-    optimizer: Literal["sgd", "adamw", "class-lr"] = "sgd"  # SGD with momentum, AdamW, or per-class rates
-    momentum: float = 0.9  # SGD momentum (adamw and class-lr do not use it)
-    weight_decay: float = 5e-4  # on every trained parameter, α included (as in the paper); class-lr: none
-    cosine: bool = True  # cosine decay of the learning rate to 0 over all steps; False: constant
-    distill: bool = False  # learn from the teacher's softened logits (KL), plus cross-entropy when labelled
-    temperature: float = 4.0  # softening temperature T of the distillation KL (the KL is scaled by T²)
-    distill_weight: float = 0.5  # weight of the KL term against cross-entropy with labels (unlabelled: KL only)
-    seed: int = 0  # seeds shuffling and dropout: same seed, same weights on CPU
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto": CUDA when available
-    out_dir: Path | None = None  # checkpoint folder (CHECKPOINT_NAME written after every epoch); None: none
-    resume: bool = False  # continue from out_dir's checkpoint and finish the same number of epochs
-    eval_batch_size: int = 256  # batch size of evaluation after every epoch
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # "auto": bf16/fp16 autocast on CUDA, fp32 on CPU
-    channels_last: bool | None = None  # channels_last memory format for conv nets; None: on CUDA
-    class_lr_eta_mu: float = 1e4  # class-lr: learning rate of the per-class factors μ
-    class_lr_cutoff: int = 10  # class-lr: epoch from which plain gradients return
-    class_lr_layers: list[str] | None = None  # class-lr: nn.Linear names with per-class rates; None: default
 
 
 @dataclass
@@ -433,6 +409,7 @@ def finetune(
             or options that do not fit (no teacher for distillation, class-lr under torchrun or in fp16/bf16).
         DataError: unlabelled data without distillation; an image that cannot be read (without skip_bad_images).
     """
+    config = resolved(config)
     trainer = _Trainer(model, head, data, config, teacher)
     try:
         with torch.random.fork_rng(devices=trainer.cuda_devices):
@@ -452,6 +429,21 @@ def finetune(
                     m.to(memory_format=torch.contiguous_format)
         model.eval()
     return trainer.result()
+
+
+PLAIN_DEFAULTS = {"epochs": 3, "batch_size": 64, "optimizer": "sgd", "distill": False, "class_lr_eta_mu": 1e4,
+                  "class_lr_cutoff": 10}  # what a field left at None means in the loop itself
+
+
+def resolved(config: FinetuneConfig) -> FinetuneConfig:
+    """`config` with every None the loop needs replaced by its plain default (PLAIN_DEFAULTS; lr stays None: it
+    depends on the optimizer), and the class-lr fields at their defaults unless class-lr trains (they are then
+    ignored, and must not make a resumed run differ from the interrupted one)."""
+    done = dataclasses.replace(config, **{k: v for k, v in PLAIN_DEFAULTS.items() if getattr(config, k) is None})
+    if done.optimizer != "class-lr":
+        done = dataclasses.replace(done, class_lr_eta_mu=PLAIN_DEFAULTS["class_lr_eta_mu"],
+                                   class_lr_cutoff=PLAIN_DEFAULTS["class_lr_cutoff"], class_lr_layers=None)
+    return done
 
 
 class _Trainer:

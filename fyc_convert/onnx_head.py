@@ -32,6 +32,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fyc_convert.errors import ExportError
+from fyc_convert.options import DEFAULT_OPSET, HEAD_LAYOUTS, MIN_OPSET
 
 __all__ = [
     "DENSE_OPS",
@@ -48,9 +49,8 @@ __all__ = [
 
 HEAD_PREFIX = "fyc_head/"
 HeadLayout = Literal["portable", "batch-switched"]
-HEAD_LAYOUTS: tuple[str, ...] = ("portable", "batch-switched")
-MIN_OPSET = 13  # ReduceSum takes its axes as an input from 13 on; Split's sizes are an input 13..17
-DEFAULT_OPSET = 17  # onnx2torch, ncnn/pnnx and older runtimes take <= 17
+# MIN_OPSET: ReduceSum takes its axes as an input from 13 on, Split its sizes 13..17 (num_outputs from 18);
+# DEFAULT_OPSET 17: onnx2torch, ncnn/pnnx and older runtimes take <= 17. Declared with the options (no torch).
 DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "ConvInteger",
              "QLinearConv", "Einsum")
 

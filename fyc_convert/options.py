@@ -1,14 +1,19 @@
-"""Every option of a conversion in one dataclass, and the checks that run before any long work starts.
+"""Every option of a conversion, declared once, and the checks that run before any long work starts.
 
-`check_options` validates each field and the combinations (bad values raise `OptionsError`, exit code 2) and
-returns one note per option that would have no effect in this run (the CLI prints them, the report keeps them).
-It reads no data and loads no model, so a typo costs nothing.
+Each option is one dataclass field made with `option(...)`: its type, default, help text, flag, and the checks of
+its value live together. Three dataclasses group them by concern — `DataOptions` (how `--data` is read),
+`FinetuneConfig` (the training loop) and `ConvertOptions` (the whole job, which inherits both, so the pipeline
+hands `opts` itself to `load_data` and `finetune`, with no copying) — and the CLI builds its flags from
+`ConvertOptions`' fields. Adding an option is adding a field here.
+
+`check_options` validates each field (its metadata) and the combinations (bad values raise `OptionsError`, exit
+code 2) and returns one note per option that would have no effect in this run (the CLI prints them, the report
+keeps them). This module imports no torch: `fyc-convert --help` stays fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -17,73 +22,163 @@ from typing import Any, Literal
 
 from fyc_convert.errors import DataError, OptionsError
 
-HEADS = ("hadamard", "orthogonal")
-OPTIMIZERS = ("sgd", "adamw", "class-lr")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("fp32", "fp16")
+MIN_OPSET, MAX_OPSET = 13, 20  # the head builder's forms exist from 13; torch's TorchScript exporter stops at 20
+DEFAULT_OPSET = 17  # onnx2torch, ncnn/pnnx and older runtimes take <= 17
 HEAD_LAYOUTS = ("portable", "batch-switched")
-DEFAULT_EPOCHS = 3
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_OPTIMIZER = "sgd"
-DEFAULT_CLASS_LR_ETA_MU = 1e4
-DEFAULT_CLASS_LR_CUTOFF = 10
+INTERPOLATIONS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # onnxruntime vs PyTorch on logits (atol and rtol)
 
 
-@dataclass
-class ConvertOptions:
-    """Every option of a conversion; the CLI flags map one to one onto these fields.
+def option(default: Any = None, help: str = "", *, flag: str | None = None, panel: str = "Options",
+           cli: bool = True, choices: tuple[Any, ...] | None = None, ge: float | None = None,
+           gt: float | None = None, lt: float | None = None, parse: str | None = None,
+           factory: Any = None) -> Any:
+    """A dataclass field that is also a command-line option.
 
-    None means "not given": the run picks the value (and says so where it matters), so an option that was
-    given but has no effect can be reported instead of silently ignored.
+    Args:
+        default: the default (None: "not given"; the run decides and says so where it matters).
+        help: the --help text.
+        flag: the flag, e.g. "-o/--output-dir" or "--bias/--no-bias"; default "--<name with dashes>".
+        panel: --help section.
+        cli: False for fields the CLI does not offer (set by the library itself).
+        choices: allowed values.
+        ge, gt, lt: numeric bounds (checked on numbers; `ge=0` on an int field also says "an integer").
+        parse: how the CLI reads the text: "ints" / "floats" (comma-separated), "names" (comma-separated),
+            "int_or_auto".
+        factory: default_factory instead of a default.
     """
+    meta = {"help": help, "flag": flag, "panel": panel, "cli": cli, "choices": choices, "ge": ge, "gt": gt,
+            "lt": lt, "parse": parse}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
 
-    head: Literal["hadamard", "orthogonal"] = "hadamard"  # kind of fixed head to swap in
-    arch: str | None = None  # "module:callable" or "path/file.py:callable" building the model (state_dicts)
-    arch_kwargs: str | dict[str, Any] | None = None  # JSON (or dict) of keyword arguments for `arch`
-    trust_pickle: bool = False  # allow unpickling a whole nn.Module (runs code from the file)
-    layer: str | None = None  # dotted name of the classifier; found automatically when None
-    input_shape: tuple[int, ...] | None = None  # one sample's shape, e.g. (3, 224, 224), when data/meta lack it
-    data: str | Path | None = None  # .npz / ImageFolder / .pt data for calibration, fine-tuning and accuracy
-    val_split: float = 0.1  # validation share when the data has no validation split
-    epochs: int | None = None  # fine-tuning epochs (None: 3); 0 = calibrate alpha and bias only
-    lr: float | None = None  # learning rate; None = the optimizer's default
-    batch_size: int | None = None  # samples per step (None: 64)
-    optimizer: Literal["sgd", "adamw", "class-lr"] | None = None  # None: sgd
-    distill: bool = False  # learn from the original model's outputs (KL) as well as labels
-    fixed_scale: float | None = None  # a fixed alpha instead of a learned one
-    bias: bool = True  # keep a learned bias in the head
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    hadamard_size: int | None = None  # transform size m of the hadamard head; None = from_linear's widest choice
-    resume: bool = False  # finish an interrupted run in the output folder (training from its checkpoint)
-    output_dir: str | Path | None = None  # default: <checkpoint stem>_fyc/ next to the checkpoint
-    opset: int | None = None  # ONNX opset; None = export.DEFAULT_OPSET
-    head_layout: Literal["portable", "batch-switched"] = "portable"  # ONNX head graph (batch-switched: ORT servers)
-    static_batch: int | None = None  # export with this fixed batch size instead of a dynamic batch axis
-    dtype: Literal["fp32", "fp16"] = "fp32"  # precision of the exported backbone (inputs/outputs stay fp32)
-    atol: float | None = None  # onnxruntime-vs-PyTorch tolerance on logits (None: 1e-4, fp16: 5e-2)
-    rtol: float | None = None  # relative tolerance (None: as atol)
-    report_path: str | Path | None = None  # extra copy of report.json (the only output of --dry-run)
-    dry_run: bool = False  # load, find, swap and count; train and write nothing (but `report_path`)
-    bench: bool = False  # add onnxruntime latencies of original vs converted to the report
-    force: bool = False  # allow writing into an existing output folder
-    class_lr_eta_mu: float | None = None  # per-class learning rates: meta learning rate of mu (None: 1e4)
-    class_lr_cutoff: int | None = None  # per-class learning rates: epoch after which plain gradients return (None: 10)
-    class_lr_layers: tuple[str, ...] | None = None  # per-class learning rates: layers (default: hidden Linears)
+
+_DATA, _TRAIN, _MODEL, _EXPORT, _OUT = "Data", "Training", "Model and head", "Export", "Output"
+
+
+@dataclass
+class DataOptions:
+    """How `--data` is read and fed to the model."""
+
+    val_split: float = option(0.1, "Share held out (seeded) when the data has no validation split of its own.",
+                              panel=_DATA, ge=0.0, lt=1.0)
+    input_shape: tuple[int, ...] | None = option(
+        None, "One sample's shape, e.g. 3,224,224 (default: checkpoint meta, the model's config, then the data).",
+        panel=_DATA, parse="ints", ge=1)
+    mean: tuple[float, ...] | None = option(
+        None, "Per-channel mean of inputs in [0, 1], e.g. 0.485,0.456,0.406 (default: meta, the model's config).",
+        panel=_DATA, parse="floats")
+    std: tuple[float, ...] | None = option(
+        None, "Per-channel std, e.g. 0.229,0.224,0.225 (default: meta, the model's config, else 1).",
+        panel=_DATA, parse="floats", gt=0.0)
+    crop_pct: float | None = option(None, "Eval crop: resize the shorter side to H / crop_pct, then centre crop "
+                                          "(default: meta, the model's config, else 1.0).", panel=_DATA, gt=0.0)
+    interpolation: str | None = option(None, "Resampling filter for images (default: meta, the model's config, "
+                                             "else bilinear).", panel=_DATA, choices=INTERPOLATIONS)
+    augment: bool | None = option(None, "Random-resized crop + flip on training images (default: meta, else on for "
+                                        "images; arrays are never augmented).", flag="--augment/--no-augment",
+                                  panel=_DATA)
+    workers: int | None = option(None, "DataLoader worker processes (default: 0 for arrays, a share of the cores "
+                                       "for images).", panel=_DATA, ge=0)
+    skip_bad_images: bool = option(False, "Skip images that cannot be decoded (counted in the report) instead of "
+                                          "stopping.", panel=_DATA)
+
+
+@dataclass
+class FinetuneConfig:
+    """Options of the training loop (`finetune.finetune`); None: the loop's plain default, or the job's rule."""
+
+    epochs: int | None = option(None, "Fine-tuning epochs (0 = calibrate α and the bias only). [default: 3]",
+                                panel=_TRAIN, ge=0)
+    lr: float | None = option(None, "Peak learning rate (default: 0.01 for sgd/class-lr, 1e-3 for adamw).",
+                              panel=_TRAIN, gt=0.0)
+    batch_size: int | None = option(None, "Samples per step and process. [default: 64]", panel=_TRAIN, ge=1)
+    optimizer: Literal["sgd", "adamw", "class-lr"] | None = option(
+        None, "sgd (momentum), adamw, or class-lr (per-class learning rates). [default: sgd]", panel=_TRAIN,
+        choices=("sgd", "adamw", "class-lr"))
+    momentum: float = option(0.9, "SGD momentum.", panel=_TRAIN, ge=0.0, lt=1.0)
+    weight_decay: float = option(5e-4, "Weight decay on every trained parameter, α included (class-lr: none).",
+                                 panel=_TRAIN, ge=0.0)
+    cosine: bool = option(True, "Cosine decay of the learning rate to 0 over the training steps.",
+                          flag="--cosine/--no-cosine", panel=_TRAIN)
+    distill: bool | None = option(None, "Learn from the original model's outputs (KL) as well as the labels; "
+                                        "unlabelled data always does. [default: off]",
+                                  flag="--distill/--no-distill", panel=_TRAIN)
+    temperature: float = option(4.0, "Softening temperature of the distillation KL.", panel=_TRAIN, gt=0.0)
+    distill_weight: float = option(0.5, "Weight of the KL term against cross-entropy with labels.", panel=_TRAIN,
+                                   ge=0.0)
+    seed: int = option(0, "Seeds the split, shuffling, augmentation, dropout and the head's signs.", panel=_TRAIN,
+                       ge=0)
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "Where to train (auto: CUDA when available).",
+                                                     panel=_TRAIN, choices=("auto", "cpu", "cuda"))
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto", "Training precision (auto: bf16 or fp16 mixed precision on CUDA, fp32 on CPU).", panel=_TRAIN,
+        choices=("auto", "fp32", "bf16", "fp16"))
+    channels_last: bool | None = option(None, "channels_last memory format for conv nets (default: on CUDA).",
+                                        flag="--channels-last/--no-channels-last", panel=_TRAIN)
+    eval_batch_size: int = option(256, "Batch size of evaluation.", panel=_TRAIN, ge=1)
+    resume: bool = option(False, "Finish an interrupted run in the output folder (training continues from its "
+                                 "checkpoint).", panel=_OUT)
+    out_dir: Path | None = option(None, "Checkpoint folder of the loop (the job uses <output>/checkpoints).",
+                                  cli=False)
+    class_lr_eta_mu: float | None = option(None, "class-lr: learning rate of the per-class factors μ. "
+                                                 "[default: 1e4]", panel=_TRAIN, gt=0.0)
+    class_lr_cutoff: int | None = option(None, "class-lr: epoch from which plain gradients return. [default: 10]",
+                                         panel=_TRAIN, ge=0)
+    class_lr_layers: tuple[str, ...] | None = option(
+        None, "class-lr: comma-separated nn.Linear names (default: the hidden Linear layers).", panel=_TRAIN,
+        parse="names")
+
+
+@dataclass
+class ConvertOptions(DataOptions, FinetuneConfig):
+    """Every option of a conversion (the CLI's flags are these fields, in this order in --help's panels)."""
+
+    head: Literal["hadamard", "orthogonal"] = option("hadamard", "Fixed head to swap in.", panel=_MODEL,
+                                                     choices=("hadamard", "orthogonal"))
+    arch: str | None = option(None, "MODULE:CALLABLE (or path/file.py:CALLABLE) that builds the model.",
+                              panel=_MODEL)
+    arch_kwargs: str | dict[str, Any] | None = option(None, "JSON keyword arguments for --arch.", panel=_MODEL)
+    trust_pickle: bool = option(False, "Allow unpickling a whole model: this RUNS CODE from the file.",
+                                panel=_MODEL)
+    trust_remote_code: bool = option(False, "Allow a model folder's own Python code (Hugging Face auto_map): "
+                                            "this RUNS CODE from the folder.", panel=_MODEL)
+    layer: str | None = option(None, "Dotted name of the classifier, or NAME,NAME for several (found "
+                                     "automatically otherwise).", panel=_MODEL)
+    hadamard_size: int | None = option(None, "Transform size of the hadamard head, a power of two (default: the "
+                                             "widest row choice).", panel=_MODEL)
+    fixed_scale: float | None = option(None, "A fixed α instead of a learned one.", panel=_MODEL, gt=0.0)
+    bias: bool = option(True, "Keep a learned bias in the head.", flag="--bias/--no-bias", panel=_MODEL)
+    data: Path | None = option(None, ".npz, .pt, a folder of .npy arrays or an image folder: calibrate, "
+                                     "fine-tune and measure accuracy.", panel=_DATA)
+    opset: int | None = option(None, f"ONNX opset, {MIN_OPSET} to {MAX_OPSET}. [default: {DEFAULT_OPSET}, what "
+                                     "most edge converters take]", panel=_EXPORT, ge=MIN_OPSET)
+    head_layout: Literal["portable", "batch-switched"] = option(
+        "portable", "ONNX head graph: portable (every edge runtime) or batch-switched (an If on the batch size; "
+                    "onnxruntime servers with large heads and batches).", panel=_EXPORT, choices=HEAD_LAYOUTS)
+    static_batch: int | None = option(None, "Export with this fixed batch size (edge compilers, NPUs) instead of "
+                                            "a dynamic batch axis.", panel=_EXPORT, ge=1)
+    dtype: Literal["fp32", "fp16"] = option("fp32", "Precision of the exported backbone; inputs and outputs stay "
+                                                    "fp32.", panel=_EXPORT, choices=("fp32", "fp16"))
+    atol: float | None = option(None, "Verification tolerance on the logits, absolute. [default: 1e-4; fp16: "
+                                      "5e-2]", panel=_EXPORT, ge=0.0)
+    rtol: float | None = option(None, "Verification tolerance, relative. [default: as --atol]", panel=_EXPORT,
+                                ge=0.0)
+    output_dir: Path | None = option(None, "Output folder. [default: <checkpoint stem>_fyc/ beside the checkpoint]",
+                                     flag="-o/--output-dir", panel=_OUT)
+    report_path: Path | None = option(None, "Also write the JSON report here (the only output of --dry-run).",
+                                      flag="--report", panel=_OUT)
+    dry_run: bool = option(False, "Load, find and swap; report the savings; train and write nothing.",
+                           panel=_OUT)
+    bench: bool = option(False, "Add onnxruntime latencies of original vs converted to the report.", panel=_OUT)
+    force: bool = option(False, "Write into an existing output folder (its earlier outputs are replaced).",
+                         panel=_OUT)
 
     # ------------------------------------------------------------------ values the run uses
     @property
     def epochs_value(self) -> int:
-        return DEFAULT_EPOCHS if self.epochs is None else self.epochs
-
-    @property
-    def batch_size_value(self) -> int:
-        return DEFAULT_BATCH_SIZE if self.batch_size is None else self.batch_size
-
-    @property
-    def optimizer_value(self) -> str:
-        return DEFAULT_OPTIMIZER if self.optimizer is None else self.optimizer
+        return 3 if self.epochs is None else self.epochs
 
     @property
     def tolerance(self) -> tuple[float, float]:
@@ -91,6 +186,15 @@ class ConvertOptions:
         default = DEFAULT_TOLERANCE[self.dtype]
         atol = default if self.atol is None else self.atol
         return atol, (default if self.rtol is None else self.rtol)
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    """The fields the CLI offers as flags (ConvertOptions' own first, then data, then training)."""
+    own = {f.name for f in dataclasses.fields(ConvertOptions)} - {f.name for f in dataclasses.fields(DataOptions)} \
+        - {f.name for f in dataclasses.fields(FinetuneConfig)}
+    every = dataclasses.fields(ConvertOptions)
+    ordered = [f for f in every if f.name in own] + [f for f in every if f.name not in own]
+    return [f for f in ordered if f.metadata.get("cli", True)]
 
 
 def make_options(options: ConvertOptions | None, fields: dict[str, Any]) -> ConvertOptions:
@@ -110,42 +214,19 @@ def check_options(opts: ConvertOptions) -> list[str]:
         OptionsError: a value out of range, of the wrong type, or a combination that cannot work.
         DataError: `data` does not exist.
     """
-    _choice("--head", opts.head, HEADS)
-    _choice("--device", opts.device, DEVICES)
-    _choice("--dtype", opts.dtype, DTYPES)
-    if opts.optimizer is not None:
-        _choice("--optimizer", opts.optimizer, OPTIMIZERS)
-    if opts.input_shape is not None and (not opts.input_shape or any(not _is_int(s) or s < 1 for s in opts.input_shape)):
-        raise OptionsError(f"--input-shape {opts.input_shape} is not a shape; write positive integers like 3,224,224")
-    if not (isinstance(opts.val_split, (int, float)) and 0.0 <= opts.val_split < 1.0):
-        raise OptionsError(f"--val-split must be in [0, 1), got {opts.val_split!r}; pass e.g. --val-split 0.1")
-    _int_at_least("--epochs", opts.epochs, 0)
-    _int_at_least("--batch-size", opts.batch_size, 1)
-    _int_at_least("--seed", opts.seed, 0)
-    _int_at_least("--class-lr-cutoff", opts.class_lr_cutoff, 0)
-    _int_at_least("--static-batch", opts.static_batch, 1)
-    _choice("--head-layout", opts.head_layout, HEAD_LAYOUTS)
-    _positive("--lr", opts.lr)
-    _positive("--fixed-scale", opts.fixed_scale)
-    _positive("--class-lr-eta-mu", opts.class_lr_eta_mu)
-    for name, value in (("--atol", opts.atol), ("--rtol", opts.rtol)):
-        if value is not None and not (_is_number(value) and math.isfinite(value) and value >= 0):
-            raise OptionsError(f"{name} must be a number >= 0, got {value!r}")
+    for f in dataclasses.fields(opts):
+        _check_field(f, getattr(opts, f.name))
     if opts.hadamard_size is not None:
         if opts.head != "hadamard":
             raise OptionsError(f"--hadamard-size applies to the hadamard head only; leave it unset for --head "
                                f"{opts.head}")
-        if not _is_int(opts.hadamard_size) or opts.hadamard_size < 2 or opts.hadamard_size & (opts.hadamard_size - 1):
+        if opts.hadamard_size < 2 or opts.hadamard_size & (opts.hadamard_size - 1):
             raise OptionsError(f"--hadamard-size must be a power of two >= 2, got {opts.hadamard_size!r}; "
                                "e.g. 1024 or 2048")
-    if opts.opset is not None:
-        from fyc_convert.export import MAX_OPSET, MIN_OPSET
-
-        if not _is_int(opts.opset) or not MIN_OPSET <= opts.opset <= MAX_OPSET:
-            raise OptionsError(f"--opset {opts.opset!r} is not supported; pass an opset from {MIN_OPSET} to "
-                               f"{MAX_OPSET}")
-    if opts.class_lr_layers is not None and not all(isinstance(s, str) and s for s in opts.class_lr_layers):
-        raise OptionsError("--class-lr-layers must be comma-separated layer names, e.g. features.0,features.2")
+    if opts.opset is not None and opts.opset > MAX_OPSET:
+        raise OptionsError(f"--opset {opts.opset!r} is not supported; pass an opset from {MIN_OPSET} to {MAX_OPSET}")
+    if opts.mean is not None and opts.std is not None and len(opts.mean) != len(opts.std):
+        raise OptionsError(f"--mean has {len(opts.mean)} values but --std {len(opts.std)}; give one per channel")
     if opts.arch_kwargs is not None:
         from fyc_convert.loading import parse_arch_kwargs
 
@@ -164,24 +245,69 @@ def check_options(opts: ConvertOptions) -> list[str]:
     return _ignored(opts)
 
 
+def _flag(f: dataclasses.Field) -> str:
+    """The flag a user typed for field `f` (its long form)."""
+    flag = f.metadata.get("flag") or f"--{f.name.replace('_', '-')}"
+    return next(part for part in flag.split("/") if part.startswith("--"))
+
+
+def _check_field(f: dataclasses.Field, value: Any) -> None:
+    """The checks in the field's metadata: choices, bounds (and integer-ness for int fields), element bounds."""
+    meta = f.metadata
+    if value is None or not meta or not isinstance(meta.get("help"), str):
+        return
+    flag = _flag(f)
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise OptionsError(f"{flag} {value!r} is not one of: {', '.join(map(str, choices))}")
+    kind = "int" if "int" in str(f.type) and "float" not in str(f.type) else "float" if "float" in str(f.type) else ""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if meta.get("parse") == "names":
+        if not values or not all(isinstance(v, str) and v.strip() for v in values):
+            raise OptionsError(f"{flag} must be comma-separated names, e.g. features.0,features.2")
+        return
+    if isinstance(value, (tuple, list)) and not value:
+        raise OptionsError(f"{flag} needs at least one value")
+    for v in values:
+        if kind and not _is_number(v, integer=kind == "int"):
+            raise OptionsError(f"{flag} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+        if not kind:
+            continue
+        if not math.isfinite(v):
+            raise OptionsError(f"{flag} must be a finite number, got {value!r}")
+        for bound, ok, words in (("ge", lambda x, b: x >= b, ">="), ("gt", lambda x, b: x > b, ">"),
+                                 ("lt", lambda x, b: x < b, "<")):
+            b = meta.get(bound)
+            if b is not None and not ok(v, b):
+                what = "an integer" if kind == "int" else "a number"
+                raise OptionsError(f"{flag} must be {what} {words} {b:g}, got {value!r}")
+
+
+def _is_number(value: Any, *, integer: bool) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) if integer else isinstance(value, (int, float))
+
+
 def _ignored(opts: ConvertOptions) -> list[str]:
     """One note per option that was given but has no effect with the other options."""
     notes: list[str] = []
+    training = [flag for flag, on in (("--epochs", opts.epochs is not None), ("--lr", opts.lr is not None),
+                                      ("--batch-size", opts.batch_size is not None),
+                                      ("--optimizer", opts.optimizer is not None),
+                                      ("--distill", opts.distill is not None))
+                if on]
     if opts.data is None and not opts.dry_run:
-        given = [flag for flag, value in (("--epochs", opts.epochs), ("--lr", opts.lr),
-                                          ("--batch-size", opts.batch_size), ("--optimizer", opts.optimizer))
-                 if value is not None] + (["--distill"] if opts.distill else []) + (["--resume"] if opts.resume else [])
+        given = training + (["--resume"] if opts.resume else [])
         if given:
             notes.append(f"{', '.join(given)} ignored: there is no --data to calibrate or fine-tune on")
     if opts.dry_run:
-        given = [flag for flag, on in (("--epochs", opts.epochs is not None), ("--lr", opts.lr is not None),
-                                       ("--optimizer", opts.optimizer is not None), ("--distill", opts.distill),
-                                       ("--bench", opts.bench), ("--opset", opts.opset is not None),
-                                       ("--static-batch", opts.static_batch is not None),
-                                       ("--force", opts.force)) if on]
+        given = training + [flag for flag, on in (("--bench", opts.bench), ("--opset", opts.opset is not None),
+                                                   ("--static-batch", opts.static_batch is not None),
+                                                   ("--force", opts.force)) if on]
         if given:
             notes.append(f"{', '.join(given)} ignored: --dry-run trains and exports nothing")
-    if opts.optimizer_value != "class-lr":
+    if opts.optimizer != "class-lr":
         given = [flag for flag, value in (("--class-lr-eta-mu", opts.class_lr_eta_mu),
                                           ("--class-lr-cutoff", opts.class_lr_cutoff),
                                           ("--class-lr-layers", opts.class_lr_layers)) if value is not None]
@@ -196,29 +322,6 @@ def _ignored(opts: ConvertOptions) -> list[str]:
     return notes
 
 
-def _choice(flag: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise OptionsError(f"{flag} {value!r} is not one of: {', '.join(choices)}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _int_at_least(flag: str, value: Any, low: int) -> None:
-    if value is not None and (not _is_int(value) or value < low):
-        raise OptionsError(f"{flag} must be an integer >= {low}, got {value!r}")
-
-
-def _positive(flag: str, value: Any) -> None:
-    if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
-        raise OptionsError(f"{flag} must be a number > 0, got {value!r}")
-
-
 def _check_writable_file(flag: str, path: Path) -> None:
     """The file can be created or replaced: its folder exists and is writable, and it is not a folder."""
     if path.is_dir():
@@ -228,8 +331,3 @@ def _check_writable_file(flag: str, path: Path) -> None:
         raise OptionsError(f"{flag} {path}: folder {folder} does not exist; create it or choose another path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OptionsError(f"{flag} {path}: folder {folder} is not writable; choose a writable path")
-
-
-def options_json(opts: ConvertOptions) -> str:
-    """The options as JSON (paths as strings), for fingerprints and reports."""
-    return json.dumps(dataclasses.asdict(opts), default=str, sort_keys=True)

@@ -95,18 +95,19 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
     model = loaded.model.eval()
     meta = loaded.meta or {}
 
-    from fyc_convert.data import DataOptions
     from fyc_convert.preprocess import resolve_preprocessing
 
-    data_opts = DataOptions(val_split=opts.val_split, input_shape=opts.input_shape)
     bundle = None
+    preprocessor_config = meta.get("preprocessor_config")
     if opts.data is not None:
         from fyc_convert.data import load_data
 
         say(f"reading data {opts.data}")
-        bundle = load_data(opts.data, data_opts, seed=opts.seed, meta=meta, model=model)
+        bundle = load_data(opts.data, opts, seed=opts.seed, meta=meta, model=model,
+                           preprocessor_config=preprocessor_config)
     # the model's input shape: options, checkpoint meta, the model's own config, then the data
-    prep = bundle.preprocessing if bundle is not None else resolve_preprocessing(data_opts, meta=meta, model=model)
+    prep = bundle.preprocessing if bundle is not None else resolve_preprocessing(
+        opts, meta=meta, model=model, preprocessor_config=preprocessor_config)
     input_shape = prep.input_shape
 
     original = copy.deepcopy(model)
@@ -184,7 +185,7 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path, r
     come from the run state and calibration is skipped: the checkpoint holds the calibrated (or further
     trained) model.
     """
-    from fyc_convert.finetune import CHECKPOINT_NAME, FinetuneConfig, calibrate, evaluate, finetune
+    from fyc_convert.finetune import CHECKPOINT_NAME, calibrate, evaluate, finetune, resolved
 
     device = opts.device
     held_out = bundle.val if bundle.val is not None else bundle.train
@@ -219,10 +220,8 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path, r
     if epochs > 0:
         if state is None:
             on_main(lambda: _write_run_state(ckpt_dir, opts, acc))
-        cfg = FinetuneConfig(
-            epochs=epochs, lr=opts.lr, batch_size=opts.batch_size_value, optimizer=opts.optimizer_value,
-            distill=distill, seed=opts.seed, device=opts.device, out_dir=ckpt_dir, resume=resuming,
-            **_class_lr_config(opts))
+        # opts is the loop's config too (ConvertOptions is a FinetuneConfig): only the job's own choices change
+        cfg = resolved(dataclasses.replace(opts, epochs=epochs, distill=distill, out_dir=ckpt_dir, resume=resuming))
         say(f"fine-tuning {epochs} epoch(s) with {cfg.optimizer}")
         with _model_run("fine-tuning", input_shape):
             result = finetune(model, head, bundle, cfg, teacher=original if cfg.distill else None,
@@ -247,20 +246,6 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path, r
                                  workers=bundle.workers).agreement
     report.accuracy = acc
     model.cpu().eval()
-
-
-def _class_lr_config(opts: ConvertOptions) -> dict[str, Any]:
-    """The class-lr fields of FinetuneConfig: its defaults unless class-lr is used and they were given."""
-    if opts.optimizer_value != "class-lr":
-        return {}
-    out: dict[str, Any] = {}
-    if opts.class_lr_eta_mu is not None:
-        out["class_lr_eta_mu"] = opts.class_lr_eta_mu
-    if opts.class_lr_cutoff is not None:
-        out["class_lr_cutoff"] = opts.class_lr_cutoff
-    if opts.class_lr_layers:
-        out["class_lr_layers"] = list(opts.class_lr_layers)
-    return out
 
 
 def _run_fields(opts: ConvertOptions) -> dict[str, Any]:
@@ -300,7 +285,8 @@ def _read_run_state(ckpt_dir: Path, opts: ConvertOptions) -> dict[str, Any] | No
 def _export_and_verify(model, original, swap, bundle, input_shape, opts: ConvertOptions, out_dir: Path,
                        report: Report, say: Progress, t0: float) -> None:
     """Export both models into a temporary folder, verify, save the weights, then move everything into place."""
-    from fyc_convert.export import DEFAULT_OPSET, export_onnx
+    from fyc_convert.export import export_onnx
+    from fyc_convert.options import DEFAULT_OPSET
     from fyc_convert.verify import check_head_static, mark_failed, verify_onnx
     from fyc_convert.weights import save_converted
 
