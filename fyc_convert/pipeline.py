@@ -88,12 +88,14 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
          epoch_progress: Any) -> Report:
     # Imports here keep `import fyc_convert` (and `fyc-convert --help`) fast.
     from fyc_convert.loading import load_model
-    from fyc_convert.surgery import capture_features, find_classifier, swap_classifier
+    from fyc_convert.surgery import find_classifiers, guess_input_shape, swap_classifier
 
     say(f"loading {ckpt}")
-    loaded = load_model(ckpt, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_pickle=opts.trust_pickle)
+    loaded = load_model(ckpt, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_pickle=opts.trust_pickle,
+                        trust_remote_code=opts.trust_remote_code)
     model = loaded.model.eval()
     meta = loaded.meta or {}
+    notes = [*notes, *loaded.notes]
 
     from fyc_convert.preprocess import resolve_preprocessing
 
@@ -105,41 +107,46 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
         say(f"reading data {opts.data}")
         bundle = load_data(opts.data, opts, seed=opts.seed, meta=meta, model=model,
                            preprocessor_config=preprocessor_config)
-    # the model's input shape: options, checkpoint meta, the model's own config, then the data
+    # the model's input shape: options, checkpoint meta, the model's own config, the data, then a checked guess
     prep = bundle.preprocessing if bundle is not None else resolve_preprocessing(
         opts, meta=meta, model=model, preprocessor_config=preprocessor_config)
     input_shape = prep.input_shape
+    if input_shape is None and (guess := guess_input_shape(model)) is not None:
+        input_shape, how = guess
+        prep = prep.with_value("input_shape", tuple(input_shape), how)
+        notes.append(f"input shape {'x'.join(map(str, input_shape))} guessed from {how}; pass --input-shape if "
+                     "the model was trained at another size")
 
     original = copy.deepcopy(model)
-    layer, linear = find_classifier(model, layer=opts.layer, input_shape=input_shape)
-    features = None
+    found = find_classifiers(model, layer=opts.layer, input_shape=input_shape)
+    inputs = None
     if bundle is not None:
         from fyc_convert.data import check_data
         from fyc_convert.loader import subset_loader
 
-        check_data(bundle, num_classes=linear.out_features, input_shape=input_shape)
-        with _model_run("capturing the classifier's input features", input_shape):
-            # a seeded random subset (data sorted by class must not bias the rows), streamed
-            features = capture_features(model, layer, subset_loader(bundle.plain_train, _FEATURE_SAMPLES,
-                                                                    seed=opts.seed, workers=bundle.workers))
+        check_data(bundle, num_classes=found.num_classes, input_shape=input_shape)
+        # the rows are chosen from the features of a seeded random subset (sorted data must not bias them)
+        inputs = subset_loader(bundle.plain_train, _FEATURE_SAMPLES, seed=opts.seed, workers=bundle.workers)
 
-    say(f"swapping {layer} ({linear.in_features} → {linear.out_features}) for a fixed {opts.head} head")
-    swap = swap_classifier(model, head=opts.head, layer=layer, input_shape=input_shape, features=features,
-                           bias=opts.bias, fixed_scale=opts.fixed_scale, seed=opts.seed,
-                           hadamard_size=opts.hadamard_size)
+    say(f"swapping {found.describe()} for a fixed {opts.head} head")
+    with _model_run("capturing the classifier's input features", input_shape):
+        swap = swap_classifier(model, head=opts.head, classifiers=found, inputs=inputs, bias=opts.bias,
+                               fixed_scale=opts.fixed_scale, seed=opts.seed, hadamard_size=opts.hadamard_size)
     head = swap.head
     pc = swap.params
     report = Report(
         status="dry_run" if opts.dry_run else "ok",
         checkpoint=str(ckpt),
         head=opts.head,
-        layer=swap.layer,
+        layer=",".join(swap.layers),
         in_features=swap.in_features,
         num_classes=swap.num_classes,
         hadamard_size=getattr(head, "hadamard_size", None),
         embed_size=getattr(head, "embed_size", None),
         embedding=getattr(head, "embedding", None),
         coherence=float(head.coherence()),
+        classifier=found.describe(),
+        preprocessing=prep.describe(),
         params=ParamsReport(original=pc.original, converted=pc.converted, removed=pc.removed,
                             removed_pct=pc.removed_pct, head_before=pc.head_before, head_after=pc.head_after,
                             trainable=pc.trainable),
@@ -152,10 +159,8 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
         report.notes.append("the orthogonal head has no fast transform: it is exported as a dense constant, "
                             "so its savings are in trained parameters only, not in file size or compute")
 
-    if bundle is not None:
-        report.notes.append(_data_note(bundle))
     if bundle is not None and not opts.dry_run:
-        _train(model, original, head, bundle, opts, out_dir, report, say, epoch_progress, input_shape)
+        _train(model, original, swap, bundle, opts, out_dir, report, say, epoch_progress, input_shape)
     elif bundle is None:
         report.notes.append("accuracy not measured: pass --data to calibrate, fine-tune and measure accuracy")
 
@@ -177,7 +182,7 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
 # ---------------------------------------------------------------------------------------------- training
 
 
-def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path, report: Report, say: Progress,
+def _train(model, original, swap, bundle, opts: ConvertOptions, out_dir: Path, report: Report, say: Progress,
            epoch_progress: Any, input_shape) -> None:
     """Accuracy before/after the swap, calibration, fine-tuning — all through finetune.py's one loop.
 
@@ -212,8 +217,9 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path, r
         if not resuming:
             say("calibrating α and bias with the backbone frozen")
             with _model_run("calibration", input_shape):
-                calibrate(model, head, bundle.plain_train, device=device, seed=opts.seed, workers=bundle.workers,
-                          teacher=original if distill else None, distill=distill)
+                for swapped in swap.heads:  # each fixed head against the labels (or the teacher) on its own
+                    calibrate(model, swapped.head, bundle.plain_train, device=device, seed=opts.seed,
+                              workers=bundle.workers, teacher=original if distill else None, distill=distill)
             acc.calibrated = accuracy(model)
         else:  # a checkpoint without run state (written by an older version): the model comes from it
             report.notes.append("--resume: the calibrated accuracy was not recorded by the interrupted run")
@@ -224,7 +230,7 @@ def _train(model, original, head, bundle, opts: ConvertOptions, out_dir: Path, r
         cfg = resolved(dataclasses.replace(opts, epochs=epochs, distill=distill, out_dir=ckpt_dir, resume=resuming))
         say(f"fine-tuning {epochs} epoch(s) with {cfg.optimizer}")
         with _model_run("fine-tuning", input_shape):
-            result = finetune(model, head, bundle, cfg, teacher=original if cfg.distill else None,
+            result = finetune(model, swap.head, bundle, cfg, teacher=original if cfg.distill else None,
                               progress=epoch_progress)
         if result.resumed_from_epoch:
             done = result.resumed_from_epoch
@@ -309,7 +315,7 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
                               converted_nodes=conv_res.node_count, opset=opset, dtype=opts.dtype)
         report.onnx = onnx_rep
         say("saving model.safetensors")
-        save_converted(model, stage / "model.safetensors", layer=swap.layer, head=swap.head)
+        save_converted(model, stage / "model.safetensors")  # every fixed head described in its header
         outputs = ["model.safetensors", *_with_data(stage, "original.onnx")]
         report.files["original_onnx"] = str(out_dir / "original.onnx")
         report.files["model_safetensors"] = str(out_dir / "model.safetensors")
@@ -461,19 +467,3 @@ def _model_run(stage: str, input_shape) -> Iterator[None]:
         shape = f" of shape {tuple(input_shape)}" if input_shape else ""
         raise ModelRunError(f"the model failed during {stage} ({describe(e)}); check that it runs on the data's "
                             f"samples{shape} (--verbose shows the traceback)") from e
-
-
-def _data_note(bundle) -> str:
-    """One line for the report: the data's format and the preprocessing used, each value with its source."""
-    p = bundle.preprocessing
-    parts = [f"input {'x'.join(map(str, p.input_shape))} ({p.sources.get('input_shape', 'default')})"]
-    for name in ("mean", "std"):
-        value = getattr(p, name)
-        if value is not None:
-            parts.append(f"{name} {', '.join(f'{v:g}' for v in value)} ({p.sources.get(name)})")
-    if bundle.kind == "images":
-        parts.append(f"crop_pct {p.crop_pct:g} ({p.sources.get('crop_pct', 'default')})")
-        parts.append(f"{p.interpolation} ({p.sources.get('interpolation', 'default')})")
-    parts.append(f"augment {'on' if p.augment else 'off'} ({p.sources.get('augment', 'default')})")
-    return f"data: {bundle.kind}, {len(bundle.train)} train / {len(bundle.val) if bundle.val else 0} val; " \
-           f"preprocessing: {'; '.join(parts)}"

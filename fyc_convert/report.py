@@ -67,6 +67,8 @@ class Report:
     embedding: str | None  # "tile" | "pad"
     coherence: float | None  # max |cos| between class vectors
     params: ParamsReport
+    classifier: str | None = None  # which layer(s) were swapped and how they were found
+    preprocessing: dict[str, Any] | None = None  # input shape, mean, std, ... each {"value", "source"}
     onnx: OnnxReport | None = None
     accuracy: AccuracyReport = field(default_factory=AccuracyReport)
     training: dict[str, Any] | None = None  # epochs, per-epoch seconds and metrics
@@ -115,6 +117,34 @@ def _ms(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f} ms"
 
 
+def preprocessing_line(report: Report) -> str:
+    """The preprocessing used, each value with its source: "input 3x224x224 (model.pretrained_cfg), mean …"."""
+    prep = report.preprocessing or {}
+
+    def item(name: str, label: str) -> str | None:
+        entry = prep.get(name)
+        if not entry or entry.get("value") is None:
+            return None
+        if name in ("crop_pct", "interpolation") and entry.get("source", "default") == "default":
+            return None  # image-only settings left at their defaults: nothing to say
+        value = entry["value"]
+        if name == "input_shape":
+            text = "x".join(map(str, value))
+        elif isinstance(value, list):
+            text = ",".join(f"{v:g}" for v in value)
+        elif isinstance(value, bool):
+            text = "on" if value else "off"
+        elif isinstance(value, float):
+            text = f"{value:g}"
+        else:
+            text = str(value)
+        return f"{label}{' ' if label else ''}{text} ({entry.get('source', 'default')})"
+
+    parts = [item("input_shape", "input"), item("mean", "mean"), item("std", "std"), item("crop_pct", "crop"),
+             item("interpolation", ""), item("augment", "augment")]
+    return ", ".join(p for p in parts if p)
+
+
 def render(report: Report, console: Console) -> None:
     """Print the before/after table a user reads in five seconds (fits 80 columns)."""
     p = report.params
@@ -158,6 +188,10 @@ def render(report: Report, console: Console) -> None:
     if report.coherence is not None:
         t.add_row("coherence", "", f"{report.coherence:.3f}", "max |cos|")
     console.print(t)
+    if report.classifier:
+        console.print(f"[dim]classifier:[/] {report.classifier}")
+    if report.preprocessing:
+        console.print(f"[dim]preprocessing:[/] {preprocessing_line(report)}")
     where = f" on {a.measured_on}" if a.measured_on else ""
     if a.measured_on:
         console.print(f"[dim]accuracy measured{where}[/]")

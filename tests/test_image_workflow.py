@@ -12,6 +12,7 @@ import torch
 from image_folders import write_class_folders
 
 from fyc_convert import convert
+from fyc_convert.report import preprocessing_line
 
 ARCH = textwrap.dedent('''
     import torch
@@ -57,9 +58,14 @@ def test_timm_style_model_on_a_train_val_jpeg_folder(tmp_path: Path) -> None:
     assert report.status == "ok"
     assert report.accuracy.measured_on == "val, 12 samples"
     assert report.accuracy.finetuned is not None and report.onnx.max_abs_diff < 1e-4
-    note = next(n for n in report.notes if n.startswith("data: images, 40 train / 12 val"))
-    assert "input 3x24x24 (model.pretrained_cfg)" in note and "crop_pct 0.875 (model.pretrained_cfg)" in note
-    assert "bicubic (model.pretrained_cfg)" in note and "augment on (default (image folder))" in note
+    prep = report.preprocessing
+    assert prep["input_shape"] == {"value": [3, 24, 24], "source": "model.pretrained_cfg"}
+    assert prep["crop_pct"] == {"value": 0.875, "source": "model.pretrained_cfg"}
+    assert prep["interpolation"] == {"value": "bicubic", "source": "model.pretrained_cfg"}
+    assert prep["augment"]["value"] is True and prep["augment"]["source"] == "default (image folder)"
+    line = preprocessing_line(report)
+    assert "input 3x24x24 (model.pretrained_cfg)" in line and "crop 0.875 (model.pretrained_cfg)" in line
+    assert "bicubic" in line and "augment on" in line
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     prep = saved["training"]["data"]["preprocessing"]
     assert prep["mean"] == {"value": [0.5, 0.5, 0.5], "source": "model.pretrained_cfg"}
