@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import fyc_convert.assign as assign_mod
 import fyc_convert.heads as heads_mod
 from fyc_convert.errors import HeadError
 from fyc_convert.hadamard import embedding_matrix, next_pow2, sylvester
@@ -41,9 +42,8 @@ def _distinct_rows(v: torch.Tensor) -> bool:
 
 
 def _all_candidate_coherence(head: HadamardHead) -> float:
-    signs = head.signs.double()
-    cand = heads_mod._candidate_rows(head.in_features, signs, n=head.embed_size, m=head.hadamard_size)
-    return heads_mod._rows_coherence(head.in_features, signs, cand, n=head.embed_size, m=head.hadamard_size)
+    tr = head.double()._transform()
+    return heads_mod._rows_coherence(tr, heads_mod._candidate_rows(tr))
 
 
 # ------------------------------------------------------------------------------------- reference semantics
@@ -240,7 +240,7 @@ def test_cosine_loss_values_and_gradient():
 def _planted_linear(big_n: int, c: int, *, seed: int) -> tuple[nn.Linear, torch.Tensor, float]:
     """A Linear whose rows are (scaled) class vectors of a shuffled choice of candidate rows."""
     probe = HadamardHead(big_n, c, hadamard_size=next_pow2(max(big_n, c + 1)))
-    cand = heads_mod._candidate_rows(big_n, probe.signs.double(), n=probe.embed_size, m=probe.hadamard_size)
+    cand = heads_mod._candidate_rows(probe.double()._transform())
     rows = cand[torch.randperm(cand.numel(), generator=_gen(seed))[:c]]
     planted = HadamardHead(big_n, c, rows=rows, hadamard_size=probe.hadamard_size)
     alpha0 = 0.05
@@ -268,13 +268,13 @@ def test_from_linear_recovers_planted_rows_scale_and_bias(big_n: int, c: int):
 
 def test_from_linear_greedy_path_matches_hungarian_on_a_planted_problem(monkeypatch: pytest.MonkeyPatch):
     linear, rows, _ = _planted_linear(200, 120, seed=13)
-    monkeypatch.setattr(heads_mod, "_LSA_MAX_CELLS", 10)
+    monkeypatch.setattr(assign_mod, "LSA_MAX_CELLS", 10)
     head = HadamardHead.from_linear(linear)
     assert torch.equal(head.rows, rows)
 
 
 def test_from_linear_greedy_assignment_is_a_valid_matching(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(heads_mod, "_LSA_MAX_CELLS", 10)
+    monkeypatch.setattr(assign_mod, "LSA_MAX_CELLS", 10)
     linear = nn.Linear(96, 60)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(60, 96, generator=_gen(14)))
@@ -410,8 +410,8 @@ def test_from_linear_widens_the_transform_only_when_calibration_agrees_better():
     base = HadamardHead.from_linear(model.fc, features=feats, hadamard_size=64)
     wide = HadamardHead.from_linear(model.fc, features=feats, hadamard_size=128)
     target = model.fc(feats).argmax(1)
-    a_base = heads_mod._calibrated_agreement(base, feats.double(), target)
-    a_wide = heads_mod._calibrated_agreement(wide, feats.double(), target)
+    a_base = assign_mod.calibrated_agreement(base, feats.double(), target)
+    a_wide = assign_mod.calibrated_agreement(wide, feats.double(), target)
     assert a_wide > a_base + heads_mod._WIDEN_MARGIN  # measured: 0.90 vs 0.98
     assert head.hadamard_size == 128 and torch.equal(head.rows, wide.rows)
     # Without features there is nothing to compare: the base size is kept.
