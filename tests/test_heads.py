@@ -15,7 +15,8 @@ from torch import nn
 import fyc_convert.assign as assign_mod
 import fyc_convert.heads as heads_mod
 from fyc_convert.errors import HeadError
-from fyc_convert.hadamard import embedding_matrix, next_pow2, sylvester
+from fyc_convert.frames import frame_table
+from fyc_convert.hadamard import coherence, embedding_matrix, next_pow2, sylvester
 from fyc_convert.heads import HadamardHead, OrthogonalHead, cosine_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -416,3 +417,171 @@ def test_from_linear_widens_the_transform_only_when_calibration_agrees_better():
     assert head.hadamard_size == 128 and torch.equal(head.rows, wide.rows)
     # Without features there is nothing to compare: the base size is kept.
     assert HadamardHead.from_linear(model.fc).hadamard_size == 64
+
+
+# ------------------------------------------------------------------------------------------- kerdock frame
+def _dense_frame_vectors(head: HadamardHead) -> torch.Tensor:
+    """(C, N) class vectors from block_table() alone: (table[k] ⊙ h_r)[:N] for row k·P + r (dense)."""
+    table = torch.from_numpy(head.block_table())  # (K, P)
+    p = table.shape[1]
+    allv = (table[:, None, :] * sylvester(p, dtype=torch.float64)[None]).reshape(-1, p)  # (K·P, P)
+    return allv[head.rows, : head.in_features]
+
+
+@pytest.mark.parametrize("big_n, c", [(16, 100), (64, 1000), (256, 1200)])
+def test_kerdock_head_coherence_is_one_over_sqrt_n_and_vectors_exact(big_n: int, c: int):
+    head = HadamardHead(big_n, c, embedding="kerdock").double()
+    assert head.embedding == "kerdock" and head.hadamard_size == big_n
+    k = -(-(c + 1) // big_n)
+    assert head.embed_size == k * big_n and head.signs.shape == (k * big_n,)  # the (K, P) table, flattened
+    v = head.class_vectors()
+    assert torch.equal(v.abs(), torch.ones_like(v))  # exact ±1 integers
+    assert torch.equal(v, _dense_frame_vectors(head))
+    table = frame_table(big_n, range(k))
+    ref = (table[:, None, :] * sylvester(big_n, dtype=torch.float64)[None]).reshape(-1, big_n)[head.rows]
+    assert torch.equal(v, ref)  # the frame's own vectors, tiles 0..K-1
+    assert _distinct_rows(v) and _distinct_rows(torch.cat([v, -v]))
+    assert 0 not in head.rows.tolist()  # the all-ones vector serves no class
+    assert head.coherence() == pytest.approx(1 / math.sqrt(big_n), abs=1e-12)
+    assert coherence(v) == pytest.approx(1 / math.sqrt(big_n), abs=1e-12)
+    assert torch.allclose(head.class_vector_norms(), torch.full((c,), math.sqrt(big_n), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("big_n, c, bound", [(32, 200, math.sqrt(2 / 32)), (128, 4500, math.sqrt(2 / 128))])
+def test_kerdock_head_odd_log2_uses_the_gold_family(big_n: int, c: int, bound: float):
+    head = HadamardHead(big_n, c, embedding="kerdock").double()
+    assert head.coherence() == pytest.approx(bound, abs=1e-12)
+    assert torch.equal(head.class_vectors(), _dense_frame_vectors(head))
+
+
+def test_kerdock_head_forward_backward_match_the_dense_reference_fp64():
+    head = HadamardHead(64, 300, embedding="kerdock", tiles=[3, 0, 11, 7, 20]).double()
+    assert head.embed_size == 5 * 64
+    with torch.no_grad():
+        head.scale.fill_(0.7)
+        head.bias.copy_(torch.randn(300, generator=_gen(20), dtype=torch.float64))
+    v = _dense_frame_vectors(head)
+    x = torch.randn(3, 4, 64, generator=_gen(21), dtype=torch.float64, requires_grad=True)
+    out = head(x)
+    x2 = x.detach().clone().requires_grad_(True)
+    scale2, bias2 = head.scale.detach().clone().requires_grad_(True), head.bias.detach().clone().requires_grad_(True)
+    ref = scale2 * _unit(x2) @ v.T + bias2
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn(out.shape, generator=_gen(22), dtype=torch.float64)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.allclose(x.grad, x2.grad, rtol=0, atol=1e-12)
+    assert torch.allclose(head.scale.grad, scale2.grad, rtol=0, atol=1e-10)
+    assert torch.allclose(head.bias.grad, bias2.grad, rtol=0, atol=1e-12)
+    x1 = x[0, :2].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(head, (x1,))
+
+
+def test_kerdock_head_with_padded_features_restricts_the_frame():
+    head = HadamardHead(100, 300, embedding="kerdock").double()
+    assert head.hadamard_size == 128  # P = nextpow2(N): log2 P odd, the Gold-like family
+    v = head.class_vectors()
+    assert v.shape == (300, 100) and torch.equal(v, _dense_frame_vectors(head))
+    assert _distinct_rows(v)
+    x = torch.randn(5, 100, generator=_gen(23), dtype=torch.float64)
+    assert torch.allclose(head.raw(x), _unit(x) @ v.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["kerdock", "tile-whole", "tile-one"])
+def test_block_table_gives_the_raw_output(kind: str):
+    """The exporter's contract: raw(x) = z[rows], z = concat_k H_P(table[k] ⊙ pad(x̂, P))."""
+    head = {
+        "kerdock": lambda: HadamardHead(100, 500, embedding="kerdock"),
+        "tile-whole": lambda: HadamardHead(256, 1200),  # n = m = 2048: 8 whole copies, P = N
+        "tile-one": lambda: HadamardHead(64, 10, hadamard_size=64),  # n = m = N: one copy
+    }[kind]().double()
+    with torch.no_grad():
+        head.rows.copy_(head.rows[torch.randperm(head.num_classes, generator=_gen(24))])
+    table = head.block_table()
+    assert isinstance(table, np.ndarray) and table.dtype == np.float64 and table.ndim == 2
+    k, p = table.shape
+    assert p >= head.in_features and p & (p - 1) == 0 and 0 <= int(head.rows.min()) <= int(head.rows.max()) < k * p
+    x = torch.randn(7, head.in_features, generator=_gen(25), dtype=torch.float64)
+    xp = torch.zeros(7, p, dtype=torch.float64)
+    xp[:, : head.in_features] = _unit(x)
+    z = (torch.from_numpy(table)[None] * xp[:, None, :]) @ sylvester(p, dtype=torch.float64)  # (B, K, P)
+    assert torch.allclose(head.raw(x), z.reshape(7, k * p)[:, head.rows], rtol=0, atol=1e-10)
+
+
+def test_block_table_is_none_for_fold_pad_and_partial_tiles():
+    assert HadamardHead(2048, 1000).block_table() is None  # fold: n = N > m
+    assert HadamardHead(100, 50, embedding="pad").block_table() is None
+    assert HadamardHead(100, 50).block_table() is None  # tile, N not a power of two: not whole copies
+
+
+def test_kerdock_head_rebuilds_from_the_weights_header_fields():
+    """weights.load_converted builds (N, C, rows, hadamard_size, embedding, bias, fixed_scale), then loads."""
+    head = HadamardHead(64, 300, embedding="kerdock", tiles=[3, 9, 4, 30, 1])
+    with torch.no_grad():
+        head.scale.fill_(2.5)
+        head.bias.copy_(torch.randn(300, generator=_gen(26)))
+    rebuilt = HadamardHead(64, 300, rows=head.rows, hadamard_size=head.hadamard_size, embedding=head.embedding)
+    assert rebuilt.embed_size == head.embed_size
+    rebuilt.load_state_dict(head.state_dict())
+    x = torch.randn(4, 64, generator=_gen(27))
+    assert torch.equal(rebuilt(x), head(x))
+    assert rebuilt.coherence() == pytest.approx(0.125)
+
+
+def test_kerdock_bad_arguments():
+    with pytest.raises(HeadError, match="kerdock.* only"):
+        HadamardHead(64, 100, tiles=[0, 1])
+    with pytest.raises(HeadError, match="tiles must be distinct"):
+        HadamardHead(64, 100, embedding="kerdock", tiles=[0, 32])  # 32 tiles for P = 64
+    with pytest.raises(HeadError, match="hadamard_size >= in_features"):
+        HadamardHead(100, 300, embedding="kerdock", hadamard_size=64)
+    with pytest.raises(HeadError, match="more tiles"):
+        HadamardHead(64, 100, embedding="kerdock", rows=[5, 64, 200] + list(range(6, 63)) + list(range(65, 105)), tiles=[0, 1])
+    with pytest.raises(HeadError, match="embedding must be one of"):
+        HadamardHead(64, 100, embedding="kerdok")
+
+
+def _planted_frame_linear(big_n: int, c: int, tiles: list[int], *, seed: int) -> tuple[nn.Linear, torch.Tensor]:
+    planted = HadamardHead(big_n, c, embedding="kerdock", tiles=tiles).double()
+    perm = torch.randperm(planted.rows.numel(), generator=_gen(seed))
+    v = planted.class_vectors()[perm]  # (C, N): a shuffled choice of frame vectors
+    linear = nn.Linear(big_n, c).double()
+    with torch.no_grad():
+        linear.weight.copy_(0.05 * v)
+        linear.bias.copy_(torch.randn(c, generator=_gen(seed + 1), dtype=torch.float64))
+    return linear, v
+
+
+def test_kerdock_from_linear_recovers_planted_vectors_on_the_tiles_they_use():
+    linear, v = _planted_frame_linear(64, 300, [2, 9, 17, 25, 30], seed=30)
+    feats = 3 * _unit(torch.randn(800, 64, generator=_gen(31), dtype=torch.float64))
+    for features in (None, feats):
+        head = HadamardHead.from_linear(linear, features=features, embedding="kerdock")
+        assert head.embedding == "kerdock"
+        assert torch.equal(head.class_vectors(), v)  # every class got its planted vector back
+        assert head.embed_size == 5 * 64  # only the five tiles that hold them are computed
+        if features is not None:  # W x + b0 = (3 · 0.05) V x̂ + b0 exactly on these features
+            assert head.scale.item() == pytest.approx(0.15, rel=1e-6)
+            assert torch.allclose(head(feats), linear(feats), atol=1e-6)
+
+
+def test_kerdock_from_linear_keeps_the_fewest_tiles_that_calibrate_as_well(monkeypatch: pytest.MonkeyPatch):
+    linear = nn.Linear(64, 120)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(120, 64, generator=_gen(32)))
+    feats = torch.randn(600, 64, generator=_gen(33)).relu()
+    seen: dict[int, float] = {}
+    real = assign_mod.calibrated_agreement
+
+    def spy(head, x, target, **kw):
+        score = real(head, x, target, **kw)
+        seen[head.embed_size // head.hadamard_size] = score  # tiles in use -> calibrated agreement
+        return score
+
+    monkeypatch.setattr(heads_mod, "calibrated_agreement", spy)
+    head = HadamardHead.from_linear(linear, features=feats, embedding="kerdock")
+    assert sorted(seen) == [2, 4]  # ceil(121 / 64) = 2 tiles, and twice that
+    best = max(seen.values())
+    chosen = head.embed_size // head.hadamard_size
+    assert chosen == min(k for k, s in seen.items() if s >= best - heads_mod._TILE_MARGIN)
+    assert seen[chosen] >= best - heads_mod._TILE_MARGIN
