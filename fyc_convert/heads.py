@@ -196,10 +196,35 @@ def _layout(
     )
 
 
+# The kerdock frame is the measured default for these sizes (README "How the head works") once the ONNX
+# exporter builds heads from block_table(); until then HadamardHead's default stays "tile", so every
+# default head exports. Flip to True when it does (a code switch, never changed at run time).
+FRAME_BY_DEFAULT = False
+
+
+def frame_is_better(in_features: int, num_classes: int) -> bool:
+    """Whether the "kerdock" frame is the better default for N features and C classes (docs/design.md).
+
+    True when there are more classes than features (C > N), the frame has enough vectors (C < T·P for
+    P = nextpow2(N), T its tiles), and the zero padding costs at most the frame's own coherence: N a power
+    of two, or P - N <= √P (the within-tile cosines of the padded frame are at most (P - N)/N).
+    """
+    size = next_pow2(in_features)
+    if num_classes <= in_features or num_classes >= frame_tiles(size) * size:
+        return False
+    return (size - in_features) ** 2 <= size
+
+
+def default_embedding(in_features: int, num_classes: int) -> Embedding:
+    """The embedding HadamardHead uses when none is given: "kerdock" where `frame_is_better` (once
+    FRAME_BY_DEFAULT), else "tile"."""
+    return "kerdock" if FRAME_BY_DEFAULT and frame_is_better(in_features, num_classes) else "tile"
+
+
 def _resolve_embedding(embedding: Embedding | None, in_features: int, num_classes: int) -> Embedding:
     """The embedding to use: the given one (checked), or the default for these sizes (docs/design.md)."""
     if embedding is None:
-        return "tile"
+        return default_embedding(in_features, num_classes)
     if embedding not in EMBEDDINGS:
         raise HeadError(f"embedding must be one of {', '.join(map(repr, EMBEDDINGS))}, got {embedding!r}")
     return embedding

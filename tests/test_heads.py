@@ -15,7 +15,7 @@ from torch import nn
 import fyc_convert.assign as assign_mod
 import fyc_convert.heads as heads_mod
 from fyc_convert.errors import HeadError
-from fyc_convert.frames import frame_table
+from fyc_convert.frames import frame_coherence, frame_table
 from fyc_convert.hadamard import coherence, embedding_matrix, next_pow2, sylvester
 from fyc_convert.heads import HadamardHead, OrthogonalHead, cosine_loss
 
@@ -87,7 +87,11 @@ def test_property_default_head(big_n: int, c: int):
     assert v.shape == (c, big_n)
     assert torch.equal(v, v.round())
     m, n = head.hadamard_size, head.embed_size
-    if m <= 2048:  # independent dense check: V = H_m[rows] · F
+    assert head.embedding == heads_mod.default_embedding(big_n, c)
+    if head.embedding == "kerdock":  # independent dense check: V = (table[k] ⊙ h_r)[:N]
+        if m <= 2048:
+            assert torch.equal(v, _dense_frame_vectors(head))
+    elif m <= 2048:  # independent dense check: V = H_m[rows] · F
         f = embedding_matrix(big_n, head.signs, n=n, m=m)
         assert torch.equal(v, sylvester(m, dtype=torch.float64)[head.rows] @ f)
     assert _distinct_rows(v)
@@ -201,7 +205,7 @@ def test_bad_arguments_raise_head_error():
     with pytest.raises(HeadError):
         HadamardHead(16, 4, hadamard_size=12)
     with pytest.raises(HeadError):
-        HadamardHead(16, 40, hadamard_size=16)  # fewer than 40 usable rows in H_16
+        HadamardHead(16, 40, hadamard_size=16, embedding="tile")  # fewer than 40 usable rows in H_16
     with pytest.raises(HeadError, match="embedding='tile'"):
         HadamardHead(8, 20, embedding="pad")  # zero padding has only 8 distinct vectors
     with pytest.raises(HeadError):
@@ -240,10 +244,10 @@ def test_cosine_loss_values_and_gradient():
 # ------------------------------------------------------------------------------------------------ from_linear
 def _planted_linear(big_n: int, c: int, *, seed: int) -> tuple[nn.Linear, torch.Tensor, float]:
     """A Linear whose rows are (scaled) class vectors of a shuffled choice of candidate rows."""
-    probe = HadamardHead(big_n, c, hadamard_size=next_pow2(max(big_n, c + 1)))
+    probe = HadamardHead(big_n, c, hadamard_size=next_pow2(max(big_n, c + 1)), embedding="tile")
     cand = heads_mod._candidate_rows(probe.double()._transform())
     rows = cand[torch.randperm(cand.numel(), generator=_gen(seed))[:c]]
-    planted = HadamardHead(big_n, c, rows=rows, hadamard_size=probe.hadamard_size)
+    planted = HadamardHead(big_n, c, rows=rows, hadamard_size=probe.hadamard_size, embedding="tile")
     alpha0 = 0.05
     linear = nn.Linear(big_n, c)
     with torch.no_grad():
@@ -255,12 +259,12 @@ def _planted_linear(big_n: int, c: int, *, seed: int) -> tuple[nn.Linear, torch.
 @pytest.mark.parametrize("big_n, c", [(64, 10), (100, 30), (512, 1000)])
 def test_from_linear_recovers_planted_rows_scale_and_bias(big_n: int, c: int):
     linear, rows, alpha0 = _planted_linear(big_n, c, seed=11)
-    head = HadamardHead.from_linear(linear)
+    head = HadamardHead.from_linear(linear, embedding="tile")
     assert torch.equal(head.rows, rows)  # class order kept
     assert torch.allclose(head.bias, linear.bias)
     # features of norm 3: W x + b0 = (3 alpha0) V x̂ + b0 exactly
     feats = 3 * _unit(torch.randn(500, big_n, generator=_gen(12)))
-    fitted = HadamardHead.from_linear(linear, features=feats)
+    fitted = HadamardHead.from_linear(linear, features=feats, embedding="tile")
     assert torch.equal(fitted.rows, rows)
     assert fitted.scale.item() == pytest.approx(3 * alpha0, rel=1e-4)
     assert torch.allclose(fitted.bias, linear.bias, atol=1e-4)
@@ -376,8 +380,10 @@ def test_orthogonal_from_linear_fits_scale_and_bias():
 
 
 def test_default_scale_gives_logits_of_order_ten():
-    head = HadamardHead(512, 1000)
-    assert head.scale.item() * math.sqrt(head.embed_size) == pytest.approx(10.0)
+    head = HadamardHead(512, 1000, embedding="tile")
+    assert head.scale.item() * math.sqrt(head.embed_size) == pytest.approx(10.0)  # mean ‖V_r‖² = n
+    frame = HadamardHead(512, 1000, embedding="kerdock")
+    assert frame.scale.item() * math.sqrt(512) == pytest.approx(10.0)  # every ‖V_r‖² = N
 
 
 def test_coherence_above_the_exact_limit_is_a_seeded_sample(monkeypatch: pytest.MonkeyPatch):
@@ -530,7 +536,7 @@ def test_kerdock_head_rebuilds_from_the_weights_header_fields():
 
 def test_kerdock_bad_arguments():
     with pytest.raises(HeadError, match="kerdock.* only"):
-        HadamardHead(64, 100, tiles=[0, 1])
+        HadamardHead(64, 100, tiles=[0, 1], embedding="tile")
     with pytest.raises(HeadError, match="tiles must be distinct"):
         HadamardHead(64, 100, embedding="kerdock", tiles=[0, 32])  # 32 tiles for P = 64
     with pytest.raises(HeadError, match="hadamard_size >= in_features"):
@@ -585,3 +591,41 @@ def test_kerdock_from_linear_keeps_the_fewest_tiles_that_calibrate_as_well(monke
     chosen = head.embed_size // head.hadamard_size
     assert chosen == min(k for k, s in seen.items() if s >= best - heads_mod._TILE_MARGIN)
     assert seen[chosen] >= best - heads_mod._TILE_MARGIN
+
+
+def test_kerdock_head_round_trips_through_model_safetensors(tmp_path: Path):
+    from fyc_convert.weights import load_converted, save_converted
+
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 300))
+
+    model = build()
+    feats = model[:2](torch.randn(500, 8, generator=_gen(40)))
+    head = HadamardHead.from_linear(model[2], features=feats, embedding="kerdock")
+    model[2] = head
+    path = save_converted(model, tmp_path / "model.safetensors", layer="2", head=head)
+    loaded = load_converted(build(), path)
+    assert isinstance(loaded[2], HadamardHead) and loaded[2].embedding == "kerdock"
+    assert torch.equal(loaded[2].signs, head.signs) and torch.equal(loaded[2].rows, head.rows)
+    x = torch.randn(5, 8, generator=_gen(41))
+    assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "big_n, c, better",
+    [(256, 1200, True), (128, 4191, True), (1000, 5000, True), (8, 50, True), (64, 10, False), (256, 256, False),
+     (192, 1000, False), (100, 300, False), (1280, 4000, False), (4, 20, False), (2, 5, False)],
+)
+def test_frame_is_the_better_default_for_many_classes_on_power_of_two_features(
+    monkeypatch: pytest.MonkeyPatch, big_n: int, c: int, better: bool
+):
+    assert heads_mod.frame_is_better(big_n, c) is better
+    assert heads_mod.default_embedding(big_n, c) == "tile"  # until the exporter builds block_table() heads
+    monkeypatch.setattr(heads_mod, "FRAME_BY_DEFAULT", True)
+    expected = "kerdock" if better else "tile"
+    assert heads_mod.default_embedding(big_n, c) == expected
+    head = HadamardHead(big_n, c).double()  # the default layout builds for every listed size
+    assert head.embedding == expected
+    if better and (big_n & (big_n - 1)) == 0:
+        assert head.coherence() == pytest.approx(frame_coherence(big_n), abs=1e-12)
