@@ -8,7 +8,9 @@ HadamardHead.from_linear, calibrate, finetune, evaluate); nothing is exported. R
 interleaved seed by seed, so load changes on a shared machine hit both alike.
 
     python benchmarks/accuracy.py [--sample digits glyphs glyphs-large] [--frame tile kerdock]
-                                  [--recipe defaults recipe] [--seeds 0 1 2] [--threads 1] [--jsonl FILE]
+                                  [--recipe defaults recipe] [--seeds 0 1 2] [--threads 1] [--device cpu]
+                                  [--jsonl FILE]
+    python benchmarks/accuracy.py --table FILE.jsonl ...     # the table of recorded runs
 
 A recipe is a function (sample, bundle) -> FinetuneConfig in RECIPES: add one (e.g. the adaptive defaults,
 or ``--epochs auto``) by adding a function there. The glyph data must be rendered first
@@ -25,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -67,12 +69,12 @@ SAMPLES = {
 
 def defaults(sample: str, bundle: DataBundle) -> FinetuneConfig:
     """The CLI defaults: FinetuneConfig() as it is (SGD, its default lr, 3 epochs, batch 64, no distillation)."""
-    return FinetuneConfig(device="cpu")
+    return FinetuneConfig()
 
 
 def recipe(sample: str, bundle: DataBundle) -> FinetuneConfig:
     """The hand-picked many-class recipe: AdamW, lr 2e-3, distillation, 8 epochs, batch 128."""
-    return FinetuneConfig(optimizer="adamw", lr=2e-3, distill=True, epochs=8, batch_size=128, device="cpu")
+    return FinetuneConfig(optimizer="adamw", lr=2e-3, distill=True, epochs=8, batch_size=128)
 
 
 RECIPES: dict[str, Callable[[str, DataBundle], FinetuneConfig]] = {"defaults": defaults, "recipe": recipe}
@@ -97,7 +99,6 @@ class Run:
     swap_s: float  # from_linear (row assignment included)
     calibrate_s: float
     finetune_s: float
-    notes: list[str] = field(default_factory=list)
 
 
 def _swap(model: nn.Module, layer: str, linear: nn.Linear, features: torch.Tensor, *, frame: str,
@@ -110,8 +111,8 @@ def _swap(model: nn.Module, layer: str, linear: nn.Linear, features: torch.Tenso
     return head
 
 
-def run_one(name: str, frame: str, recipe_name: str, seed: int) -> Run:
-    """Load, swap, calibrate, fine-tune and measure one sample once."""
+def run_one(name: str, frame: str, recipe_name: str, seed: int, *, device: str = "cpu") -> Run:
+    """Load, swap, calibrate, fine-tune and measure one sample once (on `device`: cpu, cuda, auto)."""
     spec = SAMPLES[name]
     data_path = ROOT / spec.data
     if not data_path.exists():
@@ -128,16 +129,16 @@ def run_one(name: str, frame: str, recipe_name: str, seed: int) -> Run:
     held_out = bundle.val
 
     def acc(m: nn.Module) -> float:
-        return float(evaluate(m, held_out, device="cpu").accuracy)
+        return float(evaluate(m, held_out, device=device).accuracy)
 
     t0 = time.perf_counter()
     head = _swap(model, layer, linear, features, frame=frame, seed=seed)
     swap_s = time.perf_counter() - t0
     swapped = acc(model)
     cfg = RECIPES[recipe_name](name, bundle)
-    cfg.seed = seed
+    cfg.seed, cfg.device = seed, device
     teacher = original if cfg.distill else None
-    cal = calibrate(model, head, bundle.train, device="cpu", seed=seed, teacher=teacher, distill=cfg.distill)
+    cal = calibrate(model, head, bundle.train, device=device, seed=seed, teacher=teacher, distill=cfg.distill)
     calibrated = acc(model)
     t1 = time.perf_counter()
     result = finetune(model, head, bundle, cfg, teacher=teacher) if cfg.epochs > 0 else None
@@ -170,7 +171,8 @@ def table(runs: list[Run]) -> str:
         rs = [r for r in runs if (r.sample, r.frame, r.recipe) == key]
         drop = [(r.finetuned - r.original) if r.finetuned is not None else None for r in rs]
         lines.append(
-            f"| {key[0]} | {rs[0].embedding} | {key[2]} | {len(rs)} | {rs[0].coherence:.3f} | {rs[0].outputs} | "
+            f"| {key[0]} | {rs[0].embedding} | {key[2]} | {len(rs)} | {statistics.mean(r.coherence for r in rs):.3f} | "
+            f"{statistics.mean(r.outputs for r in rs):.0f} | "
             f"{_mean_sd([r.original for r in rs])} | {_mean_sd([r.swapped for r in rs])} | "
             f"{_mean_sd([r.calibrated for r in rs])} | {_mean_sd([r.finetuned for r in rs])} | "
             f"{_mean_sd(drop)} | {_mean_sd([r.epochs for r in rs], 1.0, 1)} | "
@@ -185,15 +187,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--recipe", nargs="+", default=list(RECIPES), choices=sorted(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--jsonl", type=Path, help="append every run as one JSON line to this file")
+    parser.add_argument("--table", type=Path, nargs="+", metavar="JSONL",
+                        help="run nothing: print the table of the runs recorded in these files")
     args = parser.parse_args(argv)
+    if args.table:
+        print(table([Run(**json.loads(line)) for path in args.table for line in path.read_text().splitlines()
+                     if line.strip()]))
+        return
     torch.set_num_threads(args.threads)
     runs: list[Run] = []
     for name in args.sample:
         for recipe_name in args.recipe:
             for seed in args.seeds:
                 for frame in args.frame:  # interleaved: each seed runs every frame back to back
-                    run = run_one(name, frame, recipe_name, seed)
+                    run = run_one(name, frame, recipe_name, seed, device=args.device)
                     runs.append(run)
                     line = json.dumps(asdict(run))
                     print(line, flush=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -74,6 +74,10 @@ class _Transform:
             return block_project(x, signs.view(-1, self.hadamard_size), rows)
         return hadamard_project(x, signs, rows, n=self.embed_size, m=self.hadamard_size)
 
+    def double(self) -> _Transform:
+        """The same transform with float64 signs (exact integer class vectors for norms and cosines)."""
+        return replace(self, signs=self.signs.double())
+
     def all_ones_rows(self) -> list[int]:
         """Outputs whose class vector is the all-ones vector (never given to a class: ReLU features all
         project positively on it)."""
@@ -107,8 +111,6 @@ def _make_signs(n_extra: int, embedding: Embedding, seed: int) -> Tensor:
     for b in range(bits_x):
         parity ^= (dot >> b) & 1
     return (1 - 2 * parity).to(torch.float64)
-
-
 
 
 def _embed_size(in_features: int, m: int) -> int:
@@ -466,9 +468,7 @@ class HadamardHead(_FixedHead):
         """
         key = (self.rows.data_ptr(), self.rows._version, self.signs.data_ptr(), self.signs._version)
         if self._norm_cache is None or self._norm_cache[0] != key:
-            tr = self._transform()
-            sq = _norms_sq(_Transform(tr.in_features, tr.embedding, tr.signs.double(), tr.embed_size,
-                                      tr.hadamard_size), self.rows)
+            sq = _norms_sq(self._transform().double(), self.rows)
             self._norm_cache = (key, sq.sqrt())
         return self._norm_cache[1].to(self.signs.device, self.signs.dtype)
 
@@ -487,9 +487,7 @@ class HadamardHead(_FixedHead):
         if rows.numel() > _EXACT_COHERENCE_MAX_C:
             g = torch.Generator().manual_seed(0)
             rows = rows[torch.randperm(rows.numel(), generator=g)[:_EXACT_COHERENCE_MAX_C].to(rows.device)]
-        tr = self._transform()
-        return _rows_coherence(_Transform(tr.in_features, tr.embedding, tr.signs.double(), tr.embed_size,
-                                          tr.hadamard_size), rows)
+        return _rows_coherence(self._transform().double(), rows)
 
     @classmethod
     def from_linear(
