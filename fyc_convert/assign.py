@@ -28,7 +28,8 @@ __all__ = ["Scorer", "calibrated_agreement", "match", "scorer"]
 
 LSA_MAX_CELLS = 4_000_000  # C × candidates above this: greedy assignment instead of the Hungarian method
 SCORE_SAMPLES = 4096  # features used to score rows (a seeded subsample)
-_CHUNK = 512  # classes per score block: (512, K) float64
+_CHUNK = 512  # classes per score block: (512, K) float64, fewer when K is large
+_BLOCK_CELLS = 1 << 24  # at most this many scores per block (128 MiB of float64)
 _TOP_K = 16  # candidates per class considered by the greedy pass
 
 Project = Callable[[Tensor, Tensor], Tensor]  # (B, N) rows, (K,) candidates -> (B, K) = rows @ V[cand].T
@@ -59,8 +60,12 @@ class Scorer:
         return sq.sqrt().clamp_min(1e-30)
 
     def block(self, project: Project, cand: Tensor, norms: Tensor) -> Callable[[Tensor], Tensor]:
-        """score_fn(idx) -> (len(idx), K) float64 scores of the classes idx against the candidates."""
-        return lambda idx: project(self.directions[idx], cand) / norms
+        """score_fn(idx) -> (len(idx), K) float64 scores of the classes idx against the candidates.
+
+        The transform runs in float32 (half the memory traffic; the scores only rank candidates).
+        """
+        directions = self.directions.float()
+        return lambda idx: project(directions[idx], cand).double() / norms
 
 
 def scorer(weight: Tensor, features: Tensor | None, *, eps: float = 1e-8) -> Scorer:
@@ -96,8 +101,9 @@ def match(score_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int,
     if num_cand < num_classes:
         raise ValueError(f"match: {num_classes} classes need at least as many candidates, got {num_cand}")
     classes = torch.arange(num_classes)
+    chunk = max(1, min(_CHUNK, _BLOCK_CELLS // num_cand))
     if num_classes * num_cand <= (LSA_MAX_CELLS if max_cells is None else max_cells):
-        cos = torch.cat([score_fn(classes[s : s + _CHUNK]) for s in range(0, num_classes, _CHUNK)])
+        cos = torch.cat([score_fn(classes[s : s + chunk]) for s in range(0, num_classes, chunk)])
         cls, cand = linear_sum_assignment(cos.numpy(), maximize=True)
         out = np.empty(num_classes, dtype=np.int64)
         out[cls] = cand
@@ -108,8 +114,8 @@ def match(score_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int,
     while (out < 0).any():
         todo = torch.from_numpy(np.flatnonzero(out < 0))
         vals, cands = [], []
-        for s in range(0, todo.numel(), _CHUNK):
-            cos = score_fn(todo[s : s + _CHUNK]).masked_fill_(taken, -math.inf)  # (chunk, K)
+        for s in range(0, todo.numel(), chunk):
+            cos = score_fn(todo[s : s + chunk]).masked_fill_(taken, -math.inf)  # (chunk, K)
             v, c = cos.topk(k, dim=1)
             vals.append(v)
             cands.append(c)

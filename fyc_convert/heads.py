@@ -606,7 +606,7 @@ class _LinearFit:
         if k_min > total:
             raise HeadError(f"the kerdock frame of size {size} has {total * size} vectors, too few for {c_out} "
                             f"classes; pass hadamard_size={2 * size} or embedding='tile'")
-        pool = list(range(min(total, max(4 * k_min, _POOL_CANDIDATES // size))))
+        pool = list(range(min(total, max(2 * k_min, _POOL_CANDIDATES // size))))
         pool_tr = _frame_transform(n_in, size, pool)
         first = _assign_rows(self.sc, pool_tr, _candidate_rows(pool_tr), c_out)  # (C,) rows over the pool
         counts = torch.bincount(first // size, minlength=len(pool))
