@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -193,8 +193,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="run nothing: print the table of the runs recorded in these files")
     args = parser.parse_args(argv)
     if args.table:
-        print(table([Run(**json.loads(line)) for path in args.table for line in path.read_text().splitlines()
-                     if line.strip()]))
+        names = {f.name for f in fields(Run)}  # keys of other versions of Run are left out
+        print(table([Run(**{k: v for k, v in json.loads(line).items() if k in names})
+                     for path in args.table for line in path.read_text().splitlines() if line.strip()]))
         return
     torch.set_num_threads(args.threads)
     runs: list[Run] = []

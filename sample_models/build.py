@@ -237,7 +237,7 @@ def build_glyphs(*, out_dir: Path = HERE) -> dict:
 
 
 def build_glyphs_large(*, out_dir: Path = HERE) -> dict:
-    """The large glyph sample: 4,191 characters of the upright Sans faces, 128 features (the classifier is 76%).
+    """The large glyph sample: 4,191 characters of the upright Sans faces on 128 features (most parameters in fc).
 
     Args:
         out_dir: writes glyph_large_cnn.pt there and the rendered data to out_dir/data/glyphs_large.npz.
@@ -249,8 +249,9 @@ def build_glyphs_large(*, out_dir: Path = HERE) -> dict:
 
 
 def _build_glyph_model(*, out_dir: Path, large: bool) -> dict:
-    name, data_name, embed = ("glyph_large_cnn", "glyphs_large.npz", 128) if large else ("glyph_cnn", "glyphs.npz", 256)
-    builder = archs.glyph_large_cnn if large else archs.glyph_cnn
+    # (checkpoint name, data file, feature size, architecture builder)
+    name, data_name, embed, builder = (("glyph_large_cnn", "glyphs_large.npz", 128, archs.glyph_large_cnn) if large
+                                       else ("glyph_cnn", "glyphs.npz", 256, archs.glyph_cnn))
     path = glyphs.render_glyph_dataset(out_dir / "data" / data_name, large=large)
     val_face = glyphs.LARGE_VAL_FACE if large else glyphs.VAL_FACE
     with np.load(path) as npz:
