@@ -162,7 +162,7 @@ def _layout(
 
     ``fold=False`` skips the fold shortcut (m = n = nextpow2(max(N, C + 1)) first): more candidate rows,
     which is what :meth:`HadamardHead.from_linear` wants. "kerdock": P = nextpow2(N) and the first
-    ceil((C + 1)/P) frame tiles (one more while duplicates leave too few candidates).
+    ceil((C + 1)/P) frame tiles (more, up to twice that, while duplicates leave too few candidates).
     """
     if hadamard_size is not None:
         if not is_pow2(hadamard_size) or hadamard_size < 2:
@@ -182,7 +182,8 @@ def _layout(
     for m in sizes:
         if embedding == "kerdock":
             k_min = -(-(num_classes + 1) // m)
-            trials = [_frame_transform(in_features, m, range(k)) for k in (k_min, k_min + 1) if k <= frame_tiles(m)]
+            ks = range(k_min, min(frame_tiles(m), 2 * k_min) + 1)  # more tiles while duplicates leave too few
+            trials = (_frame_transform(in_features, m, range(k)) for k in ks)
         else:
             trials = [_tile_transform(in_features, m, embedding, seed)]
         for tr in trials:
@@ -283,10 +284,16 @@ def _assign_rows(sc: Scorer, tr: _Transform, cand: Tensor, num_classes: int) -> 
 
 def _frame_rows(sc: Scorer, in_features: int, num_classes: int, size: int, k: int, pool: list[int],
                 order: list[int]) -> tuple[list[int], Tensor]:
-    """Rows over the k most chosen pool tiles (``order``), with unused tiles dropped: (tiles, rows)."""
-    tiles = sorted(pool[i] for i in order[:k])
-    tr = _frame_transform(in_features, size, tiles)
-    rows = _assign_rows(sc, tr, _candidate_rows(tr), num_classes)
+    """Rows over the k most chosen pool tiles (``order``; more while their distinct vectors are too few,
+    as when N <= P/2), with unused tiles dropped: (tiles, rows)."""
+    while True:
+        tiles = sorted(pool[i] for i in order[:k])
+        tr = _frame_transform(in_features, size, tiles)
+        cand = _candidate_rows(tr)
+        if cand.numel() >= num_classes or k >= len(pool):
+            break
+        k += 1
+    rows = _assign_rows(sc, tr, cand, num_classes)
     used = torch.unique(rows // size)  # (K',) positions of the tiles that hold a class
     remap = torch.full((len(tiles),), -1, dtype=torch.int64)
     remap[used] = torch.arange(used.numel())
@@ -608,7 +615,11 @@ class _LinearFit:
                             f"classes; pass hadamard_size={2 * size} or embedding='tile'")
         pool = list(range(min(total, max(2 * k_min, _POOL_CANDIDATES // size))))
         pool_tr = _frame_transform(n_in, size, pool)
-        first = _assign_rows(self.sc, pool_tr, _candidate_rows(pool_tr), c_out)  # (C,) rows over the pool
+        pool_cand = _candidate_rows(pool_tr)
+        if pool_cand.numel() < c_out:
+            raise HeadError(f"the kerdock frame of size {size} gives {pool_cand.numel()} distinct vectors on "
+                            f"{n_in} features, too few for {c_out} classes; use embedding='tile'")
+        first = _assign_rows(self.sc, pool_tr, pool_cand, c_out)  # (C,) rows over the pool
         counts = torch.bincount(first // size, minlength=len(pool))
         order = sorted(range(len(pool)), key=lambda i: (-int(counts[i]), i))  # most chosen tiles first
         # At most twice the tiles the classes need (about twice the candidates, as the tile sizing): more

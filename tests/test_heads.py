@@ -629,3 +629,16 @@ def test_frame_is_the_better_default_for_many_classes_on_power_of_two_features(
     assert head.embedding == expected
     if better and (big_n & (big_n - 1)) == 0:
         assert head.coherence() == pytest.approx(frame_coherence(big_n), abs=1e-12)
+
+
+def test_kerdock_with_a_transform_twice_the_features_uses_more_tiles_for_distinct_vectors():
+    # N = 64 in P = 128: rows r and r ^ 64 of a tile agree on the first 64 positions, so half are duplicates
+    head = HadamardHead(64, 300, embedding="kerdock", hadamard_size=128).double()
+    assert head.embed_size >= 5 * 128 and _distinct_rows(head.class_vectors())
+    linear = nn.Linear(64, 300)
+    fitted = HadamardHead.from_linear(linear, features=torch.randn(200, 64, generator=_gen(50)), embedding="kerdock",
+                                      hadamard_size=128)
+    v = fitted.class_vectors().double()
+    assert _distinct_rows(v) and torch.equal(v, _dense_frame_vectors(fitted))
+    with pytest.raises(HeadError, match="too few"):
+        HadamardHead.from_linear(nn.Linear(4, 30), embedding="kerdock")  # 4 features: 8 frame vectors
