@@ -274,8 +274,6 @@ def _fit_scale_bias(
     return alpha, b
 
 
-
-
 def _assign_rows(sc: Scorer, tr: _Transform, cand: Tensor, num_classes: int) -> Tensor:
     """(C,) rows of ``tr``: the candidates matched to the classes by ``sc`` (see fyc_convert.assign)."""
     project = tr.project
