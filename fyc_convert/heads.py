@@ -199,12 +199,6 @@ def _layout(
     )
 
 
-# The kerdock frame is the measured default for these sizes (README "How the head works") once the ONNX
-# exporter builds heads from block_table(); until then HadamardHead's default stays "tile", so every
-# default head exports. Flip to True when it does (a code switch, never changed at run time).
-FRAME_BY_DEFAULT = False
-
-
 def frame_is_better(in_features: int, num_classes: int) -> bool:
     """Whether the "kerdock" frame is the better default for N features and C classes (docs/design.md).
 
@@ -219,9 +213,8 @@ def frame_is_better(in_features: int, num_classes: int) -> bool:
 
 
 def default_embedding(in_features: int, num_classes: int) -> Embedding:
-    """The embedding HadamardHead uses when none is given: "kerdock" where `frame_is_better` (once
-    FRAME_BY_DEFAULT), else "tile"."""
-    return "kerdock" if FRAME_BY_DEFAULT and frame_is_better(in_features, num_classes) else "tile"
+    """The embedding HadamardHead uses when none is given: "kerdock" where `frame_is_better`, else "tile"."""
+    return "kerdock" if frame_is_better(in_features, num_classes) else "tile"
 
 
 def _resolve_embedding(embedding: Embedding | None, in_features: int, num_classes: int) -> Embedding:

@@ -617,12 +617,8 @@ def test_kerdock_head_round_trips_through_model_safetensors(tmp_path: Path):
     [(256, 1200, True), (128, 4191, True), (1000, 5000, True), (8, 50, True), (64, 10, False), (256, 256, False),
      (192, 1000, False), (100, 300, False), (1280, 4000, False), (4, 20, False), (2, 5, False)],
 )
-def test_frame_is_the_better_default_for_many_classes_on_power_of_two_features(
-    monkeypatch: pytest.MonkeyPatch, big_n: int, c: int, better: bool
-):
+def test_frame_is_the_better_default_for_many_classes_on_power_of_two_features(big_n: int, c: int, better: bool):
     assert heads_mod.frame_is_better(big_n, c) is better
-    assert heads_mod.default_embedding(big_n, c) == "tile"  # until the exporter builds block_table() heads
-    monkeypatch.setattr(heads_mod, "FRAME_BY_DEFAULT", True)
     expected = "kerdock" if better else "tile"
     assert heads_mod.default_embedding(big_n, c) == expected
     head = HadamardHead(big_n, c).double()  # the default layout builds for every listed size
