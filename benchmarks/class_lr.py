@@ -225,7 +225,10 @@ def summarize(name: str, results: list[SeedResult], paper: tuple[float, float] |
     wins = sum(n > o for n, o in zip(new, base))
     losses = sum(n < o for n, o in zip(new, base))
     sig = f"{sum(t[2] < 0.05 and t[1] > t[0] for t in tests)}/{sum(t[2] < 0.05 and t[0] > t[1] for t in tests)}"
-    std = (lambda v: statistics.stdev(v) if len(v) > 1 else 0.0)
+
+    def std(v: list[float]) -> float:
+        return statistics.stdev(v) if len(v) > 1 else 0.0
+
     ref = f"{paper[0]:.2f} -> {paper[1]:.2f}" if paper else "-"
     cutoffs = ",".join(str(r.cutoff) for r in results)
     etas = ",".join(f"{r.eta_mu:.0e}" for r in results)

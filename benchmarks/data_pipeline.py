@@ -334,7 +334,8 @@ def main() -> None:
                   f"{'met' if ratio <= 1.15 else 'NOT met'})")
         if args.eager_src:
             e = measure_epoch_memory(small, args.eager_src)
-            print(f"eager loader of {args.eager_src} on {args.sizes[0]:,} images: tree RSS {e['tree_rss_mib']:.0f} MiB, "
+            print(f"eager loader of {args.eager_src} on {args.sizes[0]:,} images: "
+                  f"tree RSS {e['tree_rss_mib']:.0f} MiB, "
                   f"USS {e['tree_uss_mib']:.0f} MiB, main RSS {e['maxrss_mib']:.0f} MiB, {e['seconds']:.1f} s")
 
     if not args.skip_throughput:
@@ -351,7 +352,8 @@ def main() -> None:
             print(f"  {w} worker{'s' if w > 1 else ' '}: {_median(rates[w]):7.0f} images/s  "
                   f"(runs: {', '.join(f'{r:.0f}' for r in rates[w])})")
 
-        print(f"\n3. a training epoch, ours (finetune) beside a plain torch loop (median of {args.repeats}, interleaved)")
+        print(f"\n3. a training epoch, ours (finetune) beside a plain torch loop "
+              f"(median of {args.repeats}, interleaved)")
         cases = {f"{args.sizes[0]:,} JPEGs, 1 worker": bundles[1],
                  "4,000 in-memory tensors 3x112x112": tensor_bundle(4000)}
         for name, bundle in cases.items():
@@ -365,10 +367,12 @@ def main() -> None:
                     cpu[key].append(len(bundle.train) / (time.process_time() - c0))
             for label, rates in (("wall", wall), ("cpu", cpu)):
                 ratio = _median(rates["ours"]) / _median(rates["plain"])
-                print(f"  {name if label == 'wall' else '':<36} {label:>4}: plain {_median(rates['plain']):6.0f} img/s, "
+                print(f"  {name if label == 'wall' else '':<36} {label:>4}: "
+                      f"plain {_median(rates['plain']):6.0f} img/s, "
                       f"ours {_median(rates['ours']):6.0f} img/s, ratio {ratio:.3f} (goal >= 0.95: "
                       f"{'met' if ratio >= 0.95 else 'NOT met'}); runs plain "
-                      f"{', '.join(f'{r:.0f}' for r in rates['plain'])}, ours {', '.join(f'{r:.0f}' for r in rates['ours'])}")
+                      f"{', '.join(f'{r:.0f}' for r in rates['plain'])}, "
+                      f"ours {', '.join(f'{r:.0f}' for r in rates['ours'])}")
     if args.long:
         print(f"\n4. a long epoch: {args.long:,} synthetic uint8 samples made in 1 worker, training process memory "
               "(a fresh process)", flush=True)

@@ -34,9 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fyc_convert.bench import compare_latency, gemm_head_model, openvino_runner, session
-from fyc_convert.heads import HadamardHead
-from fyc_convert.onnx_head import HeadSpec, head_model
+from fyc_convert.bench import compare_latency, gemm_head_model, openvino_runner, session  # noqa: E402
+from fyc_convert.heads import HadamardHead  # noqa: E402
+from fyc_convert.onnx_head import HeadSpec, head_model  # noqa: E402
 
 LAYOUTS = ("portable", "batch-switched")
 BATCHES = (1, 64)

@@ -95,7 +95,8 @@ def match(score_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int,
     """Give each class a distinct candidate, maximising the summed score. Returns (C,) candidate indices.
 
     ``score_fn(idx)`` gives the (len(idx), K) float64 score block for the classes ``idx``. Exact Hungarian
-    method when C·K <= max_cells (default LSA_MAX_CELLS); otherwise greedy over per-class top-k lists (best pairs first), repeated
+    method when C·K <= max_cells (default LSA_MAX_CELLS); otherwise greedy over per-class top-k lists (best pairs
+    first), repeated
     for the classes left over with the taken candidates masked out.
     """
     if num_cand < num_classes:

@@ -486,8 +486,11 @@ def _npy_classes(root: Path) -> list[str] | None:
 
 
 class _PathIndex:
-    """Relative file paths packed into one byte buffer + offsets (an index of millions of files stays compact, and
-    DataLoader workers forked from it do not touch per-file Python objects, so their copy-on-write pages stay shared)."""
+    """Relative file paths packed into one byte buffer + offsets.
+
+    An index of millions of files stays compact, and DataLoader workers forked from it do not touch per-file
+    Python objects, so their copy-on-write pages stay shared.
+    """
 
     def __init__(self, root: Path, paths: list[str], labels: list[int]):
         encoded = [p.encode("utf-8", "surrogateescape") for p in paths]

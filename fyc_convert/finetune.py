@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 from fyc_convert.data import DataBundle
 from fyc_convert.errors import DataError, TrainingError, first_line
 from fyc_convert.files import atomic_path
-from fyc_convert.options import FinetuneConfig
 from fyc_convert.loader import BatchStream, make_loader, random_subset
+from fyc_convert.options import FinetuneConfig
 from fyc_convert.surgery import capture_features, logits_of
 
 __all__ = [
@@ -105,7 +105,8 @@ class FinetuneResult:
     precision: str = "fp32"  # what it trained in: "fp32", "bf16" or "fp16" (autocast; weights stay fp32)
     channels_last: bool = False  # whether the model trained in channels_last memory format
     skipped_images: int = 0  # unreadable images skipped (`skip_bad_images`), all ranks together
-    stop_reason: str = "epochs"  # "epochs" (the count given), or with epochs="auto": "recovered", "plateau", "max_epochs"
+    # "epochs" (the count given), or with epochs="auto": "recovered", "plateau", "max_epochs"
+    stop_reason: str = "epochs"
 
 
 @dataclass
@@ -247,7 +248,8 @@ def calibrate(
     """Fit only α and the bias of the fixed head, backbone frozen, on features computed once.
 
     The head's input features are captured in one streaming eval-mode pass over at most `max_samples` samples (a
-    seeded random subset, `loader.random_subset`), the head's fixed transform z = V·x̂ (S, C) is cached, and the convex problem
+    seeded random subset, `loader.random_subset`), the head's fixed transform z = V·x̂ (S, C) is cached, and the
+    convex problem
     min over (α, b) of mean CE(α·z + b, y) is solved with L-BFGS — seconds even for many classes.
     A fixed α (a buffer) or a missing bias is left alone. Under torch.distributed each rank takes a shard of
     the subset and the loss and gradients are summed across ranks, so all ranks end with the same α and b.
@@ -788,7 +790,8 @@ def _load_checkpoint(path: Path | None, config: FinetuneConfig, precision: str, 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch.load raises many types for files it cannot read
-        raise TrainingError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it and run without --resume")
+        raise TrainingError(
+            f"cannot read checkpoint {path} ({type(e).__name__}); delete it and run without --resume") from e
     if not isinstance(state, dict) or state.get("format") != _FORMAT:
         raise TrainingError(f"{path} is not a fyc-convert fine-tuning checkpoint; run without --resume")
     saved = state["config"]

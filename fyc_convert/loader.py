@@ -39,8 +39,8 @@ from torch.utils.data import (
 
 from fyc_convert.errors import DataError
 
-__all__ = ["BadSample", "BatchStream", "default_workers", "make_loader", "random_subset", "sample_inputs", "sample_seed",
-           "subset_loader"]
+__all__ = ["BadSample", "BatchStream", "default_workers", "make_loader", "random_subset", "sample_inputs",
+           "sample_seed", "subset_loader"]
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,8 @@ def _tiled(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) 
     chunk = max(1, _BLOCK_POINTS // n_feat)
     switch = k_all * n_feat >= _BLOCK_MIN_POINTS and k_all > chunk
     # (1, K, N) for contiguous rows, (K, 1, N) for others
-    table = None if ones else ops.const("table", (table_np.T[None] if contiguous else table_np.T[:, None]).astype(ops.dtype))
+    laid = table_np.T[None] if contiguous else table_np.T[:, None]
+    table = None if ones else ops.const("table", laid.astype(ops.dtype))
     if switch:
         table, bias = _shared(ops, table), _shared(ops, bias)
 

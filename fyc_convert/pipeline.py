@@ -27,10 +27,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
 from fyc_convert.distributed import is_main, on_main
-from fyc_convert.errors import FycError, ModelRunError, OutputError, OutputExistsError, TrainingError, \
-    VerificationError, describe
+from fyc_convert.errors import (
+    FycError,
+    ModelRunError,
+    OutputError,
+    OutputExistsError,
+    TrainingError,
+    VerificationError,
+    describe,
+)
 from fyc_convert.files import remove_stale_temps, temp_dir, write_text_atomic
 from fyc_convert.options import ConvertOptions, check_options, make_options
 from fyc_convert.report import AccuracyReport, OnnxReport, ParamsReport, Report

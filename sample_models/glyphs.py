@@ -11,8 +11,8 @@ Train: seven faces, `train_copies` augmented renderings each. Validation: the he
 DejaVuSansCondensed-Oblique, one clean rendering and `val_copies - 1` augmented ones.
 
 The large sample (`--large`): the characters mapped by all four upright Sans faces (so by at least four
-Sans faces; `glyph_large_classes.txt`, made with `select_glyph_classes(num_classes=None, ...)`), validated on the held-out
-upright face DejaVuSansCondensed, trained on the other Sans faces that map each character (three upright,
+Sans faces; `glyph_large_classes.txt`, made with `select_glyph_classes(num_classes=None, ...)`), validated on the
+held-out upright face DejaVuSansCondensed, trained on the other Sans faces that map each character (three upright,
 and the four obliques for most characters).
 
     python -m sample_models.glyphs --out sample_models/data/glyphs.npz [--select]

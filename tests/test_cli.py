@@ -167,7 +167,8 @@ def test_usage_errors_exit_2(args: list[str], code: int, needle: str, tmp_path: 
     assert needle in result.output
 
 
-def _cli(*args: str | Path, cwd: Path = ROOT, user: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def _cli(*args: str | Path, cwd: Path = ROOT, user: str | None = None,
+         timeout: float = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "fyc_convert", *map(str, args)]
     if user is not None:
         cmd = ["setpriv", "--reuid", user, "--regid", user, "--clear-groups", *cmd]
@@ -183,7 +184,8 @@ def test_missing_checkpoint_exits_1_with_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-def test_verification_failure_exits_3_and_keeps_only_failed_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verification_failure_exits_3_and_keeps_only_failed_name(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # Export a head whose bias differs from the PyTorch model's: the real onnxruntime comparison must catch it.
     from fyc_convert import onnx_head
 

@@ -25,10 +25,9 @@ def test_write_replaces_atomically_with_normal_permissions(tmp_path: Path) -> No
 def test_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
     target = tmp_path / "model.safetensors"
     target.write_text("previous good file")
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half writ")
-            raise KeyboardInterrupt  # the user pressed Ctrl-C mid-write
+    with pytest.raises(KeyboardInterrupt), atomic_path(target) as tmp:
+        tmp.write_text("half writ")
+        raise KeyboardInterrupt  # the user pressed Ctrl-C mid-write
     assert target.read_text() == "previous good file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 

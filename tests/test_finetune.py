@@ -417,7 +417,8 @@ def _same_weights_dict(a: dict, b: dict) -> bool:
 
 def test_torchrun_two_processes_on_cpu(tmp_path):
     ckpt, res = tmp_path / "ckpt", tmp_path / "res"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), "--out", str(ckpt), "--result", str(res), "--epochs", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           "--out", str(ckpt), "--result", str(res), "--epochs", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = _run(cmd, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

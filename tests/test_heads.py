@@ -542,7 +542,8 @@ def test_kerdock_bad_arguments():
     with pytest.raises(HeadError, match="hadamard_size >= in_features"):
         HadamardHead(100, 300, embedding="kerdock", hadamard_size=64)
     with pytest.raises(HeadError, match="more tiles"):
-        HadamardHead(64, 100, embedding="kerdock", rows=[5, 64, 200] + list(range(6, 63)) + list(range(65, 105)), tiles=[0, 1])
+        rows = [5, 64, 200] + list(range(6, 63)) + list(range(65, 105))
+        HadamardHead(64, 100, embedding="kerdock", rows=rows, tiles=[0, 1])
     with pytest.raises(HeadError, match="embedding must be one of"):
         HadamardHead(64, 100, embedding="kerdok")
 

@@ -111,7 +111,8 @@ def _hadamard_head(n_feat: int, c: int, variant: str) -> HadamardHead:
     """A HadamardHead with random scale/bias; `variant` = embedding + row order + bias."""
     gen = torch.Generator().manual_seed(n_feat * 7 + c)
     embedding, order, bias = variant.split("-")
-    m = HadamardHead(n_feat, c, bias=False, embedding="tile").hadamard_size if embedding == "tile" else _next_pow2(max(n_feat, c + 1))
+    m = (HadamardHead(n_feat, c, bias=False, embedding="tile").hadamard_size if embedding == "tile"
+         else _next_pow2(max(n_feat, c + 1)))
     rows = torch.arange(1, c + 1)
     if order == "shuffled":
         rows = (torch.randperm(m - 1, generator=gen)[:c] + 1)

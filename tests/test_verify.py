@@ -138,8 +138,8 @@ def test_check_head_static_refuses_dense_ops_and_big_constants():
 def _if_head(op: str, const_elems: int) -> onnx.ModelProto:
     """x (B, 4) -> fyc_head/If whose then-branch is `_hand_head`'s node, its constant inside the branch."""
     inner = _hand_head(op, const_elems).graph
-    then_branch = helper.make_graph(list(inner.node), "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                                    list(inner.initializer))
+    then_out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    then_branch = helper.make_graph(list(inner.node), "then", [], then_out, list(inner.initializer))
     else_node = helper.make_node("Identity", ["x"], ["y_else"], name=f"{HEAD_PREFIX}identity")
     else_branch = helper.make_graph([else_node], "else", [],
                                     [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, None)])

@@ -111,7 +111,8 @@ def _assert_parity(run: ToolRun, ref: np.ndarray, batches: list[int]) -> None:
         want = ref[: len(y)]
         assert y.shape == want.shape, f"batch {batch}: shape {y.shape} != {want.shape}"
         excess = np.abs(y - want) - (ATOL + RTOL * np.abs(want))
-        assert excess.max() <= 0, f"batch {batch}: max |Δ| {np.abs(y - want).max():.3g} beyond {ATOL:g} + {RTOL:g}·|ref|"
+        worst = np.abs(y - want).max()
+        assert excess.max() <= 0, f"batch {batch}: max |Δ| {worst:.3g} beyond {ATOL:g} + {RTOL:g}·|ref|"
         assert np.array_equal(y.argmax(1), want.argmax(1)), f"batch {batch}: top-1 differs"
 
 
