@@ -14,6 +14,10 @@ start=$(date +%s)
 if [ -z "${VIRTUAL_ENV:-}" ]; then
   . .venv/bin/activate
 fi
+# the tools that run in the main venv (pnnx without its dependencies: it names torch, which is installed already,
+# and pip would replace the CPU wheel with a CUDA build)
+pip install -q openvino==2026.4.1 onnxslim==0.1.98 onnxsim==0.8.1 ncnn==1.0.20261020
+pip install -q --no-deps pnnx==20261020
 mkdir -p .venv-interop out
 [ -f .venv-interop/.gitignore ] || echo '*' > .venv-interop/.gitignore
 

@@ -24,6 +24,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from fyc_convert.fit import fit_lbfgs
+
 __all__ = ["Scorer", "calibrated_agreement", "match", "scorer"]
 
 LSA_MAX_CELLS = 4_000_000  # C × candidates above this: greedy assignment instead of the Hungarian method
@@ -148,15 +150,6 @@ def calibrated_agreement(head: torch.nn.Module, x: Tensor, target: Tensor, *, it
          else torch.zeros(raw.shape[1], dtype=torch.float64))
     b.requires_grad_(head.bias is not None)
     params = [p for p in (alpha, b) if p.requires_grad]
-    if params:
-        opt = torch.optim.LBFGS(params, max_iter=iters, line_search_fn="strong_wolfe")
-
-        def closure() -> Tensor:
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(alpha * raw + b, target)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+    fit_lbfgs(params, lambda: torch.nn.functional.cross_entropy(alpha * raw + b, target), max_iter=iters)
     with torch.no_grad():
         return float(((alpha * raw + b).argmax(dim=1) == target).double().mean())

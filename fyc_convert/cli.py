@@ -154,8 +154,10 @@ def _run(checkpoint: Path, fields: dict, *, quiet: bool, verbose: bool) -> int:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _MetricsColumn(),
                       TimeElapsedColumn(),
                       console=console, transient=True, disable=quiet or not rank0) as bars:
-            result = run_convert(checkpoint, opts, progress=lambda msg: console.print(f"[dim]·[/] {msg}"),
-                                 epoch_progress=None if quiet or not rank0 else bars)
+            def say(msg: str) -> None:  # one line per message, however narrow the terminal or log
+                console.print(f"[dim]·[/] {msg}", soft_wrap=True)
+
+            result = run_convert(checkpoint, opts, progress=say, epoch_progress=None if quiet or not rank0 else bars)
     except FycError as e:
         if verbose:
             err_console.print_exception()

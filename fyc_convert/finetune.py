@@ -38,8 +38,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from fyc_convert.data import DataBundle
+from fyc_convert.distributed import world as world_and_rank
 from fyc_convert.errors import DataError, TrainingError, first_line
 from fyc_convert.files import atomic_path
+from fyc_convert.fit import fit_lbfgs
 from fyc_convert.loader import BatchStream, make_loader, random_subset
 from fyc_convert.options import FinetuneConfig
 from fyc_convert.surgery import capture_features, logits_of
@@ -191,7 +193,7 @@ def evaluate(
         Metrics over all samples (and ranks).
     """
     device = resolve_device(device)
-    world, _ = _world()
+    world, _ = world_and_rank()
     given = isinstance(data, (DataLoader, BatchStream))
     loader = data if given else make_loader(data, batch_size=batch_size, device=device, workers=workers,
                                             distributed=True)
@@ -281,7 +283,7 @@ def calibrate(
         raise TrainingError("the head to calibrate is not a submodule of the model; pass the swapped model's head")
     if distill and teacher is None:
         raise TrainingError("distillation needs the original model as teacher; pass teacher=")
-    world, rank = _world()
+    world, rank = world_and_rank()
     idx = random_subset(len(train_data), max_samples, seed=seed)[rank::world]
     loader = make_loader(train_data, batch_size=batch_size, device=device, workers=workers, indices=idx)
     feats, labels, t_logits = _head_inputs(model, head, loader, teacher if distill else None, device)
@@ -307,29 +309,8 @@ def calibrate(
                                temperature=temperature, distill_weight=0.5)
         return per.sum() / total
 
-    def closure() -> Tensor:
-        for p in params:
-            p.grad = None
-        loss = objective()
-        if params:
-            loss.backward()
-        if world > 1:  # sum loss and gradients over the shards: every rank takes the same L-BFGS steps
-            flat = torch.cat([loss.detach().reshape(1)] + [p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat)
-            offset = 1
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
-            return flat[0]
-        return loss.detach()
-
-    before = float(closure())
-    if params:
-        torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe",
-                          tolerance_grad=1e-9, tolerance_change=1e-12).step(closure)
-    after = float(closure())
-    for p in params:
-        p.grad = None
+    before, after = fit_lbfgs(params, objective, max_iter=max_iter, all_reduce=dist.all_reduce if world > 1 else None,
+                              lr=1.0, history_size=20, tolerance_grad=1e-9, tolerance_change=1e-12)
     if not math.isfinite(after):
         raise TrainingError(f"calibration diverged (loss {after}); check the data's normalisation (mean/std)")
     return Calibration(scale=_scale_value(head), loss_before=before, loss_after=after, samples=int(total.item()),
@@ -511,7 +492,7 @@ class _Trainer:
                  teacher: nn.Module | None):
         self.model, self.head, self.data, self.config, self.teacher = model, head, data, config, teacher
         self.device = resolve_device(config.device)
-        self.world, self.rank = _world()
+        self.world, self.rank = world_and_rank()
         _check_config(config, data, teacher, self.world)
         self.precision = resolve_precision(config.precision, self.device, optimizer=config.optimizer)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -732,12 +713,6 @@ def _num_classes(head: nn.Module, data: DataBundle) -> int:
 def _scale_value(head: nn.Module) -> float:
     scale = _scale_bias(head).get("scale")
     return float(scale.detach()) if scale is not None else float("nan")
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import (
     DataLoader,
@@ -37,6 +36,7 @@ from torch.utils.data import (
     default_collate,
 )
 
+from fyc_convert.distributed import world as world_and_rank
 from fyc_convert.errors import DataError
 
 __all__ = ["BadSample", "BatchStream", "default_workers", "make_loader", "random_subset", "sample_inputs",
@@ -71,10 +71,8 @@ def default_workers() -> int:
     """DataLoader workers per process for streaming data: the cores this process may use, shared between the
     processes of this machine under torch.distributed, less one for the training process itself (1 to 8)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    local = 1
-    if dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size()
-        local = min(world, torch.cuda.device_count()) if torch.cuda.is_available() else world
+    world, _ = world_and_rank()
+    local = min(world, torch.cuda.device_count()) if world > 1 and torch.cuda.is_available() else world
     return max(1, min(8, cores // max(1, local) - 1))
 
 
@@ -220,7 +218,7 @@ def make_loader(
     Returns:
         A BatchStream yielding (x float32 normalised, y int64) on `device`.
     """
-    world, rank = _world() if distributed else (1, 0)
+    world, rank = world_and_rank() if distributed else (1, 0)
     n = len(indices) if indices is not None else len(dataset)
     if world > 1 and not shuffle:  # evaluation shards: every world-th sample, no padding (sums are exact)
         indices = list(indices if indices is not None else range(n))[rank::world]
@@ -239,12 +237,6 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed),  # workers' base seed: not drawn from the global RNG
     )
     return BatchStream(loader, dataset, sampler, device=device, channels_last=channels_last)
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
 
 
 def subset_loader(dataset: Dataset, n: int, *, seed: int, batch_size: int = 256, device: torch.device | None = None,

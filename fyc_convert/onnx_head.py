@@ -161,6 +161,17 @@ class HeadSpec:
         )
 
 
+def _butterflies(ops: _Ops, parts: list[gs.Variable], r: int) -> list[gs.Variable]:
+    """The r levels of a radix-2^r stage on its 2^r parts: (a, b) -> (a + b, a - b) for each bit, in place."""
+    for level in range(r):
+        bit = 1 << level
+        for t in range(1 << r):
+            if not t & bit:
+                a, b = parts[t], parts[t | bit]
+                parts[t], parts[t | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
+    return parts
+
+
 def _np_wht(a: np.ndarray) -> np.ndarray:
     """Sylvester WHT along axis 0 (length a power of two), float64, for the constant tables."""
     t = a.shape[0]
@@ -308,13 +319,7 @@ def _natural_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int, batch: int) 
         view = ops.reshape(y, [rows, -1 if width < 0 else (width << r)])
         # parts[t]: the rows whose lowest r bits are t; constant sizes when the batch is static
         parts = ops.split(view, 1 << r, axis=1, sizes=None if width < 0 else [width] * (1 << r))
-        for level in range(r):
-            bit = 1 << level
-            for t in range(1 << r):
-                if not t & bit:
-                    a, b = parts[t], parts[t | bit]
-                    parts[t], parts[t | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
-        y = ops.concat(parts, axis=1)
+        y = ops.concat(_butterflies(ops, parts, r), axis=1)
         width = width << r if width > 0 else width
         done += r
     return y
@@ -404,13 +409,7 @@ def _major_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int, batch: int) ->
         rows >>= r
         view = ops.reshape(y, [batch * rows if batch > 0 else -1, width << r])
         parts = ops.split(view, 1 << r, axis=1, sizes=[width] * (1 << r))
-        for level in range(r):
-            bit = 1 << level
-            for t in range(1 << r):
-                if not t & bit:
-                    a, b = parts[t], parts[t | bit]
-                    parts[t], parts[t | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
-        y = ops.concat(parts, axis=1)
+        y = ops.concat(_butterflies(ops, parts, r), axis=1)
         width <<= r
         done += r
     return y
