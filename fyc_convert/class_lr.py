@@ -19,21 +19,16 @@ top one (the last nn.Linear is left out when it outputs num_classes logits), the
 
 Per-class gradients cost one ordinary backward: a Linear layer's weight gradient is δᵀx (δ = ∂L/∂output,
 x = input) and classes partition the batch, so g_j = δ_jᵀ x_j over the rows of class j, from a forward hook on
-the input and a tensor hook on the output. benchmarks/class_lr.py measured one step of the Optical MLP (8 x 256,
-477k weights with per-class rates, 10 classes, 1 CPU thread, busy machine, best of 20): batch 32 / 128 took
-2.9 / 11.6 ms plain, 35 / 36 ms with δᵀx per class (this module), 86 / 119 ms with one backward per class
-present and 166 / 683 ms with per-sample gradients from torch.func (vmap + grad). Of the two generic ways one
-backward per class is the faster (2-6x); δᵀx is 2.5-3.3x faster again. What remains is the μ arithmetic
+the input and a tensor hook on the output: several times cheaper than one backward per class or per-sample
+gradients from torch.func (measured by benchmarks/class_lr.py; numbers in the README). What remains is the μ arithmetic
 (two passes over C x weights per step), which no gradient method avoids.
 
 The μ increment: "class_grad_sq" (default) adds g_j², Eq. 5-6 applied to the class-j part of the batch loss;
 "sample_grad_sq" adds Σ_{i: y_i = j} (∂ℓ_i/∂w / B)² (Eq. 6 per sample, at the per-sample step lr / B). They agree
 when a class has one sample in the batch; otherwise g_j² is between 0 (per-sample gradients cancel) and n_j times
-the summed squares (all aligned). Measured on the Optical MLP (batch 32, LeCun init): the mean of μ − 1 at the
-end of the first half epoch was 3.6e-2 vs 3.0e-2 (SELU, eta_mu 1e5; max 2.3 vs 1.6), 5.9e-3 vs 3.7e-3 (tanh, 1e5),
-3.6e-5 vs 2.3e-5 (ReLU, 1e4); over 5 seeds of the full protocol both forms gave the same test accuracy on every
-seed (96.73 -> 96.75 %, SELU). g_j² is the default: no worse, and cheaper (no extra matmul per class, no
-(n, O, I) per-sample tensor for sequence inputs).
+the summed squares (all aligned). On the Optical MLP both forms gave the same test accuracy (benchmarks/class_lr.py;
+README), so g_j² is the default: no worse, and cheaper (no extra matmul per class, no (n, O, I) per-sample tensor
+for sequence inputs).
 
 μ costs num_classes × (weights of the chosen layers) floats. The constructor refuses, before allocating, when that
 exceeds `memory_budget_bytes` (default: half the free memory of the parameters' device) and names the layers to

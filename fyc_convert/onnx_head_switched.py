@@ -50,7 +50,7 @@ def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
     """(B, N) -> (m, B): x̃ = embed(x) (tile/pad signs), then the fold y_k = Σ_t x̃_{k + t·m}, transposed.
 
     The fold of the default sizing (n = N) runs before the Transpose, on (B, n/m, m): onnxruntime reduces
-    a middle axis fast but the leading axis of a (n/m, m·B) view ~10x slower.
+    a middle axis fast but the leading axis of a (n/m, m·B) view much slower (measured: benchmarks/head_onnx.py).
     """
     n_feat, m, n = spec.in_features, spec.hadamard_size, spec.embed_size
     if n == n_feat:
