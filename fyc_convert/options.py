@@ -92,17 +92,21 @@ class FinetuneConfig:
     epochs: int | Literal["auto"] | None = option(
         None, "Fine-tuning epochs, or auto: evaluate after each epoch and stop once within --target-drop of the "
               "original, when it stops improving, or at --max-epochs (0 = calibrate α and the bias only). "
-              "[default: auto with a validation split, else 3]", panel=_TRAIN, ge=0, parse="int_or_auto")
-    max_epochs: int | None = option(None, "Most epochs of --epochs auto. [default: 10]", panel=_TRAIN, ge=1)
+              "Default: auto with a validation split, else 3.", panel=_TRAIN, ge=0, parse="int_or_auto")
+    max_epochs: int | None = option(None, "Most epochs of --epochs auto (default 10).", panel=_TRAIN, ge=1)
     target_drop: float = option(0.5, "--epochs auto stops once validation accuracy is within this many points of "
                                      "the original's.", panel=_TRAIN, ge=0.0)
     patience: int = option(2, "--epochs auto stops after this many epochs without a better validation accuracy.",
                            panel=_TRAIN, ge=1)
-    lr: float | None = option(None, "Peak learning rate (default: 0.01 for sgd/class-lr, 1e-3 for adamw).",
+    lr: float | None = option(None, "Peak learning rate (default: chosen with the optimizer, linear in the batch size; "
+                                   "see the report).",
                               panel=_TRAIN, gt=0.0)
-    batch_size: int | None = option(None, "Samples per step and process. [default: 64]", panel=_TRAIN, ge=1)
+    batch_size: int | None = option(
+        None, "Samples per step and process (default: 128 from 10,000 training samples, else 64).", panel=_TRAIN,
+        ge=1)
     optimizer: Literal["sgd", "adamw", "class-lr"] | None = option(
-        None, "sgd (momentum), adamw, or class-lr (per-class learning rates). [default: sgd]", panel=_TRAIN,
+        None, "sgd (momentum), adamw, or class-lr (per-class learning rates); default: adamw for many-class "
+              "heads, else sgd.", panel=_TRAIN,
         choices=("sgd", "adamw", "class-lr"))
     momentum: float = option(0.9, "SGD momentum.", panel=_TRAIN, ge=0.0, lt=1.0)
     weight_decay: float = option(5e-4, "Weight decay on every trained parameter, α included (class-lr: none).",
@@ -110,7 +114,7 @@ class FinetuneConfig:
     cosine: bool = option(True, "Cosine decay of the learning rate to 0 over the training steps.",
                           flag="--cosine/--no-cosine", panel=_TRAIN)
     distill: bool | None = option(None, "Learn from the original model's outputs (KL) as well as the labels; "
-                                        "unlabelled data always does. [default: off]",
+                                        "unlabelled data always does (default: on for many-class heads).",
                                   flag="--distill/--no-distill", panel=_TRAIN)
     temperature: float = option(4.0, "Softening temperature of the distillation KL.", panel=_TRAIN, gt=0.0)
     distill_weight: float = option(0.5, "Weight of the KL term against cross-entropy with labels.", panel=_TRAIN,
