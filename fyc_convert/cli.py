@@ -28,7 +28,14 @@ err_console = Console(stderr=True, highlight=False)
 
 
 def _parse(kind: str, name: str, text: str) -> Any:
-    """A comma-separated option value: "ints", "floats" or "names"."""
+    """A comma-separated option value ("ints", "floats", "names"), or an integer or the word auto ("int_or_auto")."""
+    if kind == "int_or_auto":
+        if text.strip().lower() == "auto":
+            return "auto"
+        try:
+            return int(text)
+        except ValueError:
+            raise typer.BadParameter(f"{text!r} is neither an integer nor auto", param_hint=name) from None
     parts = [p.strip() for p in text.replace("x", ",").split(",")] if kind == "ints" else \
         [p.strip() for p in text.split(",")]
     try:
@@ -71,7 +78,8 @@ def _annotation(f: dataclasses.Field) -> tuple[Any, Any]:
     if base in (int, float) and not meta.get("parse"):
         bounds = {k: meta[k] for k in ("ge",) if meta.get(k) is not None}
         bounds = {"min": bounds["ge"]} if bounds else {}
-    metavar = {"ints": "N,N,…", "floats": "X,X,…", "names": "NAME,…"}.get(meta.get("parse") or "") or \
+    metavar = {"ints": "N,N,…", "floats": "X,X,…", "names": "NAME,…", "int_or_auto": "N|auto"}.get(
+        meta.get("parse") or "") or \
         {int: "N", float: "X", Path: "PATH", str: "TEXT", bool: ""}.get(base)
     option = typer.Option(*names, help=meta.get("help", ""), rich_help_panel=meta.get("panel"), metavar=metavar,
                           show_default=default is not None and base is not bool, **bounds)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,9 @@ __all__ = [
 CHECKPOINT_NAME = "finetune.pt"  # the one checkpoint file in `FinetuneConfig.out_dir`, replaced every epoch
 _FORMAT = "fyc-finetune/1"
 # Config fields that must match between an interrupted run and its resumption.
-_RESUME_FIELDS = ("epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay", "cosine", "distill",
-                  "temperature", "distill_weight", "seed", "class_lr_eta_mu", "class_lr_cutoff", "class_lr_layers")
+_RESUME_FIELDS = ("epochs", "max_epochs", "target_drop", "patience", "lr", "batch_size", "optimizer", "momentum",
+                  "weight_decay", "cosine", "distill", "temperature", "distill_weight", "seed", "class_lr_eta_mu",
+                  "class_lr_cutoff", "class_lr_layers")
 
 
 @dataclass
@@ -103,6 +105,7 @@ class FinetuneResult:
     precision: str = "fp32"  # what it trained in: "fp32", "bf16" or "fp16" (autocast; weights stay fp32)
     channels_last: bool = False  # whether the model trained in channels_last memory format
     skipped_images: int = 0  # unreadable images skipped (`skip_bad_images`), all ranks together
+    stop_reason: str = "epochs"  # "epochs" (the count given), or with epochs="auto": "recovered", "plateau", "max_epochs"
 
 
 @dataclass
@@ -380,6 +383,8 @@ def finetune(
     *,
     teacher: nn.Module | None = None,
     progress: Any = None,
+    reference_accuracy: float | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> FinetuneResult:
     """Fine-tune the backbone, α and the bias (the head's fixed transform has no parameters).
 
@@ -387,6 +392,9 @@ def finetune(
     them), evaluates on `data.val` after each epoch, and writes `config.out_dir / CHECKPOINT_NAME` (model,
     optimizer, scheduler, loss scaler, epoch, history) first for the starting point and then after every epoch.
     With `config.resume` it continues from that checkpoint and stops after `config.epochs` epochs in all.
+    With `config.epochs == "auto"` it evaluates after every epoch and stops once the validation accuracy is within
+    `target_drop` points of `reference_accuracy` (the original model's), after `patience` epochs without a better
+    one, or at `max_epochs` (`stop_reason`); the learning rate decays over `max_epochs`.
     Calibrate first (`calibrate`); the model is modified in place and left in eval mode on `device`, in the
     default (contiguous) memory format.
 
@@ -400,6 +408,8 @@ def finetune(
             `update(task, advance=, **fields)`): one task per epoch with fields `loss`, `acc` (None when
             unlabelled), `samples_per_s` and `data_share` (share of the time spent waiting for batches);
             only rank 0 reports. None: silent.
+        reference_accuracy: the original model's validation accuracy (the target of `epochs="auto"`).
+        on_epoch: called on rank 0 with each finished epoch's EpochStats (progress lines).
 
     Returns:
         FinetuneResult with one EpochStats per epoch.
@@ -411,17 +421,27 @@ def finetune(
     """
     config = resolved(config)
     trainer = _Trainer(model, head, data, config, teacher)
+    target = _target(config, data, reference_accuracy)
     try:
         with torch.random.fork_rng(devices=trainer.cuda_devices):
             if trainer.state is None:
                 trainer.save(0)
-            for epoch in range(trainer.start_epoch, config.epochs):
+            for epoch in range(trainer.start_epoch, trainer.budget):
+                if trainer.stop_reason is not None:
+                    break
                 stats = trainer.train_epoch(epoch, progress)
                 stats.val = (evaluate(model, data.val, device=trainer.device, reference_model=teacher,
                                       batch_size=config.eval_batch_size, workers=data.workers)
                              if data.val is not None else None)
                 trainer.history.append(stats)
+                if config.epochs == "auto":
+                    trainer.stop_reason = stop_reason(trainer.history, target=target, patience=config.patience,
+                                                      labelled=data.labelled, last=epoch + 1 == trainer.budget)
+                elif epoch + 1 == trainer.budget:
+                    trainer.stop_reason = "epochs"
                 trainer.save(epoch + 1)
+                if on_epoch is not None and trainer.rank == 0:
+                    on_epoch(stats)
     finally:
         if trainer.channels_last:  # exporters and safetensors want contiguous weights
             for m in (model, teacher):
@@ -431,8 +451,41 @@ def finetune(
     return trainer.result()
 
 
-PLAIN_DEFAULTS = {"epochs": 3, "batch_size": 64, "optimizer": "sgd", "distill": False, "class_lr_eta_mu": 1e4,
-                  "class_lr_cutoff": 10}  # what a field left at None means in the loop itself
+def _target(config: FinetuneConfig, data: DataBundle, reference_accuracy: float | None) -> float | None:
+    """The validation metric that counts as recovered: the original's accuracy minus target_drop points (labelled),
+    or top-1 agreement with the teacher of 1 - target_drop/100 (unlabelled); None: no target."""
+    if config.epochs != "auto":
+        return None
+    if data.labelled:
+        return None if reference_accuracy is None else reference_accuracy - config.target_drop / 100
+    return 1.0 - config.target_drop / 100
+
+
+def stop_reason(history: list[EpochStats], *, target: float | None, patience: int, labelled: bool,
+                last: bool) -> str | None:
+    """Why `epochs="auto"` stops after the last epoch of `history`, or None to go on.
+
+    "recovered": the validation metric (accuracy; agreement with the teacher when unlabelled) reached `target`;
+    "plateau": no better value for `patience` epochs; "max_epochs": the budget is spent (`last`).
+    """
+    values = [(h.val.accuracy if labelled else h.val.agreement) if h.val is not None else None for h in history]
+    if values[-1] is None:
+        return "max_epochs" if last else None
+    if target is not None and values[-1] >= target - 1e-12:
+        return "recovered"
+    best = max(range(len(values)), key=lambda i: (values[i] if values[i] is not None else -1.0, -i))
+    if len(values) - 1 - best >= patience:
+        return "plateau"
+    return "max_epochs" if last else None
+
+
+def default_lr(optimizer: str) -> float:
+    """The learning rate when none is given: 1e-3 for AdamW, 0.01 for SGD and class-lr."""
+    return 1e-3 if optimizer == "adamw" else 0.01
+
+
+PLAIN_DEFAULTS = {"epochs": 3, "max_epochs": 10, "batch_size": 64, "optimizer": "sgd", "distill": False,
+                  "class_lr_eta_mu": 1e4, "class_lr_cutoff": 10}  # what a field left at None means in the loop itself
 
 
 def resolved(config: FinetuneConfig) -> FinetuneConfig:
@@ -461,7 +514,9 @@ class _Trainer:
         self.precision = resolve_precision(config.precision, self.device, optimizer=config.optimizer)
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         self.ckpt = Path(config.out_dir) / CHECKPOINT_NAME if config.out_dir is not None else None
+        self.budget = config.max_epochs if config.epochs == "auto" else config.epochs  # most epochs of this run
         self.state = _resume_state(self.ckpt, config, self.precision, self.world, self.rank) if config.resume else None
+        self.stop_reason: str | None = self.state.get("stop_reason") if self.state is not None else None
         self.cuda_devices = [self.device.index] if self.device.type == "cuda" else []
 
         self.channels_last = (config.channels_last if config.channels_last is not None else
@@ -485,10 +540,10 @@ class _Trainer:
                                   shuffle=True, seed=config.seed, drop_last=per_rank > config.batch_size,
                                   distributed=True, channels_last=self.channels_last)
         steps_per_epoch = len(self.loader)
-        lr = config.lr if config.lr is not None else (1e-3 if config.optimizer == "adamw" else 0.01)
+        lr = config.lr if config.lr is not None else default_lr(config.optimizer)
         self.opt = _build_optimizer(model, config, lr=lr, num_classes=_num_classes(head, data),
                                     steps_per_epoch=steps_per_epoch)
-        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, config.epochs * steps_per_epoch))
+        self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, self.budget * steps_per_epoch))
                       if config.cosine else None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.history = [EpochStats(**{**h, "val": Metrics(**h["val"]) if h["val"] else None})
@@ -513,7 +568,8 @@ class _Trainer:
         self.model.train()
         task = None
         if progress is not None and self.rank == 0:
-            task = progress.add_task(f"epoch {epoch + 1}/{config.epochs}", total=len(self.loader),
+            total = f"≤{self.budget}" if config.epochs == "auto" else str(self.budget)
+            task = progress.add_task(f"epoch {epoch + 1}/{total}", total=len(self.loader),
                                      loss=float("nan"), acc=None, samples_per_s=0.0, data_share=0.0)
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss·B, correct, labelled, samples
         t0 = time.perf_counter()
@@ -580,7 +636,7 @@ class _Trainer:
         started = epoch > 0 or self.state is not None
         _save_checkpoint(self.ckpt, self.model, self.opt if started else None, self.sched if started else None,
                          self.scaler if started else None, epoch, self.history, self.config, self.precision,
-                         self.world, self.rank)
+                         self.world, self.rank, self.stop_reason)
 
     def result(self) -> FinetuneResult:
         return FinetuneResult(
@@ -593,6 +649,7 @@ class _Trainer:
             precision=self.precision,
             channels_last=self.channels_last,
             skipped_images=len(_gather_skipped(self.data, self.world)),
+            stop_reason=self.stop_reason or "epochs",
         )
 
 
@@ -607,8 +664,12 @@ def _gather_skipped(data: DataBundle, world: int) -> set[str]:
 
 
 def _check_config(config: FinetuneConfig, data: DataBundle, teacher: nn.Module | None, world: int) -> None:
-    if config.epochs < 0 or config.batch_size < 1:
-        raise TrainingError(f"need epochs >= 0 and batch size >= 1, got {config.epochs} and {config.batch_size}")
+    if (config.epochs != "auto" and config.epochs < 0) or config.batch_size < 1:
+        raise TrainingError(f"need epochs >= 0 (or auto) and batch size >= 1, got {config.epochs} and "
+                            f"{config.batch_size}")
+    if config.epochs == "auto" and data.val is None:
+        raise TrainingError("--epochs auto evaluates on a validation split after each epoch, and the data has none; "
+                            "pass --val-split (e.g. 0.1) or a number of --epochs")
     if config.optimizer not in ("sgd", "adamw", "class-lr"):
         raise TrainingError(f"unknown optimizer {config.optimizer!r}; use sgd, adamw or class-lr")
     if config.distill and teacher is None:
@@ -681,7 +742,7 @@ def _world() -> tuple[int, int]:
 
 
 def _save_checkpoint(path: Path | None, model: nn.Module, opt, sched, scaler, epoch: int, history: list[EpochStats],
-                     config: FinetuneConfig, precision: str, world: int, rank: int) -> None:
+                     config: FinetuneConfig, precision: str, world: int, rank: int, stop_reason: str | None) -> None:
     """Rank 0 writes model/optimizer/scheduler/epoch/history atomically (no collective: ranks may differ in path)."""
     if path is None or rank != 0:
         return
@@ -692,6 +753,7 @@ def _save_checkpoint(path: Path | None, model: nn.Module, opt, sched, scaler, ep
         "world_size": world,
         "config": {k: getattr(config, k) for k in _RESUME_FIELDS},
         "precision": precision,
+        "stop_reason": stop_reason,  # set once training has finished: a resumed run trains no further
         "model": model.state_dict(),
         "optimizer": opt.state_dict() if opt is not None else None,
         "scheduler": sched.state_dict() if sched is not None else None,
@@ -741,7 +803,8 @@ def _load_checkpoint(path: Path | None, config: FinetuneConfig, precision: str, 
     if state["world_size"] != world:
         raise TrainingError(f"checkpoint {path} was written by {state['world_size']} process(es), this run has "
                             f"{world}; resume with the same --nproc_per_node")
-    if state["epoch"] > config.epochs:
-        raise TrainingError(f"checkpoint {path} is at epoch {state['epoch']} > epochs {config.epochs}")
+    budget = config.max_epochs if config.epochs == "auto" else config.epochs
+    if state["epoch"] > budget:
+        raise TrainingError(f"checkpoint {path} is at epoch {state['epoch']} > epochs {budget}")
     return state
 

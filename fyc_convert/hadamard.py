@@ -3,24 +3,30 @@
 Notation follows docs/design.md: N = in_features, m = transform size (a power of two), n = embed size
 (a multiple of m with n >= N). The head computes ``z = H_m · F · x̂`` where ``F`` (m×N, integer) is the
 embed-then-fold map implemented by :func:`embed_fold` and ``H_m`` is applied by :func:`fwht` with
-additions and subtractions only. Every fast function has a dense reference next to it for the tests.
+additions and subtractions only; :func:`hadamard_project` fuses them with the row gather. The block form
+``z = concat_k H_P(table[k] ⊙ pad(x̂, P))`` (:func:`block_project`) serves the whole-copy tiling and the
+frames of :mod:`fyc_convert.frames`. Every fast function has a dense reference next to it for the tests.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "block_project",
     "coherence",
     "embed_fold",
     "embedding_matrix",
-    "hadamard_project",
     "fwht",
     "fwht_reference",
+    "hadamard_project",
     "is_pow2",
     "next_pow2",
     "sylvester",
+    "whole_copy_table",
 ]
 
 
@@ -243,13 +249,16 @@ def embed_fold(x: Tensor, signs: Tensor, *, n: int, m: int) -> Tensor:
     return _EmbedFold.apply(x, signs.to(x.dtype), n, m)
 
 
-def _copy_table(signs: Tensor, in_features: int, n: int) -> Tensor:
-    """(k, N) table ``E = H_k · S`` for a tile of k = n/N whole copies, S = [1; signs] (k, N).
+def whole_copy_table(signs: Tensor, in_features: int, *, n: int, m: int) -> Tensor | None:
+    """The (k, N) table ``E = H_k · S`` when the embedding is k whole copies of x (n == m, N | n), else None.
 
-    ``H_n x̃ = (I_k ⊗ H_N)(E ⊙ x)`` (rows of the (k, N) view), so the stages over the k copies never run:
-    the embedding multiplies x by the integers E (|E| <= k) instead of by the ±1 signs — the same number
-    of multiplications, log2(k) fewer add/sub stages.
+    S = [1; signs] (k, N). ``H_n x̃ = concat_t H_N(E[t] ⊙ x)`` (H_n = H_k ⊗ H_N), so the stages over the
+    k copies never run: the embedding multiplies x by the integers E (|E| <= k) instead of by the ±1 signs
+    — the same number of multiplications, log2(k) fewer add/sub stages. This is :func:`block_project`'s
+    table for such heads (P = N).
     """
+    if n != m or n % in_features != 0:
+        return None
     k = n // in_features
     s = torch.cat([torch.ones(1, in_features, dtype=signs.dtype, device=signs.device), signs.view(k - 1, in_features)])
     return _fwht_2d(s.T.contiguous()).T.contiguous()  # (k, N): transform over the copy index
@@ -265,13 +274,29 @@ def _as_slice(rows: Tensor) -> slice | None:
     return slice(lo, lo + rows.numel())
 
 
+def _gather_into(res: Tensor, rows: Tensor, span: slice | None, out: Tensor) -> None:
+    """out (b, C) <- res (b, n)[:, rows]."""
+    if span is not None:
+        out.copy_(res[:, span])
+    else:
+        torch.index_select(res, 1, rows, out=out)
+
+
+def _scatter_into(grad: Tensor, rows: Tensor, span: slice | None, q: Tensor) -> None:
+    """q (b, n) <- zeros with grad (b, C) at the columns ``rows`` (the adjoint of the gather)."""
+    q.zero_()
+    if span is not None:
+        q[:, span] = grad
+    else:
+        q.index_copy_(1, rows, grad)
+
+
 class _Project(torch.autograd.Function):
     """``(H_m · F · x)[rows]`` as one autograd node, block by block so each block stays in cache.
 
     Forward per block: embed into a work buffer, fold, the add/sub stages, gather the C rows; the (B, m)
-    transform is never materialized. When the tile is k whole copies of x (n == m, N | n), the copy-axis
-    stages are folded into the embedding by :func:`_copy_table`. Backward: scatter the C gradients into m
-    zeros, the same stages (H is symmetric), then the adjoint of the embedding.
+    transform is never materialized. Backward: scatter the C gradients into m zeros, the same stages
+    (H is symmetric), then the adjoint of the embedding. Whole copies go through :class:`_BlockProject`.
     """
 
     @staticmethod
@@ -286,18 +311,12 @@ class _Project(torch.autograd.Function):
         pong = torch.empty_like(ping)
         emb = torch.empty((block, n), dtype=x.dtype, device=x.device) if big_n < n and n > m else None
         span = _as_slice(rows)
-        table = _copy_table(signs, big_n, n) if big_n < n == m and n % big_n == 0 else None
-        ctx.table = table
         for r0 in range(0, total, block):
             xb = flat[r0 : r0 + block]
             b = xb.shape[0]
             p, q = ping[:b], pong[:b]
-            top = None
             if n == m == big_n:
                 y = xb
-            elif table is not None:  # whole copies: E ⊙ x, the copy-axis stages are done
-                torch.mul(xb.unsqueeze(1), table, out=q.view(b, n // big_n, big_n))
-                y, top = q, big_n
             elif n == m:
                 _embed_into(xb, signs, q)  # (b, m)
                 y = q
@@ -308,11 +327,8 @@ class _Project(torch.autograd.Function):
                     src = emb[:b]
                 torch.sum(src.view(b, n // m, m), dim=1, out=q)
                 y = q
-            res = y if m == 1 else _stages(y, p, q, top=top)  # (b, m) = H_m F x
-            if span is not None:
-                out[r0 : r0 + block] = res[:, span]
-            else:
-                torch.index_select(res, 1, rows, out=out[r0 : r0 + block])
+            res = y if m == 1 else _stages(y, p, q)  # (b, m) = H_m F x
+            _gather_into(res, rows, span, out[r0 : r0 + block])
         return out.view(*x.shape[:-1], rows.numel())
 
     @staticmethod
@@ -329,19 +345,89 @@ class _Project(torch.autograd.Function):
         for r0 in range(0, total, block):
             gb = flat[r0 : r0 + block]
             p, q = ping[: gb.shape[0]], pong[: gb.shape[0]]
-            q.zero_()  # (b, m): gradient of every transform output
-            if span is not None:
-                q[:, span] = gb
-            else:
-                q.index_copy_(1, rows, gb)
-            if ctx.table is not None:  # adjoint of (I ⊗ H_N)(E ⊙ x): low stages, then Σ_copies E ⊙ .
-                res = _stages(q, p, q, top=in_features)
-                k = n // in_features
-                out[r0 : r0 + block] = (res.view(-1, k, in_features) * ctx.table).sum(dim=1)
-            else:
-                res = q if m == 1 else _stages(q, p, q)
-                out[r0 : r0 + block] = _embed_fold_adjoint_2d(res, signs, in_features, n)
+            _scatter_into(gb, rows, span, q)  # (b, m): gradient of every transform output
+            res = q if m == 1 else _stages(q, p, q)
+            out[r0 : r0 + block] = _embed_fold_adjoint_2d(res, signs, in_features, n)
         return out.view(*grad.shape[:-1], in_features), None, None, None, None
+
+
+class _BlockProject(torch.autograd.Function):
+    """``concat_k H_P(table[k] ⊙ pad(x, P))[rows]`` as one autograd node, block by block.
+
+    Forward per block of samples: one multiply of x by the (K, P) table into a (b, K, P) buffer (zeros after
+    the N features), the log2(P) add/sub stages of every P-point transform, gather the C rows. Backward:
+    scatter, the same stages (H_P symmetric), then ``Σ_k table[k] ⊙ .`` over the first N positions.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, table: Tensor, rows: Tensor) -> Tensor:  # noqa: D102
+        ctx.save_for_backward(table, rows)
+        ctx.in_features = x.shape[-1]
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        total, big_n = flat.shape
+        k, p_size = table.shape
+        n = k * p_size
+        out = torch.empty((total, rows.numel()), dtype=x.dtype, device=x.device)
+        block = _block_rows(total, n, flat)
+        ping = torch.empty((block, n), dtype=x.dtype, device=x.device)
+        pong = torch.zeros_like(ping)  # the positions >= N stay zero until the stages write them
+        span = _as_slice(rows)
+        head = table[:, :big_n]  # (K, N): only the feature positions multiply anything
+        for r0 in range(0, total, block):
+            xb = flat[r0 : r0 + block]
+            b = xb.shape[0]
+            p, q = ping[:b], pong[:b]
+            q3 = q.view(b, k, p_size)
+            torch.mul(xb.unsqueeze(1), head, out=q3[:, :, :big_n])  # (b, K, N) = table ⊙ x
+            if big_n < p_size and r0 > 0:
+                q3[:, :, big_n:].zero_()  # the last block's stages wrote there
+            res = q if p_size == 1 else _stages(q, p, q, top=p_size)  # (b, K·P) = K transforms
+            _gather_into(res, rows, span, out[r0 : r0 + block])
+        return out.view(*x.shape[:-1], rows.numel())
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        table, rows = ctx.saved_tensors
+        k, p_size = table.shape
+        flat = grad.reshape(-1, grad.shape[-1])
+        total = flat.shape[0]
+        in_features = ctx.in_features
+        out = torch.empty((total, in_features), dtype=grad.dtype, device=grad.device)
+        block = _block_rows(total, k * p_size, flat)
+        ping = torch.empty((block, k * p_size), dtype=grad.dtype, device=grad.device)
+        pong = torch.empty_like(ping)
+        span = _as_slice(rows)
+        head = table[:, :in_features]
+        for r0 in range(0, total, block):
+            gb = flat[r0 : r0 + block]
+            b = gb.shape[0]
+            p, q = ping[:b], pong[:b]
+            _scatter_into(gb, rows, span, q)
+            res = q if p_size == 1 else _stages(q, p, q, top=p_size)  # (b, K·P)
+            torch.sum(res.view(b, k, p_size)[:, :, :in_features] * head, dim=1, out=out[r0 : r0 + block])
+        return out.view(*grad.shape[:-1], in_features), None, None
+
+
+def block_project(x: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """``concat_k H_P(table[k] ⊙ pad(x, P))[rows]``: K P-point transforms of x times a sign table, gathered.
+
+    The class vectors are ``(table[k] ⊙ h_r)[:N]`` for row ``k·P + r`` (h_r the Sylvester row): a frame
+    of :mod:`fyc_convert.frames`, or the whole-copy tiling's ``H_T · S`` (see :func:`hadamard_project`).
+    ``pad`` appends P - N zeros. Dense equivalent: ``x @ V.T`` with ``V = (table[:, None, :] *
+    sylvester(P)[None]).reshape(K·P, P)[rows, :N]``. Differentiable with respect to x.
+
+    Args:
+        x: (..., N) tensor.
+        table: (K, P) tensor, P a power of two >= N (cast to x's dtype).
+        rows: (C,) int64 indices into the K·P outputs, on x's device.
+
+    Returns:
+        (..., C) tensor.
+    """
+    if table.dim() != 2 or not is_pow2(table.shape[1]) or table.shape[1] < x.shape[-1]:
+        raise ValueError(f"block_project: need a (K, P) table with P a power of two >= N={x.shape[-1]}, "
+                         f"got {tuple(table.shape)}")
+    return _BlockProject.apply(x, table.to(x.dtype), rows)
 
 
 def hadamard_project(x: Tensor, signs: Tensor, rows: Tensor, *, n: int, m: int) -> Tensor:
@@ -349,7 +435,9 @@ def hadamard_project(x: Tensor, signs: Tensor, rows: Tensor, *, n: int, m: int) 
 
     Equals ``fwht(embed_fold(x, signs, n=n, m=m))[..., rows]`` (and ``x @ V.T`` with
     ``V = sylvester(m)[rows] @ embedding_matrix(N, signs, n=n, m=m)``) but works block by block without
-    materializing the (..., m) transform. Differentiable with respect to x.
+    materializing the (..., m) transform. When the embedding is k whole copies of x (n == m, N | n), it runs
+    as :func:`block_project` with the table ``H_k · S``: the stages over the copy index are folded into the
+    one multiply. Differentiable with respect to x.
 
     Args:
         x: (..., N) tensor.
@@ -362,6 +450,9 @@ def hadamard_project(x: Tensor, signs: Tensor, rows: Tensor, *, n: int, m: int) 
         (..., C) tensor.
     """
     _check_embed(x.shape[-1], signs, n, m)
+    table = whole_copy_table(signs.to(x.dtype), x.shape[-1], n=n, m=m) if x.shape[-1] < n else None
+    if table is not None:
+        return block_project(x, table, rows)
     return _Project.apply(x, signs.to(x.dtype), rows, n, m)
 
 
@@ -377,19 +468,27 @@ def embedding_matrix(in_features: int, signs: Tensor, *, n: int, m: int) -> Tens
     return f.view(m, in_features)
 
 
-def coherence(vectors: Tensor, *, chunk: int = 1024) -> float:
-    """Max |cos| between distinct rows of ``vectors`` (C, N), computed in row chunks.
+def coherence(vectors: Tensor, *, chunk: int = 1024, dots: Callable[[Tensor], Tensor] | None = None) -> float:
+    """Max |cos| between distinct rows of ``vectors`` (C, N), computed in row chunks (float64).
 
     Zero rows count as cos 0 with everything. Returns 0.0 for fewer than two rows.
+
+    Args:
+        vectors: (C, N) rows.
+        chunk: rows per block of the (chunk, C) cosine matrix.
+        dots: optional fast product: ``dots(u)`` for (chunk, N) rows u returns the (chunk, C) dot products
+            ``u @ vectors.T`` (e.g. the head's transform); default the dense matmul.
     """
     c = vectors.shape[0]
     if c < 2:
         return 0.0
     v = vectors.to(torch.float64)
-    v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    norms = v.norm(dim=1).clamp_min(1e-300)  # (C,)
+    v = v / norms.unsqueeze(1)
     worst = 0.0
     for start in range(0, c, chunk):
-        g = (v[start : start + chunk] @ v.T).abs_()  # (chunk, C)
+        block = v[start : start + chunk]
+        g = (block @ v.T if dots is None else dots(block) / norms).abs_()  # (chunk, C)
         idx = torch.arange(g.shape[0], device=g.device)
         g[idx, idx + start] = 0.0
         worst = max(worst, float(g.max()))

@@ -1,41 +1,92 @@
 """Fixed classifier heads (Hoffer et al., "Fix your classifier", ICLR 2018, sections 2.2-2.3).
 
 ``HadamardHead`` computes ``logits = α · V · x̂ + b`` with ``V = H_m[rows] · F`` applied by embed/fold and the
-add/sub fast Walsh–Hadamard transform (see docs/design.md for the exact math); no C×N matrix is ever stored.
-``OrthogonalHead`` is the paper's fixed random orthonormal projection, rebuilt from a stored seed.
-``cosine_loss`` is the paper's cosine-angle loss.
+add/sub fast Walsh–Hadamard transform, or, for the "kerdock" frame, ``V = rows of d_k ⊙ h_r`` applied as
+K P-point transforms of x times a sign table (see docs/design.md for the exact math); no C×N matrix is ever
+stored. ``OrthogonalHead`` is the paper's fixed random orthonormal projection, rebuilt from a stored seed.
+``cosine_loss`` is the paper's cosine-angle loss. Which row serves which class: :mod:`fyc_convert.assign`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from fyc_convert import assign
+from fyc_convert.assign import Scorer, calibrated_agreement, match, scorer
 from fyc_convert.errors import HeadError
-from fyc_convert.hadamard import coherence as _coherence
-from fyc_convert.hadamard import embed_fold, fwht, hadamard_project, is_pow2, next_pow2
+from fyc_convert.frames import frame_table, frame_tiles
+from fyc_convert.hadamard import block_project, coherence, hadamard_project, is_pow2, next_pow2, whole_copy_table
 
 __all__ = ["HadamardHead", "OrthogonalHead", "cosine_loss"]
 
-Embedding = Literal["tile", "pad"]
+Embedding = Literal["tile", "pad", "kerdock"]
+EMBEDDINGS = ("tile", "pad", "kerdock")
 
 _MAX_DOUBLINGS = 4  # default sizing may grow m up to 16x its first choice before giving up
 _DEFAULT_LOGIT_RANGE = 10.0  # initial α·‖V_c‖: logits start as 10·cos(V_c, x)
 _EXACT_COHERENCE_MAX_C = 8192
-_LSA_MAX_CELLS = 4_000_000  # C × candidates above this: greedy assignment instead of the Hungarian method
 _CHUNK = 512
-_SCORE_SAMPLES = 4096  # features used to score rows in from_linear (a seeded subsample)
 _WIDEN_MARGIN = 0.01  # from_linear doubles m only when calibrated agreement improves by more than this
+_TILE_MARGIN = 0.01  # ... and uses more frame tiles only when calibrated agreement improves by more than this
+_POOL_CANDIDATES = 1 << 16  # from_linear scores at most about this many frame vectors (whole tiles)
 
 
 # ----------------------------------------------------------------------------------------------- layout
+@dataclass(frozen=True)
+class _Transform:
+    """The fixed linear map x ↦ z of a Hadamard head, before the row gather (docs/design.md).
+
+    tile/pad: ``z = H_m · F · x`` (m outputs); kerdock: ``z = concat_k H_P(table[k] ⊙ pad(x, P))`` with the
+    (K, P) table stored row-major in ``signs`` (K·P outputs).
+    """
+
+    in_features: int
+    embedding: str
+    signs: Tensor  # tile/pad: (n - N,) embedding signs; kerdock: (K·P,) the frame tiles' sign table
+    embed_size: int  # n; kerdock: K·P
+    hadamard_size: int  # m; kerdock: P
+
+    @property
+    def outputs(self) -> int:
+        """Length of z: the number of rows to choose from."""
+        return self.embed_size if self.embedding == "kerdock" else self.hadamard_size
+
+    def table(self) -> Tensor | None:
+        """(K, P) table of the block form ``z = concat_k H_P(table[k] ⊙ pad(x, P))``, when the head has one."""
+        if self.embedding == "kerdock":
+            return self.signs.view(-1, self.hadamard_size)
+        if self.embedding == "tile":
+            return whole_copy_table(self.signs, self.in_features, n=self.embed_size, m=self.hadamard_size)
+        return None
+
+    def project(self, x: Tensor, rows: Tensor) -> Tensor:
+        """(..., N) -> (..., len(rows)): ``z[rows]``, x cast to the signs' dtype."""
+        signs = self.signs.to(x.dtype)
+        if self.embedding == "kerdock":
+            return block_project(x, signs.view(-1, self.hadamard_size), rows)
+        return hadamard_project(x, signs, rows, n=self.embed_size, m=self.hadamard_size)
+
+    def double(self) -> _Transform:
+        """The same transform with float64 signs (exact integer class vectors for norms and cosines)."""
+        return replace(self, signs=self.signs.double())
+
+    def all_ones_rows(self) -> list[int]:
+        """Outputs whose class vector is the all-ones vector (never given to a class: ReLU features all
+        project positively on it)."""
+        if self.embedding != "kerdock":
+            return [0]
+        table = self.signs.view(-1, self.hadamard_size)[:, : self.in_features]
+        return [k * self.hadamard_size for k in torch.nonzero(table.eq(1).all(dim=1)).flatten().tolist()]
+
+
 def _make_signs(n_extra: int, embedding: Embedding, seed: int) -> Tensor:
     """The (n - N,) sign buffer (float64, CPU): zeros for "pad"; for "tile" a seeded bent sequence.
 
@@ -43,8 +94,8 @@ def _make_signs(n_extra: int, embedding: Embedding, seed: int) -> Tensor:
     of j = (y, x) (x the low k//2 bits): ``f = <x, π(y) mod 2^(k//2)> XOR g(y)`` with a random permutation
     π and random bits g from a private generator seeded with ``seed``, truncated to n - N entries. Such f
     is bent (k even) or near-bent (k odd): its Walsh spectrum is flat, which is what keeps the cross
-    terms of the class-vector Gram matrix small (max |cos| 0.067 vs 0.14 for iid signs at N=512, C=1000;
-    0.032 vs 0.067 at N=1664, C=1000).
+    terms of the class-vector Gram matrix small (about half the max |cos| of iid signs; measured: see
+    README "How the head works").
     """
     if embedding == "pad" or n_extra == 0:
         return torch.zeros(n_extra, dtype=torch.float64)
@@ -67,23 +118,35 @@ def _embed_size(in_features: int, m: int) -> int:
     return m * -(-in_features // m)
 
 
-def _candidate_rows(in_features: int, signs: Tensor, *, n: int, m: int) -> Tensor:
-    """Rows 1..m-1 whose class vectors are nonzero and pairwise distinct (first row of each duplicate group).
+def _tile_transform(in_features: int, m: int, embedding: Embedding, seed: int) -> _Transform:
+    n = _embed_size(in_features, m)
+    return _Transform(in_features, embedding, _make_signs(n - in_features, embedding, seed), n, m)
+
+
+def _frame_transform(in_features: int, size: int, tiles: Sequence[int]) -> _Transform:
+    table = frame_table(size, tiles)  # (K, P) float64
+    return _Transform(in_features, "kerdock", table.flatten(), table.numel(), size)
+
+
+def _candidate_rows(tr: _Transform) -> Tensor:
+    """Outputs whose class vectors are nonzero, pairwise distinct and not all ones (first of each duplicate group).
 
     Uses exact integer fingerprints ``V @ R`` (R: 4 fixed random integer columns), computed with one
-    embed/fold + fwht: distinct fingerprints prove distinct vectors, a nonzero fingerprint proves a nonzero
-    vector; a (vanishingly rare) collision only drops a candidate, never admits a bad one.
+    transform: distinct fingerprints prove distinct vectors, a nonzero fingerprint proves a nonzero vector;
+    a (vanishingly rare) collision only drops a candidate, never admits a bad one.
     """
     g = torch.Generator().manual_seed(0x5EED)
-    r = torch.randint(-1024, 1025, (4, in_features), generator=g).to(torch.float64)
-    prints = fwht(embed_fold(r, signs, n=n, m=m))[:, 1:]  # (4, m-1) = (V[1:] @ R).T, exact integers
-    nonzero = prints.ne(0).any(dim=0)
+    r = torch.randint(-1024, 1025, (4, tr.in_features), generator=g).to(torch.float64)
+    out = tr.outputs
+    prints = tr.project(r, torch.arange(out))  # (4, out) = (V @ R).T, exact integers
+    keep = prints.ne(0).any(dim=0)
+    keep[tr.all_ones_rows()] = False
     _, inverse = torch.unique(prints, dim=1, return_inverse=True)
-    first = torch.full((int(inverse.max()) + 1,), m, dtype=torch.int64)
-    first.scatter_reduce_(0, inverse, torch.arange(m - 1), reduce="amin")
-    keep = torch.zeros(m - 1, dtype=torch.bool)
-    keep[first] = True
-    return torch.nonzero(keep & nonzero).flatten() + 1  # (K,) sorted ascending
+    first = torch.full((int(inverse.max()) + 1,), out, dtype=torch.int64)
+    first.scatter_reduce_(0, inverse, torch.arange(out), reduce="amin")
+    unique = torch.zeros(out, dtype=torch.bool)
+    unique[first] = True
+    return torch.nonzero(keep & unique).flatten()  # (K,) sorted ascending
 
 
 def _layout(
@@ -94,16 +157,22 @@ def _layout(
     embedding: Embedding,
     seed: int,
     fold: bool = True,
-) -> tuple[int, int, Tensor, Tensor]:
-    """Default sizing of docs/design.md. Returns (m, n, signs, candidate rows).
+) -> tuple[_Transform, Tensor]:
+    """Default sizing of docs/design.md. Returns the transform and its candidate rows.
 
     ``fold=False`` skips the fold shortcut (m = n = nextpow2(max(N, C + 1)) first): more candidate rows,
-    which is what :meth:`HadamardHead.from_linear` wants.
+    which is what :meth:`HadamardHead.from_linear` wants. "kerdock": P = nextpow2(N) and the first
+    ceil((C + 1)/P) frame tiles (more, up to twice that, while duplicates leave too few candidates).
     """
     if hadamard_size is not None:
         if not is_pow2(hadamard_size) or hadamard_size < 2:
             raise HeadError(f"hadamard_size must be a power of two >= 2, got {hadamard_size}")
+        if embedding == "kerdock" and hadamard_size < in_features:
+            raise HeadError(f"the kerdock frame needs hadamard_size >= in_features={in_features}, got "
+                            f"{hadamard_size}")
         sizes = [hadamard_size]
+    elif embedding == "kerdock":
+        sizes = [next_pow2(max(in_features, 2)) << k for k in range(_MAX_DOUBLINGS + 1)]
     else:
         m0 = next_pow2(num_classes + 1)  # row 0 is never used by default
         use_fold = fold and in_features % m0 == 0
@@ -111,18 +180,50 @@ def _layout(
         sizes = [first << k for k in range(_MAX_DOUBLINGS + 1)]
     best = 0
     for m in sizes:
-        n = _embed_size(in_features, m)
-        signs = _make_signs(n - in_features, embedding, seed)
-        cand = _candidate_rows(in_features, signs, n=n, m=m)
-        if cand.numel() >= num_classes:
-            return m, n, signs, cand
-        best = max(best, cand.numel())
-    hint = " (try embedding='tile')" if embedding == "pad" else ""
+        if embedding == "kerdock":
+            k_min = -(-(num_classes + 1) // m)
+            ks = range(k_min, min(frame_tiles(m), 2 * k_min) + 1)  # more tiles while duplicates leave too few
+            trials = (_frame_transform(in_features, m, range(k)) for k in ks)
+        else:
+            trials = [_tile_transform(in_features, m, embedding, seed)]
+        for tr in trials:
+            cand = _candidate_rows(tr)
+            if cand.numel() >= num_classes:
+                return tr, cand
+            best = max(best, cand.numel())
+    hint = " (try embedding='tile')" if embedding != "tile" else ""
     raise HeadError(
         f"cannot give {num_classes} classes distinct nonzero Hadamard class vectors with in_features="
         f"{in_features} (at most {best} found up to hadamard_size={sizes[-1]}){hint}; use more features, "
         "fewer classes, or pass rows= explicitly"
     )
+
+
+def frame_is_better(in_features: int, num_classes: int) -> bool:
+    """Whether the "kerdock" frame is the better default for N features and C classes (docs/design.md).
+
+    True when there are more classes than features (C > N), the frame has enough vectors (C < T·P for
+    P = nextpow2(N), T its tiles), and the zero padding costs at most the frame's own coherence: N a power
+    of two, or P - N <= √P (the within-tile cosines of the padded frame are at most (P - N)/N).
+    """
+    size = next_pow2(in_features)
+    if num_classes <= in_features or num_classes >= frame_tiles(size) * size:
+        return False
+    return (size - in_features) ** 2 <= size
+
+
+def default_embedding(in_features: int, num_classes: int) -> Embedding:
+    """The embedding HadamardHead uses when none is given: "kerdock" where `frame_is_better`, else "tile"."""
+    return "kerdock" if frame_is_better(in_features, num_classes) else "tile"
+
+
+def _resolve_embedding(embedding: Embedding | None, in_features: int, num_classes: int) -> Embedding:
+    """The embedding to use: the given one (checked), or the default for these sizes (docs/design.md)."""
+    if embedding is None:
+        return default_embedding(in_features, num_classes)
+    if embedding not in EMBEDDINGS:
+        raise HeadError(f"embedding must be one of {', '.join(map(repr, EMBEDDINGS))}, got {embedding!r}")
+    return embedding
 
 
 def _normalize(x: Tensor, eps: float) -> Tensor:
@@ -132,33 +233,22 @@ def _normalize(x: Tensor, eps: float) -> Tensor:
     return x / (norm + eps).to(x.dtype)
 
 
-def _norms_sq(in_features: int, signs: Tensor, rows: Tensor, *, n: int, m: int) -> Tensor:
+def _norms_sq(tr: _Transform, rows: Tensor) -> Tensor:
     """(len(rows),) float64 ‖V_r‖², from the transformed identity in chunks of features."""
     acc = torch.zeros(rows.numel(), dtype=torch.float64, device=rows.device)
-    for s in range(0, in_features, _CHUNK):
-        c = min(_CHUNK, in_features - s)
-        eye = torch.zeros(c, in_features, dtype=torch.float64, device=rows.device)
+    for s in range(0, tr.in_features, _CHUNK):
+        c = min(_CHUNK, tr.in_features - s)
+        eye = torch.zeros(c, tr.in_features, dtype=torch.float64, device=rows.device)
         eye[torch.arange(c), torch.arange(s, s + c)] = 1.0  # rows s..s+c of the identity
-        acc += hadamard_project(eye, signs, rows, n=n, m=m).square().sum(dim=0)  # (c, len(rows)) = V.T chunk
+        acc += tr.project(eye, rows).square().sum(dim=0)  # (c, len(rows)) = V.T chunk
     return acc
 
 
-def _rows_coherence(in_features: int, signs: Tensor, rows: Tensor, *, n: int, m: int) -> float:
-    """Exact max |cos| among the class vectors of ``rows`` (float64; cost ~ C·(N + m·log m))."""
-    if rows.numel() < 2:
-        return 0.0
-    eye = torch.eye(in_features, dtype=torch.float64, device=rows.device)
-    v = hadamard_project(eye, signs, rows, n=n, m=m).T  # (C, N) class vectors
-    norms = v.norm(dim=1).clamp_min(1e-300)  # (C,)
-    v = v / norms.unsqueeze(1)
-    worst = 0.0
-    for s in range(0, v.shape[0], _CHUNK):
-        # (chunk, C) cosines via the fast transform: V · v̂_c / ‖V_r‖
-        g = hadamard_project(v[s : s + _CHUNK], signs, rows, n=n, m=m).abs_() / norms
-        idx = torch.arange(g.shape[0], device=g.device)
-        g[idx, idx + s] = 0.0
-        worst = max(worst, float(g.max()))
-    return worst
+def _rows_coherence(tr: _Transform, rows: Tensor) -> float:
+    """Exact max |cos| among the class vectors of ``rows`` (float64; cost ~ C·(N + outputs·log P))."""
+    eye = torch.eye(tr.in_features, dtype=torch.float64, device=rows.device)
+    v = tr.project(eye, rows).T  # (C, N) class vectors
+    return coherence(v, chunk=_CHUNK, dots=lambda u: tr.project(u, rows))  # cosines via the fast transform
 
 
 def _fit_scale_bias(
@@ -177,69 +267,30 @@ def _fit_scale_bias(
     return alpha, b
 
 
-def _calibrated_agreement(head: nn.Module, x: Tensor, target: Tensor, *, iters: int = 30) -> float:
-    """Top-1 agreement with `target` after fitting α and b by softmax cross-entropy (as calibration will)."""
-    with torch.no_grad():
-        raw = head.raw(x.to(head.scale.dtype)).double()  # (S, C)
-    alpha = torch.tensor(float(head.scale.detach()), dtype=torch.float64,
-                         requires_grad=isinstance(head.scale, nn.Parameter))  # fixed_scale: a buffer
-    b = (head.bias.detach().double().clone() if head.bias is not None else torch.zeros(raw.shape[1],
-                                                                                      dtype=torch.float64))
-    b.requires_grad_(head.bias is not None)
-    params = [p for p in (alpha, b) if p.requires_grad]
-    opt = torch.optim.LBFGS(params, max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(alpha * raw + b, target)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return float(((alpha * raw + b).argmax(dim=1) == target).double().mean())
+def _assign_rows(sc: Scorer, tr: _Transform, cand: Tensor, num_classes: int) -> Tensor:
+    """(C,) rows of ``tr``: the candidates matched to the classes by ``sc`` (see fyc_convert.assign)."""
+    project = tr.project
+    return cand[match(sc.block(project, cand, sc.norms(project, cand)), num_classes, cand.numel())]
 
 
-def _assign(score_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int) -> Tensor:
-    """Give each class a distinct candidate, maximising the summed score. Returns (C,) candidate indices.
-
-    ``score_fn(idx)`` gives the (len(idx), K) float64 score block for the classes ``idx``. Exact Hungarian
-    method when C·K is small enough; otherwise greedy over per-class top-k lists (best pairs first),
-    repeated for the classes left over with the taken candidates masked out.
-    """
-    classes = torch.arange(num_classes)
-    if num_classes * num_cand <= _LSA_MAX_CELLS:
-        cos = torch.cat([score_fn(classes[s : s + _CHUNK]) for s in range(0, num_classes, _CHUNK)])
-        cls, cand = linear_sum_assignment(cos.numpy(), maximize=True)
-        out = np.empty(num_classes, dtype=np.int64)
-        out[cls] = cand
-        return torch.from_numpy(out)
-    out = np.full(num_classes, -1, dtype=np.int64)
-    taken = torch.zeros(num_cand, dtype=torch.bool)
-    k = min(16, num_cand)
-    while (out < 0).any():
-        todo = torch.from_numpy(np.flatnonzero(out < 0))
-        vals, cands = [], []
-        for s in range(0, todo.numel(), _CHUNK):
-            cos = score_fn(todo[s : s + _CHUNK]).masked_fill_(taken, -math.inf)  # (chunk, K)
-            v, c = cos.topk(k, dim=1)
-            vals.append(v)
-            cands.append(c)
-        v, c = torch.cat(vals).numpy(), torch.cat(cands).numpy()  # (T, k)
-        cls = np.repeat(todo.numpy(), k)
-        v, c = v.ravel(), c.ravel()
-        free = np.ones(num_cand, dtype=bool)
-        free[taken.numpy()] = False
-        for j in np.argsort(-v, kind="stable"):
-            ci, ri = cls[j], c[j]
-            if out[ci] < 0 and free[ri] and v[j] > -math.inf:
-                out[ci] = ri
-                free[ri] = False
-        taken = torch.from_numpy(~free)
-    return torch.from_numpy(out)
+def _frame_rows(sc: Scorer, in_features: int, num_classes: int, size: int, k: int, pool: list[int],
+                order: list[int]) -> tuple[list[int], Tensor]:
+    """Rows over the k most chosen pool tiles (``order``; more while their distinct vectors are too few,
+    as when N <= P/2), with unused tiles dropped: (tiles, rows)."""
+    while True:
+        tiles = sorted(pool[i] for i in order[:k])
+        tr = _frame_transform(in_features, size, tiles)
+        cand = _candidate_rows(tr)
+        if cand.numel() >= num_classes or k >= len(pool):
+            break
+        k += 1
+    rows = _assign_rows(sc, tr, cand, num_classes)
+    used = torch.unique(rows // size)  # (K',) positions of the tiles that hold a class
+    remap = torch.full((len(tiles),), -1, dtype=torch.int64)
+    remap[used] = torch.arange(used.numel())
+    return [tiles[i] for i in used.tolist()], remap[rows // size] * size + rows % size
 
 
-# ------------------------------------------------------------------------------------------ HadamardHead
 class _FixedHead(nn.Module):
     """What both fixed heads share: ``logits = scale · raw(x) + bias`` with a learned (or fixed) α and bias."""
 
@@ -271,20 +322,26 @@ class _FixedHead(nn.Module):
 
 
 class HadamardHead(_FixedHead):
-    """Fixed Hadamard classifier: ``logits = scale · (H_m · embed_fold(x̂))[rows] + bias``.
+    """Fixed Hadamard classifier: ``logits = scale · z[rows] + bias`` with z a fixed add/sub transform of x̂.
 
-    The class vectors ``V = H_m[rows] · F`` (C×N, integer) are never stored: the state is the scalar
-    ``scale``, ``bias`` (C,), ``rows`` (C,, int64) and ``signs`` (n - N,). See docs/design.md.
+    tile/pad: ``z = H_m · embed_fold(x̂)``; kerdock: ``z = concat_k H_P(table[k] ⊙ pad(x̂, P))``, whose class
+    vectors ``(table[k] ⊙ h_r)[:N]`` come from a frame of near-orthogonal ±1 vectors for C > N
+    (:mod:`fyc_convert.frames`). The class vectors V (C×N, integer) are never stored: the state is the scalar
+    ``scale``, ``bias`` (C,), ``rows`` (C,, int64) and ``signs`` (tile/pad: the n - N embedding signs;
+    kerdock: the (K, P) sign table of the frame tiles in use, flattened). See docs/design.md.
 
     Args:
         in_features: N, the feature size.
         num_classes: C.
         bias: Learn a per-class bias.
         fixed_scale: Use this constant α (a buffer) instead of learning it.
-        rows: (C,) Hadamard row per class; default: the first C candidate rows (never row 0).
-        hadamard_size: m, the transform size (power of two); default per docs/design.md.
-        embedding: "tile" (seeded ±1 copies of x, distinct near-orthogonal class vectors) or
-            "pad" (zero padding, the reference semantics).
+        rows: (C,) output of z per class; default: the first C candidate rows (never an all-ones vector).
+        hadamard_size: m, the transform size (power of two; kerdock: P >= N); default per docs/design.md.
+        embedding: "tile" (seeded ±1 copies of x, distinct near-orthogonal class vectors), "pad" (zero
+            padding, the reference semantics) or "kerdock" (the frame; coherence 1/√P for even log2 P,
+            √(2/P) for odd, when N = P); None: the default for these sizes (docs/design.md).
+        tiles: kerdock only: the frame tiles (``frames.frame_table`` indices) forming the table, in order;
+            default the first ``max(rows) // P + 1`` (or as many as the default sizing needs).
         seed: Seed of the "tile" sign pattern (private generator; the global RNG is untouched).
         eps: Added to ‖x‖₂ before dividing.
     """
@@ -298,54 +355,85 @@ class HadamardHead(_FixedHead):
         *,
         bias: bool = True,
         fixed_scale: float | None = None,
-        rows: Tensor | list[int] | None = None,
+        rows: Tensor | Sequence[int] | None = None,
         hadamard_size: int | None = None,
-        embedding: Embedding = "tile",
+        embedding: Embedding | None = None,
+        tiles: Sequence[int] | Tensor | None = None,
         seed: int = 0,
         eps: float = 1e-8,
     ):
         super().__init__()
         if in_features < 1 or num_classes < 1:
             raise HeadError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
-        if embedding not in ("tile", "pad"):
-            raise HeadError(f"embedding must be 'tile' or 'pad', got {embedding!r}")
+        embedding = _resolve_embedding(embedding, in_features, num_classes)
+        if tiles is not None and embedding != "kerdock":
+            raise HeadError(f"tiles= applies to embedding='kerdock' only, not {embedding!r}; leave it unset")
         self.in_features = in_features
         self.num_classes = num_classes
         self.embedding = embedding
         self.eps = eps
         self.seed = seed
-        if rows is None:
-            m, n, signs, cand = _layout(
-                in_features, num_classes, hadamard_size=hadamard_size, embedding=embedding, seed=seed
-            )
+        if rows is None and tiles is None:
+            tr, cand = _layout(in_features, num_classes, hadamard_size=hadamard_size, embedding=embedding, seed=seed)
             rows_t = cand[:num_classes]
         else:
-            m = hadamard_size if hadamard_size is not None else next_pow2(max(in_features, num_classes))
-            if not is_pow2(m):
-                raise HeadError(f"hadamard_size must be a power of two, got {m}")
-            n = _embed_size(in_features, m)
-            signs = _make_signs(n - in_features, embedding, seed)
-            rows_t = torch.as_tensor(rows, dtype=torch.int64).flatten()
+            tr = self._explicit_transform(rows, hadamard_size, tiles, num_classes)
+            if rows is None:
+                cand = _candidate_rows(tr)
+                if cand.numel() < num_classes:
+                    raise HeadError(f"{len(tiles)} tiles give {cand.numel()} candidate rows for {num_classes} "
+                                    "classes; pass more tiles")
+                rows_t = cand[:num_classes]
+            else:
+                rows_t = torch.as_tensor(rows, dtype=torch.int64).flatten()
             if rows_t.numel() != num_classes or len(set(rows_t.tolist())) != num_classes:
                 raise HeadError(f"rows must hold {num_classes} distinct row indices, got {rows_t.numel()} "
                                 f"({len(set(rows_t.tolist()))} distinct)")
-            if int(rows_t.min()) < 0 or int(rows_t.max()) >= m:
-                raise HeadError(f"rows must lie in [0, {m}) for hadamard_size={m}; pass a larger hadamard_size")
-        self.hadamard_size = m
-        self.embed_size = n
+            if int(rows_t.min()) < 0 or int(rows_t.max()) >= tr.outputs:
+                what = "pass a larger hadamard_size" if embedding != "kerdock" else "pass more tiles"
+                raise HeadError(f"rows must lie in [0, {tr.outputs}) for hadamard_size={tr.hadamard_size}; {what}")
+        self.hadamard_size = tr.hadamard_size
+        self.embed_size = tr.embed_size
         self.register_buffer("rows", rows_t.clone())
-        self.register_buffer("signs", signs.to(torch.get_default_dtype()))
+        self.register_buffer("signs", tr.signs.to(torch.get_default_dtype()))
         self._init_scale_bias(num_classes, init=_DEFAULT_LOGIT_RANGE / math.sqrt(self._mean_sq_norm()),
                               fixed_scale=fixed_scale, bias=bias)
         self._norm_cache: tuple[tuple[int, ...], Tensor] | None = None  # see class_vector_norms
+
+    def _explicit_transform(self, rows: Tensor | Sequence[int] | None, hadamard_size: int | None,
+                            tiles: Sequence[int] | Tensor | None, num_classes: int) -> _Transform:
+        """The transform for explicit rows (and tiles): no search, only checks."""
+        big_n = self.in_features
+        if self.embedding != "kerdock":
+            m = hadamard_size if hadamard_size is not None else next_pow2(max(big_n, num_classes))
+            if not is_pow2(m):
+                raise HeadError(f"hadamard_size must be a power of two, got {m}")
+            return _tile_transform(big_n, m, self.embedding, self.seed)
+        size = hadamard_size if hadamard_size is not None else next_pow2(big_n)
+        if not is_pow2(size) or size < big_n:
+            raise HeadError(f"the kerdock frame needs a power-of-two hadamard_size >= in_features={big_n}, got {size}")
+        if tiles is None:
+            top = int(torch.as_tensor(rows, dtype=torch.int64).max()) if len(rows) else 0
+            tiles = range(top // size + 1)
+        tiles = [int(t) for t in (tiles.tolist() if isinstance(tiles, Tensor) else tiles)]
+        total = frame_tiles(size)
+        if not tiles or len(set(tiles)) != len(tiles) or min(tiles) < 0 or max(tiles) >= total:
+            raise HeadError(f"tiles must be distinct frame tiles in [0, {total}) for hadamard_size={size}, "
+                            f"got {tiles[:8]}{'…' if len(tiles) > 8 else ''}")
+        return _frame_transform(big_n, size, tiles)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, num_classes={self.num_classes}, hadamard_size="
                 f"{self.hadamard_size}, embed_size={self.embed_size}, embedding={self.embedding!r}, "
                 f"bias={self.bias is not None}")
 
+    def _transform(self) -> _Transform:
+        return _Transform(self.in_features, self.embedding, self.signs, self.embed_size, self.hadamard_size)
+
     def _mean_sq_norm(self) -> float:
-        """Mean ‖V_r‖² over all m rows = ‖F‖_F² (Parseval), from the n embedding entries."""
+        """Mean ‖V_r‖² over all outputs: N for the frame (±1 entries); ‖F‖_F² (Parseval) for tile/pad."""
+        if self.embedding == "kerdock":
+            return float(self.in_features)
         i = torch.arange(self.embed_size)
         s = torch.cat([torch.ones(self.in_features, dtype=torch.float64), self.signs.double().cpu()])
         keys = (i % self.hadamard_size) * self.in_features + i % self.in_features
@@ -357,27 +445,35 @@ class HadamardHead(_FixedHead):
         """``V · x̂`` without scale and bias: (..., N) -> (..., C)."""
         if x.shape[-1] != self.in_features:
             raise HeadError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        xh = _normalize(x, self.eps)
-        return hadamard_project(xh, self.signs, self.rows, n=self.embed_size, m=self.hadamard_size)  # (..., C)
+        return self._transform().project(_normalize(x, self.eps), self.rows)  # (..., C)
+
+    def block_table(self) -> np.ndarray | None:
+        """The (K, P) float64 table of the block form, or None when the head has none.
+
+        When not None: the head's raw output is ``z[rows]`` with ``z = concat_k H_P(table[k] ⊙ pad(x̂, P))``
+        (length K·P; pad = zeros after the N features; H_P Sylvester in natural order), and ``rows`` lie
+        in [0, K·P). Heads that have one: "kerdock" (the frame tiles' signs, P = hadamard_size) and "tile"
+        heads of whole copies (N a power of two, n = m = T·N: ``H_T · S`` with S the (T, N) signs, P = N).
+        """
+        table = self._transform().table()
+        return None if table is None else table.detach().cpu().double().numpy().copy()
 
     def class_vector_norms(self) -> Tensor:
         """(C,) ‖V_c‖₂ in the head's dtype and device.
 
-        Computed once (cost ~ N·m·log m) and cached against the versions of ``rows`` and ``signs``, so
+        Computed once (cost ~ N·outputs·log P) and cached against the versions of ``rows`` and ``signs``, so
         loading a state_dict or editing the buffers recomputes it.
         """
         key = (self.rows.data_ptr(), self.rows._version, self.signs.data_ptr(), self.signs._version)
         if self._norm_cache is None or self._norm_cache[0] != key:
-            sq = _norms_sq(self.in_features, self.signs.double(), self.rows, n=self.embed_size,
-                           m=self.hadamard_size)
+            sq = _norms_sq(self._transform().double(), self.rows)
             self._norm_cache = (key, sq.sqrt())
         return self._norm_cache[1].to(self.signs.device, self.signs.dtype)
 
     def class_vectors(self) -> Tensor:
         """The effective (C, N) integer-valued class matrix V (inspection and tests only)."""
         eye = torch.eye(self.in_features, dtype=self.signs.dtype, device=self.signs.device)
-        vt = hadamard_project(eye, self.signs, self.rows, n=self.embed_size, m=self.hadamard_size)  # (N, C)
-        return vt.T.contiguous()
+        return self._transform().project(eye, self.rows).T.contiguous()  # (C, N)
 
     def coherence(self) -> float:
         """Max |cos| between distinct class vectors (float64).
@@ -389,8 +485,7 @@ class HadamardHead(_FixedHead):
         if rows.numel() > _EXACT_COHERENCE_MAX_C:
             g = torch.Generator().manual_seed(0)
             rows = rows[torch.randperm(rows.numel(), generator=g)[:_EXACT_COHERENCE_MAX_C].to(rows.device)]
-        return _rows_coherence(self.in_features, self.signs.double(), rows, n=self.embed_size,
-                               m=self.hadamard_size)
+        return _rows_coherence(self._transform().double(), rows)
 
     @classmethod
     def from_linear(
@@ -400,21 +495,24 @@ class HadamardHead(_FixedHead):
         features: Tensor | None = None,
         bias: bool = True,
         fixed_scale: float | None = None,
-        embedding: Embedding = "tile",
+        embedding: Embedding | None = None,
         seed: int = 0,
         hadamard_size: int | None = None,
     ) -> HadamardHead:
         """Build a head that starts as close as possible to a trained ``linear`` (class order kept).
 
-        Size: by default m = n = nextpow2(max(N, C + 1)) without the fold shortcut, so there are about
-        twice as many candidate rows as classes (on the digits CNN, N=128, C=10: 89-92% accuracy right
-        after the swap against 61% with the 16-point fold). Rows: each class c gets a distinct candidate
-        row r (never row 0) maximising the summed score (Hungarian method; greedy for very large C × m).
-        The score is the correlation over ``features`` between the trained logit ``W_c x`` and ``V_r x̂``
-        when features are given and C·m is small enough (the Hungarian range), else cos(W_c, V_r).
-        Scale and bias: with ``features``, the least-squares fit of ``α·V x̂ + b ≈ W x + b₀``; without,
-        α is the least-squares fit of ``α·V_rows ≈ W`` times sqrt(N) (features of unit RMS per entry
-        assumed) and b = b₀.
+        Size (tile/pad): by default m = n = nextpow2(max(N, C + 1)) without the fold shortcut, so there are
+        about twice as many candidate rows as classes; with features and a small head, the doubled transform
+        is kept when its calibrated agreement with the trained layer is clearly better (see README).
+        Size (kerdock): P = nextpow2(N); rows are first matched over a pool of frame tiles, then the
+        k = ceil((C + 1)/P) or 2k tiles most classes took are kept: 2k by default, k when features are given
+        and its calibrated agreement is within a point of 2k's (fewer tiles, less head compute).
+        Rows: each class c gets a distinct candidate row r (never an all-ones vector) maximising the summed
+        score (:mod:`fyc_convert.assign`: Hungarian method; greedy for very large C × candidates); the score
+        is the correlation over ``features`` between the trained logit ``W_c x`` and ``V_r x̂``, or
+        cos(W_c, V_r) without features. Scale and bias: with ``features``, the least-squares fit of
+        ``α·V x̂ + b ≈ W x + b₀``; without, α is the least-squares fit of ``α·V_rows ≈ W`` times sqrt(N)
+        (features of unit RMS per entry assumed) and b = b₀.
 
         Args:
             linear: The trained (C, N) classifier.
@@ -423,7 +521,7 @@ class HadamardHead(_FixedHead):
             fixed_scale: Keep α fixed at this value (the bias is still fitted when features are given).
             embedding: As in the constructor.
             seed: As in the constructor.
-            hadamard_size: Force the transform size m (e.g. the constructor's fold size, for speed).
+            hadamard_size: Force the transform size m (e.g. the constructor's fold size, for speed; kerdock: P).
 
         Returns:
             A HadamardHead on the linear layer's device and dtype.
@@ -431,58 +529,106 @@ class HadamardHead(_FixedHead):
         w = linear.weight.detach().to("cpu", torch.float64)  # (C, N)
         c_out, n_in = w.shape
         b0 = linear.bias.detach().to("cpu", torch.float64) if linear.bias is not None else torch.zeros(c_out)
-        m, n, signs, cand = _layout(n_in, c_out, hadamard_size=hadamard_size, embedding=embedding, seed=seed,
-                                    fold=False)
+        embedding = _resolve_embedding(embedding, n_in, c_out)
         x = None if features is None else features.detach().to("cpu", torch.float64).reshape(-1, n_in)
-        if x is not None and hadamard_size is None and c_out * 2 * m <= _LSA_MAX_CELLS:
-            # Small heads: a doubled transform offers twice the candidate rows, often a much closer start
-            # (digits CNN, N=64: 89% -> 97% after calibration). Keep it only when the softmax-calibrated
-            # agreement with the trained layer on `features` is clearly better (it costs 2x head compute).
-            kw = dict(features=features, bias=bias, fixed_scale=fixed_scale, embedding=embedding, seed=seed)
-            base = cls.from_linear(linear, hadamard_size=m, **kw)
-            wide = cls.from_linear(linear, hadamard_size=2 * m, **kw)
-            target = (x @ w.T + b0).argmax(dim=1)
-            scores = [_calibrated_agreement(h, x, target) for h in (base, wide)]
-            return wide if scores[1] > scores[0] + _WIDEN_MARGIN else base
-        if x is not None and c_out * cand.numel() <= _LSA_MAX_CELLS:
-            sample = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:_SCORE_SAMPLES]]
-            t = sample @ w.T  # (S, C) trained logits, centred and normalised per class
-            t = t - t.mean(dim=0)
-            t = t / t.norm(dim=0).clamp_min(1e-30)
-            u = hadamard_project(_normalize(sample, 1e-8), signs, cand, n=n, m=m)  # (S, K)
-            u = u - u.mean(dim=0)
-            u = u / u.norm(dim=0).clamp_min(1e-30)
-
-            def score(idx: Tensor) -> Tensor:  # (len(idx), K) correlation of W_c x with V_r x̂
-                return t[:, idx].T @ u
-
+        fit = _LinearFit(w, b0, x, scorer(w, x), bias=bias, fixed_scale=fixed_scale)
+        if embedding == "kerdock":
+            head = fit.frame_head(cls, hadamard_size=hadamard_size)
         else:
-            cand_norm = _norms_sq(n_in, signs, cand, n=n, m=m).sqrt()  # (K,)
-            w_unit = (w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)).float()  # fp32: half the traffic
-            signs32 = signs.float()
+            head = fit.tile_head(cls, embedding=embedding, seed=seed, hadamard_size=hadamard_size)
+        return head.to(linear.weight.device, linear.weight.dtype)
 
-            def score(idx: Tensor) -> Tensor:  # (len(idx), K) cos(W_c, V_r)
-                return hadamard_project(w_unit[idx], signs32, cand, n=n, m=m).double() / cand_norm
 
-        rows = cand[_assign(score, c_out, cand.numel())]
-        head = cls(n_in, c_out, bias=bias, fixed_scale=fixed_scale, rows=rows, hadamard_size=m,
-                   embedding=embedding, seed=seed).double()
-        assert head.embed_size == n and torch.equal(head.signs, signs)
+@dataclass
+class _LinearFit:
+    """What from_linear knows about the trained layer: W (C, N), b₀ (C,), features (S, N) | None, the scorer."""
+
+    w: Tensor
+    b0: Tensor
+    x: Tensor | None
+    sc: Scorer
+    bias: bool
+    fixed_scale: float | None
+
+    def fitted(self, head: HadamardHead) -> HadamardHead:
+        """Fit α and b of ``head`` (float64) to the trained layer, in place; returns it."""
         with torch.no_grad():
-            if x is not None:
-                alpha, b = _fit_scale_bias(head.raw(x), x @ w.T + b0, bias=bias, fixed_scale=fixed_scale)
+            if self.x is not None:
+                alpha, b = _fit_scale_bias(head.raw(self.x), self.x @ self.w.T + self.b0, bias=self.bias,
+                                           fixed_scale=self.fixed_scale)
             else:
+                tr, rows = head._transform(), head.rows
                 dots = torch.cat([  # (C,) W_c · V_{rows[c]}
-                    hadamard_project(w[s : s + _CHUNK], signs, rows[s : s + _CHUNK], n=n, m=m).diagonal()
-                    for s in range(0, c_out, _CHUNK)
+                    tr.project(self.w[s : s + _CHUNK], rows[s : s + _CHUNK]).diagonal()
+                    for s in range(0, rows.numel(), _CHUNK)
                 ])
-                fit = float(dots.sum() / _norms_sq(n_in, signs, rows, n=n, m=m).sum())
-                alpha = float(fixed_scale) if fixed_scale is not None else fit * math.sqrt(n_in)
-                b = b0 if bias else None
+                ls = float(dots.sum() / _norms_sq(tr, rows).sum())
+                alpha = float(self.fixed_scale) if self.fixed_scale is not None else ls * math.sqrt(head.in_features)
+                b = self.b0 if self.bias else None
             head.scale.fill_(alpha)
             if b is not None:
                 head.bias.copy_(b)
-        return head.to(linear.weight.device, linear.weight.dtype)
+        return head
+
+    def agreement(self, head: HadamardHead) -> float:
+        """Calibrated top-1 agreement of ``head`` with the trained layer on the features."""
+        assert self.x is not None
+        return calibrated_agreement(head, self.x, (self.x @ self.w.T + self.b0).argmax(dim=1))
+
+    def tile_head(self, cls: type[HadamardHead], *, embedding: Embedding, seed: int,
+                  hadamard_size: int | None) -> HadamardHead:
+        """tile/pad: rows matched at from_linear's size; for small heads with features, maybe the doubled size."""
+        c_out, n_in = self.w.shape
+        tr, cand = _layout(n_in, c_out, hadamard_size=hadamard_size, embedding=embedding, seed=seed, fold=False)
+        head = self.fitted(cls(n_in, c_out, bias=self.bias, fixed_scale=self.fixed_scale,
+                               rows=_assign_rows(self.sc, tr, cand, c_out), hadamard_size=tr.hadamard_size,
+                               embedding=embedding, seed=seed).double())
+        assert head.embed_size == tr.embed_size and torch.equal(head.signs, tr.signs)
+        m = tr.hadamard_size
+        if self.x is None or hadamard_size is not None or c_out * 2 * m > assign.LSA_MAX_CELLS:
+            return head
+        # Small heads: a doubled transform offers twice the candidate rows, often a much closer start.
+        # Keep it only when the softmax-calibrated agreement with the trained layer on the features is
+        # clearly better (it costs 2x head compute). Measured: see README "How the head works".
+        wide = self.tile_head(cls, embedding=embedding, seed=seed, hadamard_size=2 * m)
+        return wide if self.agreement(wide) > self.agreement(head) + _WIDEN_MARGIN else head
+
+    def frame_head(self, cls: type[HadamardHead], *, hadamard_size: int | None) -> HadamardHead:
+        """kerdock: match over a pool of frame tiles, keep the most chosen tiles (as few as costs nothing)."""
+        c_out, n_in = self.w.shape
+        size = hadamard_size if hadamard_size is not None else next_pow2(n_in)
+        if not is_pow2(size) or size < n_in:
+            raise HeadError(f"the kerdock frame needs a power-of-two hadamard_size >= in_features={n_in}, got {size}")
+        total = frame_tiles(size)
+        k_min = -(-(c_out + 1) // size)
+        if k_min > total:
+            raise HeadError(f"the kerdock frame of size {size} has {total * size} vectors, too few for {c_out} "
+                            f"classes; pass hadamard_size={2 * size} or embedding='tile'")
+        pool = list(range(min(total, max(2 * k_min, _POOL_CANDIDATES // size))))
+        pool_tr = _frame_transform(n_in, size, pool)
+        pool_cand = _candidate_rows(pool_tr)
+        if pool_cand.numel() < c_out:
+            raise HeadError(f"the kerdock frame of size {size} gives {pool_cand.numel()} distinct vectors on "
+                            f"{n_in} features, too few for {c_out} classes; use embedding='tile'")
+        first = _assign_rows(self.sc, pool_tr, pool_cand, c_out)  # (C,) rows over the pool
+        counts = torch.bincount(first // size, minlength=len(pool))
+        order = sorted(range(len(pool)), key=lambda i: (-int(counts[i]), i))  # most chosen tiles first
+        # At most twice the tiles the classes need (about twice the candidates, as the tile sizing): more
+        # raise the calibrated agreement but not the fine-tuned accuracy (measured: see README).
+        wide = min(2 * k_min, len(pool))
+        ks = [k_min, wide] if self.x is not None and wide > k_min else [wide]
+        heads, scores = [], []
+        for k in ks:
+            tiles, rows = _frame_rows(self.sc, n_in, c_out, size, k, pool, order)
+            head = self.fitted(cls(n_in, c_out, bias=self.bias, fixed_scale=self.fixed_scale, rows=rows,
+                                   hadamard_size=size, embedding="kerdock", tiles=tiles).double())
+            heads.append(head)
+            if self.x is not None:
+                scores.append(self.agreement(head))
+        if not scores:
+            return heads[0]
+        best = max(scores)
+        return next(h for h, s in zip(heads, scores) if s >= best - _TILE_MARGIN)
 
 
 # ---------------------------------------------------------------------------------------- OrthogonalHead
@@ -558,7 +704,7 @@ class OrthogonalHead(_FixedHead):
 
     def coherence(self) -> float:
         """Max |cos| between distinct rows of Q (exact, chunked)."""
-        return _coherence(self.weight)
+        return coherence(self.weight)
 
     @classmethod
     def from_linear(

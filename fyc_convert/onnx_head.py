@@ -141,6 +141,9 @@ class HeadSpec:
         if callable(block_table):
             got = block_table()
             table = None if got is None else np.asarray(got, dtype=np.float64).copy()
+        if table is not None and signs.shape != (n - n_feat,):
+            # A frame head ("kerdock") keeps its sign table in `signs`; the block table carries it here.
+            signs = np.zeros(n - n_feat)
         if table is None and n == m and n_feat < m and n_feat & (n_feat - 1) == 0:
             table = _np_wht(np.concatenate([np.ones(n_feat), signs]).reshape(m // n_feat, n_feat))  # (T, N)
         return cls(

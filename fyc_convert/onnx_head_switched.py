@@ -38,7 +38,7 @@ _TRANSPOSE_MIN_BITS = 12
 
 def switched_logits(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) -> gs.Variable:
     """(B, N) -> (B, C) raw outputs z[rows] (plus `bias` when given) in the batch-switched layout."""
-    if _whole_tiles(spec):
+    if _whole_tiles(spec) or _unpadded_table(spec):
         return _tiled(ops, x, spec, bias)
     if spec.table is not None:
         raise ExportError("the batch-switched head layout has no block-table path for this head; "
@@ -170,11 +170,19 @@ def _whole_tiles(spec: HeadSpec) -> bool:
     return n == m and n_feat < m and n_feat & (n_feat - 1) == 0
 
 
+def _unpadded_table(spec: HeadSpec) -> bool:
+    """Whether the head has a (K, P) block table with P = N (a frame head of N a power of two)."""
+    return spec.table is not None and spec.table.shape[1] == spec.in_features
+
+
 def _tile_table(spec: HeadSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(tiles, table): the sorted tiles kt that hold class rows, and (H_T S)[tiles] as an (N, K) array."""
+    """(tiles, table): the sorted tiles kt that hold class rows, and their sign rows as an (N, K) array:
+    (H_T S)[tiles] for whole copies, the block table's rows for a frame head."""
     n_feat, m = spec.in_features, spec.hadamard_size
-    signs = np.concatenate([np.ones(n_feat), spec.signs]).reshape(m // n_feat, n_feat)  # S, (T, N)
     tiles = np.unique(spec.rows // n_feat)
+    if _unpadded_table(spec):
+        return tiles, spec.table[tiles].T
+    signs = np.concatenate([np.ones(n_feat), spec.signs]).reshape(m // n_feat, n_feat)  # S, (T, N)
     return tiles, _np_wht(signs)[tiles].T
 
 

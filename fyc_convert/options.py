@@ -89,8 +89,15 @@ class DataOptions:
 class FinetuneConfig:
     """Options of the training loop (`finetune.finetune`); None: the loop's plain default, or the job's rule."""
 
-    epochs: int | None = option(None, "Fine-tuning epochs (0 = calibrate α and the bias only). [default: 3]",
-                                panel=_TRAIN, ge=0)
+    epochs: int | Literal["auto"] | None = option(
+        None, "Fine-tuning epochs, or auto: evaluate after each epoch and stop once within --target-drop of the "
+              "original, when it stops improving, or at --max-epochs (0 = calibrate α and the bias only). "
+              "[default: auto with a validation split, else 3]", panel=_TRAIN, ge=0, parse="int_or_auto")
+    max_epochs: int | None = option(None, "Most epochs of --epochs auto. [default: 10]", panel=_TRAIN, ge=1)
+    target_drop: float = option(0.5, "--epochs auto stops once validation accuracy is within this many points of "
+                                     "the original's.", panel=_TRAIN, ge=0.0)
+    patience: int = option(2, "--epochs auto stops after this many epochs without a better validation accuracy.",
+                           panel=_TRAIN, ge=1)
     lr: float | None = option(None, "Peak learning rate (default: 0.01 for sgd/class-lr, 1e-3 for adamw).",
                               panel=_TRAIN, gt=0.0)
     batch_size: int | None = option(None, "Samples per step and process. [default: 64]", panel=_TRAIN, ge=1)
@@ -177,10 +184,6 @@ class ConvertOptions(DataOptions, FinetuneConfig):
 
     # ------------------------------------------------------------------ values the run uses
     @property
-    def epochs_value(self) -> int:
-        return 3 if self.epochs is None else self.epochs
-
-    @property
     def tolerance(self) -> tuple[float, float]:
         """(atol, rtol) of the verification."""
         default = DEFAULT_TOLERANCE[self.dtype]
@@ -257,6 +260,8 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
     if value is None or not meta or not isinstance(meta.get("help"), str):
         return
     flag = _flag(f)
+    if meta.get("parse") == "int_or_auto" and value == "auto":
+        return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise OptionsError(f"{flag} {value!r} is not one of: {', '.join(map(str, choices))}")

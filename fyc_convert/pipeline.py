@@ -190,15 +190,25 @@ def _train(model, original, swap, bundle, opts: ConvertOptions, out_dir: Path, r
     come from the run state and calibration is skipped: the checkpoint holds the calibrated (or further
     trained) model.
     """
-    from fyc_convert.finetune import CHECKPOINT_NAME, calibrate, evaluate, finetune, resolved
+    from fyc_convert.finetune import CHECKPOINT_NAME, calibrate, default_lr, evaluate, finetune, resolved
+    from fyc_convert.recipe import Facts, choose
 
     device = opts.device
     held_out = bundle.val if bundle.val is not None else bundle.train
     where = "val" if bundle.val is not None else "train (no validation split)"
-    distill = opts.distill or not bundle.labelled
     ckpt_dir = out_dir / CHECKPOINT_DIR
-    epochs = opts.epochs_value
-    resuming = opts.resume and epochs > 0 and bool(on_main(lambda: (ckpt_dir / CHECKPOINT_NAME).is_file()))
+    # the training options left unset, chosen from what is known now (the same in an interrupted run)
+    facts = Facts(in_features=swap.in_features, num_classes=swap.num_classes,
+                  head_share=report.params.head_before / max(report.params.original, 1), labelled=bundle.labelled,
+                  train_samples=len(bundle.train), has_val=bundle.val is not None)
+    chosen, reasons = choose(opts, facts)
+    # opts is the loop's config too (ConvertOptions is a FinetuneConfig): only the job's own choices change
+    cfg = resolved(dataclasses.replace(opts, **chosen, out_dir=ckpt_dir))
+    if not bundle.labelled:
+        cfg = dataclasses.replace(cfg, distill=True)  # the original model supplies the targets
+    distill, epochs = cfg.distill, cfg.epochs
+    trains = epochs == "auto" or epochs > 0
+    resuming = opts.resume and trains and bool(on_main(lambda: (ckpt_dir / CHECKPOINT_NAME).is_file()))
     state = on_main(lambda: _read_run_state(ckpt_dir, opts)) if resuming else None
     if opts.resume and not resuming:
         report.notes.append("--resume: no training checkpoint in the output folder, so the run started over")
@@ -223,24 +233,35 @@ def _train(model, original, swap, bundle, opts: ConvertOptions, out_dir: Path, r
             acc.calibrated = accuracy(model)
         else:  # a checkpoint without run state (written by an older version): the model comes from it
             report.notes.append("--resume: the calibrated accuracy was not recorded by the interrupted run")
-    if epochs > 0:
+    if trains:
         if state is None:
             on_main(lambda: _write_run_state(ckpt_dir, opts, acc))
-        # opts is the loop's config too (ConvertOptions is a FinetuneConfig): only the job's own choices change
-        cfg = resolved(dataclasses.replace(opts, epochs=epochs, distill=distill, out_dir=ckpt_dir, resume=resuming))
-        say(f"fine-tuning {epochs} epoch(s) with {cfg.optimizer}")
-        with _model_run("fine-tuning", input_shape):
-            result = finetune(model, swap.head, bundle, cfg, teacher=original if cfg.distill else None,
-                              progress=epoch_progress)
-        if result.resumed_from_epoch:
-            done = result.resumed_from_epoch
-            report.resumed.append(f"fine-tuning epochs 1–{done} of {epochs}, from {CHECKPOINT_DIR}/{CHECKPOINT_NAME}"
-                                  + (" (training had finished)" if done >= epochs else ""))
-        for h in result.history[result.resumed_from_epoch or 0:]:
+        cfg = dataclasses.replace(cfg, resume=resuming)
+        say(f"fine-tuning: {_training_line(cfg)}")
+        for reason in reasons:
+            say(f"  chosen: {reason}")
+
+        def epoch_line(h) -> None:
             val = f", val acc {100 * h.val.accuracy:.2f}%" if h.val is not None and h.val.accuracy is not None else ""
             say(f"epoch {h.epoch}: loss {h.loss:.4f}{val}, {h.seconds:.1f} s, {h.samples_per_s:,.0f} samples/s")
+
+        with _model_run("fine-tuning", input_shape):
+            result = finetune(model, swap.head, bundle, cfg, teacher=original if cfg.distill else None,
+                              progress=epoch_progress, reference_accuracy=acc.original, on_epoch=epoch_line)
+        if result.resumed_from_epoch:
+            done = result.resumed_from_epoch
+            finished = result.stop_reason != "epochs" or done >= len(result.history)
+            report.resumed.append(f"fine-tuning epochs 1–{done}, from {CHECKPOINT_DIR}/{CHECKPOINT_NAME}"
+                                  + (" (training had finished)" if finished and done == len(result.history) else ""))
+        if result.stop_reason != "epochs":
+            say(f"stopped after {len(result.history)} epoch(s): {_STOP_WORDS[result.stop_reason]}")
         acc.finetuned = accuracy(model)
-        report.training = {"epochs": epochs, "optimizer": cfg.optimizer, "device": result.device,
+        report.training = {"epochs": len(result.history), "epochs_option": epochs,
+                           "max_epochs": cfg.max_epochs if epochs == "auto" else None,
+                           "stop_reason": result.stop_reason, "optimizer": cfg.optimizer,
+                           "lr": cfg.lr if cfg.lr is not None else default_lr(cfg.optimizer),
+                           "batch_size": cfg.batch_size, "distill": cfg.distill, "chosen": reasons,
+                           "device": result.device,
                            "world_size": result.world_size, "resumed_from_epoch": result.resumed_from_epoch,
                            "precision": result.precision, "channels_last": result.channels_last,
                            "data": bundle.summary() | {"skipped_images": result.skipped_images},
@@ -252,6 +273,20 @@ def _train(model, original, swap, bundle, opts: ConvertOptions, out_dir: Path, r
                                  workers=bundle.workers).agreement
     report.accuracy = acc
     model.cpu().eval()
+
+
+_STOP_WORDS = {"recovered": "validation accuracy within the target of the original",
+               "plateau": "validation accuracy stopped improving", "max_epochs": "the epoch budget was spent"}
+
+
+def _training_line(cfg) -> str:
+    """The training settings in one line, e.g. "adamw, lr 0.002, batch 128, distillation, epochs auto (≤ 10)"."""
+    from fyc_convert.finetune import default_lr
+
+    lr = cfg.lr if cfg.lr is not None else default_lr(cfg.optimizer)
+    epochs = f"auto (≤ {cfg.max_epochs})" if cfg.epochs == "auto" else str(cfg.epochs)
+    return (f"{cfg.optimizer}, lr {lr:g}, batch {cfg.batch_size}{', distillation' if cfg.distill else ''}, "
+            f"epochs {epochs}")
 
 
 def _run_fields(opts: ConvertOptions) -> dict[str, Any]:

@@ -101,6 +101,12 @@ def glyph_cnn(*, num_classes: int = 1200, width: int = 16, embed: int = 256, ima
     return GlyphCNN(num_classes=num_classes, width=width, embed=embed, image_size=image_size)
 
 
+def glyph_large_cnn(*, num_classes: int = 4191, width: int = 16, embed: int = 128,
+                    image_size: int = 32) -> GlyphCNN:
+    """The large glyph sample's architecture: GlyphCNN with 4,191 classes on 128 features."""
+    return GlyphCNN(num_classes=num_classes, width=width, embed=embed, image_size=image_size)
+
+
 def tabular_mlp(*, in_features: int = 30, num_classes: int = 2, hidden: Sequence[int] = (64, 64)) -> TabularMLP:
     """The tabular sample's architecture (see TabularMLP)."""
     return TabularMLP(in_features=in_features, num_classes=num_classes, hidden=hidden)

@@ -1,9 +1,9 @@
 """Rebuild the sample models' data and checkpoints, deterministically (seeded, 1 CPU thread).
 
-    python -m sample_models.build [--only digits|glyphs|tabular] [--out-dir DIR]
+    python -m sample_models.build [--only digits|glyphs|glyphs-large|tabular] [--out-dir DIR]
 
-Writes sample_models/{digits.npz, tabular.npz, digits_cnn.pt, glyph_cnn.pt, tabular_mlp.pt} and the
-generated glyph data sample_models/data/glyphs.npz. Each checkpoint is
+Writes sample_models/{digits.npz, tabular.npz, digits_cnn.pt, glyph_cnn.pt, glyph_large_cnn.pt,
+tabular_mlp.pt} and the generated glyph data sample_models/data/{glyphs.npz, glyphs_large.npz}. Each checkpoint is
 {"state_dict": ..., "meta": {...}} with plain Python types in meta, loadable with weights_only=True.
 """
 
@@ -233,7 +233,27 @@ def build_glyphs(*, out_dir: Path = HERE) -> dict:
     Returns:
         A summary as build_digits returns.
     """
-    path = glyphs.render_glyph_dataset(out_dir / "data" / "glyphs.npz")
+    return _build_glyph_model(out_dir=out_dir, large=False)
+
+
+def build_glyphs_large(*, out_dir: Path = HERE) -> dict:
+    """The large glyph sample: 4,191 characters of the upright Sans faces on 128 features (most parameters in fc).
+
+    Args:
+        out_dir: writes glyph_large_cnn.pt there and the rendered data to out_dir/data/glyphs_large.npz.
+
+    Returns:
+        A summary as build_digits returns.
+    """
+    return _build_glyph_model(out_dir=out_dir, large=True)
+
+
+def _build_glyph_model(*, out_dir: Path, large: bool) -> dict:
+    # (checkpoint name, data file, feature size, architecture builder)
+    name, data_name, embed, builder = (("glyph_large_cnn", "glyphs_large.npz", 128, archs.glyph_large_cnn) if large
+                                       else ("glyph_cnn", "glyphs.npz", 256, archs.glyph_cnn))
+    path = glyphs.render_glyph_dataset(out_dir / "data" / data_name, large=large)
+    val_face = glyphs.LARGE_VAL_FACE if large else glyphs.VAL_FACE
     with np.load(path) as npz:
         data = {k: npz[k] for k in ("x_train", "y_train", "x_val", "y_val")}
         classes = [str(c) for c in npz["classes"]]
@@ -244,19 +264,20 @@ def build_glyphs(*, out_dir: Path = HERE) -> dict:
         "std": std,
         "classes": classes,
         "dataset": (
-            f"DejaVu glyphs, {len(classes)} characters, 32x32 in [0, 1]; validation face {glyphs.VAL_FACE}; "
-            "render with `python -m sample_models.glyphs`"
+            f"DejaVu glyphs, {len(classes)} characters, 32x32 in [0, 1]; validation face {val_face}; "
+            f"render with `python -m sample_models.glyphs{' --large' if large else ''}`"
         ),
     }
     cfg = TrainConfig(epochs=8, lr=3e-3, batch_size=128, label_smoothing=0.1)
     return _fit_and_save(
-        name="glyph_cnn", builder=archs.glyph_cnn,
-        arch_kwargs={"num_classes": len(classes), "width": 16, "embed": 256, "image_size": glyphs.IMAGE_SIZE},
+        name=name, builder=builder,
+        arch_kwargs={"num_classes": len(classes), "width": 16, "embed": embed, "image_size": glyphs.IMAGE_SIZE},
         data=data, meta=meta, cfg=cfg, out_dir=out_dir,
     )
 
 
-BUILDERS = {"digits": build_digits, "glyphs": build_glyphs, "tabular": build_tabular}
+BUILDERS = {"digits": build_digits, "glyphs": build_glyphs, "glyphs-large": build_glyphs_large,
+            "tabular": build_tabular}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,7 +10,13 @@ Latin A, Greek Alpha and Cyrillic A render identically, so only one of them is a
 Train: seven faces, `train_copies` augmented renderings each. Validation: the held-out face
 DejaVuSansCondensed-Oblique, one clean rendering and `val_copies - 1` augmented ones.
 
+The large sample (`--large`): the characters mapped by all four upright Sans faces (so by at least four
+Sans faces; `glyph_large_classes.txt`, made with `select_glyph_classes(num_classes=None, ...)`), validated on the held-out
+upright face DejaVuSansCondensed, trained on the other Sans faces that map each character (three upright,
+and the four obliques for most characters).
+
     python -m sample_models.glyphs --out sample_models/data/glyphs.npz [--select]
+    python -m sample_models.glyphs --large --out sample_models/data/glyphs_large.npz [--select]
 """
 
 from __future__ import annotations
@@ -47,6 +53,20 @@ _MARGIN = 3  # glyphs larger than the canvas minus this margin are drawn smaller
 _KEEP_CATEGORIES = ("L", "N", "P", "S")  # letters, numbers, punctuation, symbols (no marks, spaces, controls)
 NUM_CLASSES = 1200  # the committed class list: select_glyph_classes(num_classes=NUM_CLASSES,
 MIN_DISTANCE = 0.06  # min_distance=MIN_DISTANCE), remade by `python -m sample_models.glyphs --select`
+
+# The large sample: every character of the four upright Sans faces that looks different from the others.
+LARGE_SELECT_FACES = (
+    "DejaVuSans.ttf",
+    "DejaVuSans-Bold.ttf",
+    "DejaVuSansCondensed.ttf",
+    "DejaVuSansCondensed-Bold.ttf",
+)
+LARGE_VAL_FACE = "DejaVuSansCondensed.ttf"
+LARGE_TRAIN_FACES = tuple(f for f in (*TRAIN_FACES, VAL_FACE) if f != LARGE_VAL_FACE)  # the other seven
+LARGE_CLASSES_FILE = Path(__file__).with_name("glyph_large_classes.txt")
+LARGE_DEFAULT_OUT = Path(__file__).with_name("data") / "glyphs_large.npz"
+LARGE_MIN_DISTANCE = 0.04  # below the 1,200-class list's 0.06: more classes, some of them close
+LARGE_TRAIN_COPIES = 2  # augmented renderings per (train face, character) of the large sample
 
 
 def font_codepoints(path: str | Path) -> set[int]:
@@ -161,7 +181,8 @@ def _augment_params(rng: np.random.Generator) -> dict:
 
 
 def render_glyphs(
-    chars: Sequence[str], faces: Sequence[str], *, copies: int, clean_first: bool, seed: int
+    chars: Sequence[str], faces: Sequence[str], *, copies: int, clean_first: bool, seed: int,
+    skip_missing: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Render every character in every face, `copies` times.
 
@@ -171,25 +192,30 @@ def render_glyphs(
         copies: renderings per (face, character).
         clean_first: make the first copy un-augmented.
         seed: seeds the augmentation; the same arguments give the same bytes.
+        skip_missing: leave out the characters a face does not map (instead of refusing them).
 
     Returns:
         x (S, 1, 32, 32) float32 in [0, 1] and y (S,) int64, ordered face, character, copy.
 
     Raises:
-        ValueError: a face lacks one of the characters (it would draw its "missing glyph" box).
+        ValueError: a face lacks one of the characters (it would draw its "missing glyph" box), unless
+            `skip_missing`.
     """
+    todo: list[list[int]] = []  # per face, the labels it renders
     for face in faces:
         mapped = font_codepoints(FONT_DIR / face)
         missing = [f"U+{ord(c):04X}" for c in chars if ord(c) not in mapped]
-        if missing:
+        if missing and not skip_missing:
             raise ValueError(f"{face} has no glyph for {', '.join(missing[:5])}; install fonts-dejavu 2.37")
+        todo.append([label for label, c in enumerate(chars) if ord(c) in mapped])
     rng = np.random.default_rng(seed)
     fonts: dict[tuple[str, int], ImageFont.FreeTypeFont] = {}
-    x = np.empty((len(faces) * len(chars) * copies, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+    x = np.empty((sum(map(len, todo)) * copies, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
     y = np.empty(len(x), dtype=np.int64)
     i = 0
-    for face in faces:
-        for label, char in enumerate(chars):
+    for face, labels in zip(faces, todo):
+        for label in labels:
+            char = chars[label]
             canvas = _draw_canvas(face, char, fonts)
             for copy in range(copies):
                 params = {"angle": 0.0, "scale": 1.0, "shift": (0.0, 0.0)}
@@ -201,24 +227,24 @@ def render_glyphs(
     return (x.astype(np.float32) / 255.0), y
 
 
-def load_glyph_classes() -> list[str]:
-    """The committed class list: one character per class, in label order."""
-    lines = CLASSES_FILE.read_text(encoding="ascii").split()
+def load_glyph_classes(path: Path = CLASSES_FILE) -> list[str]:
+    """A committed class list (default the 1,200-class one): one character per class, in label order."""
+    lines = path.read_text(encoding="ascii").split()
     return [chr(int(line, 16)) for line in lines]
 
 
 def select_glyph_classes(
-    *, num_classes: int, min_distance: float, faces: Sequence[str] = (*TRAIN_FACES, VAL_FACE)
+    *, num_classes: int | None, min_distance: float, faces: Sequence[str] = (*TRAIN_FACES, VAL_FACE)
 ) -> list[str]:
     """Choose classes that are in every face and look different from each other.
 
     Candidates are the letters, numbers, punctuation and symbols mapped by every face, in code point
     order. A candidate is kept when the RMS difference (grey levels in [0, 1], over all faces) between
     its clean renderings, area-averaged to 16x16, and those of every character kept before it is at
-    least `min_distance`. The classes are the first `num_classes` kept characters.
+    least `min_distance`. The classes are the first `num_classes` kept characters (all of them for None).
 
     Args:
-        num_classes: how many classes to return.
+        num_classes: how many classes to return; None: every kept character.
         min_distance: the smallest allowed RMS difference between two classes.
         faces: font file names in FONT_DIR.
 
@@ -245,6 +271,8 @@ def select_glyph_classes(
     for j in range(len(inked)):
         if not kept or dist[j, kept].min() >= min_distance:
             kept.append(j)
+    if num_classes is None:
+        return [inked[j] for j in kept]
     if len(kept) < num_classes:
         raise ValueError(f"only {len(kept)} distinct characters at min_distance={min_distance}; lower it")
     return [inked[j] for j in kept[:num_classes]]
@@ -254,25 +282,32 @@ def render_glyph_dataset(
     out_path: str | Path,
     *,
     classes: Sequence[str] | None = None,
-    train_copies: int = 3,
+    train_copies: int | None = None,
     val_copies: int = 2,
     seed: int = 0,
+    large: bool = False,
 ) -> Path:
     """Render the glyph data set to an .npz (x_train, y_train, x_val, y_val, classes).
 
     Args:
         out_path: where to write the .npz (its folder is created).
-        classes: characters to render; default: the committed class list.
-        train_copies: augmented renderings per (train face, character).
+        classes: characters to render; default: the committed class list (of the large sample with `large`).
+        train_copies: augmented renderings per (train face, character); default 3 (large: LARGE_TRAIN_COPIES).
         val_copies: renderings per character in the held-out face (the first one clean).
         seed: augmentation seed.
+        large: the large sample: its faces (train faces that lack a character skip it) and class list.
 
     Returns:
         The written path. Same arguments, same bytes.
     """
-    chars = list(classes) if classes is not None else load_glyph_classes()
-    x_train, y_train = render_glyphs(chars, TRAIN_FACES, copies=train_copies, clean_first=False, seed=seed)
-    x_val, y_val = render_glyphs(chars, (VAL_FACE,), copies=val_copies, clean_first=True, seed=seed + 1)
+    default_classes = LARGE_CLASSES_FILE if large else CLASSES_FILE
+    chars = list(classes) if classes is not None else load_glyph_classes(default_classes)
+    train_faces, val_face = (LARGE_TRAIN_FACES, LARGE_VAL_FACE) if large else (TRAIN_FACES, VAL_FACE)
+    if train_copies is None:
+        train_copies = LARGE_TRAIN_COPIES if large else 3
+    x_train, y_train = render_glyphs(chars, train_faces, copies=train_copies, clean_first=False, seed=seed,
+                                     skip_missing=large)
+    x_val, y_val = render_glyphs(chars, (val_face,), copies=val_copies, clean_first=True, seed=seed + 1)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp.npz")
@@ -285,14 +320,23 @@ def render_glyph_dataset(
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output .npz (default {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, help=f"output .npz (default {DEFAULT_OUT}, with --large "
+                        f"{LARGE_DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--select", action="store_true", help=f"first remake {CLASSES_FILE.name} from the fonts")
+    parser.add_argument("--large", action="store_true", help="the large sample (several thousand classes)")
+    parser.add_argument("--select", action="store_true", help=f"first remake {CLASSES_FILE.name} (with --large "
+                        f"{LARGE_CLASSES_FILE.name}) from the fonts")
     args = parser.parse_args(argv)
     if args.select:
-        chars = select_glyph_classes(num_classes=NUM_CLASSES, min_distance=MIN_DISTANCE)
-        CLASSES_FILE.write_text("".join(f"{ord(c):04X}\n" for c in chars), encoding="ascii")
-    print(render_glyph_dataset(args.out, seed=args.seed))
+        if args.large:
+            chars = select_glyph_classes(num_classes=None, min_distance=LARGE_MIN_DISTANCE,
+                                         faces=LARGE_SELECT_FACES)
+        else:
+            chars = select_glyph_classes(num_classes=NUM_CLASSES, min_distance=MIN_DISTANCE)
+        path = LARGE_CLASSES_FILE if args.large else CLASSES_FILE
+        path.write_text("".join(f"{ord(c):04X}\n" for c in chars), encoding="ascii")
+    out = args.out if args.out is not None else (LARGE_DEFAULT_OUT if args.large else DEFAULT_OUT)
+    print(render_glyph_dataset(out, seed=args.seed, large=args.large))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from fyc_convert.hadamard import (
+    block_project,
     coherence,
     embed_fold,
     embedding_matrix,
@@ -16,6 +17,7 @@ from fyc_convert.hadamard import (
     hadamard_project,
     next_pow2,
     sylvester,
+    whole_copy_table,
 )
 
 
@@ -153,6 +155,49 @@ def test_hadamard_project_many_rows_spans_cpu_blocks():
     assert torch.allclose(out.double(), ref, atol=1e-3)
 
 
+@pytest.mark.parametrize("contiguous", [False, True])
+@pytest.mark.parametrize("big_n, k, p", [(16, 3, 16), (10, 2, 16), (1, 4, 1), (256, 5, 256), (300, 3, 512), (5, 1, 8)])
+def test_block_project_matches_the_dense_block_form(big_n: int, k: int, p: int, contiguous: bool):
+    g = _gen(13)
+    table = torch.randint(-3, 4, (k, p), generator=g).double()  # any table, not only signs
+    rows = torch.arange(1, 1 + (k * p) // 2) if contiguous else torch.randperm(k * p, generator=g)[: max(1, k * p // 2)]
+    x = torch.randn(3, 2, big_n, dtype=torch.float64, generator=g, requires_grad=True)
+    out = block_project(x, table, rows)
+    dense = (table[:, None, :] * sylvester(p, dtype=torch.float64)[None]).reshape(k * p, p)[rows, :big_n]  # (C, N)
+    assert out.shape == (3, 2, rows.numel())
+    assert torch.allclose(out, x @ dense.T, rtol=0, atol=1e-10)
+    xp = torch.nn.functional.pad(x.detach(), (0, p - big_n))  # (.., P): zeros after the N features
+    z = fwht(xp.unsqueeze(-2) * table).flatten(-2)  # (.., K·P) = concat_k H_P(table[k] ⊙ pad(x))
+    assert torch.allclose(out, z[..., rows], rtol=0, atol=1e-10)
+    x1 = x[0, :1].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: block_project(t, table, rows), (x1,))
+
+
+def test_block_project_many_samples_spans_cpu_blocks_and_rejects_bad_tables():
+    table = torch.randint(0, 2, (9, 2048), generator=_gen(14)).double() * 2 - 1
+    rows = torch.randperm(9 * 2048, generator=_gen(15))[:5000]
+    x = torch.randn(70, 2000, generator=_gen(16), dtype=torch.float64)  # several CPU blocks of 512 KiB
+    dense = (table[rows // 2048] * sylvester(2048, dtype=torch.float64)[rows % 2048])[:, :2000]  # (C, N) rows only
+    assert torch.allclose(block_project(x, table, rows), x @ dense.T, rtol=0, atol=1e-9)
+    with pytest.raises(ValueError, match="power of two"):
+        block_project(x, table[:, :1000], rows)
+    with pytest.raises(ValueError, match=">= N"):
+        block_project(torch.zeros(1, 3000, dtype=torch.float64), table, rows)
+
+
+def test_whole_copy_table_is_the_block_form_of_the_tile_embedding():
+    big_n, k = 32, 4
+    signs = torch.randint(0, 2, ((k - 1) * big_n,), generator=_gen(17)).double() * 2 - 1
+    table = whole_copy_table(signs, big_n, n=k * big_n, m=k * big_n)
+    assert table.shape == (k, big_n) and torch.equal(table, table.round())
+    rows = torch.randperm(k * big_n, generator=_gen(18))[:50]
+    x = torch.randn(6, big_n, dtype=torch.float64, generator=_gen(19))
+    assert torch.allclose(block_project(x, table, rows), fwht(embed_fold(x, signs, n=k * big_n, m=k * big_n))[:, rows],
+                          rtol=0, atol=1e-10)
+    assert whole_copy_table(signs[:big_n], big_n, n=2 * big_n, m=big_n) is None  # a fold, not one transform
+    assert whole_copy_table(torch.ones(20), 44, n=64, m=64) is None  # N does not divide n
+
+
 def test_coherence_known_values():
     assert coherence(torch.eye(5)) == 0.0
     assert coherence(torch.tensor([[1.0, 0.0], [0.5, math.sqrt(3) / 2]])) == pytest.approx(0.5)
@@ -161,6 +206,8 @@ def test_coherence_known_values():
     h = sylvester(64)[1:40, :50]  # truncated Sylvester rows: the reference's defect
     assert coherence(h) == pytest.approx(float((h @ h.T / 50).fill_diagonal_(0).abs().max()))
     assert coherence(torch.randn(3000, 8, generator=_gen(11)), chunk=1000) > 0.99
+    v = torch.randn(300, 40, generator=_gen(12), dtype=torch.float64)
+    assert coherence(v, chunk=64, dots=lambda u: u @ v.T) == pytest.approx(coherence(v), abs=1e-12)  # fast path
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

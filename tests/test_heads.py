@@ -12,9 +12,11 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import fyc_convert.assign as assign_mod
 import fyc_convert.heads as heads_mod
 from fyc_convert.errors import HeadError
-from fyc_convert.hadamard import embedding_matrix, next_pow2, sylvester
+from fyc_convert.frames import frame_coherence, frame_table
+from fyc_convert.hadamard import coherence, embedding_matrix, next_pow2, sylvester
 from fyc_convert.heads import HadamardHead, OrthogonalHead, cosine_loss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,9 +43,8 @@ def _distinct_rows(v: torch.Tensor) -> bool:
 
 
 def _all_candidate_coherence(head: HadamardHead) -> float:
-    signs = head.signs.double()
-    cand = heads_mod._candidate_rows(head.in_features, signs, n=head.embed_size, m=head.hadamard_size)
-    return heads_mod._rows_coherence(head.in_features, signs, cand, n=head.embed_size, m=head.hadamard_size)
+    tr = head.double()._transform()
+    return heads_mod._rows_coherence(tr, heads_mod._candidate_rows(tr))
 
 
 # ------------------------------------------------------------------------------------- reference semantics
@@ -86,7 +87,11 @@ def test_property_default_head(big_n: int, c: int):
     assert v.shape == (c, big_n)
     assert torch.equal(v, v.round())
     m, n = head.hadamard_size, head.embed_size
-    if m <= 2048:  # independent dense check: V = H_m[rows] · F
+    assert head.embedding == heads_mod.default_embedding(big_n, c)
+    if head.embedding == "kerdock":  # independent dense check: V = (table[k] ⊙ h_r)[:N]
+        if m <= 2048:
+            assert torch.equal(v, _dense_frame_vectors(head))
+    elif m <= 2048:  # independent dense check: V = H_m[rows] · F
         f = embedding_matrix(big_n, head.signs, n=n, m=m)
         assert torch.equal(v, sylvester(m, dtype=torch.float64)[head.rows] @ f)
     assert _distinct_rows(v)
@@ -200,7 +205,7 @@ def test_bad_arguments_raise_head_error():
     with pytest.raises(HeadError):
         HadamardHead(16, 4, hadamard_size=12)
     with pytest.raises(HeadError):
-        HadamardHead(16, 40, hadamard_size=16)  # fewer than 40 usable rows in H_16
+        HadamardHead(16, 40, hadamard_size=16, embedding="tile")  # fewer than 40 usable rows in H_16
     with pytest.raises(HeadError, match="embedding='tile'"):
         HadamardHead(8, 20, embedding="pad")  # zero padding has only 8 distinct vectors
     with pytest.raises(HeadError):
@@ -239,10 +244,10 @@ def test_cosine_loss_values_and_gradient():
 # ------------------------------------------------------------------------------------------------ from_linear
 def _planted_linear(big_n: int, c: int, *, seed: int) -> tuple[nn.Linear, torch.Tensor, float]:
     """A Linear whose rows are (scaled) class vectors of a shuffled choice of candidate rows."""
-    probe = HadamardHead(big_n, c, hadamard_size=next_pow2(max(big_n, c + 1)))
-    cand = heads_mod._candidate_rows(big_n, probe.signs.double(), n=probe.embed_size, m=probe.hadamard_size)
+    probe = HadamardHead(big_n, c, hadamard_size=next_pow2(max(big_n, c + 1)), embedding="tile")
+    cand = heads_mod._candidate_rows(probe.double()._transform())
     rows = cand[torch.randperm(cand.numel(), generator=_gen(seed))[:c]]
-    planted = HadamardHead(big_n, c, rows=rows, hadamard_size=probe.hadamard_size)
+    planted = HadamardHead(big_n, c, rows=rows, hadamard_size=probe.hadamard_size, embedding="tile")
     alpha0 = 0.05
     linear = nn.Linear(big_n, c)
     with torch.no_grad():
@@ -254,12 +259,12 @@ def _planted_linear(big_n: int, c: int, *, seed: int) -> tuple[nn.Linear, torch.
 @pytest.mark.parametrize("big_n, c", [(64, 10), (100, 30), (512, 1000)])
 def test_from_linear_recovers_planted_rows_scale_and_bias(big_n: int, c: int):
     linear, rows, alpha0 = _planted_linear(big_n, c, seed=11)
-    head = HadamardHead.from_linear(linear)
+    head = HadamardHead.from_linear(linear, embedding="tile")
     assert torch.equal(head.rows, rows)  # class order kept
     assert torch.allclose(head.bias, linear.bias)
     # features of norm 3: W x + b0 = (3 alpha0) V x̂ + b0 exactly
     feats = 3 * _unit(torch.randn(500, big_n, generator=_gen(12)))
-    fitted = HadamardHead.from_linear(linear, features=feats)
+    fitted = HadamardHead.from_linear(linear, features=feats, embedding="tile")
     assert torch.equal(fitted.rows, rows)
     assert fitted.scale.item() == pytest.approx(3 * alpha0, rel=1e-4)
     assert torch.allclose(fitted.bias, linear.bias, atol=1e-4)
@@ -268,13 +273,13 @@ def test_from_linear_recovers_planted_rows_scale_and_bias(big_n: int, c: int):
 
 def test_from_linear_greedy_path_matches_hungarian_on_a_planted_problem(monkeypatch: pytest.MonkeyPatch):
     linear, rows, _ = _planted_linear(200, 120, seed=13)
-    monkeypatch.setattr(heads_mod, "_LSA_MAX_CELLS", 10)
+    monkeypatch.setattr(assign_mod, "LSA_MAX_CELLS", 10)
     head = HadamardHead.from_linear(linear)
     assert torch.equal(head.rows, rows)
 
 
 def test_from_linear_greedy_assignment_is_a_valid_matching(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(heads_mod, "_LSA_MAX_CELLS", 10)
+    monkeypatch.setattr(assign_mod, "LSA_MAX_CELLS", 10)
     linear = nn.Linear(96, 60)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(60, 96, generator=_gen(14)))
@@ -375,8 +380,10 @@ def test_orthogonal_from_linear_fits_scale_and_bias():
 
 
 def test_default_scale_gives_logits_of_order_ten():
-    head = HadamardHead(512, 1000)
-    assert head.scale.item() * math.sqrt(head.embed_size) == pytest.approx(10.0)
+    head = HadamardHead(512, 1000, embedding="tile")
+    assert head.scale.item() * math.sqrt(head.embed_size) == pytest.approx(10.0)  # mean ‖V_r‖² = n
+    frame = HadamardHead(512, 1000, embedding="kerdock")
+    assert frame.scale.item() * math.sqrt(512) == pytest.approx(10.0)  # every ‖V_r‖² = N
 
 
 def test_coherence_above_the_exact_limit_is_a_seeded_sample(monkeypatch: pytest.MonkeyPatch):
@@ -410,9 +417,224 @@ def test_from_linear_widens_the_transform_only_when_calibration_agrees_better():
     base = HadamardHead.from_linear(model.fc, features=feats, hadamard_size=64)
     wide = HadamardHead.from_linear(model.fc, features=feats, hadamard_size=128)
     target = model.fc(feats).argmax(1)
-    a_base = heads_mod._calibrated_agreement(base, feats.double(), target)
-    a_wide = heads_mod._calibrated_agreement(wide, feats.double(), target)
+    a_base = assign_mod.calibrated_agreement(base, feats.double(), target)
+    a_wide = assign_mod.calibrated_agreement(wide, feats.double(), target)
     assert a_wide > a_base + heads_mod._WIDEN_MARGIN  # measured: 0.90 vs 0.98
     assert head.hadamard_size == 128 and torch.equal(head.rows, wide.rows)
     # Without features there is nothing to compare: the base size is kept.
     assert HadamardHead.from_linear(model.fc).hadamard_size == 64
+
+
+# ------------------------------------------------------------------------------------------- kerdock frame
+def _dense_frame_vectors(head: HadamardHead) -> torch.Tensor:
+    """(C, N) class vectors from block_table() alone: (table[k] ⊙ h_r)[:N] for row k·P + r (dense)."""
+    table = torch.from_numpy(head.block_table())  # (K, P)
+    p = table.shape[1]
+    allv = (table[:, None, :] * sylvester(p, dtype=torch.float64)[None]).reshape(-1, p)  # (K·P, P)
+    return allv[head.rows, : head.in_features]
+
+
+@pytest.mark.parametrize("big_n, c", [(16, 100), (64, 1000), (256, 1200)])
+def test_kerdock_head_coherence_is_one_over_sqrt_n_and_vectors_exact(big_n: int, c: int):
+    head = HadamardHead(big_n, c, embedding="kerdock").double()
+    assert head.embedding == "kerdock" and head.hadamard_size == big_n
+    k = -(-(c + 1) // big_n)
+    assert head.embed_size == k * big_n and head.signs.shape == (k * big_n,)  # the (K, P) table, flattened
+    v = head.class_vectors()
+    assert torch.equal(v.abs(), torch.ones_like(v))  # exact ±1 integers
+    assert torch.equal(v, _dense_frame_vectors(head))
+    table = frame_table(big_n, range(k))
+    ref = (table[:, None, :] * sylvester(big_n, dtype=torch.float64)[None]).reshape(-1, big_n)[head.rows]
+    assert torch.equal(v, ref)  # the frame's own vectors, tiles 0..K-1
+    assert _distinct_rows(v) and _distinct_rows(torch.cat([v, -v]))
+    assert 0 not in head.rows.tolist()  # the all-ones vector serves no class
+    assert head.coherence() == pytest.approx(1 / math.sqrt(big_n), abs=1e-12)
+    assert coherence(v) == pytest.approx(1 / math.sqrt(big_n), abs=1e-12)
+    assert torch.allclose(head.class_vector_norms(), torch.full((c,), math.sqrt(big_n), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("big_n, c, bound", [(32, 200, math.sqrt(2 / 32)), (128, 4500, math.sqrt(2 / 128))])
+def test_kerdock_head_odd_log2_uses_the_gold_family(big_n: int, c: int, bound: float):
+    head = HadamardHead(big_n, c, embedding="kerdock").double()
+    assert head.coherence() == pytest.approx(bound, abs=1e-12)
+    assert torch.equal(head.class_vectors(), _dense_frame_vectors(head))
+
+
+def test_kerdock_head_forward_backward_match_the_dense_reference_fp64():
+    head = HadamardHead(64, 300, embedding="kerdock", tiles=[3, 0, 11, 7, 20]).double()
+    assert head.embed_size == 5 * 64
+    with torch.no_grad():
+        head.scale.fill_(0.7)
+        head.bias.copy_(torch.randn(300, generator=_gen(20), dtype=torch.float64))
+    v = _dense_frame_vectors(head)
+    x = torch.randn(3, 4, 64, generator=_gen(21), dtype=torch.float64, requires_grad=True)
+    out = head(x)
+    x2 = x.detach().clone().requires_grad_(True)
+    scale2, bias2 = head.scale.detach().clone().requires_grad_(True), head.bias.detach().clone().requires_grad_(True)
+    ref = scale2 * _unit(x2) @ v.T + bias2
+    assert torch.allclose(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn(out.shape, generator=_gen(22), dtype=torch.float64)
+    out.backward(g)
+    ref.backward(g)
+    assert torch.allclose(x.grad, x2.grad, rtol=0, atol=1e-12)
+    assert torch.allclose(head.scale.grad, scale2.grad, rtol=0, atol=1e-10)
+    assert torch.allclose(head.bias.grad, bias2.grad, rtol=0, atol=1e-12)
+    x1 = x[0, :2].detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(head, (x1,))
+
+
+def test_kerdock_head_with_padded_features_restricts_the_frame():
+    head = HadamardHead(100, 300, embedding="kerdock").double()
+    assert head.hadamard_size == 128  # P = nextpow2(N): log2 P odd, the Gold-like family
+    v = head.class_vectors()
+    assert v.shape == (300, 100) and torch.equal(v, _dense_frame_vectors(head))
+    assert _distinct_rows(v)
+    x = torch.randn(5, 100, generator=_gen(23), dtype=torch.float64)
+    assert torch.allclose(head.raw(x), _unit(x) @ v.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["kerdock", "tile-whole", "tile-one"])
+def test_block_table_gives_the_raw_output(kind: str):
+    """The exporter's contract: raw(x) = z[rows], z = concat_k H_P(table[k] ⊙ pad(x̂, P))."""
+    head = {
+        "kerdock": lambda: HadamardHead(100, 500, embedding="kerdock"),
+        "tile-whole": lambda: HadamardHead(256, 1200),  # n = m = 2048: 8 whole copies, P = N
+        "tile-one": lambda: HadamardHead(64, 10, hadamard_size=64),  # n = m = N: one copy
+    }[kind]().double()
+    with torch.no_grad():
+        head.rows.copy_(head.rows[torch.randperm(head.num_classes, generator=_gen(24))])
+    table = head.block_table()
+    assert isinstance(table, np.ndarray) and table.dtype == np.float64 and table.ndim == 2
+    k, p = table.shape
+    assert p >= head.in_features and p & (p - 1) == 0 and 0 <= int(head.rows.min()) <= int(head.rows.max()) < k * p
+    x = torch.randn(7, head.in_features, generator=_gen(25), dtype=torch.float64)
+    xp = torch.zeros(7, p, dtype=torch.float64)
+    xp[:, : head.in_features] = _unit(x)
+    z = (torch.from_numpy(table)[None] * xp[:, None, :]) @ sylvester(p, dtype=torch.float64)  # (B, K, P)
+    assert torch.allclose(head.raw(x), z.reshape(7, k * p)[:, head.rows], rtol=0, atol=1e-10)
+
+
+def test_block_table_is_none_for_fold_pad_and_partial_tiles():
+    assert HadamardHead(2048, 1000).block_table() is None  # fold: n = N > m
+    assert HadamardHead(100, 50, embedding="pad").block_table() is None
+    assert HadamardHead(100, 50).block_table() is None  # tile, N not a power of two: not whole copies
+
+
+def test_kerdock_head_rebuilds_from_the_weights_header_fields():
+    """weights.load_converted builds (N, C, rows, hadamard_size, embedding, bias, fixed_scale), then loads."""
+    head = HadamardHead(64, 300, embedding="kerdock", tiles=[3, 9, 4, 30, 1])
+    with torch.no_grad():
+        head.scale.fill_(2.5)
+        head.bias.copy_(torch.randn(300, generator=_gen(26)))
+    rebuilt = HadamardHead(64, 300, rows=head.rows, hadamard_size=head.hadamard_size, embedding=head.embedding)
+    assert rebuilt.embed_size == head.embed_size
+    rebuilt.load_state_dict(head.state_dict())
+    x = torch.randn(4, 64, generator=_gen(27))
+    assert torch.equal(rebuilt(x), head(x))
+    assert rebuilt.coherence() == pytest.approx(0.125)
+
+
+def test_kerdock_bad_arguments():
+    with pytest.raises(HeadError, match="kerdock.* only"):
+        HadamardHead(64, 100, tiles=[0, 1], embedding="tile")
+    with pytest.raises(HeadError, match="tiles must be distinct"):
+        HadamardHead(64, 100, embedding="kerdock", tiles=[0, 32])  # 32 tiles for P = 64
+    with pytest.raises(HeadError, match="hadamard_size >= in_features"):
+        HadamardHead(100, 300, embedding="kerdock", hadamard_size=64)
+    with pytest.raises(HeadError, match="more tiles"):
+        HadamardHead(64, 100, embedding="kerdock", rows=[5, 64, 200] + list(range(6, 63)) + list(range(65, 105)), tiles=[0, 1])
+    with pytest.raises(HeadError, match="embedding must be one of"):
+        HadamardHead(64, 100, embedding="kerdok")
+
+
+def _planted_frame_linear(big_n: int, c: int, tiles: list[int], *, seed: int) -> tuple[nn.Linear, torch.Tensor]:
+    planted = HadamardHead(big_n, c, embedding="kerdock", tiles=tiles).double()
+    perm = torch.randperm(planted.rows.numel(), generator=_gen(seed))
+    v = planted.class_vectors()[perm]  # (C, N): a shuffled choice of frame vectors
+    linear = nn.Linear(big_n, c).double()
+    with torch.no_grad():
+        linear.weight.copy_(0.05 * v)
+        linear.bias.copy_(torch.randn(c, generator=_gen(seed + 1), dtype=torch.float64))
+    return linear, v
+
+
+def test_kerdock_from_linear_recovers_planted_vectors_on_the_tiles_they_use():
+    linear, v = _planted_frame_linear(64, 300, [2, 9, 17, 25, 30], seed=30)
+    feats = 3 * _unit(torch.randn(800, 64, generator=_gen(31), dtype=torch.float64))
+    for features in (None, feats):
+        head = HadamardHead.from_linear(linear, features=features, embedding="kerdock")
+        assert head.embedding == "kerdock"
+        assert torch.equal(head.class_vectors(), v)  # every class got its planted vector back
+        assert head.embed_size == 5 * 64  # only the five tiles that hold them are computed
+        if features is not None:  # W x + b0 = (3 · 0.05) V x̂ + b0 exactly on these features
+            assert head.scale.item() == pytest.approx(0.15, rel=1e-6)
+            assert torch.allclose(head(feats), linear(feats), atol=1e-6)
+
+
+def test_kerdock_from_linear_keeps_the_fewest_tiles_that_calibrate_as_well(monkeypatch: pytest.MonkeyPatch):
+    linear = nn.Linear(64, 120)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(120, 64, generator=_gen(32)))
+    feats = torch.randn(600, 64, generator=_gen(33)).relu()
+    seen: dict[int, float] = {}
+    real = assign_mod.calibrated_agreement
+
+    def spy(head, x, target, **kw):
+        score = real(head, x, target, **kw)
+        seen[head.embed_size // head.hadamard_size] = score  # tiles in use -> calibrated agreement
+        return score
+
+    monkeypatch.setattr(heads_mod, "calibrated_agreement", spy)
+    head = HadamardHead.from_linear(linear, features=feats, embedding="kerdock")
+    assert sorted(seen) == [2, 4]  # ceil(121 / 64) = 2 tiles, and twice that
+    best = max(seen.values())
+    chosen = head.embed_size // head.hadamard_size
+    assert chosen == min(k for k, s in seen.items() if s >= best - heads_mod._TILE_MARGIN)
+    assert seen[chosen] >= best - heads_mod._TILE_MARGIN
+
+
+def test_kerdock_head_round_trips_through_model_safetensors(tmp_path: Path):
+    from fyc_convert.weights import load_converted, save_converted
+
+    def build() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 300))
+
+    model = build()
+    feats = model[:2](torch.randn(500, 8, generator=_gen(40)))
+    head = HadamardHead.from_linear(model[2], features=feats, embedding="kerdock")
+    model[2] = head
+    path = save_converted(model, tmp_path / "model.safetensors", layer="2", head=head)
+    loaded = load_converted(build(), path)
+    assert isinstance(loaded[2], HadamardHead) and loaded[2].embedding == "kerdock"
+    assert torch.equal(loaded[2].signs, head.signs) and torch.equal(loaded[2].rows, head.rows)
+    x = torch.randn(5, 8, generator=_gen(41))
+    assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize(
+    "big_n, c, better",
+    [(256, 1200, True), (128, 4191, True), (1000, 5000, True), (8, 50, True), (64, 10, False), (256, 256, False),
+     (192, 1000, False), (100, 300, False), (1280, 4000, False), (4, 20, False), (2, 5, False)],
+)
+def test_frame_is_the_better_default_for_many_classes_on_power_of_two_features(big_n: int, c: int, better: bool):
+    assert heads_mod.frame_is_better(big_n, c) is better
+    expected = "kerdock" if better else "tile"
+    assert heads_mod.default_embedding(big_n, c) == expected
+    head = HadamardHead(big_n, c).double()  # the default layout builds for every listed size
+    assert head.embedding == expected
+    if better and (big_n & (big_n - 1)) == 0:
+        assert head.coherence() == pytest.approx(frame_coherence(big_n), abs=1e-12)
+
+
+def test_kerdock_with_a_transform_twice_the_features_uses_more_tiles_for_distinct_vectors():
+    # N = 64 in P = 128: rows r and r ^ 64 of a tile agree on the first 64 positions, so half are duplicates
+    head = HadamardHead(64, 300, embedding="kerdock", hadamard_size=128).double()
+    assert head.embed_size >= 5 * 128 and _distinct_rows(head.class_vectors())
+    linear = nn.Linear(64, 300)
+    fitted = HadamardHead.from_linear(linear, features=torch.randn(200, 64, generator=_gen(50)), embedding="kerdock",
+                                      hadamard_size=128)
+    v = fitted.class_vectors().double()
+    assert _distinct_rows(v) and torch.equal(v, _dense_frame_vectors(fitted))
+    with pytest.raises(HeadError, match="too few"):
+        HadamardHead.from_linear(nn.Linear(4, 30), embedding="kerdock")  # 4 features: 8 frame vectors

@@ -9,11 +9,13 @@ import onnxruntime as ort
 import pytest
 import scipy.linalg
 import torch
+from torch import nn
 
 from fyc_convert import onnx_head, onnx_head_switched
 from fyc_convert.errors import ExportError
 from fyc_convert.heads import HadamardHead
 from fyc_convert.onnx_head import (
+    DENSE_OPS,
     HeadSpec,
     head_model,
     head_op_census,
@@ -109,7 +111,7 @@ def _hadamard_head(n_feat: int, c: int, variant: str) -> HadamardHead:
     """A HadamardHead with random scale/bias; `variant` = embedding + row order + bias."""
     gen = torch.Generator().manual_seed(n_feat * 7 + c)
     embedding, order, bias = variant.split("-")
-    m = HadamardHead(n_feat, c, bias=False).hadamard_size if embedding == "tile" else _next_pow2(max(n_feat, c + 1))
+    m = HadamardHead(n_feat, c, bias=False, embedding="tile").hadamard_size if embedding == "tile" else _next_pow2(max(n_feat, c + 1))
     rows = torch.arange(1, c + 1)
     if order == "shuffled":
         rows = (torch.randperm(m - 1, generator=gen)[:c] + 1)
@@ -310,7 +312,7 @@ class _BlockTableHead:
     """A stand-in for a head with `block_table()` (the class-vector frame's heads)."""
 
     def __init__(self, table: np.ndarray | None):
-        base = HadamardHead(32, 50)
+        base = HadamardHead(32, 50, embedding="tile")
         self.__dict__.update({k: getattr(base, k) for k in
                               ("in_features", "num_classes", "hadamard_size", "embed_size", "embedding", "eps",
                                "signs", "rows", "scale", "bias")})
@@ -323,7 +325,7 @@ class _BlockTableHead:
 def test_from_module_takes_the_block_table_else_the_whole_copy_table() -> None:
     own = np.random.default_rng(0).choice([-1.0, 1.0], size=(2, 32))
     assert np.array_equal(HeadSpec.from_module(_BlockTableHead(own)).table, own)
-    base = HadamardHead(32, 50)  # whole copies: N = 32, m = n = 64, T = 2
+    base = HadamardHead(32, 50, embedding="tile")  # whole copies: N = 32, m = n = 64, T = 2
     computed = HeadSpec.from_module(_BlockTableHead(None)).table
     signs = np.concatenate([np.ones(32), base.signs.double().numpy()]).reshape(2, 32)
     assert np.array_equal(computed, np.stack([signs[0] + signs[1], signs[0] - signs[1]]))  # H_2 · S
@@ -456,3 +458,21 @@ def test_static_batch_paths_match_reference(kind: str, batch: int) -> None:
     assert ("Transpose" in head_op_census(model)) == (batch > 4 or spec.hadamard_size <= 64)
     x = np.random.default_rng(batch).normal(size=(batch, spec.in_features)).astype(np.float32)
     np.testing.assert_allclose(_run(model, x), ref(spec, x), atol=1e-4, rtol=1e-5)
+
+
+# Frame ("kerdock") heads, the default for C > N: (256, 1200) the glyph sample's sizes, (128, 4191) the large
+# glyph sample's, (64, 300) a Gold-like frame (log2 P odd); from_linear keeps the tiles its classes took most.
+@pytest.mark.parametrize("layout", ["portable", "batch-switched"])
+@pytest.mark.parametrize(("n_feat", "c"), [(256, 1200), (128, 4191), (64, 300)])
+def test_frame_heads_match_in_both_layouts(n_feat: int, c: int, layout: str) -> None:
+    gen = torch.Generator().manual_seed(n_feat + c)
+    linear = nn.Linear(n_feat, c)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(c, n_feat, generator=gen))
+    head = HadamardHead.from_linear(linear)
+    assert head.embedding == "kerdock"
+    spec = HeadSpec.from_module(head)
+    assert spec.table is not None and spec.table.shape[1] == head.hadamard_size
+    model = head_model(spec, layout=layout)
+    assert not set(head_op_census(model)) & set(DENSE_OPS)
+    _assert_matches_head(model, head, (1, 3, 64, 300), seed=3)

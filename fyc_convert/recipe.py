@@ -1,0 +1,73 @@
+"""Training defaults that adapt to the head: what to do when the user gave no training flags.
+
+A fixed head replacing a small classifier (a few classes, a small share of the parameters) starts close to the
+trained one: plain SGD recovers it in an epoch or two. Replacing a many-class classifier (C > N, or most of
+the parameters) moves every class vector, and the backbone has to follow: AdamW with distillation from the
+original model does that several times faster (benchmarks/accuracy.py measures both; numbers in the README).
+Every choice is overridable by its flag; `choose` says what it chose and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fyc_convert.options import FinetuneConfig
+
+MANY_SHARE = 0.25  # a classifier holding at least this share of the parameters counts as many-class
+LARGE_DATA = 10_000  # training samples from which batches of 128 are used
+AUTO_MAX_EPOCHS = 10  # the budget of --epochs auto
+FIXED_EPOCHS = 3  # epochs without a validation split (nothing to stop on)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What is known before training starts."""
+
+    in_features: int  # N
+    num_classes: int  # C
+    head_share: float  # the classifier's parameters / the model's
+    labelled: bool  # the data has labels
+    train_samples: int
+    has_val: bool  # a validation split to evaluate on after each epoch
+
+
+def choose(config: FinetuneConfig, facts: Facts) -> tuple[dict[str, Any], list[str]]:
+    """The values for the training options left at None, and one reason per choice.
+
+    Returns:
+        ({field: value} for the fields of `config` that were None, [reason, ...]).
+    """
+    many = facts.num_classes > facts.in_features or facts.head_share >= MANY_SHARE
+    why_many = (f"{facts.num_classes} classes on {facts.in_features} features" if facts.num_classes > facts.in_features
+                else f"the classifier is {100 * facts.head_share:.0f}% of the parameters")
+    chosen: dict[str, Any] = {}
+    reasons: list[str] = []
+    if config.optimizer is None:
+        chosen["optimizer"] = "adamw" if many else "sgd"
+        reasons.append(f"optimizer {chosen['optimizer']}: " + (
+            f"{why_many}, so every class vector moves and the backbone must follow" if many else
+            "a small head close to the trained one after the swap"))
+    optimizer = config.optimizer or chosen["optimizer"]
+    if config.batch_size is None:
+        chosen["batch_size"] = 128 if facts.train_samples >= LARGE_DATA else 64
+        reasons.append(f"batch size {chosen['batch_size']}: {facts.train_samples:,} training samples")
+    if config.lr is None and optimizer in ("sgd", "adamw"):
+        batch = config.batch_size or chosen["batch_size"]
+        base, at = (2e-3, 128) if optimizer == "adamw" else (1e-2, 64)
+        chosen["lr"] = base * batch / at
+        reasons.append(f"lr {chosen['lr']:g}: {base:g} per {at} samples, linear in the batch size")
+    if config.distill is None:
+        chosen["distill"] = many or not facts.labelled
+        if not facts.labelled:
+            reasons.append("distillation on: the data has no labels")
+        elif many:
+            reasons.append(f"distillation on: {why_many}, the original's outputs guide the new head")
+    if config.epochs is None:
+        chosen["epochs"] = "auto" if facts.has_val else FIXED_EPOCHS
+        reasons.append("epochs auto: stop once within the target of the original" if facts.has_val else
+                       f"{FIXED_EPOCHS} epochs: no validation split to stop on")
+    epochs = config.epochs if config.epochs is not None else chosen["epochs"]
+    if epochs == "auto" and config.max_epochs is None:
+        chosen["max_epochs"] = AUTO_MAX_EPOCHS
+    return chosen, reasons
