@@ -84,6 +84,7 @@ class ExportedHead:
         embed_size: n of a Hadamard head (the limit of its constants is max(C, n)); None for orthogonal.
         input_name: the graph tensor holding the head's features (what verification substitutes).
         input_dtype: that tensor's element type, "float32" or "float16".
+        output_name: the graph tensor holding the head's float32 logits (B, ..., C), before any combining.
         ops: op census of its scope.
     """
 
@@ -94,6 +95,7 @@ class ExportedHead:
     embed_size: int | None
     input_name: str
     input_dtype: str
+    output_name: str
     ops: dict[str, int]
 
 
@@ -301,14 +303,16 @@ def _manifest(heads: Sequence[nn.Module], kind: str, exported: Sequence[Exported
     if not heads:
         return {"fyc_convert.head": "original"}
     entries = [_head_manifest(h, kind, e.layer) | {"scope": e.scope, "input": e.input_name,
-                                                   "input_dtype": e.input_dtype}
+                                                   "input_dtype": e.input_dtype, "output": e.output_name}
                for h, e in zip(heads, exported, strict=True)]
-    flat = {f"fyc_convert.{k}": v for k, v in entries[0].items() if k not in ("scope", "input", "input_dtype")}
+    flat = {f"fyc_convert.{k}": v for k, v in entries[0].items()
+            if k not in ("scope", "input", "input_dtype", "output")}
     return flat | {"fyc_convert.heads": json.dumps(entries, separators=(",", ":"))}
 
 
 def head_entries(proto: onnx.ModelProto) -> list[dict[str, str]]:
-    """The `fyc_convert.heads` entries of an exported model (layer, scope, input, input_dtype, sizes); [] if none."""
+    """The `fyc_convert.heads` entries of an exported model (layer, scope, input, input_dtype, output, sizes);
+    [] if none."""
     meta = {p.key: p.value for p in proto.metadata_props}
     try:
         entries = json.loads(meta.get("fyc_convert.heads", "[]"))
@@ -519,10 +523,11 @@ def _dense_head(ops: _Ops, feats: gs.Variable, head: nn.Module) -> gs.Variable:
 
 
 def _splice_head(graph: gs.Graph, marker: gs.Node, head: nn.Module, kind: str, *, scope: str, half: bool,
-                 feature_shape: tuple[int, ...], layout: HeadLayout, static_batch: int | None) -> gs.Variable:
+                 feature_shape: tuple[int, ...], layout: HeadLayout,
+                 static_batch: int | None) -> tuple[gs.Variable, gs.Variable]:
     """Replace one marker node by its head subgraph, in float32 (cast in and out around an fp16 backbone).
 
-    Returns the features variable the head reads.
+    Returns the features variable the head reads and its float32 logits variable.
     """
     feats, out = marker.inputs[0], marker.outputs[0]
     marker.inputs.clear()
@@ -553,7 +558,7 @@ def _splice_head(graph: gs.Graph, marker: gs.Node, head: nn.Module, kind: str, *
             _rewire(graph, out, logits)
     else:
         _rewire(graph, out, logits)
-    return feats
+    return feats, logits
 
 
 def _finish(graph: gs.Graph, *, opset: int, metadata: dict[str, str]) -> onnx.ModelProto:
@@ -750,12 +755,14 @@ def export_onnx(
         spliced = []
         for head, ph, scope in zip(heads, placeholders, scopes, strict=True):
             marker = markers[ph.index]
-            feats = _splice_head(graph, marker, head, kind, scope=scope, half=half,
-                                 feature_shape=_feature_shape(marker.inputs[0], ph), layout=head_layout,
-                                 static_batch=static_batch)
-            spliced.append((feats.name, "float16" if half else "float32"))
-        draft = [ExportedHead(layer, scope, kind, h.num_classes, getattr(h, "embed_size", None), name, dt, {})
-                 for layer, scope, h, (name, dt) in zip(layers, scopes, heads, spliced, strict=True)]
+            feats, logits = _splice_head(graph, marker, head, kind, scope=scope, half=half,
+                                         feature_shape=_feature_shape(marker.inputs[0], ph), layout=head_layout,
+                                         static_batch=static_batch)
+            spliced.append((feats.name, "float16" if half else "float32", logits))
+        # the logits' names are read after every splice: a later rewire can rename a graph output
+        draft = [ExportedHead(layer, scope, kind, h.num_classes, getattr(h, "embed_size", None), name, dt,
+                              logits.name, {})
+                 for layer, scope, h, (name, dt, logits) in zip(layers, scopes, heads, spliced, strict=True)]
         manifest = _manifest(heads, kind, draft)
         if kind == "hadamard":
             manifest["fyc_convert.head_layout"] = head_layout
