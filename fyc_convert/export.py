@@ -423,7 +423,32 @@ def _to_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
         del converted.graph.input[:]
         converted.graph.input.extend(kept_inputs)
         converted.graph.initializer.extend(aside.values())
+    if opset < 18:
+        _drop_noop_attribute(converted)
     return converted
+
+
+# Reductions that took `noop_with_empty_axes` only from opset 18 (ReduceSum has it from 13).
+_REDUCE_18 = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+              "ReduceProd", "ReduceSumSquare"}
+
+
+def _drop_noop_attribute(proto: onnx.ModelProto) -> None:
+    """Remove the opset-18 attribute `noop_with_empty_axes` that onnx's 18 -> 17 adapters leave on reductions.
+
+    onnx.checker refuses it below opset 18. Its value 0 is the older opsets' only behaviour (no axes: reduce
+    over all), so dropping it changes nothing; 1 has no equivalent there.
+    """
+    nodes = [*proto.graph.node, *(n for f in proto.functions for n in f.node)]
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _REDUCE_18:
+            continue
+        for attr in list(node.attribute):
+            if attr.name == "noop_with_empty_axes":
+                if attr.i:
+                    raise ExportError(f"{node.op_type} {node.name!r} needs noop_with_empty_axes=1, which opset < 18 "
+                                      "does not have; pass --opset 18")
+                node.attribute.remove(attr)
 
 
 def _check_graph(proto: onnx.ModelProto, *, dynamic: bool, static_batch: int | None) -> None:
