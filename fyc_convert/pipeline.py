@@ -331,6 +331,7 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
     runs original.onnx on the same inputs as model.onnx, so that a backbone whose export already misses the
     tolerance is reported as such and only a head that adds error of its own fails the run (exit 3).
     """
+    from fyc_convert.errors import ExportError, first_line
     from fyc_convert.export import export_onnx
     from fyc_convert.options import DEFAULT_OPSET
     from fyc_convert.verify import check_head_static, mark_failed, verify_converted
@@ -343,12 +344,29 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
     try:
         _retire_outputs(out_dir)
         say("exporting original.onnx and model.onnx")
-        orig_res = export_onnx(original, stage / "original.onnx", input_shape=input_shape, opset=opset,
-                               dtype=opts.dtype, static_batch=opts.static_batch)
         manifest = {"fyc_convert.checkpoint": Path(report.checkpoint).name}
-        conv_res = export_onnx(model, stage / "model.onnx", input_shape=input_shape, opset=opset, dtype=opts.dtype,
+
+        def export_both(opset: int):
+            orig = export_onnx(original, stage / "original.onnx", input_shape=input_shape, opset=opset,
+                               dtype=opts.dtype, static_batch=opts.static_batch)
+            conv = export_onnx(model, stage / "model.onnx", input_shape=input_shape, opset=opset, dtype=opts.dtype,
                                head_layer=swap.layers, metadata=manifest, head_layout=opts.head_layout,
                                static_batch=opts.static_batch)
+            return orig, conv
+
+        try:
+            orig_res, conv_res = export_both(opset)
+        except ExportError as err:
+            # Some backbones need ops that exist only from opset 18 (Col2Im for nn.Fold: neither exporter can
+            # write them at 17). The default opset is a preference, not the user's choice: take 18 and say so.
+            if opts.opset is not None or opset >= _FALLBACK_OPSET:
+                raise
+            line = (f"exported at opset {_FALLBACK_OPSET}: at opset {opset} (the default) {first_line(err)}; "
+                    f"pass --opset {_FALLBACK_OPSET} to choose it")
+            opset = _FALLBACK_OPSET
+            orig_res, conv_res = export_both(opset)
+            say(line)
+            report.notes.append(line)
         onnx_rep = OnnxReport(original_bytes=orig_res.bytes, converted_bytes=conv_res.bytes,
                               size_reduction_pct=100.0 * (1 - conv_res.bytes / orig_res.bytes),
                               head_ops=dict(conv_res.head_ops), original_nodes=orig_res.node_count,
@@ -405,6 +423,9 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
         _commit(stage, out_dir, [*outputs, *_with_data(stage, "model.onnx")], report, opts, t0)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+_FALLBACK_OPSET = 18  # tried when the default opset cannot express the backbone
 
 
 def _record_verdict(onnx_rep: OnnxReport, verdict) -> None:

@@ -34,3 +34,17 @@ class DriftingBackbone(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(_Drift.apply(self.stem(x) * self.scale))  # (B, C)
+
+
+class FoldBackbone(nn.Module):
+    """nn.Fold (col2im) in the backbone: ONNX has Col2Im only from opset 18, so neither exporter writes opset 17."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fold = nn.Fold((8, 8), kernel_size=2, stride=2)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        patches = self.conv(x)[:, :, ::2, ::2].flatten(2)  # (B, 16, 16): 4 channels x 2x2 kernel, 16 positions
+        return self.fc(self.fold(patches).mean((2, 3)))  # (B, 4, 8, 8) -> (B, C)

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from export_models import DriftingBackbone
+from export_models import DriftingBackbone, FoldBackbone
 from models import HEAD_LAYOUTS
 from typer.testing import CliRunner
 
@@ -109,3 +109,22 @@ def test_head_that_adds_error_fails_with_exit_3(tmp_path, monkeypatch, drift):
     assert o["head_max_abs_diff"] == pytest.approx(1e-2, rel=1e-3)
     assert (o["floor_max_abs_diff"] > 1e-3) == drift
     assert (out / "model.failed.onnx").is_file() and not (out / "model.onnx").exists()
+
+
+def test_a_backbone_beyond_the_default_opset_is_exported_at_18(tmp_path):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = FoldBackbone(10).eval()
+    out, result = _convert(tmp_path, model, "export_models:FoldBackbone", {"num_classes": 10})
+    assert result.exit_code == 0, result.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["onnx"]["opset"] == 18 and rep["onnx"]["max_abs_diff"] < 1e-4
+    assert [o.version for o in onnx.load(str(out / "model.onnx")).opset_import if o.domain == ""] == [18]
+    note = next(n for n in rep["notes"] if n.startswith("exported at opset 18"))
+    assert "at opset 17 (the default)" in note and "col2im" in note.lower()
+    # an opset the user chose is kept: the same model then fails with the exporters' reasons
+    (tmp_path / "given").mkdir()
+    out2, result = _convert(tmp_path / "given", model, "export_models:FoldBackbone", {"num_classes": 10},
+                            "--opset", "17")
+    assert result.exit_code == 1 and "col2im" in result.output.lower()
+    assert not (out2 / "model.onnx").exists()
