@@ -571,6 +571,7 @@ def _splice_head(graph: gs.Graph, marker: gs.Node, head: nn.Module, kind: str, *
         if len(feature_shape) > 1:  # (B', C) -> (B, *lead, C), the lead axes as traced
             logits = ops.reshape(logits, [-1, *feature_shape[:-1], head.num_classes])
     logits.dtype = np.float32
+    head_out = logits  # the float32 logits, whatever casts follow
     if half:
         # Consumers that cast straight back to float32 (the output boundary) read the float32 logits.
         for node in list(out.outputs):
@@ -583,7 +584,7 @@ def _splice_head(graph: gs.Graph, marker: gs.Node, head: nn.Module, kind: str, *
             _rewire(graph, out, logits)
     else:
         _rewire(graph, out, logits)
-    return feats, logits
+    return feats, head_out
 
 
 def _finish(graph: gs.Graph, *, opset: int, metadata: dict[str, str]) -> onnx.ModelProto:

@@ -218,3 +218,18 @@ def test_verify_converted_blames_the_head_the_model_or_nobody(tmp_path):
         verify_converted(res.path, model, original_path=orig.path, original=_perturbed_backbone(original),
                          input_shape=(8,))
     assert info.value.verdict.blame == "head" and info.value.verdict.head_max_abs_diff == pytest.approx(0.01, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_measure_heads_reads_every_head_in_float32(tmp_path, dtype):
+    from models import HEAD_LAYOUTS
+
+    from fyc_convert.verify import measure_heads
+
+    layout = HEAD_LAYOUTS["distilled_vit"]()
+    swap = swap_classifier(layout.model, input_shape=layout.input_shape)
+    res = export_onnx(layout.model, tmp_path / "m.onnx", input_shape=layout.input_shape, head_layer=swap.layers,
+                      dtype=dtype)
+    alone = measure_heads(res.path, layout.model, input_shape=layout.input_shape)
+    assert list(alone) == ["head", "head_dist"]
+    assert all(r.passed and r.max_abs_diff < 1e-5 and r.batch_sizes == [1, 3, 8] for r in alone.values())
