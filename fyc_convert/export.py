@@ -63,7 +63,7 @@ BATCH_AXIS = "batch_size"
 Exporter = Literal["auto", "torchscript", "dynamo"]
 EXPORTERS = ("auto", "torchscript", "dynamo")
 # The order "auto" tries the exporters in (measured on the stand-ins and the timm sample: see README and
-# benchmarks/zoo.py --mode exporters).
+# benchmarks/exporters.py): TorchScript is much faster and as robust on the stand-ins; dynamo takes what it refuses.
 AUTO_ORDER: tuple[str, ...] = ("torchscript", "dynamo")
 DYNAMO_MIN_OPSET = 18  # torch's ONNX translations exist from opset 18; lower ones are converted down
 

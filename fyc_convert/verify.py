@@ -1,5 +1,10 @@
 """Verification of an exported model: onnxruntime against PyTorch, and a static check of the head subgraph.
 
+`verify_converted` judges a converted model against the floor of its original: original.onnx is run against
+the original PyTorch model on the same inputs, and when the converted model misses the tolerance each fixed head
+is run alone on onnxruntime's own features (`measure_heads`), so that a backbone's float error is reported as
+such and only a head that adds error of its own fails (see `Verdict.blame`).
+
 Both raise instead of printing: `VerificationError` (with the numbers) when outputs differ,
 `ExportError` when the head subgraph is not the slim add/sub graph it must be (`check_head_static`, which
 lives with the head graph in `fyc_convert.onnx_head` and is re-exported here).
