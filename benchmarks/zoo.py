@@ -62,7 +62,8 @@ class Outcome:
         marks = " ".join(f"{s}:{self.stages.get(s, 'not run')}" for s in STAGES)
         failed = next((s for s in STAGES if self.stages.get(s) in ("FAIL", "none")), None)
         why = f"  <- {self.detail.get(failed, '')}" if failed else ""
-        found = "; ".join(self.detail[s] for s in ("shape", "find") if self.stages.get(s) == "ok" and s in self.detail)
+        found = "; ".join(self.detail[s] for s in ("shape", "find", "export", "verify")
+                          if self.stages.get(s) == "ok" and s in self.detail)
         return f"{self.name:<44} {self.params / 1e6:7.1f}M  {marks}  {found}{why}"
 
 
@@ -203,13 +204,21 @@ def run_cli(out: Outcome, checkpoint: Path, arch: str | None, arch_kwargs: dict 
     rc, error = _cli(base + ["-o", str(work / "out"), "--report", str(work / "report.json")])
     report = json.loads((work / "report.json").read_text()) if (work / "report.json").is_file() else {}
     out.detail["find"] = str(report.get("layer", ""))
+    o = report.get("onnx") or {}
+    if o.get("exporter"):
+        failures = "; ".join(o.get("exporter_failures") or [])
+        out.detail["export"] = f"{o['exporter']}" + (f" (after {failures})" if failures else "")
+    if o.get("max_abs_diff") is not None:
+        out.detail["verify"] = (f"|d| {o['max_abs_diff']:.2g}, floor {o.get('floor_max_abs_diff') or 0:.2g}"
+                                + (f", blame {o['blame']}" if o.get("blame") else ""))
     if rc == 0:
         out.stages["export"] = out.stages["verify"] = "ok"
         return
     failed = "verify" if rc == 3 else _stage_of(error, ("shape", "export"))
     if failed == "verify":
         out.stages["export"] = "ok"
-    out.stages[failed], out.detail[failed] = "FAIL", f"exit {rc}: {error}"
+    out.stages[failed], out.detail[failed] = "FAIL", f"exit {rc}: {error}" + (
+        f" ({out.detail[failed]})" if failed in out.detail else "")
 
 
 def _cli(cmd: list[str]) -> tuple[int, str]:
@@ -222,7 +231,8 @@ def _cli(cmd: list[str]) -> tuple[int, str]:
 
 def _stage_of(error: str, stages: tuple[str, ...]) -> str:
     """Which stage a CLI error line belongs to, by what it talks about (the CLI prints no error types)."""
-    words = {"shape": ("input shape", "--input-shape"), "find": ("classifier", "--layer", "nn.Linear"),
+    # "torch.onnx.export failed (...); check that the model runs on the input shape" is an export failure
+    words = {"shape": ("without the input shape", "no input shape", "--input-shape"), "find": ("classifier", "--layer", "nn.Linear"),
              "swap": ("head", "transform size"), "export": ("export", "onnx", "opset")}
     for stage in stages:
         if any(w in error for w in words.get(stage, ())):
@@ -277,6 +287,15 @@ def main() -> None:
         none = sum(o.stages[s] == "none" for o in ran)
         extra = f", {none} without a classifier (the clear error is the answer)" if none else ""
         print(f"{s:<7} {ok:3d} / {len(ran):3d} ok{extra}" + ("" if ran else "  (not run)"))
+    used: dict[str, int] = {}
+    for o in outcomes:
+        if o.stages.get("export") == "ok" and o.detail.get("export"):
+            key = o.detail["export"].split(" ")[0]
+            used[key] = used.get(key, 0) + 1
+    if used:
+        blamed = sum("blame backbone" in o.detail.get("verify", "") for o in outcomes)
+        print(f"exporter used: {', '.join(f'{k} {v}' for k, v in sorted(used.items()))}; accepted with the backbone "
+              f"blamed (original.onnx beyond tolerance, each head alone within it): {blamed}")
     done = sum(o.stages.get("swap") == "ok" for o in outcomes)
     none = sum("none" in o.stages.values() for o in outcomes)
     print(f"through the swap: {done} / {len(outcomes)} ({done} / {len(outcomes) - none} of the models with a "

@@ -1,25 +1,37 @@
-"""ONNX export of the whole model, with the swapped head as a slim add/sub subgraph.
+"""ONNX export of the whole model, with each swapped head as a slim add/sub subgraph.
 
-How: the head module is temporarily replaced by a placeholder that the (TorchScript) exporter writes as
-one marker node `fyc::HeadMarker`; onnx-graphsurgeon then replaces that node by the butterfly subgraph
-from `fyc_convert.onnx_head.build_head` under the `fyc_head/` scope
-(import -> edit -> cleanup().toposort() -> export). No generic simplifier or constant folding runs on the
-result, so the head keeps its compact constants; `onnx_head.check_head_static` re-checks it after the edit.
+How: every fixed head is temporarily replaced by a placeholder that the exporter writes as one marker node
+`fyc::HeadMarker` (its `index` attribute says which head); onnx-graphsurgeon then replaces each marker by the
+butterfly subgraph from `fyc_convert.onnx_head.build_head` under that head's own scope (`fyc_head/` for one
+head, `fyc_head/<i>/` for head i of several), import -> edit -> cleanup().toposort() -> export. No generic
+simplifier runs on the result, so the heads keep their compact constants; `onnx_head.check_head_static`
+re-checks each of them after the edit.
+
+Two exporters trace the model: torch's TorchScript exporter (`dynamo=False`) and the torch.export-based one
+(`dynamo=True`). The marker is one `torch.library` custom op (`fyc::head_marker`) called from an autograd
+Function: TorchScript writes the Function's `symbolic`, torch.export records the custom op and our ONNX
+translation (an onnxscript call of `fyc::HeadMarker`) writes the same node. `exporter="auto"` tries them in
+`AUTO_ORDER` and keeps the first whose graph passes; which one that is, and why the other failed, is in the
+result. The new exporter writes opset >= 18; lower opsets are converted down by onnx's version converter
+before the heads are spliced in (the heads are built for the target opset directly).
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
+import json
+import logging
 import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -27,7 +39,7 @@ import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
-from fyc_convert.errors import ExportError, describe
+from fyc_convert.errors import ExportError, describe, first_line
 from fyc_convert.files import temp_dir
 from fyc_convert.onnx_head import (
     DEFAULT_OPSET,
@@ -48,9 +60,43 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 BATCH_AXIS = "batch_size"
 
+Exporter = Literal["auto", "torchscript", "dynamo"]
+EXPORTERS = ("auto", "torchscript", "dynamo")
+# The order "auto" tries the exporters in (measured on the stand-ins and the timm sample: see README and
+# benchmarks/exporters.py): TorchScript is much faster and as robust on the stand-ins; dynamo takes what it refuses.
+AUTO_ORDER: tuple[str, ...] = ("torchscript", "dynamo")
+DYNAMO_MIN_OPSET = 18  # torch's ONNX translations exist from opset 18; lower ones are converted down
+
 _MARKER_DOMAIN = "fyc"
 _MARKER_OP = "HeadMarker"
+_QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._export", "torch.fx", "onnxscript", "onnx_ir")
 
+
+@dataclass(frozen=True)
+class ExportedHead:
+    """One fixed head as it stands in the exported graph.
+
+    Attributes:
+        layer: dotted name of the head in the PyTorch model.
+        scope: name prefix of its nodes, "fyc_head/" (one head) or "fyc_head/<i>/" (head i of several).
+        kind: "hadamard" or "orthogonal".
+        num_classes: C.
+        embed_size: n of a Hadamard head (the limit of its constants is max(C, n)); None for orthogonal.
+        input_name: the graph tensor holding the head's features (what verification substitutes).
+        input_dtype: that tensor's element type, "float32" or "float16".
+        output_name: the graph tensor holding the head's float32 logits (B, ..., C), before any combining.
+        ops: op census of its scope.
+    """
+
+    layer: str
+    scope: str
+    kind: str
+    num_classes: int
+    embed_size: int | None
+    input_name: str
+    input_dtype: str
+    output_name: str
+    ops: dict[str, int]
 
 
 @dataclass
@@ -65,8 +111,12 @@ class ExportResult:
         dtype: "fp32" or "fp16" (the backbone's precision; inputs and outputs are float32 either way).
         head_kind: "hadamard" (add/sub subgraph), "orthogonal" (a dense constant matrix: its savings are in
             trained parameters only, not in file size or speed) or "original" (the model as it was).
-        head_ops: op census of the `fyc_head/` subgraph, e.g. {"Add": 11, "Sub": 11, ...}; {} for the original.
+        head_ops: op census of every head's nodes together (the `fyc_head/` scope), e.g. {"Add": 11, ...};
+            {} for the original.
         node_count: number of nodes in the whole graph.
+        exporter: the exporter whose graph was kept, "torchscript" or "dynamo".
+        exporter_failures: one line per exporter tried before it, e.g. ["dynamo: Unsupported: ..."].
+        heads: each fixed head in the graph, in the order of `head_layer`.
     """
 
     path: Path
@@ -77,36 +127,79 @@ class ExportResult:
     head_kind: str
     head_ops: dict[str, int]
     node_count: int
+    exporter: str = "torchscript"
+    exporter_failures: list[str] = field(default_factory=list)
+    heads: tuple[ExportedHead, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------- the marker
+
+
+@torch.library.custom_op("fyc::head_marker", mutates_args=())
+def _head_marker(x: torch.Tensor, num_classes: int, index: int) -> torch.Tensor:
+    """(..., N) -> (..., C) zeros: values do not matter, the node is replaced in the ONNX graph."""
+    return x.new_zeros(*x.shape[:-1], num_classes)
+
+
+@_head_marker.register_fake
+def _(x: torch.Tensor, num_classes: int, index: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], num_classes)
 
 
 class _HeadMarker(torch.autograd.Function):
-    """Stands in for the head during tracing; exported as the single node fyc::HeadMarker."""
+    """Stands in for head `index` during tracing; exported as the single node fyc::HeadMarker by either exporter.
+
+    TorchScript writes `symbolic`; torch.export sees the custom op inside `forward` (see `_dynamo_marker`).
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, num_classes: int) -> torch.Tensor:  # (..., N) -> (..., C)
-        # Values do not matter: the node is replaced in the ONNX graph. Zeros keep shapes and dtype.
-        return x.new_zeros(*x.shape[:-1], num_classes)
+    def forward(ctx, x: torch.Tensor, num_classes: int, index: int) -> torch.Tensor:  # (..., N) -> (..., C)
+        return torch.ops.fyc.head_marker(x, num_classes, index)
 
     @staticmethod
-    def symbolic(g, x, num_classes: int):
-        out = g.op(f"{_MARKER_DOMAIN}::{_MARKER_OP}", x, num_classes_i=num_classes)
+    def symbolic(g, x, num_classes: int, index: int):
+        out = g.op(f"{_MARKER_DOMAIN}::{_MARKER_OP}", x, num_classes_i=num_classes, index_i=index)
         sizes = x.type().varyingSizes()
         if sizes is not None:
             out.setType(x.type().with_sizes(sizes[:-1] + [num_classes]))
         return out
 
 
+def _dynamo_marker() -> Any:
+    """The custom op's ONNX translation for the torch.export-based exporter: one fyc::HeadMarker node.
+
+    The op has no registered ONNX schema (it never reaches a runtime), so the onnxscript Op is given a
+    private one: it only tells the exporter's graph builder the input, output and attributes.
+    """
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+    schema = OpSchema(
+        _MARKER_OP, _MARKER_DOMAIN, 1,
+        inputs=[OpSchema.FormalParameter("features", "T")], outputs=[OpSchema.FormalParameter("logits", "T")],
+        type_constraints=[("T", floats, "float tensors")],
+        attributes=[OpSchema.Attribute("num_classes", OpSchema.AttrType.INT, "C"),
+                    OpSchema.Attribute("index", OpSchema.AttrType.INT, "which head")],
+    )
+    op = onnxscript.values.Op(onnxscript.values.Opset(_MARKER_DOMAIN, 1), _MARKER_OP, schema)
+
+    def head_marker(features: Any, num_classes: int, index: int) -> Any:
+        return op(features, num_classes=num_classes, index=index)
+
+    return head_marker
+
+
 class _Placeholder(nn.Module):
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, index: int, layer: str):
         super().__init__()
-        self.num_classes = num_classes
-        self.calls = 0
+        self.num_classes, self.index, self.layer = num_classes, index, layer
         self.feature_shape: tuple[int, ...] = ()  # the features' shape without the batch, e.g. (N,) or (T, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        self.feature_shape = tuple(int(d) for d in x.shape[1:])
-        return _HeadMarker.apply(x, self.num_classes)
+        # torch.export traces with symbolic sizes: such an axis stays dynamic (-1); TorchScript's are numbers
+        self.feature_shape = tuple(-1 if isinstance(d, torch.SymInt) else int(d) for d in x.shape[1:])
+        return _HeadMarker.apply(x, self.num_classes, self.index)
 
 
 class _LogitsOnly(nn.Module):
@@ -126,19 +219,20 @@ class _LogitsOnly(nn.Module):
 
 
 @contextmanager
-def _swapped(model: nn.Module, layer: str, module: nn.Module) -> Iterator[None]:
-    """Temporarily put `module` at the dotted name `layer`."""
-    parent_name, _, child = layer.rpartition(".")
-    try:
-        parent = model.get_submodule(parent_name)
-        old = parent.get_submodule(child)
-    except AttributeError as e:
-        raise ExportError(f"head layer {layer!r} not found in the model; pass the dotted name from the swap") from e
-    setattr(parent, child, module)
-    try:
+def _swapped(model: nn.Module, layers: Sequence[str], modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Temporarily put each of `modules` at the dotted name of the same position in `layers`."""
+    with ExitStack() as stack:
+        for layer, module in zip(layers, modules, strict=True):
+            parent_name, _, child = layer.rpartition(".")
+            try:
+                parent = model.get_submodule(parent_name)
+                old = parent.get_submodule(child)
+            except AttributeError as e:
+                raise ExportError(f"head layer {layer!r} not found in the model; pass the dotted name from the "
+                                  "swap") from e
+            setattr(parent, child, module)
+            stack.callback(setattr, parent, child, old)
         yield
-    finally:
-        setattr(parent, child, old)
 
 
 def compact_rows(rows: np.ndarray | torch.Tensor | list[int]) -> str:
@@ -186,31 +280,79 @@ def _head_kind(head: nn.Module) -> str:
     )
 
 
-def _manifest(head: nn.Module | None, kind: str, layer: str | None) -> dict[str, str]:
-    if head is None:
-        return {"fyc_convert.head": "original"}
+def _head_manifest(head: nn.Module, kind: str, layer: str) -> dict[str, str]:
     manifest = {
-        "fyc_convert.head": kind,
-        "fyc_convert.layer": str(layer),
-        "fyc_convert.in_features": str(head.in_features),
-        "fyc_convert.num_classes": str(head.num_classes),
-        "fyc_convert.seed": str(int(head.seed)),
+        "head": kind,
+        "layer": str(layer),
+        "in_features": str(head.in_features),
+        "num_classes": str(head.num_classes),
+        "seed": str(int(head.seed)),
     }
     if kind == "hadamard":
         manifest |= {
-            "fyc_convert.hadamard_size": str(head.hadamard_size),
-            "fyc_convert.embed_size": str(head.embed_size),
-            "fyc_convert.embedding": str(head.embedding),
-            "fyc_convert.rows": compact_rows(head.rows),
+            "hadamard_size": str(head.hadamard_size),
+            "embed_size": str(head.embed_size),
+            "embedding": str(head.embedding),
+            "rows": compact_rows(head.rows),
         }
     return manifest
 
 
-def _trace(module: nn.Module, sample: torch.Tensor, onnx_path: Path, *, opset: int, marker: bool,
-           dynamic: bool) -> None:
-    """Export `module` with the TorchScript exporter (fast, and it honours the marker's `symbolic`)."""
+def _manifest(heads: Sequence[nn.Module], kind: str, exported: Sequence[ExportedHead]) -> dict[str, str]:
+    """The flat keys describe the first head (as files of one head always had); `fyc_convert.heads` lists all."""
+    if not heads:
+        return {"fyc_convert.head": "original"}
+    entries = [_head_manifest(h, kind, e.layer) | {"scope": e.scope, "input": e.input_name,
+                                                   "input_dtype": e.input_dtype, "output": e.output_name}
+               for h, e in zip(heads, exported, strict=True)]
+    flat = {f"fyc_convert.{k}": v for k, v in entries[0].items()
+            if k not in ("scope", "input", "input_dtype", "output")}
+    return flat | {"fyc_convert.heads": json.dumps(entries, separators=(",", ":"))}
+
+
+def head_entries(proto: onnx.ModelProto) -> list[dict[str, str]]:
+    """The `fyc_convert.heads` entries of an exported model (layer, scope, input, input_dtype, output, sizes);
+    [] if none."""
+    meta = {p.key: p.value for p in proto.metadata_props}
+    try:
+        entries = json.loads(meta.get("fyc_convert.heads", "[]"))
+    except ValueError:
+        return []
+    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
+
+
+# ---------------------------------------------------------------------------------------------- exporters
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporters' deprecation warnings and log lines (the library never prints); levels restored."""
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    levels = [lg.level for lg in loggers]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The innermost cause: torch.export's errors wrap the informative one under several generic layers."""
+    seen = {id(e)}
+    while e.__cause__ is not None and id(e.__cause__) not in seen and first_line(e.__cause__):
+        e = e.__cause__
+        seen.add(id(e))
+    return e
+
+
+def _torchscript(module: nn.Module, sample: torch.Tensor, onnx_path: Path, *, opset: int, marker: bool,
+                 dynamic: bool, external: bool) -> None:
+    """Export `module` with the TorchScript exporter (fast; it writes the marker's `symbolic`)."""
+    with _quiet():
         torch.onnx.export(
             module,
             (sample,),
@@ -221,8 +363,160 @@ def _trace(module: nn.Module, sample: torch.Tensor, onnx_path: Path, *, opset: i
             output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: BATCH_AXIS}, OUTPUT_NAME: {0: BATCH_AXIS}} if dynamic else None,
             custom_opsets={_MARKER_DOMAIN: 1} if marker else None,
-            do_constant_folding=True,  # folds the backbone only: the head is a single opaque marker here
+            do_constant_folding=True,  # folds the backbone only: each head is a single opaque marker here
         )
+
+
+def _dynamo(module: nn.Module, sample: torch.Tensor, onnx_path: Path, *, opset: int, marker: bool,
+            dynamic: bool, external: bool) -> None:
+    """Export `module` with the torch.export-based exporter at opset >= 18; converted down to `opset` after."""
+    dims = ({0: torch.export.Dim(BATCH_AXIS)},) if dynamic else None
+    with _quiet():
+        torch.onnx.export(
+            module,
+            (sample,),
+            str(onnx_path),
+            dynamo=True,
+            opset_version=max(opset, DYNAMO_MIN_OPSET),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes=dims,
+            custom_translation_table={torch.ops.fyc.head_marker.default: _dynamo_marker()} if marker else None,
+            external_data=external,
+            verbose=False,
+            optimize=True,  # onnxscript's constant folding and dead-code removal, on the backbone
+        )
+
+
+_EXPORT = {"torchscript": _torchscript, "dynamo": _dynamo}
+
+
+def _to_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Convert the default domain to `opset` with onnx's version converter; custom-domain nodes pass unchanged.
+
+    Large weights are set aside while the converter runs (it serialises the model, which protobuf limits to
+    2 GiB); small constants stay, since adapters such as ReduceMean's axes input -> attribute read them.
+    """
+    current = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if current == opset:
+        return proto
+    aside: dict[str, onnx.TensorProto] = {}
+    inputs = []
+    for init in list(proto.graph.initializer):
+        if init.ByteSize() > 1 << 20:
+            aside[init.name] = init
+            inputs.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    if aside:
+        kept = [t for t in proto.graph.initializer if t.name not in aside]
+        del proto.graph.initializer[:]
+        proto.graph.initializer.extend(kept)
+        proto.graph.input.extend(inputs)
+    try:
+        converted = onnx.version_converter.convert_version(proto, opset)
+    finally:
+        if aside:  # the caller's proto back as it was
+            del proto.graph.input[len(proto.graph.input) - len(inputs):]
+            proto.graph.initializer.extend(aside.values())
+    if aside:
+        names = set(aside)
+        kept_inputs = [v for v in converted.graph.input if v.name not in names]
+        del converted.graph.input[:]
+        converted.graph.input.extend(kept_inputs)
+        converted.graph.initializer.extend(aside.values())
+    if opset < 18:
+        _drop_noop_attribute(converted)
+    return converted
+
+
+# Reductions that took `noop_with_empty_axes` only from opset 18 (ReduceSum has it from 13).
+_REDUCE_18 = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+              "ReduceProd", "ReduceSumSquare"}
+
+
+def _drop_noop_attribute(proto: onnx.ModelProto) -> None:
+    """Remove the opset-18 attribute `noop_with_empty_axes` that onnx's 18 -> 17 adapters leave on reductions.
+
+    onnx.checker refuses it below opset 18. Its value 0 is the older opsets' only behaviour (no axes: reduce
+    over all), so dropping it changes nothing; 1 has no equivalent there.
+    """
+    nodes = [*proto.graph.node, *(n for f in proto.functions for n in f.node)]
+    for node in nodes:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in _REDUCE_18:
+            continue
+        for attr in list(node.attribute):
+            if attr.name == "noop_with_empty_axes":
+                if attr.i:
+                    raise ExportError(f"{node.op_type} {node.name!r} needs noop_with_empty_axes=1, which opset < 18 "
+                                      "does not have; pass --opset 18")
+                node.attribute.remove(attr)
+
+
+def _check_graph(proto: onnx.ModelProto, *, dynamic: bool, static_batch: int | None) -> None:
+    """What both exporters must give: one input and one output, batch axis dynamic (or the static size)."""
+    if len(proto.graph.input) != 1 or len(proto.graph.output) != 1:
+        raise ExportError(f"the graph has {len(proto.graph.input)} inputs and {len(proto.graph.output)} outputs, "
+                          "expected one of each")
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        dims = value.type.tensor_type.shape.dim
+        if not dims:
+            raise ExportError(f"the exporter gave {value.name!r} no shape")
+        if dynamic and not dims[0].dim_param:
+            raise ExportError(f"the exporter fixed the batch axis of {value.name!r} at {dims[0].dim_value}")
+        if not dynamic and dims[0].dim_value != static_batch:
+            raise ExportError(f"the exporter gave {value.name!r} batch {dims[0].dim_value or dims[0].dim_param}, "
+                              f"not the static batch {static_batch}")
+
+
+class _HeadUse(ExportError):
+    """The heads are not used as the exporter needs (a property of the model: no other exporter can help)."""
+
+
+def _trace(module: nn.Module, sample: torch.Tensor, work: Path, *, opset: int, marker: bool,
+           static_batch: int | None, exporter: Exporter, external: bool,
+           placeholders: Sequence[_Placeholder]) -> tuple[onnx.ModelProto, str, list[str]]:
+    """Export with the chosen exporter(s): (the graph at `opset`, the exporter used, why earlier ones failed)."""
+    order = AUTO_ORDER if exporter == "auto" else (exporter,)
+    failures: list[str] = []
+    dynamic = static_batch is None
+    for name in order:
+        folder = work / name
+        folder.mkdir()
+        traced = folder / "traced.onnx"
+        try:
+            _EXPORT[name](module, sample, traced, opset=opset, marker=marker, dynamic=dynamic, external=external)
+            proto = onnx.load(str(traced))
+            proto = _to_opset(proto, opset)
+            _check_graph(proto, dynamic=dynamic, static_batch=static_batch)
+            _count_markers(proto, placeholders)
+        except _HeadUse:
+            raise
+        except Exception as e:  # noqa: BLE001 - the exporters raise many types; the user needs one line each
+            failures.append(f"{name}: {describe(_root_cause(e))}")
+            continue
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return proto, name, failures
+    tried = "; ".join(failures)
+    raise ExportError(f"torch.onnx.export failed ({tried}); check that the model runs on the input shape")
+
+
+def _count_markers(proto: onnx.ModelProto, placeholders: Sequence[_Placeholder]) -> None:
+    counts = {p.index: 0 for p in placeholders}
+    for node in proto.graph.node:
+        if node.op_type == _MARKER_OP and node.domain == _MARKER_DOMAIN:
+            index = next((a.i for a in node.attribute if a.name == "index"), -1)
+            counts[index] = counts.get(index, 0) + 1
+    for p in placeholders:
+        if counts[p.index] == 0:  # the head's output was not part of the exported logits
+            raise _HeadUse(
+                "the head's output does not reach the model's logits output; make the model return the head's "
+                "output as a tensor, first in a tuple, or under 'logits'"
+            )
+        if counts[p.index] > 1:
+            raise _HeadUse(
+                f"the head {p.layer!r} ran {counts[p.index]} times in one forward pass; "
+                "fyc-convert exports models whose classifier runs exactly once"
+            )
 
 
 def _rewire(graph: gs.Graph, old: gs.Variable, new: gs.Variable) -> None:
@@ -253,32 +547,31 @@ def _dense_head(ops: _Ops, feats: gs.Variable, head: nn.Module) -> gs.Variable:
     return logits
 
 
-def _splice_head(graph: gs.Graph, head: nn.Module, kind: str, *, half: bool, feature_shape: tuple[int, ...],
-                 layout: HeadLayout, static_batch: int | None) -> None:
-    """Replace the marker node by the head subgraph, in float32 (cast in and out around an fp16 backbone)."""
-    markers = [n for n in graph.nodes if n.op == _MARKER_OP and n.domain == _MARKER_DOMAIN]
-    if len(markers) != 1:  # 0: the head's output was not part of the exported logits
-        raise ExportError(
-            "the head's output does not reach the model's logits output; make the model return the head's "
-            "output as a tensor, first in a tuple, or under 'logits'"
-        )
-    marker = markers[0]
+def _splice_head(graph: gs.Graph, marker: gs.Node, head: nn.Module, kind: str, *, scope: str, half: bool,
+                 feature_shape: tuple[int, ...], layout: HeadLayout,
+                 static_batch: int | None) -> tuple[gs.Variable, gs.Variable]:
+    """Replace one marker node by its head subgraph, in float32 (cast in and out around an fp16 backbone).
+
+    Returns the features variable the head reads and its float32 logits variable.
+    """
     feats, out = marker.inputs[0], marker.outputs[0]
     marker.inputs.clear()
     marker.outputs.clear()
     # the casts' own scope under the head's: build_head's nodes count their names from zero as well
-    ops = _Ops(graph, HEAD_PREFIX if kind != "hadamard" else f"{HEAD_PREFIX}io/", np.float32)
+    ops = _Ops(graph, scope if kind != "hadamard" else f"{scope}io/", np.float32)
+    x = feats
     if half:
-        feats = ops.op1("Cast", [feats], attrs={"to": onnx.TensorProto.FLOAT}, name="cast_in")
+        x = ops.op1("Cast", [feats], attrs={"to": onnx.TensorProto.FLOAT}, name="cast_in")
     if kind == "hadamard":
-        logits = build_head(graph, feats, HeadSpec.from_module(head), prefix=HEAD_PREFIX, dtype=np.float32,
+        logits = build_head(graph, x, HeadSpec.from_module(head), prefix=scope, dtype=np.float32,
                             layout=layout, static_batch=static_batch, feature_shape=feature_shape)
     else:
-        flat = ops.reshape(feats, [-1, head.in_features]) if len(feature_shape) > 1 else feats
+        flat = ops.reshape(x, [-1, head.in_features]) if len(feature_shape) > 1 else x
         logits = _dense_head(ops, flat, head)
         if len(feature_shape) > 1:  # (B', C) -> (B, *lead, C), the lead axes as traced
             logits = ops.reshape(logits, [-1, *feature_shape[:-1], head.num_classes])
     logits.dtype = np.float32
+    head_out = logits  # the float32 logits, whatever casts follow
     if half:
         # Consumers that cast straight back to float32 (the output boundary) read the float32 logits.
         for node in list(out.outputs):
@@ -291,6 +584,7 @@ def _splice_head(graph: gs.Graph, head: nn.Module, kind: str, *, half: bool, fea
             _rewire(graph, out, logits)
     else:
         _rewire(graph, out, logits)
+    return feats, head_out
 
 
 def _finish(graph: gs.Graph, *, opset: int, metadata: dict[str, str]) -> onnx.ModelProto:
@@ -302,11 +596,18 @@ def _finish(graph: gs.Graph, *, opset: int, metadata: dict[str, str]) -> onnx.Mo
     head_info = [v for v in model.graph.value_info if v.name.startswith(HEAD_PREFIX)]
     for v in head_info:
         model.graph.value_info.remove(v)
+    # the default domain at `opset`, and any other domain a node (or local function) still uses
+    used = {n.domain for n in model.graph.node} | {n.domain for f in model.functions for n in f.node}
+    used |= {f.domain for f in model.functions}
+    others = [(o.domain, o.version) for o in model.opset_import
+              if o.domain not in ("", "ai.onnx", _MARKER_DOMAIN) and o.domain in used]
     del model.opset_import[:]
     model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    model.opset_import.extend(onnx.helper.make_opsetid(d, v) for d, v in others)
     # the lowest IR version for the opset: onnx 1.23 writes IR 14 by default, which onnxruntime 1.31 refuses
-    model.ir_version = onnx.helper.find_min_ir_version_for(model.opset_import)
+    model.ir_version = onnx.helper.find_min_ir_version_for(model.opset_import[:1])
     model.producer_name = "fyc-convert"
+    del model.metadata_props[:]  # the exporter's own notes are not ours to ship
     for key, value in metadata.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     return model
@@ -361,6 +662,26 @@ def _save(model: onnx.ModelProto, path: Path, work: Path, *, external_threshold:
     return path.with_name(data_name) if data_name is not None else None
 
 
+def _feature_shape(feats: gs.Variable, placeholder: _Placeholder) -> tuple[int, ...]:
+    """The head's features without the batch, e.g. (N,) or (T, N); a named (symbolic) axis is -1.
+
+    As the placeholder saw them when it ran (TorchScript traces the module itself), else from the graph,
+    where the exporter typed the marker's input (torch.export traces a copy of the module).
+    """
+    if placeholder.feature_shape or feats.shape is None or len(feats.shape) < 2:
+        return placeholder.feature_shape
+    return tuple(int(d) if isinstance(d, (int, np.integer)) and d > 0 else -1 for d in feats.shape[1:])
+
+
+def _layers(head_layer: str | Sequence[str] | None) -> tuple[str, ...]:
+    if head_layer is None:
+        return ()
+    layers = (head_layer,) if isinstance(head_layer, str) else tuple(head_layer)
+    if not layers or len(set(layers)) != len(layers) or not all(isinstance(n, str) and n for n in layers):
+        raise ExportError(f"head layers {list(layers)!r} must be distinct dotted names; pass SwapResult.layers")
+    return layers
+
+
 def export_onnx(
     model: nn.Module,
     path: str | Path,
@@ -368,13 +689,14 @@ def export_onnx(
     input_shape: tuple[int, ...],
     opset: int = DEFAULT_OPSET,
     dtype: Literal["fp32", "fp16"] = "fp32",
-    head_layer: str | None = None,
+    head_layer: str | Sequence[str] | None = None,
     metadata: dict[str, str] | None = None,
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
     head_layout: HeadLayout = "portable",
     static_batch: int | None = None,
+    exporter: Exporter = "auto",
 ) -> ExportResult:
-    """Export `model` to ONNX with a dynamic batch axis `batch_size`, the head as an add/sub subgraph.
+    """Export `model` to ONNX with a dynamic batch axis `batch_size`, each fixed head as an add/sub subgraph.
 
     The file appears atomically: it is built in a temporary folder next to `path` and renamed into place;
     on any error nothing is left behind and an existing file at `path` is untouched.
@@ -385,12 +707,15 @@ def export_onnx(
         input_shape: shape of one sample, without the batch axis, e.g. (3, 224, 224).
         opset: ONNX opset (>= 13; default 17, which onnx2torch, ncnn/pnnx and older runtimes take).
         dtype: "fp32", or "fp16" for a half-precision backbone with float32 inputs and outputs
-            (the head itself runs in float32).
-        head_layer: dotted name of the swapped HadamardHead / OrthogonalHead; None exports the model as is.
+            (the heads themselves run in float32).
+        head_layer: dotted name of the swapped HadamardHead / OrthogonalHead, or the names of several
+            (`SwapResult.layers`: heads whose outputs are averaged or summed), each spliced in under its own
+            scope ("fyc_head/" for one head, "fyc_head/<i>/" for head i of several); None exports the model as is.
         metadata: extra key/value pairs for the model's metadata_props, next to the head manifest:
             fyc_convert.head ("hadamard", "orthogonal" or "original"), .layer, .in_features, .num_classes,
             .seed, and for a Hadamard head .hadamard_size, .embed_size, .embedding and .rows
-            (`compact_rows`; `parse_rows` reads it back).
+            (`compact_rows`; `parse_rows` reads it back), all of the first head; .heads, a JSON list of every
+            head's values with its scope and input tensor (`head_entries` reads it).
         external_data_threshold: weights above this many bytes go to `<stem>.<token>.onnx.data` next to the
             model (a fresh name per export, see `ExportResult.external_data`).
         head_layout: "portable" (the default: no If or Shape, static reshapes, ops every edge converter
@@ -398,18 +723,22 @@ def export_onnx(
             samples on; faster for large heads at large batches in onnxruntime, not portable).
         static_batch: Export with this fixed batch size in the whole graph (input, head, output) instead of
             the dynamic axis `batch_size`; what many edge compilers and NPUs want.
+        exporter: "auto" (the exporters in `AUTO_ORDER`, the first whose graph passes), "torchscript"
+            (`torch.onnx.export(dynamo=False)`) or "dynamo" (the torch.export-based exporter).
 
     Returns:
-        ExportResult with sizes, the head op census and the node count.
+        ExportResult with sizes, the heads and their op census, the node count and the exporter used.
 
     Raises:
-        ExportError: the model cannot be traced or exported, or the head subgraph is not slim.
+        ExportError: the model cannot be traced or exported, or a head subgraph is not slim.
     """
     path = Path(path)
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old for the head subgraph; pass --opset {MIN_OPSET} or newer")
     if head_layout not in HEAD_LAYOUTS:
         raise ExportError(f"head layout {head_layout!r} is unknown; pass one of {', '.join(HEAD_LAYOUTS)}")
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter {exporter!r} is unknown; pass one of {', '.join(EXPORTERS)}")
     if static_batch is not None and (not isinstance(static_batch, int) or static_batch < 1):
         raise ExportError(f"static batch must be a positive integer, got {static_batch!r}; pass e.g. 1")
     if dtype not in ("fp32", "fp16"):
@@ -423,54 +752,62 @@ def export_onnx(
     sample = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
     sample = sample.to(param.device if param is not None else "cpu")
 
-    try:
-        head = model.get_submodule(head_layer) if head_layer is not None else None
-    except AttributeError as e:
-        raise ExportError(f"head layer {head_layer!r} not found in the model; pass the swapped layer's name") from e
-    kind = _head_kind(head) if head is not None else "original"
+    layers = _layers(head_layer)
+    heads = []
+    for layer in layers:
+        try:
+            heads.append(model.get_submodule(layer))
+        except AttributeError as e:
+            raise ExportError(f"head layer {layer!r} not found in the model; pass the swapped layer's name") from e
+    kinds = sorted({_head_kind(h) for h in heads})
+    if len(kinds) > 1:
+        raise ExportError(f"the heads are of different kinds ({', '.join(kinds)}); swap them all with one --head")
+    kind = kinds[0] if kinds else "original"
+    scopes = [HEAD_PREFIX] if len(layers) == 1 else [f"{HEAD_PREFIX}{i}/" for i in range(len(layers))]
 
     net = copy.deepcopy(model).half() if half else model  # never change the caller's model
-    placeholder = _Placeholder(head.num_classes) if head is not None else None
+    placeholders = [_Placeholder(h.num_classes, i, layer) for i, (h, layer) in enumerate(zip(heads, layers))]
+    external = sum(p.numel() * p.element_size() for p in net.parameters()) > external_data_threshold
     work = temp_dir(path.parent, path.name)  # OutputError when the folder is not writable
     try:
-        traced = work / "traced.onnx"
-        try:
-            with eval_mode(net):
-                if placeholder is not None:
-                    with _swapped(net, head_layer, placeholder):
-                        _trace(_LogitsOnly(net, half=half), sample, traced, opset=opset, marker=True,
-                               dynamic=static_batch is None)
-                else:
-                    _trace(_LogitsOnly(net, half=half), sample, traced, opset=opset, marker=False,
-                           dynamic=static_batch is None)
-        except ExportError:
-            raise
-        except Exception as e:  # the exporter raises many types; the user needs one line
-            raise ExportError(
-                f"torch.onnx.export failed: {describe(e)}; check that the model runs on input_shape {input_shape}"
-            ) from e
-        if placeholder is not None and placeholder.calls != 1:
-            raise ExportError(
-                f"the head {head_layer!r} ran {placeholder.calls} times in one forward pass; "
-                "fyc-convert exports models whose classifier runs exactly once"
-            )
-        graph = gs.import_onnx(onnx.load(str(traced)))
-        if head is not None:
-            _splice_head(graph, head, kind, half=half, feature_shape=placeholder.feature_shape,
-                         layout=head_layout, static_batch=static_batch)
-        manifest = _manifest(head, kind, head_layer)
+        with eval_mode(net), _swapped(net, layers, placeholders):
+            proto, used, failures = _trace(_LogitsOnly(net, half=half), sample, work, opset=opset,
+                                           marker=bool(heads), static_batch=static_batch, exporter=exporter,
+                                           external=external, placeholders=placeholders)
+        graph = gs.import_onnx(proto)
+        del proto
+        markers = {int(n.attrs.get("index", -1)): n for n in graph.nodes
+                   if n.op == _MARKER_OP and n.domain == _MARKER_DOMAIN}
+        spliced = []
+        for head, ph, scope in zip(heads, placeholders, scopes, strict=True):
+            marker = markers[ph.index]
+            feats, logits = _splice_head(graph, marker, head, kind, scope=scope, half=half,
+                                         feature_shape=_feature_shape(marker.inputs[0], ph), layout=head_layout,
+                                         static_batch=static_batch)
+            spliced.append((feats.name, "float16" if half else "float32", logits))
+        # the logits' names are read after every splice: a later rewire can rename a graph output
+        draft = [ExportedHead(layer, scope, kind, h.num_classes, getattr(h, "embed_size", None), name, dt,
+                              logits.name, {})
+                 for layer, scope, h, (name, dt, logits) in zip(layers, scopes, heads, spliced, strict=True)]
+        manifest = _manifest(heads, kind, draft)
         if kind == "hadamard":
             manifest["fyc_convert.head_layout"] = head_layout
         proto = _finish(graph, opset=opset, metadata={**(metadata or {}), **manifest})
-        head_ops = head_op_census(proto, HEAD_PREFIX) if head is not None else {}
-        if kind == "hadamard":
-            check_head_static(proto, num_classes=head.num_classes, embed_size=head.embed_size, prefix=HEAD_PREFIX)
+        head_ops = head_op_census(proto, HEAD_PREFIX) if heads else {}
+        exported = []
+        for entry in draft:
+            if kind == "hadamard":  # each head on its own: no dense op, no constant beyond its own max(C, n)
+                ops = check_head_static(proto, num_classes=entry.num_classes, embed_size=entry.embed_size,
+                                        prefix=entry.scope)
+            else:
+                ops = head_op_census(proto, entry.scope)
+            exported.append(dataclasses.replace(entry, ops=ops))
         node_count = len(proto.graph.node)
-        external = _save(proto, path, work, external_threshold=external_data_threshold)
+        saved = _save(proto, path, work, external_threshold=external_data_threshold)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    size = path.stat().st_size + (external.stat().st_size if external is not None else 0)
+    size = path.stat().st_size + (saved.stat().st_size if saved is not None else 0)
     return ExportResult(
-        path=path, bytes=size, external_data=external, opset=opset, dtype=dtype,
-        head_kind=kind, head_ops=head_ops, node_count=node_count,
+        path=path, bytes=size, external_data=saved, opset=opset, dtype=dtype, head_kind=kind, head_ops=head_ops,
+        node_count=node_count, exporter=used, exporter_failures=failures, heads=tuple(exported),
     )

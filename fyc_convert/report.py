@@ -42,6 +42,14 @@ class OnnxReport:
     converted_nodes: int | None = None
     opset: int | None = None
     dtype: str | None = None
+    # original.onnx vs the original PyTorch model on the same inputs: the backbone's own export error
+    floor_max_abs_diff: float | None = None
+    floor_mean_abs_diff: float | None = None
+    head_max_abs_diff: float | None = None  # worst fixed head alone on onnxruntime's features (when measured)
+    blame: str | None = None  # None within tolerance; "backbone" (accepted), "head" or "model" (exit 3)
+    exporter: str | None = None  # "torchscript" or "dynamo": whose graph model.onnx is
+    exporter_failures: list[str] = field(default_factory=list)  # exporters tried before it, one line each
+    heads: list[dict[str, Any]] = field(default_factory=list)  # every fixed head: layer, scope, ops
 
 
 @dataclass

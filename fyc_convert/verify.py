@@ -1,5 +1,10 @@
 """Verification of an exported model: onnxruntime against PyTorch, and a static check of the head subgraph.
 
+`verify_converted` judges a converted model against the floor of its original: original.onnx is run against
+the original PyTorch model on the same inputs, and when the converted model misses the tolerance each fixed head
+is run alone on onnxruntime's own features (`measure_heads`), so that a backbone's float error is reported as
+such and only a head that adds error of its own fails (see `Verdict.blame`).
+
 Both raise instead of printing: `VerificationError` (with the numbers) when outputs differ,
 `ExportError` when the head subgraph is not the slim add/sub graph it must be (`check_head_static`, which
 lives with the head graph in `fyc_convert.onnx_head` and is re-exported here).
@@ -9,8 +14,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -37,6 +44,8 @@ class VerifyResult:
         batch_sizes: the distinct batch sizes run through the dynamic batch axis.
         atol: absolute tolerance used.
         rtol: relative tolerance used (a sample passes when |diff| <= atol + rtol * |torch|).
+        passed: every difference is finite and within the tolerance.
+        worst_diff, worst_ref: |diff| and |torch logit| where the excess over the tolerance is largest.
     """
 
     max_abs_diff: float
@@ -45,6 +54,9 @@ class VerifyResult:
     batch_sizes: list[int]
     atol: float
     rtol: float
+    passed: bool = True
+    worst_diff: float = 0.0
+    worst_ref: float = 0.0
 
 
 def _batches(inputs: torch.Tensor | None, input_shape: tuple[int, ...], n_random: int, seed: int,
@@ -78,6 +90,97 @@ def _batches(inputs: torch.Tensor | None, input_shape: tuple[int, ...], n_random
     for b in (max(n_random, 2), 1, 3):
         out.append(torch.randn(b, *input_shape, generator=gen))
     return out
+
+
+def _session(path: str | Path) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise VerificationError(f"onnxruntime cannot load {path}: {describe(e)}; re-export the model") from e
+
+
+def _run(sess: ort.InferenceSession, x: torch.Tensor) -> list[np.ndarray]:
+    try:
+        return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    except Exception as e:
+        raise VerificationError(f"onnxruntime failed at batch {len(x)}: {describe(e)}; re-export the model") from e
+
+
+class _Tally:
+    """Running max/mean |got - ref| and the worst excess over atol + rtol * |ref| of several comparisons."""
+
+    def __init__(self, atol: float, rtol: float):
+        self.atol, self.rtol = atol, rtol
+        self.diffs: list[np.ndarray] = []
+        self.worst_excess, self.worst = -np.inf, (0.0, 0.0)
+        self.batch_sizes: set[int] = set()
+        self.n_samples = 0
+
+    def add(self, got: np.ndarray, ref: np.ndarray, batch: int) -> None:
+        diff = np.abs(got.astype(np.float64) - ref)
+        excess = diff - (self.atol + self.rtol * np.abs(ref))
+        if excess.size and excess.max() > self.worst_excess:
+            i = int(excess.argmax())
+            self.worst_excess, self.worst = float(excess.flat[i]), (float(diff.flat[i]), float(abs(ref.flat[i])))
+        self.diffs.append(diff.ravel())
+        self.batch_sizes.add(batch)
+        self.n_samples += batch
+
+    def result(self) -> VerifyResult:
+        all_diff = np.concatenate(self.diffs) if self.diffs else np.zeros(0)
+        finite = bool(np.isfinite(all_diff).all())
+        return VerifyResult(
+            max_abs_diff=float(all_diff.max()) if all_diff.size else 0.0,
+            mean_abs_diff=float(all_diff.mean()) if all_diff.size else 0.0,
+            n_samples=self.n_samples, batch_sizes=sorted(self.batch_sizes), atol=self.atol, rtol=self.rtol,
+            passed=finite and not self.worst_excess > 0, worst_diff=self.worst[0], worst_ref=self.worst[1],
+        )
+
+
+def _dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    param = next(iter(module.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    return dtype, param.device if param is not None else torch.device("cpu")
+
+
+def measure_onnx(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    inputs: torch.Tensor | None = None,
+    input_shape: tuple[int, ...],
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    n_random: int = 8,
+    seed: int = 0,
+    static_batch: int | None = None,
+) -> VerifyResult:
+    """`verify_onnx` without the verdict: the differences, with `passed` False beyond tolerance (no raise).
+
+    Raises:
+        VerificationError: the shapes differ or onnxruntime cannot load or run the file.
+    """
+    sess = _session(path)
+    dtype, device = _dtype_device(model)
+    tally = _Tally(atol, rtol)
+    with eval_mode(model):
+        for x in _batches(inputs, input_shape, n_random, seed, static_batch):
+            with torch.no_grad():
+                ref = logits_of(model(x.to(device, dtype))).float().cpu().numpy()
+            got = _run(sess, x)[0]
+            if got.shape != ref.shape:
+                raise VerificationError(
+                    f"onnxruntime output shape {got.shape} != PyTorch {ref.shape} at batch {len(x)}; "
+                    "the dynamic batch axis is broken, re-export the model"
+                )
+            tally.add(got, ref, len(x))
+    return tally.result()
+
+
+def _beyond(result: VerifyResult, what: str) -> str:
+    return (f"{what}: max |diff| {result.max_abs_diff:.3g} (mean {result.mean_abs_diff:.3g}) exceeds "
+            f"atol {result.atol:g} + rtol {result.rtol:g}*|ref| (worst: |diff| {result.worst_diff:.3g} at |ref| "
+            f"{result.worst_ref:.3g})")
 
 
 def verify_onnx(
@@ -114,56 +217,175 @@ def verify_onnx(
         VerificationError: some logit differs by more than atol + rtol * |torch logit|, the shapes differ,
             or onnxruntime cannot run the file.
     """
-    try:
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise VerificationError(f"onnxruntime cannot load {path}: {describe(e)}; re-export the model") from e
-    in_name = sess.get_inputs()[0].name
-    param = next(iter(model.parameters()), None)
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
-    diffs: list[np.ndarray] = []
-    batch_sizes: set[int] = set()
-    n_samples = 0
-    worst_excess, worst = -np.inf, (0.0, 0.0)
-    with eval_mode(model):
-        for x in _batches(inputs, input_shape, n_random, seed, static_batch):
-            with torch.no_grad():
-                ref = logits_of(model(x.to(device, dtype))).float().cpu().numpy()
-            try:
-                got = sess.run(None, {in_name: x.numpy()})[0]
-            except Exception as e:
-                raise VerificationError(
-                    f"onnxruntime failed at batch {len(x)}: {describe(e)}; re-export the model"
-                ) from e
-            if got.shape != ref.shape:
-                raise VerificationError(
-                    f"onnxruntime output shape {got.shape} != PyTorch {ref.shape} at batch {len(x)}; "
-                    "the dynamic batch axis is broken, re-export the model"
-                )
-            diff = np.abs(got.astype(np.float64) - ref)
-            excess = diff - (atol + rtol * np.abs(ref))
-            if excess.size and excess.max() > worst_excess:
-                i = int(excess.argmax())
-                worst_excess, worst = float(excess.flat[i]), (float(diff.flat[i]), float(abs(ref.flat[i])))
-            diffs.append(diff.ravel())
-            batch_sizes.add(len(x))
-            n_samples += len(x)
-    all_diff = np.concatenate(diffs)
-    max_diff = float(all_diff.max()) if all_diff.size else 0.0
-    mean_diff = float(all_diff.mean()) if all_diff.size else 0.0
-    result = VerifyResult(
-        max_abs_diff=max_diff, mean_abs_diff=mean_diff, n_samples=n_samples,
-        batch_sizes=sorted(batch_sizes), atol=atol, rtol=rtol,
-    )
-    if not np.isfinite(all_diff).all() or worst_excess > 0:
+    result = measure_onnx(path, model, inputs=inputs, input_shape=input_shape, atol=atol, rtol=rtol,
+                          n_random=n_random, seed=seed, static_batch=static_batch)
+    if not result.passed:
         raise VerificationError(
-            f"onnxruntime differs from PyTorch: max |diff| {max_diff:.3g} (mean {mean_diff:.3g}) exceeds "
-            f"atol {atol:g} + rtol {rtol:g}*|ref| (worst: |diff| {worst[0]:.3g} at |ref| {worst[1]:.3g}); "
-            "the export is wrong, do not ship it",
-            max_abs_diff=max_diff, mean_abs_diff=mean_diff,
+            _beyond(result, "onnxruntime differs from PyTorch") + "; the export is wrong, do not ship it",
+            max_abs_diff=result.max_abs_diff, mean_abs_diff=result.mean_abs_diff,
         )
     return result
+
+
+def measure_heads(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    inputs: torch.Tensor | None = None,
+    input_shape: tuple[int, ...],
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    n_random: int = 8,
+    seed: int = 0,
+    static_batch: int | None = None,
+) -> dict[str, VerifyResult]:
+    """Each fixed head on its own: the ONNX head on the ONNX graph's own features vs the PyTorch head on them.
+
+    The backbone's float error is left out: both heads read the same (onnxruntime's) features, so what
+    remains is the error the head subgraph adds. The heads are found from the file's `fyc_convert.heads`
+    manifest (input and output tensor names); the model is run with those tensors as extra outputs, from a
+    temporary copy of the graph next to `path` (external data is shared, not copied).
+
+    Returns:
+        {layer: VerifyResult} for every head in the manifest; {} when the file has none.
+
+    Raises:
+        VerificationError: a head tensor or layer is missing, or onnxruntime cannot run the file.
+    """
+    from fyc_convert.export import head_entries
+
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    entries = head_entries(proto)
+    if not entries:
+        return {}
+    names = {v.name for v in proto.graph.output}
+    for e in entries:
+        for key in ("input", "output"):
+            if e.get(key) and e[key] not in names:
+                kind = onnx.TensorProto.FLOAT16 if key == "input" and e.get("input_dtype") == "float16" \
+                    else onnx.TensorProto.FLOAT
+                proto.graph.output.append(onnx.helper.make_tensor_value_info(e[key], kind, None))
+                names.add(e[key])
+    heads = []
+    for e in entries:
+        try:
+            heads.append(model.get_submodule(e["layer"]))
+        except (AttributeError, KeyError) as err:
+            raise VerificationError(f"head {e.get('layer')!r} of {path.name} is not in the model; verify the model "
+                                    "that was exported") from err
+    outputs = [v.name for v in proto.graph.output]
+    # beside `path`, so that its external data location resolves the same; a temp name stale-run cleanup knows
+    fd, tmp_name = tempfile.mkstemp(prefix=f".fyc-{os.getpid()}-{path.stem}-heads.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(proto, tmp_name)
+        del proto
+        sess = _session(tmp_name)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    tallies = [_Tally(atol, rtol) for _ in entries]
+    with eval_mode(model):
+        for x in _batches(inputs, input_shape, n_random, seed, static_batch):
+            got = dict(zip(outputs, _run(sess, x), strict=True))
+            for e, head, tally in zip(entries, heads, tallies, strict=True):
+                dtype, device = _dtype_device(head)
+                feats = torch.from_numpy(got[e["input"]].astype(np.float32)).to(device, dtype)
+                with torch.no_grad():
+                    ref = head(feats).float().cpu().numpy()
+                out = got[e["output"]]
+                if out.shape != ref.shape:
+                    raise VerificationError(f"head {e['layer']!r}: onnxruntime gives {out.shape}, PyTorch "
+                                            f"{ref.shape}; re-export the model")
+                tally.add(out, ref, len(x))
+    return {e["layer"]: t.result() for e, t in zip(entries, tallies, strict=True)}
+
+
+Blame = Literal["backbone", "head", "model"]
+
+
+@dataclass
+class Verdict:
+    """Whom to blame for a converted model's difference from PyTorch.
+
+    Attributes:
+        converted: model.onnx vs the converted PyTorch model.
+        floor: original.onnx vs the original PyTorch model on the same inputs (the backbone's own export
+            error, as far as the original shows it); None when no original was given.
+        heads: each fixed head alone (`measure_heads`), measured when the converted model is beyond tolerance.
+        blame: None (within tolerance); "backbone" (beyond tolerance, but original.onnx is too and each head
+            alone is within it: accepted); "head" (a head adds error of its own); "model" (beyond tolerance
+            although original.onnx and each head are within it: something else in the converted graph).
+    """
+
+    converted: VerifyResult
+    floor: VerifyResult | None
+    heads: dict[str, VerifyResult]
+    blame: Blame | None
+
+    @property
+    def head_max_abs_diff(self) -> float | None:
+        return max((r.max_abs_diff for r in self.heads.values()), default=None)
+
+
+def verify_converted(
+    path: str | Path,
+    model: nn.Module,
+    *,
+    original_path: str | Path | None = None,
+    original: nn.Module | None = None,
+    inputs: torch.Tensor | None = None,
+    input_shape: tuple[int, ...],
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    n_random: int = 8,
+    seed: int = 0,
+    static_batch: int | None = None,
+) -> Verdict:
+    """Verify a converted model, judged against the floor its original's export already has.
+
+    The converted model passes when it is within tolerance of PyTorch; or, when it is not, when the
+    original model exported the same way is not either (the backbone's float error, e.g. random-init
+    logits in the hundreds) and every fixed head, fed the ONNX graph's own features, is within tolerance
+    of the PyTorch head (the head adds no error of its own).
+
+    Args:
+        path, model: the converted model's .onnx file and the PyTorch model it was exported from.
+        original_path, original: original.onnx and the original PyTorch model, run on the same inputs
+            (same real inputs, same seed); both or neither.
+        inputs, input_shape, atol, rtol, n_random, seed, static_batch: as in `verify_onnx`.
+
+    Returns:
+        The Verdict (blame None or "backbone").
+
+    Raises:
+        VerificationError: blame "head" or "model"; it carries the Verdict as `.verdict` and the converted
+            model's numbers.
+    """
+    if (original_path is None) != (original is None):
+        raise VerificationError("pass both original_path and original, or neither")
+    same = dict(inputs=inputs, input_shape=input_shape, atol=atol, rtol=rtol, n_random=n_random, seed=seed,
+                static_batch=static_batch)
+    conv = measure_onnx(path, model, **same)
+    floor = measure_onnx(original_path, original, **same) if original is not None else None
+    if conv.passed:
+        return Verdict(conv, floor, {}, None)
+    heads = measure_heads(path, model, **same)
+    bad = [layer for layer, r in heads.items() if not r.passed]
+    if bad:
+        verdict = Verdict(conv, floor, heads, "head")
+        worst = max(bad, key=lambda layer: heads[layer].max_abs_diff)
+        message = _beyond(heads[worst], f"the fixed head {worst!r} adds error of its own (fed onnxruntime's "
+                                        "features)") + "; the head export is wrong, do not ship it"
+    elif floor is not None and not floor.passed and heads:
+        return Verdict(conv, floor, heads, "backbone")
+    else:
+        verdict = Verdict(conv, floor, heads, "model")
+        also = "" if floor is None else f", although original.onnx is within it (max |diff| {floor.max_abs_diff:.3g})"
+        message = _beyond(conv, "onnxruntime differs from PyTorch") + also + "; the export is wrong, do not ship it"
+    err = VerificationError(message, max_abs_diff=conv.max_abs_diff, mean_abs_diff=conv.mean_abs_diff)
+    err.verdict = verdict  # type: ignore[attr-defined]
+    raise err
 
 
 def mark_failed(path: str | Path) -> Path:

@@ -383,3 +383,70 @@ def test_export_and_verify_leave_the_global_rng_alone(tmp_path):
         res = export_onnx(model, tmp_path / "m.onnx", input_shape=(8,), head_layer="fc")
         verify_onnx(res.path, model, input_shape=(8,))
         assert torch.equal(torch.rand(3), expected)
+
+
+# ---------------------------------------------------------------------------------------------- the two exporters
+
+
+def _dynamo_case(name: str):
+    from models import HEAD_LAYOUTS
+
+    layout = {**LAYOUTS, **HEAD_LAYOUTS}[name]()
+    swap = swap_classifier(layout.model, input_shape=layout.input_shape)
+    return layout, swap
+
+
+@pytest.mark.parametrize("name", ["resnet_fc", "distilled_vit"])  # a ReduceMean below opset 18; two heads
+def test_dynamo_exporter_gives_the_same_slim_heads(name, tmp_path):
+    layout, swap = _dynamo_case(name)
+    res = export_onnx(layout.model, tmp_path / "m.onnx", input_shape=layout.input_shape, head_layer=swap.layers,
+                      exporter="dynamo")
+    assert res.exporter == "dynamo" and res.exporter_failures == [] and res.opset == 17
+    proto = onnx.load(str(res.path))
+    onnx.checker.check_model(proto)  # no opset-18 attribute left behind by the version converter
+    assert [o.version for o in proto.opset_import if o.domain == ""] == [17]
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch_size"
+    assert len(res.heads) == len(swap.layers)
+    for h, s in zip(res.heads, swap.heads, strict=True):
+        ops = check_head_static(proto, num_classes=s.head.num_classes, embed_size=s.head.embed_size, prefix=h.scope)
+        assert ops == h.ops and not {"MatMul", "Gemm", "Conv"} & set(ops)
+    assert not any(n.domain == "fyc" for n in proto.graph.node)  # every marker replaced
+    ver = verify_onnx(res.path, layout.model, input_shape=layout.input_shape)
+    assert ver.max_abs_diff < 1e-5 and ver.batch_sizes == [1, 3, 8]
+
+
+def test_dynamo_exporter_at_a_static_batch(tmp_path):
+    layout, swap = _dynamo_case("vit_head")
+    res = export_onnx(layout.model, tmp_path / "m.onnx", input_shape=layout.input_shape, head_layer=swap.layers,
+                      exporter="dynamo", static_batch=4)
+    proto = onnx.load(str(res.path))
+    assert [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim][0] == 4
+    assert verify_onnx(res.path, layout.model, input_shape=layout.input_shape, static_batch=4).max_abs_diff < 1e-5
+
+
+class _OddAdaptivePool(nn.Module):
+    """AdaptiveAvgPool2d(3) on 8x8 maps: the TorchScript exporter refuses (3 is not a factor of 8), dynamo exports."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(3), nn.Flatten())
+        self.fc = nn.Linear(36, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x))
+
+
+def test_auto_falls_back_to_dynamo_and_says_why(tmp_path):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = _OddAdaptivePool().eval()
+    swap = swap_classifier(model, input_shape=(3, 8, 8))
+    with pytest.raises(ExportError, match="adaptive_avg_pool2d"):
+        export_onnx(model, tmp_path / "ts.onnx", input_shape=(3, 8, 8), head_layer=swap.layers, exporter="torchscript")
+    res = export_onnx(model, tmp_path / "m.onnx", input_shape=(3, 8, 8), head_layer=swap.layers)  # auto
+    assert res.exporter == "dynamo"
+    assert len(res.exporter_failures) == 1 and res.exporter_failures[0].startswith("torchscript: ")
+    assert "adaptive_avg_pool2d" in res.exporter_failures[0]
+    check_head_static(res.path, num_classes=10, embed_size=swap.head.embed_size)
+    assert verify_onnx(res.path, model, input_shape=(3, 8, 8)).max_abs_diff < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
