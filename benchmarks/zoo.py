@@ -232,7 +232,8 @@ def _cli(cmd: list[str]) -> tuple[int, str]:
 def _stage_of(error: str, stages: tuple[str, ...]) -> str:
     """Which stage a CLI error line belongs to, by what it talks about (the CLI prints no error types)."""
     # "torch.onnx.export failed (...); check that the model runs on the input shape" is an export failure
-    words = {"shape": ("without the input shape", "no input shape", "--input-shape"), "find": ("classifier", "--layer", "nn.Linear"),
+    words = {"shape": ("without the input shape", "no input shape", "--input-shape"),
+             "find": ("classifier", "--layer", "nn.Linear"),
              "swap": ("head", "transform size"), "export": ("export", "onnx", "opset")}
     for stage in stages:
         if any(w in error for w in words.get(stage, ())):

@@ -165,6 +165,9 @@ class ConvertOptions(DataOptions, FinetuneConfig):
                                      "fine-tune and measure accuracy.", panel=_DATA)
     opset: int | None = option(None, f"ONNX opset, {MIN_OPSET} to {MAX_OPSET}. [default: {DEFAULT_OPSET}, what "
                                      "most edge converters take]", panel=_EXPORT, ge=MIN_OPSET)
+    exporter: Literal["auto", "torchscript", "dynamo"] = option(
+        "auto", "ONNX exporter: auto (TorchScript, then torch.export where it fails), torchscript or dynamo.",
+        panel=_EXPORT, choices=("auto", "torchscript", "dynamo"))
     head_layout: Literal["portable", "batch-switched"] = option(
         "portable", "ONNX head graph: portable (every edge runtime) or batch-switched (an If on the batch size; "
                     "onnxruntime servers with large heads and batches).", panel=_EXPORT, choices=HEAD_LAYOUTS)

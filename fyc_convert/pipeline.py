@@ -354,10 +354,10 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
 
         def export_both(opset: int):
             orig = export_onnx(original, stage / "original.onnx", input_shape=input_shape, opset=opset,
-                               dtype=opts.dtype, static_batch=opts.static_batch)
+                               dtype=opts.dtype, static_batch=opts.static_batch, exporter=opts.exporter)
             conv = export_onnx(model, stage / "model.onnx", input_shape=input_shape, opset=opset, dtype=opts.dtype,
                                head_layer=swap.layers, metadata=manifest, head_layout=opts.head_layout,
-                               static_batch=opts.static_batch)
+                               static_batch=opts.static_batch, exporter=opts.exporter)
             return orig, conv
 
         try:

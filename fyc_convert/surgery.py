@@ -495,6 +495,10 @@ def _from_get_classifier(model: nn.Module) -> Classifiers | str | None:
         raise ClassifierNotFoundError(
             "the model has no classifier: get_classifier() returns an Identity, so it is a feature extractor; build "
             "it with its classes (e.g. num_classes > 0) or pass --layer NAME")
+    if isinstance(found, (nn.ModuleList, nn.ModuleDict)):  # parallel branch heads (crossvit), not one MLP head
+        found = list(found.values() if isinstance(found, nn.ModuleDict) else found)
+        if len(found) == 1:
+            found = found[0]
     if isinstance(found, (tuple, list)) and found and all(isinstance(m, nn.Module) for m in found):
         shown = ", ".join(names.get(m, "?") for m in found)
         return f"get_classifier() returns {len(found)} layers ({shown}), and how they combine is checked by it"

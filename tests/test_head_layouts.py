@@ -320,3 +320,21 @@ def test_swap_of_a_conv_head_and_a_distilled_pair_on_cuda():
         assert all(t.device.type == "cuda" for s in result.heads for t in s.head.state_dict().values())
         with torch.no_grad():
             assert logits_of(model(x.cuda())).shape == (6, layout.num_classes)
+
+
+def test_get_classifier_returning_a_module_list_of_branch_heads():
+    # crossvit: get_classifier() returns the ModuleList of its branch heads, which are averaged; every one of
+    # them is a classifier (not one MLP head whose last Linear alone would be swapped)
+    from models import AveragedBranchHeads
+
+    class BranchHeadsWithGetter(AveragedBranchHeads):
+        def get_classifier(self) -> nn.Module:
+            return self.heads
+
+    torch.manual_seed(0)
+    model = BranchHeadsWithGetter(6, (12, 16, 12)).eval()
+    found = find_classifiers(model, input_shape=(3, 16, 16))
+    assert found.names == ("heads.0", "heads.1", "heads.2")
+    assert found.combine == HEAD_LAYOUTS["averaged_branch_heads"]().combine
+    swapped = swap_classifier(copy.deepcopy(model), input_shape=(3, 16, 16), inputs=_inputs((3, 16, 16)))
+    assert len(swapped.heads) == 3 and all(isinstance(h.head, HadamardHead) for h in swapped.heads)
