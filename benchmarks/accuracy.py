@@ -42,7 +42,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # sample_models (the --arch modules) import from the repository root
 
 from fyc_convert.data import check_data, load_data  # noqa: E402
-from fyc_convert.finetune import FinetuneConfig, calibrate, default_lr, evaluate, finetune, resolved  # noqa: E402
+from fyc_convert.finetune import (  # noqa: E402
+    FinetuneConfig,
+    calibrate,
+    default_lr,
+    evaluate,
+    finetune,
+    resolved,
+)
 from fyc_convert.heads import HadamardHead  # noqa: E402
 from fyc_convert.loading import load_model  # noqa: E402
 from fyc_convert.recipe import Facts, choose  # noqa: E402

@@ -9,8 +9,22 @@ import pytest
 import torch
 from _ddp_worker import build
 
-from fyc_convert.finetune import CHECKPOINT_NAME, EpochStats, FinetuneConfig, Metrics, finetune, stop_reason
-from fyc_convert.recipe import AUTO_MAX_EPOCHS, FIXED_EPOCHS, LARGE_DATA, MANY_SHARE, Facts, choose
+from fyc_convert.finetune import (
+    CHECKPOINT_NAME,
+    EpochStats,
+    FinetuneConfig,
+    Metrics,
+    finetune,
+    stop_reason,
+)
+from fyc_convert.recipe import (
+    AUTO_MAX_EPOCHS,
+    FIXED_EPOCHS,
+    LARGE_DATA,
+    MANY_SHARE,
+    Facts,
+    choose,
+)
 
 
 def _facts(**kw) -> Facts:
