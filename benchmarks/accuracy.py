@@ -7,14 +7,15 @@ seeds. Everything goes through the library as the CLI does (load_model, load_dat
 HadamardHead.from_linear, calibrate, finetune, evaluate); nothing is exported. Runs of the frames are
 interleaved seed by seed, so load changes on a shared machine hit both alike.
 
-    python benchmarks/accuracy.py [--sample digits glyphs glyphs-large] [--frame tile kerdock]
-                                  [--recipe defaults recipe] [--seeds 0 1 2] [--threads 1] [--device cpu]
-                                  [--jsonl FILE]
+    python benchmarks/accuracy.py [--sample digits glyphs glyphs-large] [--frame default tile pad kerdock]
+                                  [--recipe auto auto-distill defaults recipe] [--seeds 0 1 2] [--threads 1]
+                                  [--device cpu] [--jsonl FILE]
     python benchmarks/accuracy.py --table FILE.jsonl ...     # the table of recorded runs
 
 A recipe is a function Facts -> FinetuneConfig in RECIPES: "auto" is what the CLI does with no training flags
 (fyc_convert.recipe.choose on the same Facts the pipeline builds, then finetune.resolved, and fine-tuning with
-the original's validation accuracy as the target of ``epochs="auto"``); "defaults" is the old fixed default (SGD,
+the original's validation accuracy as the target of ``epochs="auto"``); "auto-distill" is that with
+distillation on for every head (a candidate rule); "defaults" is the old fixed default (SGD,
 3 epochs) and "recipe" the hand-picked many-class recipe, both kept for comparison. Frame "default" is what
 HadamardHead.from_linear picks without ``embedding=`` (the CLI's choice). The glyph data must be rendered first
 (``python -m sample_models.glyphs --out sample_models/data/glyphs.npz``; the large sample: see
@@ -87,6 +88,11 @@ def auto(facts: Facts) -> FinetuneConfig:
     return resolved(dataclasses.replace(base, **chosen))
 
 
+def auto_distill(facts: Facts) -> FinetuneConfig:
+    """"auto" with distillation on whatever the head (a candidate rule: recipe.choose distils many-class heads only)."""
+    return dataclasses.replace(auto(facts), distill=True)
+
+
 def defaults(facts: Facts) -> FinetuneConfig:
     """The old fixed defaults (before recipe.py): SGD, its default lr, 3 epochs, batch 64, no distillation."""
     return resolved(FinetuneConfig(optimizer="sgd", epochs=3, batch_size=64, distill=False))
@@ -97,7 +103,8 @@ def recipe(facts: Facts) -> FinetuneConfig:
     return FinetuneConfig(optimizer="adamw", lr=2e-3, distill=True, epochs=8, batch_size=128)
 
 
-RECIPES: dict[str, Callable[[Facts], FinetuneConfig]] = {"auto": auto, "defaults": defaults, "recipe": recipe}
+RECIPES: dict[str, Callable[[Facts], FinetuneConfig]] = {"auto": auto, "auto-distill": auto_distill,
+                                                          "defaults": defaults, "recipe": recipe}
 
 
 @dataclass
