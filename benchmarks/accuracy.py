@@ -82,7 +82,7 @@ SAMPLES = {
 
 
 def auto(facts: Facts) -> FinetuneConfig:
-    """The CLI with no training flags: the options recipe.choose picks from `facts`, resolved as pipeline._train does."""
+    """The CLI with no training flags: what recipe.choose picks from `facts`, resolved as pipeline._train does."""
     base = FinetuneConfig()
     chosen, _ = choose(base, facts)
     return resolved(dataclasses.replace(base, **chosen))
@@ -179,7 +179,7 @@ def run_one(name: str, frame: str, recipe_name: str, seed: int, *, device: str =
     swapped = acc(model)
     cfg = dataclasses.replace(RECIPES[recipe_name](facts), seed=seed, device=device)
     teacher = original if cfg.distill else None
-    cal = calibrate(model, head, bundle.train, device=device, seed=seed, teacher=teacher, distill=cfg.distill)
+    cal = calibrate(model, head, bundle.plain_train, device=device, seed=seed, teacher=teacher, distill=cfg.distill)
     calibrated = acc(model)
     t1 = time.perf_counter()
     trains = cfg.epochs == "auto" or cfg.epochs > 0
@@ -253,7 +253,8 @@ def table(runs: list[Run]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", nargs="+", default=["digits", "glyphs"], choices=sorted(SAMPLES))
-    parser.add_argument("--frame", nargs="+", default=["tile", "kerdock"], choices=["default", "tile", "pad", "kerdock"])
+    parser.add_argument("--frame", nargs="+", default=["tile", "kerdock"],
+                        choices=["default", "tile", "pad", "kerdock"])
     parser.add_argument("--recipe", nargs="+", default=list(RECIPES), choices=sorted(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
