@@ -7,13 +7,17 @@ seeds. Everything goes through the library as the CLI does (load_model, load_dat
 HadamardHead.from_linear, calibrate, finetune, evaluate); nothing is exported. Runs of the frames are
 interleaved seed by seed, so load changes on a shared machine hit both alike.
 
-    python benchmarks/accuracy.py [--sample digits glyphs glyphs-large] [--frame tile kerdock]
-                                  [--recipe defaults recipe] [--seeds 0 1 2] [--threads 1] [--device cpu]
-                                  [--jsonl FILE]
+    python benchmarks/accuracy.py [--sample digits glyphs glyphs-large] [--frame default tile pad kerdock]
+                                  [--recipe auto auto-distill defaults recipe] [--seeds 0 1 2] [--threads 1]
+                                  [--device cpu] [--jsonl FILE]
     python benchmarks/accuracy.py --table FILE.jsonl ...     # the table of recorded runs
 
-A recipe is a function (sample, bundle) -> FinetuneConfig in RECIPES: add one (e.g. the adaptive defaults,
-or ``--epochs auto``) by adding a function there. The glyph data must be rendered first
+A recipe is a function Facts -> FinetuneConfig in RECIPES: "auto" is what the CLI does with no training flags
+(fyc_convert.recipe.choose on the same Facts the pipeline builds, then finetune.resolved, and fine-tuning with
+the original's validation accuracy as the target of ``epochs="auto"``); "auto-distill" is that with
+distillation on for every head (a candidate rule); "defaults" is the old fixed default (SGD,
+3 epochs) and "recipe" the hand-picked many-class recipe, both kept for comparison. Frame "default" is what
+HadamardHead.from_linear picks without ``embedding=`` (the CLI's choice). The glyph data must be rendered first
 (``python -m sample_models.glyphs --out sample_models/data/glyphs.npz``; the large sample: see
 sample_models/README.md). The last table printed is what the README quotes.
 """
@@ -22,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,11 +42,19 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # sample_models (the --arch modules) import from the repository root
 
-from fyc_convert.data import DataBundle, check_data, load_data  # noqa: E402
-from fyc_convert.finetune import FinetuneConfig, calibrate, evaluate, finetune  # noqa: E402
+from fyc_convert.data import check_data, load_data  # noqa: E402
+from fyc_convert.finetune import (  # noqa: E402
+    FinetuneConfig,
+    calibrate,
+    default_lr,
+    evaluate,
+    finetune,
+    resolved,
+)
 from fyc_convert.heads import HadamardHead  # noqa: E402
 from fyc_convert.loading import load_model  # noqa: E402
-from fyc_convert.surgery import capture_features, find_classifier  # noqa: E402
+from fyc_convert.recipe import Facts, choose  # noqa: E402
+from fyc_convert.surgery import capture_features, count_params, find_classifier  # noqa: E402
 
 FEATURE_SAMPLES = 2048  # classifier inputs given to from_linear: a seeded random subset of the training data
 
@@ -67,17 +81,30 @@ SAMPLES = {
 }
 
 
-def defaults(sample: str, bundle: DataBundle) -> FinetuneConfig:
-    """The CLI defaults: FinetuneConfig() as it is (SGD, its default lr, 3 epochs, batch 64, no distillation)."""
-    return FinetuneConfig()
+def auto(facts: Facts) -> FinetuneConfig:
+    """The CLI with no training flags: what recipe.choose picks from `facts`, resolved as pipeline._train does."""
+    base = FinetuneConfig()
+    chosen, _ = choose(base, facts)
+    return resolved(dataclasses.replace(base, **chosen))
 
 
-def recipe(sample: str, bundle: DataBundle) -> FinetuneConfig:
+def auto_distill(facts: Facts) -> FinetuneConfig:
+    """"auto" with distillation on whatever the head (a candidate rule: recipe.choose distils many-class heads only)."""
+    return dataclasses.replace(auto(facts), distill=True)
+
+
+def defaults(facts: Facts) -> FinetuneConfig:
+    """The old fixed defaults (before recipe.py): SGD, its default lr, 3 epochs, batch 64, no distillation."""
+    return resolved(FinetuneConfig(optimizer="sgd", epochs=3, batch_size=64, distill=False))
+
+
+def recipe(facts: Facts) -> FinetuneConfig:
     """The hand-picked many-class recipe: AdamW, lr 2e-3, distillation, 8 epochs, batch 128."""
     return FinetuneConfig(optimizer="adamw", lr=2e-3, distill=True, epochs=8, batch_size=128)
 
 
-RECIPES: dict[str, Callable[[str, DataBundle], FinetuneConfig]] = {"defaults": defaults, "recipe": recipe}
+RECIPES: dict[str, Callable[[Facts], FinetuneConfig]] = {"auto": auto, "auto-distill": auto_distill,
+                                                          "defaults": defaults, "recipe": recipe}
 
 
 @dataclass
@@ -99,12 +126,21 @@ class Run:
     swap_s: float  # from_linear (row assignment included)
     calibrate_s: float
     finetune_s: float
+    # the fields below are absent from runs recorded before the "auto" recipe (None there)
+    stop_reason: str | None = None  # finetune's: "epochs" (a fixed count), "recovered", "plateau", "max_epochs"
+    optimizer: str | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    distill: bool | None = None
+    max_epochs: int | None = None  # the budget of epochs="auto"
+    load1: float | None = None  # 1-minute load average when the run started
 
 
 def _swap(model: nn.Module, layer: str, linear: nn.Linear, features: torch.Tensor, *, frame: str,
           seed: int) -> HadamardHead:
-    """Replace `layer` by HadamardHead.from_linear(embedding=frame) (swap_classifier does not take it yet)."""
-    head = HadamardHead.from_linear(linear, features=features, embedding=frame, seed=seed)
+    """Replace `layer` by HadamardHead.from_linear(embedding=frame); frame "default": from_linear's own choice."""
+    chosen = {} if frame == "default" else {"embedding": frame}
+    head = HadamardHead.from_linear(linear, features=features, seed=seed, **chosen)
     head.train(linear.training)
     parent, _, attr = layer.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, head)
@@ -113,6 +149,7 @@ def _swap(model: nn.Module, layer: str, linear: nn.Linear, features: torch.Tenso
 
 def run_one(name: str, frame: str, recipe_name: str, seed: int, *, device: str = "cpu") -> Run:
     """Load, swap, calibrate, fine-tune and measure one sample once (on `device`: cpu, cuda, auto)."""
+    load1 = os.getloadavg()[0]
     spec = SAMPLES[name]
     data_path = ROOT / spec.data
     if not data_path.exists():
@@ -131,24 +168,32 @@ def run_one(name: str, frame: str, recipe_name: str, seed: int, *, device: str =
     def acc(m: nn.Module) -> float:
         return float(evaluate(m, held_out, device=device).accuracy)
 
+    # the facts as pipeline._train builds them (head share: the classifier's parameters / the original model's)
+    facts = Facts(in_features=linear.in_features, num_classes=linear.out_features,
+                  head_share=count_params(linear) / max(count_params(original), 1), labelled=bundle.labelled,
+                  train_samples=len(bundle.train), has_val=bundle.val is not None)
+    original_acc = acc(original)
     t0 = time.perf_counter()
     head = _swap(model, layer, linear, features, frame=frame, seed=seed)
     swap_s = time.perf_counter() - t0
     swapped = acc(model)
-    cfg = RECIPES[recipe_name](name, bundle)
-    cfg.seed, cfg.device = seed, device
+    cfg = dataclasses.replace(RECIPES[recipe_name](facts), seed=seed, device=device)
     teacher = original if cfg.distill else None
-    cal = calibrate(model, head, bundle.train, device=device, seed=seed, teacher=teacher, distill=cfg.distill)
+    cal = calibrate(model, head, bundle.plain_train, device=device, seed=seed, teacher=teacher, distill=cfg.distill)
     calibrated = acc(model)
     t1 = time.perf_counter()
-    result = finetune(model, head, bundle, cfg, teacher=teacher) if cfg.epochs > 0 else None
+    trains = cfg.epochs == "auto" or cfg.epochs > 0
+    result = finetune(model, head, bundle, cfg, teacher=teacher, reference_accuracy=original_acc) if trains else None
     finetune_s = time.perf_counter() - t1
     return Run(
         sample=name, frame=frame, recipe=recipe_name, seed=seed, embedding=head.embedding,
         outputs=head.embed_size if head.embedding == "kerdock" else head.hadamard_size,
-        coherence=head.coherence(), original=acc(original), swapped=swapped, calibrated=calibrated,
+        coherence=head.coherence(), original=original_acc, swapped=swapped, calibrated=calibrated,
         finetuned=acc(model) if result is not None else None, epochs=len(result.history) if result else 0,
         swap_s=swap_s, calibrate_s=cal.seconds, finetune_s=finetune_s,
+        stop_reason=result.stop_reason if result else None, optimizer=cfg.optimizer,
+        lr=cfg.lr if cfg.lr is not None else default_lr(cfg.optimizer), batch_size=cfg.batch_size, distill=cfg.distill,
+        max_epochs=cfg.max_epochs if cfg.epochs == "auto" else None, load1=load1,
     )
 
 
@@ -161,29 +206,55 @@ def _mean_sd(values: list[float], scale: float = 100.0, digits: int = 2) -> str:
     return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
+def _stops(runs: list[Run]) -> str:
+    """The stop reasons of `runs` with their counts ("recovered ×2, plateau"); "–" for runs recorded without."""
+    reasons = [r.stop_reason for r in runs if r.stop_reason is not None]
+    if not reasons:
+        return "–"
+    counts = {reason: reasons.count(reason) for reason in dict.fromkeys(reasons)}
+    return ", ".join(reason + (f" ×{n}" if n > 1 else "") for reason, n in counts.items())
+
+
+def _settings(r: Run) -> str:
+    """What the recipe trained with ("adamw 0.002 b128 distill"); "–" for runs recorded without."""
+    if r.optimizer is None:
+        return "–"
+    return f"{r.optimizer} {r.lr:g} b{r.batch_size}" + (" distill" if r.distill else "")
+
+
+def _load(runs: list[Run]) -> str:
+    """The range of the 1-minute load averages at the starts of `runs`; "–" for runs recorded without."""
+    loads = [r.load1 for r in runs if r.load1 is not None]
+    if not loads:
+        return "–"
+    return f"{min(loads):.1f}" if round(min(loads), 1) == round(max(loads), 1) else f"{min(loads):.1f}–{max(loads):.1f}"
+
+
 def table(runs: list[Run]) -> str:
     """Markdown table: one line per (sample, frame, recipe), mean ± sd over the seeds."""
-    header = ("| sample | frame | recipe | seeds | coherence | outputs | original % | swapped % | calibrated % | "
-              "fine-tuned % | Δ vs original | epochs | fine-tune s |")
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ("| sample | frame | recipe | trained with | seeds | coherence | outputs | original % | swapped % | "
+              "calibrated % | fine-tuned % | Δ vs original | epochs | stopped | fine-tune s | load |")
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
     keys = list(dict.fromkeys((r.sample, r.frame, r.recipe) for r in runs))
     for key in keys:
         rs = [r for r in runs if (r.sample, r.frame, r.recipe) == key]
         drop = [(r.finetuned - r.original) if r.finetuned is not None else None for r in rs]
         lines.append(
-            f"| {key[0]} | {rs[0].embedding} | {key[2]} | {len(rs)} | {statistics.mean(r.coherence for r in rs):.3f} | "
+            f"| {key[0]} | {rs[0].embedding} | {key[2]} | {_settings(rs[0])} | {len(rs)} | "
+            f"{statistics.mean(r.coherence for r in rs):.3f} | "
             f"{statistics.mean(r.outputs for r in rs):.0f} | "
             f"{_mean_sd([r.original for r in rs])} | {_mean_sd([r.swapped for r in rs])} | "
             f"{_mean_sd([r.calibrated for r in rs])} | {_mean_sd([r.finetuned for r in rs])} | "
-            f"{_mean_sd(drop)} | {_mean_sd([r.epochs for r in rs], 1.0, 1)} | "
-            f"{_mean_sd([r.finetune_s for r in rs], 1.0, 1)} |")
+            f"{_mean_sd(drop)} | {_mean_sd([r.epochs for r in rs], 1.0, 1)} | {_stops(rs)} | "
+            f"{_mean_sd([r.finetune_s for r in rs], 1.0, 1)} | {_load(rs)} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sample", nargs="+", default=["digits", "glyphs"], choices=sorted(SAMPLES))
-    parser.add_argument("--frame", nargs="+", default=["tile", "kerdock"], choices=["tile", "pad", "kerdock"])
+    parser.add_argument("--frame", nargs="+", default=["tile", "kerdock"],
+                        choices=["default", "tile", "pad", "kerdock"])
     parser.add_argument("--recipe", nargs="+", default=list(RECIPES), choices=sorted(RECIPES))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")

@@ -1,0 +1,228 @@
+"""Tests of the training defaults (fyc_convert.recipe.choose) and of `epochs="auto"` stopping on each reason."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from _ddp_worker import build
+
+from fyc_convert.finetune import (
+    CHECKPOINT_NAME,
+    EpochStats,
+    FinetuneConfig,
+    Metrics,
+    finetune,
+    stop_reason,
+)
+from fyc_convert.recipe import (
+    AUTO_MAX_EPOCHS,
+    FIXED_EPOCHS,
+    LARGE_DATA,
+    MANY_SHARE,
+    Facts,
+    choose,
+)
+
+
+def _facts(**kw) -> Facts:
+    """A small labelled head (10 classes on 64 features, 2% of the parameters) with 1,000 samples and a val split."""
+    return Facts(**{"in_features": 64, "num_classes": 10, "head_share": 0.02, "labelled": True,
+                    "train_samples": 1000, "has_val": True, **kw})
+
+
+# ------------------------------------------------------------------------------------------ the choice rule
+
+
+def test_small_head_gets_sgd_at_the_plain_lr_without_distillation():
+    chosen, reasons = choose(FinetuneConfig(), _facts())
+    assert chosen == {"optimizer": "sgd", "batch_size": 64, "lr": pytest.approx(0.01), "distill": False,
+                      "epochs": "auto", "max_epochs": AUTO_MAX_EPOCHS}
+    assert reasons == ["optimizer sgd: a small head close to the trained one after the swap",
+                       "batch size 64: 1,000 training samples",
+                       "lr 0.01: 0.01 per 64 samples, linear in the batch size",
+                       "epochs auto: stop once within the target of the original"]
+
+
+def test_more_classes_than_features_is_many_class():
+    chosen, reasons = choose(FinetuneConfig(), _facts(in_features=256, num_classes=1200, head_share=0.01))
+    assert chosen["optimizer"] == "adamw" and chosen["distill"] is True
+    assert chosen["lr"] == pytest.approx(2e-3 * 64 / 128)  # batch 64: 1,000 samples
+    assert reasons[0] == "optimizer adamw: 1200 classes on 256 features, so every class vector moves and the " \
+                         "backbone must follow"
+    assert "distillation on: 1200 classes on 256 features, the original's outputs guide the new head" in reasons
+
+
+@pytest.mark.parametrize(("share", "many"), [(MANY_SHARE - 0.01, False), (MANY_SHARE, True), (0.77, True)])
+def test_a_classifier_holding_a_quarter_of_the_parameters_is_many_class(share, many):
+    chosen, reasons = choose(FinetuneConfig(), _facts(head_share=share))  # C < N: only the share decides
+    assert chosen["optimizer"] == ("adamw" if many else "sgd")
+    assert chosen["distill"] is many
+    if many:
+        assert f"the classifier is {100 * share:.0f}% of the parameters" in reasons[0]
+
+
+@pytest.mark.parametrize(("samples", "batch"), [(LARGE_DATA - 1, 64), (LARGE_DATA, 128), (10 * LARGE_DATA, 128)])
+def test_batch_size_by_data_size(samples, batch):
+    chosen, reasons = choose(FinetuneConfig(), _facts(train_samples=samples))
+    assert chosen["batch_size"] == batch
+    assert f"batch size {batch}: {samples:,} training samples" in reasons
+
+
+@pytest.mark.parametrize(("optimizer", "batch", "lr"), [
+    ("sgd", 32, 0.005), ("sgd", 64, 0.01), ("sgd", 256, 0.04),
+    ("adamw", 64, 1e-3), ("adamw", 128, 2e-3), ("adamw", 512, 8e-3),
+])
+def test_lr_is_linear_in_the_batch_size(optimizer, batch, lr):
+    chosen, reasons = choose(FinetuneConfig(optimizer=optimizer, batch_size=batch), _facts())
+    assert chosen["lr"] == pytest.approx(lr)
+    assert "optimizer" not in chosen and "batch_size" not in chosen  # given: kept
+    assert any(r.startswith(f"lr {lr:g}: ") for r in reasons)
+
+
+def test_lr_follows_the_chosen_batch_size():
+    chosen, _ = choose(FinetuneConfig(), _facts(num_classes=100, train_samples=LARGE_DATA))
+    assert (chosen["optimizer"], chosen["batch_size"], chosen["lr"]) == ("adamw", 128, pytest.approx(2e-3))
+
+
+def test_class_lr_keeps_its_own_lr():
+    chosen, _ = choose(FinetuneConfig(optimizer="class-lr"), _facts())
+    assert "lr" not in chosen  # the loop's default_lr for class-lr applies
+
+
+def test_epochs_auto_only_with_a_validation_split():
+    chosen, reasons = choose(FinetuneConfig(), _facts(has_val=False))
+    assert chosen["epochs"] == FIXED_EPOCHS and "max_epochs" not in chosen
+    assert f"{FIXED_EPOCHS} epochs: no validation split to stop on" in reasons
+    chosen, _ = choose(FinetuneConfig(), _facts(has_val=True))
+    assert chosen["epochs"] == "auto" and chosen["max_epochs"] == AUTO_MAX_EPOCHS
+
+
+def test_a_given_epoch_count_gets_no_budget_and_a_given_auto_gets_one():
+    chosen, _ = choose(FinetuneConfig(epochs=5), _facts())
+    assert "epochs" not in chosen and "max_epochs" not in chosen
+    chosen, _ = choose(FinetuneConfig(epochs="auto"), _facts(has_val=False))
+    assert "epochs" not in chosen and chosen["max_epochs"] == AUTO_MAX_EPOCHS
+    chosen, _ = choose(FinetuneConfig(max_epochs=4), _facts())
+    assert chosen["epochs"] == "auto" and "max_epochs" not in chosen
+
+
+@pytest.mark.parametrize("facts", [_facts(), _facts(num_classes=1200, in_features=256, train_samples=50_000),
+                                   _facts(labelled=False, has_val=False)])
+def test_every_given_value_is_kept(facts):
+    given = FinetuneConfig(optimizer="sgd", lr=0.3, batch_size=7, distill=False, epochs=2, max_epochs=9)
+    assert choose(given, facts) == ({}, [])
+    # one at a time: the given one is never in the choices, the others still are
+    for name, value in [("optimizer", "adamw"), ("lr", 0.3), ("batch_size", 7), ("distill", True), ("epochs", 2)]:
+        chosen, _ = choose(dataclasses.replace(FinetuneConfig(), **{name: value}), facts)
+        assert name not in chosen
+        assert {"optimizer", "lr", "batch_size", "distill", "epochs"} - {name} <= set(chosen)
+
+
+def test_many_class_with_a_given_sgd_gets_the_sgd_lr():
+    chosen, _ = choose(FinetuneConfig(optimizer="sgd"), _facts(num_classes=1200, train_samples=LARGE_DATA))
+    assert chosen["lr"] == pytest.approx(0.01 * 128 / 64) and chosen["distill"] is True
+
+
+def test_unlabelled_data_is_distilled_even_for_a_small_head():
+    chosen, reasons = choose(FinetuneConfig(), _facts(labelled=False))
+    assert chosen["optimizer"] == "sgd" and chosen["distill"] is True
+    assert "distillation on: the data has no labels" in reasons
+    chosen, reasons = choose(FinetuneConfig(), _facts(labelled=False, num_classes=1000))
+    assert chosen["distill"] is True and "distillation on: the data has no labels" in reasons
+
+
+# ------------------------------------------------------------------------------------------ stop_reason
+
+
+def _history(values: list[float | None], *, labelled: bool = True) -> list[EpochStats]:
+    def metrics(v):
+        return None if v is None else Metrics(loss=None, accuracy=v if labelled else None,
+                                              agreement=None if labelled else v, samples=10)
+    return [EpochStats(epoch=i + 1, loss=1.0, accuracy=None, val=metrics(v), lr=0.1, scale=1.0, seconds=1.0,
+                       samples_per_s=1.0) for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize(("values", "last", "expected"), [
+    ([0.5], False, None),
+    ([0.9], False, "recovered"),  # target 0.9 reached exactly
+    ([0.5, 0.95], False, "recovered"),
+    ([0.5, 0.6, 0.6], False, None),  # epoch 2 is the best, one epoch without a better one
+    ([0.5, 0.6, 0.6, 0.55], False, "plateau"),  # two epochs without a better one
+    ([0.7, 0.6, 0.65], False, "plateau"),
+    ([0.5, 0.6, 0.7], True, "max_epochs"),
+    ([0.7, 0.6, 0.65], True, "plateau"),  # the plateau is the reason even on the last epoch
+    ([0.5, 0.9], True, "recovered"),
+    ([None, None], False, None),  # nothing to stop on
+    ([None, None], True, "max_epochs"),
+])
+def test_stop_reason(values, last, expected):
+    assert stop_reason(_history(values), target=0.9, patience=2, labelled=True, last=last) == expected
+
+
+def test_stop_reason_without_labels_uses_the_agreement_and_without_a_target_never_recovers():
+    assert stop_reason(_history([0.99], labelled=False), target=0.99, patience=2, labelled=False,
+                       last=False) == "recovered"
+    assert stop_reason(_history([1.0, 1.0, 1.0]), target=None, patience=2, labelled=True, last=False) == "plateau"
+    assert stop_reason(_history([0.2, 1.0]), target=None, patience=2, labelled=True, last=True) == "max_epochs"
+
+
+# ------------------------------------------------------------------------------------------ the loop with epochs="auto"
+
+
+def _auto(**kw) -> FinetuneConfig:
+    return FinetuneConfig(**{"epochs": "auto", "max_epochs": 6, "batch_size": 8, "lr": 0.05, "optimizer": "sgd",
+                             "distill": False, "device": "cpu", **kw})
+
+
+def test_auto_stops_when_recovered_at_the_first_epoch_that_reaches_the_target(tmp_path):
+    # the same seed and budget as a fixed run of max_epochs epochs: the same trajectory (the lr decays over the budget)
+    model, head, bundle = build()
+    fixed = finetune(model, head, bundle, _auto(epochs=6))
+    accs = [h.val.accuracy for h in fixed.history]
+    k = next(i for i in range(1, len(accs)) if accs[i] > max(accs[:i]))  # an epoch better than every earlier one
+    model, head, bundle = build()
+    result = finetune(model, head, bundle, _auto(target_drop=0.5, out_dir=tmp_path),
+                      reference_accuracy=accs[k] + 0.005)  # target: exactly accs[k]
+    assert result.stop_reason == "recovered"
+    assert len(result.history) == k + 1 < 6
+    assert [h.val.accuracy for h in result.history] == accs[:k + 1]
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["stop_reason"] == "recovered"
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_auto_stops_on_a_plateau_after_patience_epochs_without_a_better_one(patience):
+    model, head, bundle = build()
+    # lr so small the accuracy cannot move: epoch 1 stays the best; the target (100%) is never reached
+    result = finetune(model, head, bundle, _auto(lr=1e-12, patience=patience, target_drop=0.0),
+                      reference_accuracy=1.0)
+    assert result.history[0].val.accuracy < 1.0
+    assert result.stop_reason == "plateau"
+    assert len(result.history) == patience + 1
+
+
+def test_auto_stops_at_max_epochs_when_neither_recovered_nor_on_a_plateau():
+    model, head, bundle = build()
+    result = finetune(model, head, bundle, _auto(lr=1e-12, patience=5, max_epochs=3, target_drop=0.0),
+                      reference_accuracy=1.0)
+    assert result.stop_reason == "max_epochs"
+    assert len(result.history) == 3
+
+
+def test_a_fixed_epoch_count_stops_on_epochs_whatever_the_reference():
+    model, head, bundle = build()
+    result = finetune(model, head, bundle, _auto(epochs=2), reference_accuracy=0.0)
+    assert result.stop_reason == "epochs" and len(result.history) == 2
+
+
+def test_resuming_a_recovered_auto_run_trains_no_further(tmp_path):
+    model, head, bundle = build()
+    first = finetune(model, head, bundle, _auto(out_dir=tmp_path), reference_accuracy=0.0)  # recovered at once
+    assert (first.stop_reason, len(first.history)) == ("recovered", 1)
+    done = copy.deepcopy(model.state_dict())
+    again, head, bundle = build()
+    result = finetune(again, head, bundle, _auto(out_dir=tmp_path, resume=True), reference_accuracy=0.0)
+    assert (result.stop_reason, len(result.history), result.resumed_from_epoch) == ("recovered", 1, 1)
+    assert all(torch.equal(done[k], v) for k, v in again.state_dict().items())
