@@ -109,6 +109,9 @@ class FinetuneResult:
     skipped_images: int = 0  # unreadable images skipped (`skip_bad_images`), all ranks together
     # "epochs" (the count given), or with epochs="auto": "recovered", "plateau", "max_epochs"
     stop_reason: str = "epochs"
+    # epochs="auto" stopping on "plateau" or "max_epochs": the epoch (1-based) whose weights were kept, when an
+    # earlier epoch validated better than the last one; None otherwise (the last epoch's weights)
+    kept_epoch: int | None = None
 
 
 @dataclass
@@ -418,8 +421,11 @@ def finetune(
                              if data.val is not None else None)
                 trainer.history.append(stats)
                 if config.epochs == "auto":
+                    trainer.note_best(epoch + 1)
                     trainer.stop_reason = stop_reason(trainer.history, target=target, patience=config.patience,
                                                       labelled=data.labelled, last=epoch + 1 == trainer.budget)
+                    if trainer.stop_reason in ("plateau", "max_epochs"):
+                        trainer.keep_best()
                 elif epoch + 1 == trainer.budget:
                     trainer.stop_reason = "epochs"
                 trainer.save(epoch + 1)
@@ -451,7 +457,7 @@ def stop_reason(history: list[EpochStats], *, target: float | None, patience: in
     "recovered": the validation metric (accuracy; agreement with the teacher when unlabelled) reached `target`;
     "plateau": no better value for `patience` epochs; "max_epochs": the budget is spent (`last`).
     """
-    values = [(h.val.accuracy if labelled else h.val.agreement) if h.val is not None else None for h in history]
+    values = [_stop_metric(h, labelled) for h in history]
     if values[-1] is None:
         return "max_epochs" if last else None
     if target is not None and values[-1] >= target - 1e-12:
@@ -460,6 +466,13 @@ def stop_reason(history: list[EpochStats], *, target: float | None, patience: in
     if len(values) - 1 - best >= patience:
         return "plateau"
     return "max_epochs" if last else None
+
+
+def _stop_metric(stats: EpochStats, labelled: bool) -> float | None:
+    """What epochs="auto" watches: validation accuracy, or agreement with the teacher when unlabelled."""
+    if stats.val is None:
+        return None
+    return stats.val.accuracy if labelled else stats.val.agreement
 
 
 def default_lr(optimizer: str) -> float:
@@ -500,6 +513,10 @@ class _Trainer:
         self.budget = config.max_epochs if config.epochs == "auto" else config.epochs  # most epochs of this run
         self.state = _resume_state(self.ckpt, config, self.precision, self.world, self.rank) if config.resume else None
         self.stop_reason: str | None = self.state.get("stop_reason") if self.state is not None else None
+        # epochs="auto": the best-validating epoch so far and its weights (CPU), kept in the checkpoint too
+        self.best_epoch: int | None = self.state.get("best_epoch") if self.state is not None else None
+        self.best_weights: dict[str, Tensor] | None = self.state.get("best_weights") if self.state is not None else None
+        self.kept_epoch: int | None = self.state.get("kept_epoch") if self.state is not None else None
         self.cuda_devices = [self.device.index] if self.device.type == "cuda" else []
 
         self.channels_last = (config.channels_last if config.channels_last is not None else
@@ -615,11 +632,26 @@ class _Trainer:
             self.sched.step()
         return loss.detach(), logits.detach()
 
+    def note_best(self, epoch: int) -> None:
+        """Remember the weights of `epoch` (1-based, the last in history) when it validated best so far."""
+        value = _stop_metric(self.history[-1], self.data.labelled)
+        best = _stop_metric(self.history[self.best_epoch - 1], self.data.labelled) if self.best_epoch else None
+        if value is not None and (best is None or value >= best):  # a tie: the later, more annealed weights
+            self.best_epoch = epoch
+            self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def keep_best(self) -> None:
+        """On a plateau or at the budget: go back to the best-validating epoch's weights if it was not the last."""
+        if self.best_epoch is not None and self.best_epoch != len(self.history) and self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights)
+            self.kept_epoch = self.best_epoch
+
     def save(self, epoch: int) -> None:
         started = epoch > 0 or self.state is not None
+        best = {"best_epoch": self.best_epoch, "best_weights": self.best_weights, "kept_epoch": self.kept_epoch}
         _save_checkpoint(self.ckpt, self.model, self.opt if started else None, self.sched if started else None,
                          self.scaler if started else None, epoch, self.history, self.config, self.precision,
-                         self.world, self.rank, self.stop_reason)
+                         self.world, self.rank, self.stop_reason, best=best)
 
     def result(self) -> FinetuneResult:
         return FinetuneResult(
@@ -633,6 +665,7 @@ class _Trainer:
             channels_last=self.channels_last,
             skipped_images=len(_gather_skipped(self.data, self.world)),
             stop_reason=self.stop_reason or "epochs",
+            kept_epoch=self.kept_epoch,
         )
 
 
@@ -719,7 +752,8 @@ def _scale_value(head: nn.Module) -> float:
 
 
 def _save_checkpoint(path: Path | None, model: nn.Module, opt, sched, scaler, epoch: int, history: list[EpochStats],
-                     config: FinetuneConfig, precision: str, world: int, rank: int, stop_reason: str | None) -> None:
+                     config: FinetuneConfig, precision: str, world: int, rank: int, stop_reason: str | None,
+                     best: dict[str, Any] | None = None) -> None:
     """Rank 0 writes model/optimizer/scheduler/epoch/history atomically (no collective: ranks may differ in path)."""
     if path is None or rank != 0:
         return
@@ -736,6 +770,7 @@ def _save_checkpoint(path: Path | None, model: nn.Module, opt, sched, scaler, ep
         "scheduler": sched.state_dict() if sched is not None else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "history": [asdict(h) for h in history],
+        **(best or {}),  # epochs="auto": best_epoch, best_weights, kept_epoch
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)

@@ -260,11 +260,13 @@ def _train(model, original, swap, bundle, opts: ConvertOptions, out_dir: Path, r
             report.resumed.append(f"fine-tuning epochs 1–{done}, from {CHECKPOINT_DIR}/{CHECKPOINT_NAME}"
                                   + (" (training had finished)" if finished and done == len(result.history) else ""))
         if result.stop_reason != "epochs":
-            say(f"stopped after {len(result.history)} epoch(s): {_STOP_WORDS[result.stop_reason]}")
+            kept = f"; kept epoch {result.kept_epoch}'s weights, the best on validation" if result.kept_epoch else ""
+            say(f"stopped after {len(result.history)} epoch(s): {_STOP_WORDS[result.stop_reason]}{kept}")
         acc.finetuned = accuracy(model)
         report.training = {"epochs": len(result.history), "epochs_option": epochs,
                            "max_epochs": cfg.max_epochs if epochs == "auto" else None,
-                           "stop_reason": result.stop_reason, "optimizer": cfg.optimizer,
+                           "stop_reason": result.stop_reason, "kept_epoch": result.kept_epoch,
+                           "optimizer": cfg.optimizer,
                            "lr": cfg.lr if cfg.lr is not None else default_lr(cfg.optimizer),
                            "batch_size": cfg.batch_size, "distill": cfg.distill, "chosen": reasons,
                            "device": result.device,
