@@ -269,7 +269,7 @@ def _arrays_prep(prep: Preprocessing, sample_shape: tuple[int, ...], opts: DataO
         raise DataError("augmentation applies to image folders; arrays are used as stored (turn augment off)")
     if prep.input_shape is None:
         prep = prep.with_value("input_shape", sample_shape, "data")
-    return prep.with_value("augment", False, "data (arrays are used as stored)")
+    return prep.with_value("augment", False, "data: arrays are used as stored")
 
 
 def _count_classes(labelled: bool, *labels: torch.Tensor | None) -> int:
