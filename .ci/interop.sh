@@ -41,4 +41,10 @@ fi
 
 FYC_INTEROP=1 FYC_INTEROP_REPORT=out/interop.json OMP_NUM_THREADS=1 \
   python -m pytest tests/interop -q -p no:cacheprovider -rsx "$@"
+# The comparisons with torchvision that the main venv skips (it has no torchvision): our transforms against
+# torchvision's, pixel for pixel, and the image-folder order against torchvision's ImageFolder.
+torch_py=${FYC_INTEROP_TORCH:-.venv-interop/torch/bin/python}
+"$torch_py" -m pytest --version >/dev/null 2>&1 || "$torch_py" -m pip install -q pytest
+PYTHONPATH=. "$torch_py" -m pytest tests/test_transforms.py \
+  tests/test_data.py::test_image_folder_matches_torchvision_imagefolder -q -p no:cacheprovider -rs
 echo "interop: done in $(( $(date +%s) - start )) s"
