@@ -17,7 +17,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fyc_convert.errors import ClassifierNotFoundError
 from fyc_convert.surgery import logits_of  # noqa: F401  (re-exported for the tests)
+
+
+def head_math(head: nn.Module, feats: Tensor) -> Tensor:
+    """The reference of a swapped head: alpha * V x_hat + b from docs/design.md, in float64, (S, N) -> (S, C)."""
+    x = feats.double()
+    x_hat = x / (x.norm(dim=-1, keepdim=True) + 1e-8)
+    logits = head.scale.detach().double() * x_hat @ head.class_vectors().double().T  # (S, C)
+    return logits + head.bias.detach().double() if head.bias is not None else logits
+
+
+def not_found_message(call: Callable, *args, **kwargs) -> str:
+    """The one-line message of the ClassifierNotFoundError that call(*args, **kwargs) raises."""
+    import pytest
+
+    with pytest.raises(ClassifierNotFoundError) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
 
 
 @dataclass

@@ -7,10 +7,20 @@ import copy
 
 import pytest
 import torch
-from models import BAD_LAYOUTS, HEAD_LAYOUTS, LAYOUTS, NO_CLASSIFIER, FlattenedMapClassifier, VitHead, logits_of
+from models import (
+    BAD_LAYOUTS,
+    HEAD_LAYOUTS,
+    LAYOUTS,
+    NO_CLASSIFIER,
+    FlattenedMapClassifier,
+    VitHead,
+    head_math,
+    logits_of,
+    not_found_message,
+)
 from torch import Tensor, nn
 
-from fyc_convert.errors import ClassifierNotFoundError, HeadError
+from fyc_convert.errors import HeadError
 from fyc_convert.heads import HadamardHead
 from fyc_convert.layouts import ConvHead, conv_as_linear
 from fyc_convert.surgery import (
@@ -37,22 +47,6 @@ def _pooled_inputs(model: nn.Module, layer: str, x: Tensor) -> Tensor:
     return f.flatten(1) if f.dim() == 4 else f.reshape(-1, f.shape[-1])
 
 
-def _head_math(head: HadamardHead, feats: Tensor) -> Tensor:
-    """alpha * V x_hat + b from docs/design.md, in float64: (S, N) -> (S, C)."""
-    x = feats.double()
-    x_hat = x / (x.norm(dim=-1, keepdim=True) + 1e-8)
-    logits = head.scale.detach().double() * x_hat @ head.class_vectors().double().T
-    return logits + head.bias.detach().double() if head.bias is not None else logits
-
-
-def _error(call, *args, **kwargs) -> str:
-    with pytest.raises(ClassifierNotFoundError) as info:
-        call(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
-
-
 @pytest.mark.parametrize("name", HEAD_LAYOUTS)
 def test_find_classifiers(name):
     layout = HEAD_LAYOUTS[name]()
@@ -66,7 +60,7 @@ def test_find_classifiers(name):
 
 
 @pytest.mark.parametrize("name", HEAD_LAYOUTS)
-def test_swap_matches_the_combined_head_math(name):
+def test_swap_matches_the_combinedhead_math(name):
     layout = HEAD_LAYOUTS[name]()
     model = layout.model
     original = copy.deepcopy(model)
@@ -85,7 +79,7 @@ def test_swap_matches_the_combined_head_math(name):
         alone = HadamardHead.from_linear(swapped.original_linear, features=feats[n])
         assert torch.equal(swapped.head.rows, alone.rows)
         torch.testing.assert_close(swapped.head.scale, alone.scale)
-        parts.append(_head_math(swapped.head, feats[n]))
+        parts.append(head_math(swapped.head, feats[n]))
     stacked = torch.stack(parts)
     want = stacked.sum(0) if layout.combine == "sum" else stacked.mean(0)
     with torch.no_grad():
@@ -210,7 +204,7 @@ def test_describe():
 
 def test_single_linear_api_refuses_other_layouts():
     layout = HEAD_LAYOUTS["distilled_vit"]()
-    message = _error(find_classifier, layout.model, input_shape=layout.input_shape)
+    message = not_found_message(find_classifier, layout.model, input_shape=layout.input_shape)
     assert message == ("the classifier is head, head_dist (2 nn.Linear, averaged; found by forward pass), not one "
                        "nn.Linear; swap it with swap_classifier, or pass --layer NAME to choose one nn.Linear")
     assert find_classifier(layout.model, layer="head_dist")[0] == "head_dist"
@@ -218,18 +212,18 @@ def test_single_linear_api_refuses_other_layouts():
 
 def test_error_feature_extractor():
     model = NO_CLASSIFIER["feature_extractor"]().model
-    assert _error(find_classifiers, model) == (
+    assert not_found_message(find_classifiers, model) == (
         "the model has no classifier: get_classifier() returns an Identity, so it is a feature extractor; build it "
         "with its classes (e.g. num_classes > 0) or pass --layer NAME")
     model = NO_CLASSIFIER["identity_classifier"]().model
-    assert _error(find_classifiers, model, input_shape=(3, 8, 8)) == (
+    assert not_found_message(find_classifiers, model, input_shape=(3, 8, 8)) == (
         "the model has no classifier; the last layer run is 'classifier' (Identity), so it is a feature extractor; "
         "build it with its classes (e.g. num_classes > 0) or pass --layer NAME")
 
 
 def test_error_concatenated_heads():
     model = NO_CLASSIFIER["concat_heads"]().model
-    assert _error(swap_classifier, model, input_shape=(3, 8, 8)) == (
+    assert not_found_message(swap_classifier, model, input_shape=(3, 8, 8)) == (
         "the model's output concatenates the outputs of coarse, fine; fyc-convert swaps a classifier whose output "
         "is the logits, or several whose outputs are averaged; pass --layer NAME to swap one")
     assert isinstance(model.coarse, nn.Linear)
@@ -237,29 +231,30 @@ def test_error_concatenated_heads():
 
 def test_error_tuple_of_heads_is_still_a_choice():
     layout = BAD_LAYOUTS["two_heads"]()
-    assert _error(find_classifiers, layout.model, input_shape=layout.input_shape).startswith(
+    assert not_found_message(find_classifiers, layout.model, input_shape=layout.input_shape).startswith(
         "2 nn.Linear layers make the model's outputs: head_a, head_b")
 
 
 def test_error_get_classifier_pair_without_input_shape():
-    assert _error(find_classifiers, HEAD_LAYOUTS["distilled_vit"]().model) == (
+    assert not_found_message(find_classifiers, HEAD_LAYOUTS["distilled_vit"]().model) == (
         "finding the classifier needs one forward pass (get_classifier() returns 2 layers (head, head_dist), and "
         "how they combine is checked by it) but the input shape is unknown; pass --input-shape (one sample, e.g. "
         "3,224,224) or --layer NAME")
 
 
 def test_error_layer_of_different_class_counts():
-    assert _error(find_classifiers, BAD_LAYOUTS["two_heads"]().model, layer="head_a,head_b") == (
+    assert not_found_message(find_classifiers, BAD_LAYOUTS["two_heads"]().model, layer="head_a,head_b") == (
         "--layer names classifiers of different class counts: head_a (10), head_b (3); swap layers of the same "
         "classes together, or pass one")
-    assert _error(find_classifiers, BAD_LAYOUTS["two_heads"]().model, layer="head_a,head_a").startswith(
+    assert not_found_message(find_classifiers, BAD_LAYOUTS["two_heads"]().model, layer="head_a,head_a").startswith(
         "--layer names 'head_a' twice")
 
 
 def test_error_strided_conv_is_not_a_classifier():
     model = nn.Sequential(nn.Conv2d(3, 4, 1, stride=2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    assert _error(find_classifiers, model, layer="0").startswith("--layer '0' is a Conv2d, not an nn.Linear (only a "
-                                                                 "Linear classifier, or a 1x1 Conv2d on pooled")
+    message = not_found_message(find_classifiers, model, layer="0")
+    assert message.startswith("--layer '0' is a Conv2d, not an nn.Linear (only a Linear classifier, or a 1x1 Conv2d "
+                              "on pooled")
 
 
 # ---------------------------------------------------------------------------------------------- input shape

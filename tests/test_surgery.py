@@ -2,10 +2,10 @@ import copy
 
 import pytest
 import torch
-from models import BAD_LAYOUTS, LAYOUTS, ResNetFc, logits_of
+from models import BAD_LAYOUTS, LAYOUTS, ResNetFc, head_math, logits_of, not_found_message
 from torch import Tensor, nn
 
-from fyc_convert.errors import ClassifierNotFoundError, HeadError
+from fyc_convert.errors import HeadError
 from fyc_convert.heads import HadamardHead, OrthogonalHead
 from fyc_convert.surgery import capture_features, count_params, find_classifier, swap_classifier
 
@@ -22,22 +22,6 @@ def _hooked_features(model: nn.Module, layer: str, x: Tensor) -> Tensor:
         model(x)
     handle.remove()
     return seen[0].reshape(-1, seen[0].shape[-1])  # (S, N)
-
-
-def _head_math(head: nn.Module, feats: Tensor) -> Tensor:
-    """alpha * V x_hat + b from docs/design.md, in float64."""
-    x = feats.double()
-    x_hat = x / (x.norm(dim=-1, keepdim=True) + 1e-8)
-    logits = head.scale.detach().double() * x_hat @ head.class_vectors().double().T  # (S, C)
-    return logits + head.bias.detach().double() if head.bias is not None else logits
-
-
-def _error(call, *args, **kwargs) -> str:
-    with pytest.raises(ClassifierNotFoundError) as info:
-        call(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -68,7 +52,7 @@ def test_swap_matches_head_math_on_original_features(name):
     assert (result.in_features, result.num_classes) == (layout.in_features, layout.num_classes)
     with torch.no_grad():
         out = logits_of(model(x)).double().reshape(-1, layout.num_classes)  # (S, C)
-    torch.testing.assert_close(out, _head_math(result.head, feats), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, head_math(result.head, feats), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -134,7 +118,7 @@ def test_removed_share_reproduces_table_1(total, n, c, pct):
     assert round(p.removed_pct, 2) == pct
 
 
-def test_orthogonal_head_matches_head_math():
+def test_orthogonal_head_matcheshead_math():
     layout = LAYOUTS["vit_head"]()
     x = _inputs(layout.input_shape)
     feats = _hooked_features(copy.deepcopy(layout.model), "head", x)
@@ -143,7 +127,7 @@ def test_orthogonal_head_matches_head_math():
     assert result.params.head_after == 1 + layout.num_classes
     with torch.no_grad():
         out = layout.model(x).double()
-    torch.testing.assert_close(out, _head_math(result.head, feats), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, head_math(result.head, feats), rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_head_kind():
@@ -264,20 +248,20 @@ def test_count_params_counts_shared_once():
 
 
 def test_error_layer_does_not_exist():
-    message = _error(find_classifier, LAYOUTS["vgg_classifier6"]().model, layer="classifier.9")
+    message = not_found_message(find_classifier, LAYOUTS["vgg_classifier6"]().model, layer="classifier.9")
     assert message == ("--layer 'classifier.9' does not exist in the model; nn.Linear layers: classifier.0, "
                        "classifier.3, classifier.6; pass the classifier with --layer NAME")
 
 
 def test_error_layer_is_not_linear():
-    message = _error(find_classifier, LAYOUTS["mobilenet_classifier1"]().model, layer="classifier")
+    message = not_found_message(find_classifier, LAYOUTS["mobilenet_classifier1"]().model, layer="classifier")
     assert message.startswith("--layer 'classifier' is a Sequential, not an nn.Linear")
     assert message.endswith("nn.Linear layers: classifier.1; pass the classifier with --layer NAME")
 
 
 def test_error_conv_classifier_names_candidates():
     layout = BAD_LAYOUTS["conv1x1_classifier"]()
-    message = _error(find_classifier, layout.model, input_shape=layout.input_shape)
+    message = not_found_message(find_classifier, layout.model, input_shape=layout.input_shape)
     assert message == ("no nn.Linear makes the model's output; the last layer run is 'classifier' (Conv2d), a 1x1 "
                        "conv applied to 4x4 maps before the pooling (only a 1x1 Conv2d on pooled (B, N, 1, 1) "
                        "features can be swapped); nn.Linear layers: se.fc1, se.fc2; pass the classifier with --layer "
@@ -286,14 +270,14 @@ def test_error_conv_classifier_names_candidates():
 
 def test_error_two_heads():
     layout = BAD_LAYOUTS["two_heads"]()
-    message = _error(find_classifier, layout.model, input_shape=layout.input_shape)
+    message = not_found_message(find_classifier, layout.model, input_shape=layout.input_shape)
     assert message == "2 nn.Linear layers make the model's outputs: head_a, head_b; pass --layer NAME to choose " \
                       "the classifier"
 
 
 def test_error_no_linear_at_the_output():
     layout = BAD_LAYOUTS["no_linear_output"]()
-    message = _error(swap_classifier, layout.model, input_shape=layout.input_shape)
+    message = not_found_message(swap_classifier, layout.model, input_shape=layout.input_shape)
     assert "the last layer run is 'proj' (Linear), whose output is changed afterwards" in message
     assert message.endswith("nn.Linear layers: proj; pass the classifier with --layer NAME")
     assert isinstance(layout.model.proj, nn.Linear)  # nothing swapped
@@ -301,17 +285,17 @@ def test_error_no_linear_at_the_output():
 
 def test_error_no_linear_at_all():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    message = _error(find_classifier, model, input_shape=(3, 4, 4))
+    message = not_found_message(find_classifier, model, input_shape=(3, 4, 4))
     assert message.startswith("the model has no nn.Linear layer to swap")
 
 
 def test_error_missing_input_shape():
-    message = _error(find_classifier, LAYOUTS["resnet_fc"]().model)
+    message = not_found_message(find_classifier, LAYOUTS["resnet_fc"]().model)
     assert "pass --input-shape" in message
 
 
 def test_error_wrong_input_shape():
-    message = _error(find_classifier, LAYOUTS["resnet_fc"]().model, input_shape=(1, 8, 8))
+    message = not_found_message(find_classifier, LAYOUTS["resnet_fc"]().model, input_shape=(1, 8, 8))
     assert message.startswith("running the model on an input of shape (2, 1, 8, 8) to find the classifier failed")
     assert "pass the right --input-shape" in message
 
@@ -328,4 +312,4 @@ def test_swap_on_cuda_model():
     assert all(t.device.type == "cuda" for t in result.head.state_dict().values())
     with torch.no_grad():
         out = model(x.cuda()).double()
-    torch.testing.assert_close(out, _head_math(result.head, feats), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, head_math(result.head, feats), rtol=1e-4, atol=1e-4)
