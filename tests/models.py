@@ -29,6 +29,18 @@ def head_math(head: nn.Module, feats: Tensor) -> Tensor:
     return logits + head.bias.detach().double() if head.bias is not None else logits
 
 
+def hooked_inputs(model: nn.Module, layer: str, x: Tensor) -> Tensor:
+    """What `layer` sees on x, as (S, N) rows, captured with our own hook (independent of capture_features):
+    a pooled conv's (B, N, 1, 1) input flattened, any other input's last axis as the features."""
+    seen = []
+    handle = model.get_submodule(layer).register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    f = seen[0]
+    return f.flatten(1) if f.dim() == 4 else f.reshape(-1, f.shape[-1])
+
+
 def not_found_message(call: Callable, *args, **kwargs) -> str:
     """The one-line message of the ClassifierNotFoundError that call(*args, **kwargs) raises."""
     import pytest

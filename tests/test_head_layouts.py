@@ -15,6 +15,7 @@ from models import (
     FlattenedMapClassifier,
     VitHead,
     head_math,
+    hooked_inputs,
     logits_of,
     not_found_message,
 )
@@ -36,17 +37,6 @@ def _inputs(shape: tuple[int, ...], batch: int = 6) -> Tensor:
     return torch.randn((batch, *shape), generator=torch.Generator().manual_seed(1))
 
 
-def _pooled_inputs(model: nn.Module, layer: str, x: Tensor) -> Tensor:
-    """What the layer sees, as (S, N) rows: a conv's (B, N, 1, 1) input flattened (our own hook)."""
-    seen = []
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, args, out: seen.append(args[0]))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
-    f = seen[0]
-    return f.flatten(1) if f.dim() == 4 else f.reshape(-1, f.shape[-1])
-
-
 @pytest.mark.parametrize("name", HEAD_LAYOUTS)
 def test_find_classifiers(name):
     layout = HEAD_LAYOUTS[name]()
@@ -66,7 +56,7 @@ def test_swap_matches_the_combinedhead_math(name):
     original = copy.deepcopy(model)
     x = _inputs(layout.input_shape)
     names = layout.layer.split(",")
-    feats = {n: _pooled_inputs(original, n, x) for n in names}  # (S, N_i) per layer, before the swap
+    feats = {n: hooked_inputs(original, n, x) for n in names}  # (S, N_i) per layer, before the swap
 
     result = swap_classifier(model, input_shape=layout.input_shape, inputs=x)
 
@@ -135,7 +125,7 @@ def test_param_counts_of_a_conv_head_without_bias():
 def test_features_given_per_layer():
     layout = HEAD_LAYOUTS["distilled_vit"]()
     x = _inputs(layout.input_shape)
-    feats = {n: _pooled_inputs(layout.model, n, x) for n in ("head", "head_dist")}
+    feats = {n: hooked_inputs(layout.model, n, x) for n in ("head", "head_dist")}
     by_features = swap_classifier(copy.deepcopy(layout.model), input_shape=layout.input_shape, features=feats)
     batches = iter([(b, torch.zeros(len(b))) for b in x.split(2)])  # one-shot (x, y) batches, as a loader yields
     by_inputs = swap_classifier(layout.model, input_shape=layout.input_shape, inputs=batches)

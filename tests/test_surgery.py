@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from models import BAD_LAYOUTS, LAYOUTS, ResNetFc, head_math, logits_of, not_found_message
+from models import BAD_LAYOUTS, LAYOUTS, ResNetFc, head_math, hooked_inputs, logits_of, not_found_message
 from torch import Tensor, nn
 
 from fyc_convert.errors import HeadError
@@ -12,16 +12,6 @@ from fyc_convert.surgery import capture_features, count_params, find_classifier,
 
 def _inputs(shape: tuple[int, ...], batch: int = 5) -> Tensor:
     return torch.randn((batch, *shape), generator=torch.Generator().manual_seed(1))
-
-
-def _hooked_features(model: nn.Module, layer: str, x: Tensor) -> Tensor:
-    """The classifier's inputs, captured with our own hook (independent of capture_features)."""
-    seen = []
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, args, out: seen.append(args[0]))
-    with torch.no_grad():
-        model(x)
-    handle.remove()
-    return seen[0].reshape(-1, seen[0].shape[-1])  # (S, N)
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
@@ -40,7 +30,7 @@ def test_swap_matches_head_math_on_original_features(name):
     original = copy.deepcopy(model)
     linear = model.get_submodule(layout.layer)
     x = _inputs(layout.input_shape)
-    feats = _hooked_features(original, layout.layer, x)
+    feats = hooked_inputs(original, layout.layer, x)
 
     result = swap_classifier(model, input_shape=layout.input_shape, features=feats)
 
@@ -121,7 +111,7 @@ def test_removed_share_reproduces_table_1(total, n, c, pct):
 def test_orthogonal_head_matcheshead_math():
     layout = LAYOUTS["vit_head"]()
     x = _inputs(layout.input_shape)
-    feats = _hooked_features(copy.deepcopy(layout.model), "head", x)
+    feats = hooked_inputs(copy.deepcopy(layout.model), "head", x)
     result = swap_classifier(layout.model, head="orthogonal", input_shape=layout.input_shape, features=feats)
     assert isinstance(result.head, OrthogonalHead)
     assert result.params.head_after == 1 + layout.num_classes
@@ -235,7 +225,7 @@ def test_capture_features_matches_hook_and_flattens_tokens():
     assert feats.shape == (9 * 7, 16)
     assert layout.model.training
     layout.model.eval()
-    torch.testing.assert_close(feats, _hooked_features(layout.model, "lm_head", x))
+    torch.testing.assert_close(feats, hooked_inputs(layout.model, "lm_head", x))
 
 
 def test_count_params_counts_shared_once():
