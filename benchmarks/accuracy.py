@@ -13,7 +13,7 @@ interleaved seed by seed, so load changes on a shared machine hit both alike.
     python benchmarks/accuracy.py --table FILE.jsonl ...     # the table of recorded runs
 
 A recipe is a function Facts -> FinetuneConfig in RECIPES: "auto" is what the CLI does with no training flags
-(fyc_convert.recipe.choose on the same Facts the pipeline builds, then finetune.resolved, and fine-tuning with
+(fyc_convert.train.recipe.choose on the same Facts the pipeline builds, then finetune.resolved, and fine-tuning with
 the original's validation accuracy as the target of ``epochs="auto"``); "auto-distill" is that with
 distillation on for every head (a candidate rule); "defaults" is the old fixed default (SGD,
 3 epochs) and "recipe" the hand-picked many-class recipe, both kept for comparison. Frame "default" is what
@@ -42,8 +42,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # sample_models (the --arch modules) import from the repository root
 
-from fyc_convert.data import check_data, load_data  # noqa: E402
-from fyc_convert.finetune import (  # noqa: E402
+from fyc_convert.data.datasets import check_data, load_data  # noqa: E402
+from fyc_convert.head.heads import HadamardHead  # noqa: E402
+from fyc_convert.model.loading import load_model  # noqa: E402
+from fyc_convert.model.surgery import capture_features, count_params, find_classifier  # noqa: E402
+from fyc_convert.train.finetune import (  # noqa: E402
     FinetuneConfig,
     calibrate,
     default_lr,
@@ -51,10 +54,7 @@ from fyc_convert.finetune import (  # noqa: E402
     finetune,
     resolved,
 )
-from fyc_convert.heads import HadamardHead  # noqa: E402
-from fyc_convert.loading import load_model  # noqa: E402
-from fyc_convert.recipe import Facts, choose  # noqa: E402
-from fyc_convert.surgery import capture_features, count_params, find_classifier  # noqa: E402
+from fyc_convert.train.recipe import Facts, choose  # noqa: E402
 
 FEATURE_SAMPLES = 2048  # classifier inputs given to from_linear: a seeded random subset of the training data
 

@@ -1,4 +1,4 @@
-"""Per-class learning rates (fyc_convert.class_lr) vs plain SGD on the paper's protocol, plus step timings.
+"""Per-class learning rates (fyc_convert.train.class_lr) vs plain SGD on the paper's protocol, plus step timings.
 
 Protocol (per-class-learning-rates.md, section 4, "Optical" row of Tables 1-2):
 - data: the UCI handwritten digits as scikit-learn ships them (load_digits: 1797 8x8 images, the UCI test part;
@@ -61,7 +61,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # sample_models/ is imported from the repository root, also in worker processes
 
-from fyc_convert.class_lr import build_class_lr  # noqa: E402
+from fyc_convert.train.class_lr import build_class_lr  # noqa: E402
 
 PAPER_OPTICAL = {"selu": (96.86, 96.91), "relu": (97.12, 97.17), "tanh": (96.91, 96.96)}
 ETA_MU = {"selu": 1e5, "relu": 1e4, "tanh": 1e5}

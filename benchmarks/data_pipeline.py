@@ -6,7 +6,7 @@ Data: generated 320×240 JPEGs (smooth random shapes plus noise, ~15 KB each), 1
 BatchNorm, two more convs, global pool, a HadamardHead), so that decoding, not the model, is most of the work
 on a 2-core CPU; one torch thread in the training process.
 
-1. Peak memory of one fine-tuning epoch (`fyc_convert.finetune`, one DataLoader worker) over 1,000 and over
+1. Peak memory of one fine-tuning epoch (`fyc_convert.train.finetune`, one DataLoader worker) over 1,000 and over
    20,000 images, each in a fresh process: the memory of the process tree (training process + workers)
    sampled every 0.1 s, summed as RSS and as USS (pages unique to the tree: what it would free; unlike PSS it
    does not move when other processes on the machine map the same torch libraries), and the training
@@ -86,7 +86,7 @@ def _model(num_classes: int):
     import torch
     from torch import nn
 
-    from fyc_convert.heads import HadamardHead
+    from fyc_convert.head.heads import HadamardHead
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -101,7 +101,7 @@ def _model(num_classes: int):
 
 
 def _bundle(folder: Path, workers: int):
-    from fyc_convert.data import DataOptions, load_data
+    from fyc_convert.data.datasets import DataOptions, load_data
 
     return load_data(folder, DataOptions(val_split=0, input_shape=(3, INPUT, INPUT), mean=MEAN, std=STD,
                                          workers=workers))
@@ -118,13 +118,13 @@ def child_epoch(folder: Path, eager_src: str | None) -> None:
     t0 = time.perf_counter()
     if eager_src:  # the older tree's eager loader: load_data decodes everything into one tensor
         sys.path.insert(0, eager_src)
-        from fyc_convert.data import load_data
-        from fyc_convert.finetune import FinetuneConfig, finetune
+        from fyc_convert.data.datasets import load_data
+        from fyc_convert.train.finetune import FinetuneConfig, finetune
 
         bundle = load_data(folder, val_split=0, input_shape=(3, INPUT, INPUT), mean=MEAN, std=STD)
         config = FinetuneConfig(epochs=1, batch_size=BATCH, device="cpu")
     else:
-        from fyc_convert.finetune import FinetuneConfig, finetune
+        from fyc_convert.train.finetune import FinetuneConfig, finetune
 
         bundle = _bundle(folder, workers=1)
         config = FinetuneConfig(epochs=1, batch_size=BATCH, device="cpu")
@@ -177,7 +177,7 @@ class _Synthetic:
     streaming, takes_sample_seeds, skip_bad_images = True, False, False
 
     def __init__(self, n: int):
-        from fyc_convert.transforms import Normalize
+        from fyc_convert.data.transforms import Normalize
 
         self.n, self.labels, self.skipped = n, np.arange(n) % CLASSES, set()
         self.normalize = Normalize(scale=1 / 255, mean=MEAN, std=STD, sample_shape=(3, INPUT, INPUT))
@@ -197,8 +197,8 @@ def long_run(n: int, every: int = 150) -> None:
     import psutil
     import torch
 
-    from fyc_convert.data import DataBundle
-    from fyc_convert.finetune import FinetuneConfig, finetune
+    from fyc_convert.data.datasets import DataBundle
+    from fyc_convert.train.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(1)
     bundle = DataBundle(train=_Synthetic(n), val=None, num_classes=CLASSES, input_shape=(3, INPUT, INPUT),
@@ -231,7 +231,7 @@ def loader_rate(bundle, workers: int) -> float:
     """Images/s of make_loader alone (augmenting train view, batch 64), one pass after the workers start."""
     import torch
 
-    from fyc_convert.loader import make_loader
+    from fyc_convert.data.loader import make_loader
 
     stream = make_loader(bundle.train, batch_size=BATCH, device=torch.device("cpu"), workers=workers, shuffle=True)
     stream.set_epoch(0)
@@ -242,7 +242,7 @@ def loader_rate(bundle, workers: int) -> float:
 
 
 def ours_rate(bundle) -> float:
-    from fyc_convert.finetune import FinetuneConfig, finetune
+    from fyc_convert.train.finetune import FinetuneConfig, finetune
 
     model, head = _model(bundle.num_classes)
     result = finetune(model, head, bundle, FinetuneConfig(epochs=1, batch_size=BATCH, device="cpu"))
@@ -278,7 +278,7 @@ def tensor_bundle(n: int):
     import torch
     from torch.utils.data import TensorDataset
 
-    from fyc_convert.data import DataBundle
+    from fyc_convert.data.datasets import DataBundle
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, 112, 112, generator=g)

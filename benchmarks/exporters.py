@@ -57,9 +57,9 @@ def timm_models(names: list[str]) -> dict[str, Callable[[], tuple[torch.nn.Modul
 
 def measure(name: str, build, repeats: int, work: Path) -> dict:
     from fyc_convert.errors import describe
-    from fyc_convert.export import export_onnx
-    from fyc_convert.surgery import swap_classifier
-    from fyc_convert.verify import measure_onnx
+    from fyc_convert.export.onnx_export import export_onnx
+    from fyc_convert.export.verify import measure_onnx
+    from fyc_convert.model.surgery import swap_classifier
 
     model, shape = build()
     model.eval()

@@ -34,9 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from fyc_convert.bench import compare_latency, gemm_head_model, openvino_runner, session  # noqa: E402
-from fyc_convert.heads import HadamardHead  # noqa: E402
-from fyc_convert.onnx_head import HeadSpec, head_model  # noqa: E402
+from fyc_convert.export.bench import compare_latency, gemm_head_model, openvino_runner, session  # noqa: E402
+from fyc_convert.export.onnx_head import HeadSpec, head_model  # noqa: E402
+from fyc_convert.head.heads import HadamardHead  # noqa: E402
 
 LAYOUTS = ("portable", "batch-switched")
 BATCHES = (1, 64)
@@ -54,7 +54,7 @@ def _sample(name: str) -> tuple[torch.nn.Module, torch.Tensor, tuple[int, ...]]:
 
 def _cli_head(model: torch.nn.Module, x: torch.Tensor) -> HadamardHead:
     """The head the CLI builds for this model: from_linear on its trained `fc` and its features."""
-    from fyc_convert.surgery import capture_features
+    from fyc_convert.model.surgery import capture_features
 
     feats = capture_features(model, "fc", x)
     return HadamardHead.from_linear(model.fc, features=feats)
@@ -128,7 +128,7 @@ def main() -> None:
             converted = copy.deepcopy(model)
             converted.fc = head
             with tempfile.TemporaryDirectory() as tmp:
-                from fyc_convert.export import export_onnx
+                from fyc_convert.export.onnx_export import export_onnx
 
                 paths = {"original": Path(tmp) / "original.onnx"}
                 export_onnx(model, paths["original"], input_shape=shape)

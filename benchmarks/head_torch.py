@@ -20,8 +20,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fyc_convert.bench import interleaved_medians
-from fyc_convert.heads import HadamardHead
+from fyc_convert.export.bench import interleaved_medians
+from fyc_convert.head.heads import HadamardHead
 
 CASES = [(512, 10), (2048, 1000), (2048, 18000), (512, 32000)]
 BATCHES = [1, 64]

@@ -12,7 +12,7 @@ the meta device, is at most `--max-params` (a window of larger models only takes
 next pick). Each model is built with random weights (seed 0), its state_dict saved and then, as a user would:
 
 - `--mode library` (default): `load_model(ckpt, arch="timm:create_model", arch_kwargs={"model_name": ...})`, the
-  input shape from `fyc_convert.preprocess.resolve_preprocessing` when that module exists (the model's
+  input shape from `fyc_convert.data.preprocess.resolve_preprocessing` when that module exists (the model's
   `pretrained_cfg` / `config`), else `surgery.guess_input_shape`; `find_classifiers`; `swap_classifier` with the
   head features of 4 random inputs. Export and verification are reported as "not run".
 - `--timm-as folder`: each timm model saved in timm's hub layout (`timm.models.save_for_hf`) and loaded from
@@ -130,8 +130,8 @@ def hf_models() -> dict[str, Any]:
 
 def run_library(out: Outcome, checkpoint: Path, arch: str | None, arch_kwargs: dict | None) -> None:
     from fyc_convert.errors import FycError, first_line
-    from fyc_convert.loading import load_model
-    from fyc_convert.surgery import find_classifiers, guess_input_shape, swap_classifier
+    from fyc_convert.model.loading import load_model
+    from fyc_convert.model.surgery import find_classifiers, guess_input_shape, swap_classifier
 
     def stage(name: str, call):
         try:
@@ -155,7 +155,7 @@ def run_library(out: Outcome, checkpoint: Path, arch: str | None, arch_kwargs: d
 
     def shape():
         try:
-            from fyc_convert.preprocess import resolve_preprocessing
+            from fyc_convert.data.preprocess import resolve_preprocessing
         except ImportError:
             resolve_preprocessing = None
         if resolve_preprocessing is not None:

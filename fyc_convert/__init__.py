@@ -21,14 +21,14 @@ _EXPORTS = {
     "OptionsError": "fyc_convert.errors",
     "TrainingError": "fyc_convert.errors",
     "VerificationError": "fyc_convert.errors",
-    "fwht": "fyc_convert.hadamard",
-    "HadamardHead": "fyc_convert.heads",
-    "OrthogonalHead": "fyc_convert.heads",
-    "cosine_loss": "fyc_convert.heads",
+    "fwht": "fyc_convert.head.hadamard",
+    "HadamardHead": "fyc_convert.head.heads",
+    "OrthogonalHead": "fyc_convert.head.heads",
+    "cosine_loss": "fyc_convert.head.heads",
     "ConvertOptions": "fyc_convert.options",
     "convert": "fyc_convert.pipeline",
     "Report": "fyc_convert.report",
-    "load_converted": "fyc_convert.weights",
+    "load_converted": "fyc_convert.model.weights",
 }
 
 __all__ = [
@@ -64,12 +64,12 @@ if TYPE_CHECKING:
         TrainingError,
         VerificationError,
     )
-    from fyc_convert.hadamard import fwht
-    from fyc_convert.heads import HadamardHead, OrthogonalHead, cosine_loss
+    from fyc_convert.head.hadamard import fwht
+    from fyc_convert.head.heads import HadamardHead, OrthogonalHead, cosine_loss
+    from fyc_convert.model.weights import load_converted
     from fyc_convert.options import ConvertOptions
     from fyc_convert.pipeline import convert
     from fyc_convert.report import Report
-    from fyc_convert.weights import load_converted
 
 
 def __getattr__(name: str) -> Any:

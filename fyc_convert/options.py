@@ -238,7 +238,7 @@ def check_options(opts: ConvertOptions) -> list[str]:
     if opts.mean is not None and opts.std is not None and len(opts.mean) != len(opts.std):
         raise OptionsError(f"--mean has {len(opts.mean)} values but --std {len(opts.std)}; give one per channel")
     if opts.arch_kwargs is not None:
-        from fyc_convert.loading import parse_arch_kwargs
+        from fyc_convert.model.loading import parse_arch_kwargs
 
         parse_arch_kwargs(opts.arch_kwargs)
     if opts.resume and opts.dry_run:

@@ -93,8 +93,8 @@ def convert(checkpoint: str | Path, options: ConvertOptions | None = None, *,
 def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: float, say: Progress,
          epoch_progress: Any) -> Report:
     # Imports here keep `import fyc_convert` (and `fyc-convert --help`) fast.
-    from fyc_convert.loading import load_model
-    from fyc_convert.surgery import find_classifiers, guess_input_shape, swap_classifier
+    from fyc_convert.model.loading import load_model
+    from fyc_convert.model.surgery import find_classifiers, guess_input_shape, swap_classifier
 
     say(f"loading {ckpt}")
     loaded = load_model(ckpt, arch=opts.arch, arch_kwargs=opts.arch_kwargs, trust_pickle=opts.trust_pickle,
@@ -103,12 +103,12 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
     meta = loaded.meta or {}
     notes = [*notes, *loaded.notes]
 
-    from fyc_convert.preprocess import resolve_preprocessing
+    from fyc_convert.data.preprocess import resolve_preprocessing
 
     bundle = None
     preprocessor_config = meta.get("preprocessor_config")
     if opts.data is not None:
-        from fyc_convert.data import load_data
+        from fyc_convert.data.datasets import load_data
 
         say(f"reading data {opts.data}")
         bundle = load_data(opts.data, opts, seed=opts.seed, meta=meta, model=model,
@@ -127,8 +127,8 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
     found = find_classifiers(model, layer=opts.layer, input_shape=input_shape)
     inputs = None
     if bundle is not None:
-        from fyc_convert.data import check_data
-        from fyc_convert.loader import subset_loader
+        from fyc_convert.data.datasets import check_data
+        from fyc_convert.data.loader import subset_loader
 
         check_data(bundle, num_classes=found.num_classes, input_shape=input_shape)
         # the rows are chosen from the features of a seeded random subset (sorted data must not bias them)
@@ -158,7 +158,7 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
                             trainable=pc.trainable),
         notes=list(notes),
     )
-    from fyc_convert.finetune import gradient_bytes
+    from fyc_convert.train.finetune import gradient_bytes
 
     report.gradient_bytes = {"original": gradient_bytes(original), "converted": gradient_bytes(model)}
     if opts.head == "orthogonal":
@@ -196,8 +196,8 @@ def _train(model, original, swap, bundle, opts: ConvertOptions, out_dir: Path, r
     come from the run state and calibration is skipped: the checkpoint holds the calibrated (or further
     trained) model.
     """
-    from fyc_convert.finetune import CHECKPOINT_NAME, calibrate, default_lr, evaluate, finetune, resolved
-    from fyc_convert.recipe import Facts, choose
+    from fyc_convert.train.finetune import CHECKPOINT_NAME, calibrate, default_lr, evaluate, finetune, resolved
+    from fyc_convert.train.recipe import Facts, choose
 
     device = opts.device
     held_out = bundle.val if bundle.val is not None else bundle.train
@@ -289,7 +289,7 @@ _STOP_WORDS = {"recovered": "validation accuracy within the target of the origin
 
 def _training_line(cfg) -> str:
     """The training settings in one line, e.g. "adamw, lr 0.002, batch 128, distillation, epochs auto (≤ 10)"."""
-    from fyc_convert.finetune import default_lr
+    from fyc_convert.train.finetune import default_lr
 
     lr = cfg.lr if cfg.lr is not None else default_lr(cfg.optimizer)
     epochs = f"auto (≤ {cfg.max_epochs})" if cfg.epochs == "auto" else str(cfg.epochs)
@@ -340,10 +340,10 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
     tolerance is reported as such and only a head that adds error of its own fails the run (exit 3).
     """
     from fyc_convert.errors import ExportError, first_line
-    from fyc_convert.export import export_onnx
+    from fyc_convert.export.onnx_export import export_onnx
+    from fyc_convert.export.verify import check_head_static, mark_failed, verify_converted
+    from fyc_convert.model.weights import save_converted
     from fyc_convert.options import DEFAULT_OPSET
-    from fyc_convert.verify import check_head_static, mark_failed, verify_converted
-    from fyc_convert.weights import save_converted
 
     opset = opts.opset or DEFAULT_OPSET
     model.cpu().eval()
@@ -395,7 +395,7 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
                 check_head_static(conv_res.path, num_classes=h.num_classes, embed_size=h.embed_size, prefix=h.scope)
         real = None
         if bundle is not None:
-            from fyc_convert.loader import sample_inputs
+            from fyc_convert.data.loader import sample_inputs
 
             real = sample_inputs(bundle.val if bundle.val is not None else bundle.plain_train, 64, seed=opts.seed,
                                  workers=bundle.workers)
@@ -449,7 +449,7 @@ def _record_verdict(onnx_rep: OnnxReport, verdict) -> None:
 
 def _with_data(folder: Path, name: str) -> list[str]:
     """`name` and, when the export put the weights beside it, its external data file (listed first)."""
-    from fyc_convert.export import external_data_files
+    from fyc_convert.export.onnx_export import external_data_files
 
     plain = [d for d in external_data_files(folder / name) if Path(d).name == d and d not in (".", "..")]
     return [*sorted(plain), name]
@@ -487,8 +487,8 @@ def _bench(original_path: Path, converted_path: Path, swap, input_shape, opts: C
     """onnxruntime medians, 1 thread: both whole models, and the learned Gemm head beside the fixed one."""
     import numpy as np
 
-    from fyc_convert.bench import compare_latency, gemm_head_model, session
-    from fyc_convert.onnx_head import HeadSpec, head_model
+    from fyc_convert.export.bench import compare_latency, gemm_head_model, session
+    from fyc_convert.export.onnx_head import HeadSpec, head_model
 
     rng = np.random.default_rng(0)
     out: dict[str, Any] = {"threads": 1, "runtime": "onnxruntime CPU", "statistic": "median"}

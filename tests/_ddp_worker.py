@@ -1,4 +1,4 @@
-"""Worker for the torchrun and kill-and-resume tests of fyc_convert.finetune (a script, not a test module).
+"""Worker for the torchrun and kill-and-resume tests of fyc_convert.train.finetune (a script, not a test module).
 
     torchrun --nproc_per_node 2 tests/_ddp_worker.py --out CKPT_DIR --result RESULT_DIR --epochs 2
     python tests/_ddp_worker.py --out CKPT_DIR --result RESULT_DIR --epochs 3 --kill-at-step 7   # dies (SIGKILL)
@@ -24,9 +24,9 @@ from torch.utils.data import TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as a plain script
 
-from fyc_convert.data import DataBundle  # noqa: E402
-from fyc_convert.finetune import FinetuneConfig, calibrate, finetune  # noqa: E402
-from fyc_convert.heads import HadamardHead  # noqa: E402
+from fyc_convert.data.datasets import DataBundle  # noqa: E402
+from fyc_convert.head.heads import HadamardHead  # noqa: E402
+from fyc_convert.train.finetune import FinetuneConfig, calibrate, finetune  # noqa: E402
 
 NUM_CLASSES = 4
 IN_DIM = 12

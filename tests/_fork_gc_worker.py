@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, when run as a plain script
 
-from fyc_convert.loader import make_loader
+from fyc_convert.data.loader import make_loader
 
 
 class _Collecting(Dataset):

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 # _KillAt SIGKILLs this process; its DataLoader workers notice that their parent is gone and exit by themselves
 from _ddp_worker import _KillAt
 
-from fyc_convert.data import DataBundle, load_data
-from fyc_convert.finetune import FinetuneConfig, calibrate, finetune
-from fyc_convert.heads import HadamardHead
+from fyc_convert.data.datasets import DataBundle, load_data
+from fyc_convert.head.heads import HadamardHead
+from fyc_convert.train.finetune import FinetuneConfig, calibrate, finetune
 
 INPUT_SHAPE = (3, 16, 16)
 

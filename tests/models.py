@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fyc_convert.errors import ClassifierNotFoundError
-from fyc_convert.surgery import logits_of  # noqa: F401  (re-exported for the tests)
+from fyc_convert.model.surgery import logits_of  # noqa: F401  (re-exported for the tests)
 
 
 def head_math(head: nn.Module, feats: Tensor) -> Tensor:

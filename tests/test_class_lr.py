@@ -1,4 +1,4 @@
-"""Tests for the per-class, per-weight learning-rate optimizer (fyc_convert/class_lr.py)."""
+"""Tests for the per-class, per-weight learning-rate optimizer (fyc_convert/train/class_lr.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fyc_convert import class_lr as class_lr_module
-from fyc_convert.class_lr import ClassLR, build_class_lr, default_class_lr_layers, mu_nbytes
 from fyc_convert.errors import ClassLRError, TrainingError
+from fyc_convert.train import class_lr as class_lr_module
+from fyc_convert.train.class_lr import ClassLR, build_class_lr, default_class_lr_layers, mu_nbytes
 
 
 def _mlp(sizes: list[int], *, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Sequential:

@@ -22,9 +22,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from fyc_convert.cli import app
-from fyc_convert.heads import HadamardHead
-from fyc_convert.loading import load_model
-from fyc_convert.weights import load_converted
+from fyc_convert.head.heads import HadamardHead
+from fyc_convert.model.loading import load_model
+from fyc_convert.model.weights import load_converted
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "digits_cnn.pt"
@@ -187,7 +187,7 @@ def test_missing_checkpoint_exits_1_with_one_line(tmp_path: Path) -> None:
 def test_verification_failure_exits_3_and_keeps_only_failed_name(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # Export a head whose bias differs from the PyTorch model's: the real onnxruntime comparison must catch it.
-    from fyc_convert import onnx_head
+    from fyc_convert.export import onnx_head
 
     real = onnx_head.HeadSpec.from_module.__func__
 

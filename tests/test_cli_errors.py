@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from fyc_convert import convert
 from fyc_convert.cli import app
 from fyc_convert.errors import CheckpointError, OptionsError
-from fyc_convert.weights import load_converted
+from fyc_convert.model.weights import load_converted
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_models" / "digits_cnn.pt"
@@ -150,7 +150,7 @@ def test_fp16_tolerance_is_said(tmp_path: Path) -> None:
 def test_save_failure_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from safetensors import SafetensorError
 
-    import fyc_convert.weights as weights
+    import fyc_convert.model.weights as weights
 
     def broken(*_a, **_k):
         raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
@@ -173,7 +173,7 @@ def test_unknown_convert_keyword_is_an_options_error(tmp_path: Path) -> None:
 def test_partial_safetensors_header_is_a_checkpoint_error(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    from fyc_convert.loading import load_model
+    from fyc_convert.model.loading import load_model
 
     model = load_model(SAMPLE, arch=ARCH).model
     path = tmp_path / "partial.safetensors"

@@ -1,4 +1,4 @@
-"""Tests of fyc_convert.data: arrays, memory-mapped .npy folders, image folders (both layouts), splits,
+"""Tests of fyc_convert.data.datasets: arrays, memory-mapped .npy folders, image folders (both layouts), splits,
 preprocessing, augmentation, bad files, and each bad-data error."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from image_folders import level, write_class_folders
 from PIL import Image
 
-from fyc_convert.data import (
+from fyc_convert.data.datasets import (
     UNLABELLED,
     DataOptions,
     ImageFolderDataset,
@@ -19,9 +19,9 @@ from fyc_convert.data import (
     check_data,
     load_data,
 )
+from fyc_convert.data.loader import make_loader
+from fyc_convert.data.transforms import EvalTransform, TrainTransform
 from fyc_convert.errors import DataError
-from fyc_convert.loader import make_loader
-from fyc_convert.transforms import EvalTransform, TrainTransform
 
 CPU = torch.device("cpu")
 

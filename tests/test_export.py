@@ -11,10 +11,10 @@ from models import LAYOUTS
 from torch import nn
 
 from fyc_convert.errors import ExportError
-from fyc_convert.export import HEAD_PREFIX, compact_rows, export_onnx, parse_rows
-from fyc_convert.onnx_head import HeadSpec, portable_node_bound
-from fyc_convert.surgery import swap_classifier
-from fyc_convert.verify import check_head_static, verify_onnx
+from fyc_convert.export.onnx_export import HEAD_PREFIX, compact_rows, export_onnx, parse_rows
+from fyc_convert.export.onnx_head import HeadSpec, portable_node_bound
+from fyc_convert.export.verify import check_head_static, verify_onnx
+from fyc_convert.model.surgery import swap_classifier
 
 KIB = 1024
 
@@ -94,7 +94,7 @@ def test_sizes_export_slim_and_small(in_features, num_classes, tmp_path):
 def test_whole_model_with_batch_switched_head(monkeypatch, tmp_path):
     # 64 features, 1000 classes: 16 whole copies of x. With small block sizes the head holds an If on the
     # batch size; both of its branches run inside the exported model and match PyTorch.
-    from fyc_convert import onnx_head_switched
+    from fyc_convert.export import onnx_head_switched
 
     monkeypatch.setattr(onnx_head_switched, "_BLOCK_POINTS", 128)
     monkeypatch.setattr(onnx_head_switched, "_BLOCK_MIN_POINTS", 256)

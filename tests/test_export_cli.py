@@ -13,9 +13,9 @@ from export_models import DriftingBackbone, FoldBackbone
 from models import HEAD_LAYOUTS
 from typer.testing import CliRunner
 
-import fyc_convert.export as export_mod
+import fyc_convert.export.onnx_export as export_mod
 from fyc_convert.cli import app
-from fyc_convert.onnx_head import _Ops
+from fyc_convert.export.onnx_head import _Ops
 
 runner = CliRunner()
 

@@ -1,4 +1,4 @@
-"""Tests of fyc_convert.finetune: evaluate, calibrate, the fine-tuning loop, checkpoints, resume, NaN, DDP."""
+"""Tests of fyc_convert.train.finetune: evaluate, calibrate, the fine-tuning loop, checkpoints, resume, NaN, DDP."""
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ from image_folders import write_class_folders
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fyc_convert.data import UNLABELLED, NpyDataset, load_data
+from fyc_convert.data.datasets import UNLABELLED, NpyDataset, load_data
 from fyc_convert.errors import DataError, TrainingError
-from fyc_convert.finetune import (
+from fyc_convert.head.heads import HadamardHead, OrthogonalHead
+from fyc_convert.train.finetune import (
     CHECKPOINT_NAME,
     FinetuneConfig,
     calibrate,
@@ -31,7 +32,6 @@ from fyc_convert.finetune import (
     resolve_device,
     resolve_precision,
 )
-from fyc_convert.heads import HadamardHead, OrthogonalHead
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_ddp_worker.py"
@@ -641,9 +641,9 @@ SAMPLES = REPO / "sample_models"
 
 def _sample_run(name: str, data: Path, config: FinetuneConfig) -> dict[str, float]:
     """The pipeline's path on a shipped sample: swap (α, b fitted on features), calibrate, fine-tune."""
-    from fyc_convert.data import check_data, load_data
-    from fyc_convert.loading import load_model
-    from fyc_convert.surgery import capture_features, swap_classifier
+    from fyc_convert.data.datasets import check_data, load_data
+    from fyc_convert.model.loading import load_model
+    from fyc_convert.model.surgery import capture_features, swap_classifier
 
     meta = torch.load(SAMPLES / f"{name}.pt", weights_only=True)["meta"]
     model = load_model(SAMPLES / f"{name}.pt", arch=meta["arch"]).model

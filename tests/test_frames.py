@@ -1,4 +1,4 @@
-"""Tests for fyc_convert.frames: the Kerdock / Gold-like sign tables against a dense scalar reference."""
+"""Tests for fyc_convert.head.frames: the Kerdock / Gold-like sign tables against a dense scalar reference."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fyc_convert.frames import PRIMITIVE, frame_coherence, frame_kind, frame_table, frame_tiles
-from fyc_convert.hadamard import sylvester
+from fyc_convert.head.frames import PRIMITIVE, frame_coherence, frame_kind, frame_table, frame_tiles
+from fyc_convert.head.hadamard import sylvester
 
 
 # --------------------------------------------------------------------------- dense reference, scalar arithmetic

@@ -1,4 +1,4 @@
-"""Tests for fyc_convert.hadamard: Sylvester matrix, fwht, embed/fold, the fused projection, coherence."""
+"""Tests for fyc_convert.head.hadamard: Sylvester matrix, fwht, embed/fold, the fused projection, coherence."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fyc_convert.hadamard import (
+from fyc_convert.head.hadamard import (
     block_project,
     coherence,
     embed_fold,

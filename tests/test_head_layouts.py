@@ -22,9 +22,9 @@ from models import (
 from torch import Tensor, nn
 
 from fyc_convert.errors import HeadError
-from fyc_convert.heads import HadamardHead
-from fyc_convert.layouts import ConvHead, conv_as_linear
-from fyc_convert.surgery import (
+from fyc_convert.head.heads import HadamardHead
+from fyc_convert.head.layouts import ConvHead, conv_as_linear
+from fyc_convert.model.surgery import (
     capture_features,
     find_classifier,
     find_classifiers,
@@ -284,8 +284,8 @@ def test_guess_input_shape_for_functional_pooling():
 
 @pytest.mark.parametrize("name", ["pooled_conv_head", "squeezed_conv_head"])
 def test_conv_wrapper_exports_with_the_marker_on_its_inner_head(tmp_path, name):
-    from fyc_convert.export import export_onnx
-    from fyc_convert.verify import verify_onnx
+    from fyc_convert.export.onnx_export import export_onnx
+    from fyc_convert.export.verify import verify_onnx
 
     layout = HEAD_LAYOUTS[name]()
     swap = swap_classifier(layout.model, input_shape=layout.input_shape, inputs=_inputs(layout.input_shape))

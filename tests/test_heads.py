@@ -1,4 +1,4 @@
-"""Tests for fyc_convert.heads: HadamardHead, OrthogonalHead, from_linear, cosine_loss."""
+"""Tests for fyc_convert.head.heads: HadamardHead, OrthogonalHead, from_linear, cosine_loss."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-import fyc_convert.assign as assign_mod
-import fyc_convert.heads as heads_mod
+import fyc_convert.head.assign as assign_mod
+import fyc_convert.head.heads as heads_mod
 from fyc_convert.errors import HeadError
-from fyc_convert.frames import frame_coherence, frame_table
-from fyc_convert.hadamard import coherence, embedding_matrix, next_pow2, sylvester
-from fyc_convert.heads import HadamardHead, OrthogonalHead, cosine_loss
+from fyc_convert.head.frames import frame_coherence, frame_table
+from fyc_convert.head.hadamard import coherence, embedding_matrix, next_pow2, sylvester
+from fyc_convert.head.heads import HadamardHead, OrthogonalHead, cosine_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -405,7 +405,7 @@ def test_from_linear_widens_the_transform_only_when_calibration_agrees_better():
     # m=128 offers 127 and calibrates to much higher agreement, so from_linear picks it.
     from pathlib import Path
 
-    from fyc_convert.loading import load_model
+    from fyc_convert.model.loading import load_model
 
     root = Path(__file__).resolve().parents[1] / "sample_models"
     loaded = load_model(root / "digits_cnn.pt", arch="sample_models.archs:digits_cnn")
@@ -595,7 +595,7 @@ def test_kerdock_from_linear_keeps_the_fewest_tiles_that_calibrate_as_well(monke
 
 
 def test_kerdock_head_round_trips_through_model_safetensors(tmp_path: Path):
-    from fyc_convert.weights import load_converted, save_converted
+    from fyc_convert.model.weights import load_converted, save_converted
 
     def build() -> nn.Sequential:
         torch.manual_seed(0)

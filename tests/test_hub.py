@@ -17,8 +17,8 @@ from models import ResNetFc
 from safetensors.torch import save_file
 
 from fyc_convert.errors import CheckpointError
-from fyc_convert.loading import load_model
-from fyc_convert.surgery import find_classifiers, swap_classifier
+from fyc_convert.model.loading import load_model
+from fyc_convert.model.surgery import find_classifiers, swap_classifier
 
 KWARGS = {"num_classes": 10, "width": 16}
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -245,7 +245,7 @@ def create_model(model_name, pretrained=False, pretrained_cfg=None, **kwargs):
     if model_name != "resnet_fc":
         raise RuntimeError(f"Unknown model ({model_name})")
     model = models.ResNetFc(**kwargs)
-    model.pretrained_cfg = pretrained_cfg  # as timm sets it, where fyc_convert.preprocess reads it
+    model.pretrained_cfg = pretrained_cfg  # as timm sets it, where fyc_convert.data.preprocess reads it
     return model
 '''
 

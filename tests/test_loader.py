@@ -1,4 +1,4 @@
-"""Tests of fyc_convert.loader: seeded subsets and orders, sharding, workers, device batches, bad samples."""
+"""Tests of fyc_convert.data.loader: seeded subsets and orders, sharding, workers, device batches, bad samples."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset, RandomSampler, TensorDataset
 
-from fyc_convert.errors import DataError
-from fyc_convert.loader import (
+from fyc_convert.data.loader import (
     BadSample,
     _EpochSampler,
     default_workers,
@@ -23,7 +22,8 @@ from fyc_convert.loader import (
     sample_seed,
     subset_loader,
 )
-from fyc_convert.transforms import Normalize
+from fyc_convert.data.transforms import Normalize
+from fyc_convert.errors import DataError
 
 CPU = torch.device("cpu")
 

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fyc_convert.errors import ArchError, CheckpointError
-from fyc_convert.loading import LoadedModel, clean_state_dict, load_model, resolve_arch
-from fyc_convert.surgery import swap_classifier
+from fyc_convert.model.loading import LoadedModel, clean_state_dict, load_model, resolve_arch
+from fyc_convert.model.surgery import swap_classifier
 
 MODELS_PY = str(Path(__file__).with_name("models.py"))
 KWARGS = {"num_classes": 10, "width": 16}  # ResNetFc as in LAYOUTS["resnet_fc"]

@@ -11,16 +11,16 @@ import scipy.linalg
 import torch
 from torch import nn
 
-from fyc_convert import onnx_head, onnx_head_switched
 from fyc_convert.errors import ExportError
-from fyc_convert.heads import HadamardHead
-from fyc_convert.onnx_head import (
+from fyc_convert.export import onnx_head, onnx_head_switched
+from fyc_convert.export.onnx_head import (
     DENSE_OPS,
     HeadSpec,
     head_model,
     head_op_census,
     largest_head_constant,
 )
+from fyc_convert.head.heads import HadamardHead
 
 SIZES = [(64, 10), (342, 100), (512, 1000), (2048, 1000), (192, 1000)]
 # the ops of the portable layout (issue 11): data movement, add/sub, the norm, Mul by constants

@@ -1,13 +1,13 @@
-"""Tests of fyc_convert.preprocess: the order of sources, timm / Hugging Face conventions by duck typing, errors."""
+"""Tests of fyc_convert.data.preprocess: the order of sources, timm / HF conventions by duck typing, errors."""
 
 from __future__ import annotations
 
 import pytest
 from torch import nn
 
-from fyc_convert.data import DataOptions
+from fyc_convert.data.datasets import DataOptions
+from fyc_convert.data.preprocess import Preprocessing, resolve_preprocessing
 from fyc_convert.errors import DataError
-from fyc_convert.preprocess import Preprocessing, resolve_preprocessing
 
 TIMM_CFG = {"input_size": (3, 160, 160), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
             "crop_pct": 0.95, "interpolation": "bicubic", "num_classes": 10}

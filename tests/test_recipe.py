@@ -1,4 +1,4 @@
-"""Tests of the training defaults (fyc_convert.recipe.choose) and of `epochs="auto"` stopping on each reason."""
+"""Tests of the training defaults (fyc_convert.train.recipe.choose) and of `epochs="auto"` stopping on each reason."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from _ddp_worker import build
 
-from fyc_convert.finetune import (
+from fyc_convert.train.finetune import (
     CHECKPOINT_NAME,
     EpochStats,
     FinetuneConfig,
@@ -17,7 +17,7 @@ from fyc_convert.finetune import (
     finetune,
     stop_reason,
 )
-from fyc_convert.recipe import (
+from fyc_convert.train.recipe import (
     AUTO_MAX_EPOCHS,
     FIXED_EPOCHS,
     LARGE_DATA,

@@ -6,8 +6,8 @@ from models import BAD_LAYOUTS, LAYOUTS, ResNetFc, head_math, hooked_inputs, log
 from torch import Tensor, nn
 
 from fyc_convert.errors import HeadError
-from fyc_convert.heads import HadamardHead, OrthogonalHead
-from fyc_convert.surgery import capture_features, count_params, find_classifier, swap_classifier
+from fyc_convert.head.heads import HadamardHead, OrthogonalHead
+from fyc_convert.model.surgery import capture_features, count_params, find_classifier, swap_classifier
 
 
 def _inputs(shape: tuple[int, ...], batch: int = 5) -> Tensor:

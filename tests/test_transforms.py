@@ -1,4 +1,4 @@
-"""Tests of fyc_convert.transforms: against torchvision when it is installed, and properties that hold anywhere."""
+"""Tests of fyc_convert.data.transforms: against torchvision when it is installed, and properties that hold anywhere."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fyc_convert.transforms import (
+from fyc_convert.data.transforms import (
     CROP_RATIO,
     CROP_SCALE,
     EvalTransform,

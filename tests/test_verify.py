@@ -10,9 +10,9 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from fyc_convert.errors import ExportError, VerificationError
-from fyc_convert.export import HEAD_PREFIX, export_onnx
-from fyc_convert.surgery import swap_classifier
-from fyc_convert.verify import check_head_static, mark_failed, verify_onnx
+from fyc_convert.export.onnx_export import HEAD_PREFIX, export_onnx
+from fyc_convert.export.verify import check_head_static, mark_failed, verify_onnx
+from fyc_convert.model.surgery import swap_classifier
 
 
 def _converted(tmp_path, in_features: int = 64, num_classes: int = 10):
@@ -160,7 +160,7 @@ def test_check_head_static_looks_inside_if_branches():
 
 
 def test_check_head_static_lives_with_the_head_graph():
-    from fyc_convert import onnx_head, verify
+    from fyc_convert.export import onnx_head, verify
 
     assert verify.check_head_static is onnx_head.check_head_static
 
@@ -186,7 +186,7 @@ def _perturbed_backbone(model: nn.Module) -> nn.Module:
 
 
 def test_verify_converted_blames_the_head_the_model_or_nobody(tmp_path):
-    from fyc_convert.verify import measure_heads, verify_converted
+    from fyc_convert.export.verify import measure_heads, verify_converted
 
     model, head, res = _converted(tmp_path)
     (tmp_path / "orig").mkdir()
@@ -224,7 +224,7 @@ def test_verify_converted_blames_the_head_the_model_or_nobody(tmp_path):
 def test_measure_heads_reads_every_head_in_float32(tmp_path, dtype):
     from models import HEAD_LAYOUTS
 
-    from fyc_convert.verify import measure_heads
+    from fyc_convert.export.verify import measure_heads
 
     layout = HEAD_LAYOUTS["distilled_vit"]()
     swap = swap_classifier(layout.model, input_shape=layout.input_shape)

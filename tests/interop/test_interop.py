@@ -22,7 +22,7 @@ import zoo
 from conftest import RESULTS
 from tools import QUANTIZERS, TOOLS, ToolFailed, ToolRun
 
-from fyc_convert.onnx_head import DENSE_OPS, HEAD_PREFIX, check_head_static
+from fyc_convert.export.onnx_head import DENSE_OPS, HEAD_PREFIX, check_head_static
 
 CASES = [c for c in os.environ.get("FYC_INTEROP_CASES", ",".join(zoo.CASES)).split(",") if c]
 ATOL = RTOL = 1e-4

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fyc_convert.export import export_onnx
-from fyc_convert.heads import HadamardHead
-from fyc_convert.surgery import capture_features, swap_classifier
+from fyc_convert.export.onnx_export import export_onnx
+from fyc_convert.head.heads import HadamardHead
+from fyc_convert.model.surgery import capture_features, swap_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = 16  # real rows per case: batches of 4, and the first 4 one by one
@@ -47,7 +47,7 @@ class Case:
 
 def sample(name: str, rows: int = ROWS) -> tuple[nn.Module, torch.Tensor]:
     """A shipped sample model ("digits" or "glyph") and `rows` real (normalised) inputs of it."""
-    from fyc_convert.loading import load_model
+    from fyc_convert.model.loading import load_model
     from sample_models.build import normalise
 
     loaded = load_model(ROOT / "sample_models" / f"{name}_cnn.pt", arch=f"sample_models.archs:{name}_cnn")

@@ -2,7 +2,7 @@
 
 How: every fixed head is temporarily replaced by a placeholder that the exporter writes as one marker node
 `fyc::HeadMarker` (its `index` attribute says which head); onnx-graphsurgeon then replaces each marker by the
-butterfly subgraph from `fyc_convert.onnx_head.build_head` under that head's own scope (`fyc_head/` for one
+butterfly subgraph from `fyc_convert.export.onnx_head.build_head` under that head's own scope (`fyc_head/` for one
 head, `fyc_head/<i>/` for head i of several), import -> edit -> cleanup().toposort() -> export. No generic
 simplifier runs on the result, so the heads keep their compact constants; `onnx_head.check_head_static`
 re-checks each of them after the edit.
@@ -40,8 +40,7 @@ import torch
 from torch import nn
 
 from fyc_convert.errors import ExportError, describe, first_line
-from fyc_convert.files import temp_dir
-from fyc_convert.onnx_head import (
+from fyc_convert.export.onnx_head import (
     DEFAULT_OPSET,
     HEAD_LAYOUTS,
     HEAD_PREFIX,
@@ -53,7 +52,8 @@ from fyc_convert.onnx_head import (
     check_head_static,
     head_op_census,
 )
-from fyc_convert.surgery import eval_mode, logits_of
+from fyc_convert.files import temp_dir
+from fyc_convert.model.surgery import eval_mode, logits_of
 
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of weights; protobuf cannot serialise a model over 2 GiB
 INPUT_NAME = "input"
@@ -268,7 +268,7 @@ def parse_rows(text: str) -> np.ndarray:
 
 
 def _head_kind(head: nn.Module) -> str:
-    from fyc_convert.heads import HadamardHead, OrthogonalHead
+    from fyc_convert.head.heads import HadamardHead, OrthogonalHead
 
     if isinstance(head, HadamardHead):
         return "hadamard"
@@ -299,7 +299,7 @@ def _head_manifest(head: nn.Module, kind: str, layer: str) -> dict[str, str]:
 
 
 def _manifest(heads: Sequence[nn.Module], kind: str, exported: Sequence[ExportedHead]) -> dict[str, str]:
-    """The flat keys describe the first head (as files of one head always had); `fyc_convert.heads` lists all."""
+    """The flat keys describe the first head (as files of one head always had); `fyc_convert.head.heads` lists all."""
     if not heads:
         return {"fyc_convert.head": "original"}
     entries = [_head_manifest(h, kind, e.layer) | {"scope": e.scope, "input": e.input_name,
@@ -307,15 +307,15 @@ def _manifest(heads: Sequence[nn.Module], kind: str, exported: Sequence[Exported
                for h, e in zip(heads, exported, strict=True)]
     flat = {f"fyc_convert.{k}": v for k, v in entries[0].items()
             if k not in ("scope", "input", "input_dtype", "output")}
-    return flat | {"fyc_convert.heads": json.dumps(entries, separators=(",", ":"))}
+    return flat | {"fyc_convert.head.heads": json.dumps(entries, separators=(",", ":"))}
 
 
 def head_entries(proto: onnx.ModelProto) -> list[dict[str, str]]:
-    """The `fyc_convert.heads` entries of an exported model (layer, scope, input, input_dtype, output, sizes);
+    """The `fyc_convert.head.heads` entries of an exported model (layer, scope, input, input_dtype, output, sizes);
     [] if none."""
     meta = {p.key: p.value for p in proto.metadata_props}
     try:
-        entries = json.loads(meta.get("fyc_convert.heads", "[]"))
+        entries = json.loads(meta.get("fyc_convert.head.heads", "[]"))
     except ValueError:
         return []
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []

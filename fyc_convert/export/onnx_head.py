@@ -120,7 +120,7 @@ class HeadSpec:
 
     @classmethod
     def from_module(cls, head: Any) -> HeadSpec:
-        """Read a `fyc_convert.heads.HadamardHead` (its attributes and buffers) into a spec.
+        """Read a `fyc_convert.head.heads.HadamardHead` (its attributes and buffers) into a spec.
 
         The block table comes from ``head.block_table()`` when the head has that method and it returns an
         array; otherwise whole-copy tile heads (N a power of two, n = m = T·N) get the table H_T·S (S the
@@ -578,7 +578,7 @@ def build_head(
         if bias is not None:
             logits = ops.op1("Add", [logits, bias])
     else:
-        from fyc_convert.onnx_head_switched import switched_logits
+        from fyc_convert.export.onnx_head_switched import switched_logits
 
         logits = switched_logits(ops, x, spec, bias if scale_input else None)
         if not scale_input:

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fyc_convert.errors import ClassifierNotFoundError, HeadError, describe
-from fyc_convert.layouts import WRAPPED_HEAD, ConvHead, conv_as_linear, is_pointwise_conv
+from fyc_convert.head.layouts import WRAPPED_HEAD, ConvHead, conv_as_linear, is_pointwise_conv
 
 HeadKind = Literal["hadamard", "orthogonal"]
 LayerKind = Literal["linear", "conv1x1"]
@@ -246,7 +246,7 @@ def capture_features(model: nn.Module, layer: str | nn.Module, inputs: Tensor | 
         model: The model.
         layer: Dotted name of the layer (usually the classifier), or the module itself.
         inputs: (S, *sample_shape) model inputs, run in batches of `batch_size`; or an iterable of batches
-            (tensors, or (x, ...) tuples as `fyc_convert.loader.make_loader` yields them), read once, so only
+            (tensors, or (x, ...) tuples as `fyc_convert.data.loader.make_loader` yields them), read once, so only
             the features are kept (a stream of images never sits in memory).
         batch_size: Samples per forward pass when `inputs` is a tensor.
 
@@ -322,7 +322,7 @@ def swap_classifier(
         HeadError: Unknown head kind, a hadamard_size for the orthogonal head, features that do not fit a
             layer, or the head cannot be built for these sizes. The model is left as it was.
     """
-    from fyc_convert.heads import HadamardHead, OrthogonalHead
+    from fyc_convert.head.heads import HadamardHead, OrthogonalHead
 
     kinds = {"hadamard": HadamardHead, "orthogonal": OrthogonalHead}
     if head not in kinds:

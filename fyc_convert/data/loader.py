@@ -203,7 +203,7 @@ def make_loader(
     """The one way batches are made: a DataLoader over `dataset` (or its `indices`) wrapped in a BatchStream.
 
     Args:
-        dataset: (x, y) samples: a TensorDataset, or a streaming dataset of `fyc_convert.data`.
+        dataset: (x, y) samples: a TensorDataset, or a streaming dataset of `fyc_convert.data.datasets`.
         batch_size: samples per batch (per process under torch.distributed).
         device: where batches go (pinned memory and persistent workers on CUDA).
         workers: DataLoader worker processes; None: 0 for in-memory data, `default_workers()` for streaming data.

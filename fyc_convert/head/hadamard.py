@@ -5,7 +5,7 @@ Notation follows docs/design.md: N = in_features, m = transform size (a power of
 embed-then-fold map implemented by :func:`embed_fold` and ``H_m`` is applied by :func:`fwht` with
 additions and subtractions only; :func:`hadamard_project` fuses them with the row gather. The block form
 ``z = concat_k H_P(table[k] ⊙ pad(x̂, P))`` (:func:`block_project`) serves the whole-copy tiling and the
-frames of :mod:`fyc_convert.frames`. Every fast function has a dense reference next to it for the tests.
+frames of :mod:`fyc_convert.head.frames`. Every fast function has a dense reference next to it for the tests.
 """
 
 from __future__ import annotations
@@ -412,7 +412,7 @@ def block_project(x: Tensor, table: Tensor, rows: Tensor) -> Tensor:
     """``concat_k H_P(table[k] ⊙ pad(x, P))[rows]``: K P-point transforms of x times a sign table, gathered.
 
     The class vectors are ``(table[k] ⊙ h_r)[:N]`` for row ``k·P + r`` (h_r the Sylvester row): a frame
-    of :mod:`fyc_convert.frames`, or the whole-copy tiling's ``H_T · S`` (see :func:`hadamard_project`).
+    of :mod:`fyc_convert.head.frames`, or the whole-copy tiling's ``H_T · S`` (see :func:`hadamard_project`).
     ``pad`` appends P - N zeros. Dense equivalent: ``x @ V.T`` with ``V = (table[:, None, :] *
     sylvester(P)[None]).reshape(K·P, P)[rows, :N]``. Differentiable with respect to x.
 

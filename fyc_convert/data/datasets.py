@@ -14,12 +14,12 @@ Formats:
   class as os.walk gives them, sorted; the same extensions; hidden folders skipped); a `classes.txt` (or
   `class_names.txt`, `labels.txt`, `synsets.txt`: one class a line, the folder name first) gives the class order.
   Images are decoded lazily in DataLoader workers with Pillow: train = random-resized crop + flip (unless
-  `augment` is off), eval = resize + centre crop (`fyc_convert.transforms`). A file that cannot be decoded fails
+  `augment` is off), eval = resize + centre crop (`fyc_convert.data.transforms`). A file that cannot be decoded fails
   when it is first read, with a one-line DataError naming it, or is skipped with `skip_bad_images`.
 
 Unlabelled data (images without class folders, arrays without `y_train`) gets the label -1 everywhere:
 fine-tuning then needs `distill` (the original model supplies the targets). Batches are made by
-`fyc_convert.loader.make_loader`, which also applies the streaming datasets' normalisation.
+`fyc_convert.data.loader.make_loader`, which also applies the streaming datasets' normalisation.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from fyc_convert.data.loader import BadSample, default_workers
+from fyc_convert.data.preprocess import Preprocessing, resolve_preprocessing
+from fyc_convert.data.transforms import EvalTransform, Normalize, TrainTransform
 from fyc_convert.errors import DataError, describe
-from fyc_convert.loader import BadSample, default_workers
 from fyc_convert.options import DataOptions
-from fyc_convert.preprocess import Preprocessing, resolve_preprocessing
-from fyc_convert.transforms import EvalTransform, Normalize, TrainTransform
 
 __all__ = ["CLASS_LISTS", "HELD_OUT_DIRS", "IMAGE_EXTENSIONS", "UNLABELLED", "DataBundle", "DataOptions",
            "ImageFolderDataset", "NpyDataset", "check_data", "load_data"]
@@ -55,7 +55,7 @@ _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}  # Pillow modes read as one cha
 
 @dataclass
 class DataBundle:
-    """Training and validation data, ready for `fyc_convert.loader.make_loader`.
+    """Training and validation data, ready for `fyc_convert.data.loader.make_loader`.
 
     Attributes:
         train: (x, y) training samples (augmented images when `preprocessing.augment`); y int64, -1 when unlabelled.
@@ -127,7 +127,7 @@ def load_data(
     images) are scaled to [0, 1]; arrays whose samples have the input shape's number of elements are reshaped to
     it; arrays are not resized or augmented. Images are resized/cropped to the input shape (see the module
     docstring). The preprocessing comes from `options`, then `meta`, then the model's config
-    (`fyc_convert.preprocess.resolve_preprocessing`), then the data.
+    (`fyc_convert.data.preprocess.resolve_preprocessing`), then the data.
 
     Args:
         path: the data file or folder.

@@ -10,7 +10,7 @@ model in DistributedDataParallel, reduce metrics across ranks, and only rank 0 w
 head has no weight matrix, so the gradient all-reduced per step shrinks by the classifier's C×N weights
 (`gradient_bytes`).
 
-Data comes through `fyc_convert.loader.make_loader` (the same batches everywhere: workers decode images, batches
+Data comes through `fyc_convert.data.loader.make_loader` (the same batches everywhere: workers decode images, batches
 are normalised on the device). On CUDA the loop trains in mixed precision by default (bf16 autocast where the GPU
 supports it, else fp16 with a GradScaler; `precision="fp32"` turns it off) and conv nets use channels_last.
 
@@ -37,14 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from fyc_convert.data import DataBundle
+from fyc_convert.data.datasets import DataBundle
+from fyc_convert.data.loader import BatchStream, make_loader, random_subset
 from fyc_convert.distributed import world as world_and_rank
 from fyc_convert.errors import DataError, TrainingError, first_line
 from fyc_convert.files import atomic_path
-from fyc_convert.fit import fit_lbfgs
-from fyc_convert.loader import BatchStream, make_loader, random_subset
+from fyc_convert.head.fit import fit_lbfgs
+from fyc_convert.model.surgery import capture_features, logits_of
 from fyc_convert.options import FinetuneConfig
-from fyc_convert.surgery import capture_features, logits_of
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -708,7 +708,7 @@ def _build_optimizer(model: nn.Module, config: FinetuneConfig, *, lr: float, num
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     if config.optimizer == "class-lr":
-        from fyc_convert.class_lr import build_class_lr
+        from fyc_convert.train.class_lr import build_class_lr
 
         return build_class_lr(model, num_classes=num_classes, lr=lr, eta_mu=config.class_lr_eta_mu,
                               cutoff_epoch=config.class_lr_cutoff, layers=config.class_lr_layers,

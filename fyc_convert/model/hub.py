@@ -10,7 +10,7 @@
 
 Neither library is imported unless such a folder is loaded. What the folder says about preprocessing and
 classes goes into `LoadedModel.meta`: "preprocessor_config" (the Hugging Face image processor's dict, read by
-`fyc_convert.preprocess`), "classes" (class names in class-index order, when the folder names them). timm's
+`fyc_convert.data.preprocess`), "classes" (class names in class-index order, when the folder names them). timm's
 `pretrained_cfg` is set on the model by `create_model` itself (`model.pretrained_cfg`), where the resolver reads it.
 """
 
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fyc_convert.errors import CheckpointError, describe, first_line
-from fyc_convert.loading import LoadedModel, build_model, checkpoint_files, few, load_state, read_weights
+from fyc_convert.model.loading import LoadedModel, build_model, checkpoint_files, few, load_state, read_weights
 
 CONFIG = "config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"

@@ -24,7 +24,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from fyc_convert.errors import ExportError
-from fyc_convert.onnx_head import HeadSpec, _np_wht, _Ops
+from fyc_convert.export.onnx_head import HeadSpec, _np_wht, _Ops
 
 # Radix of the Split/Add/Sub/Concat stages by transform size, and the size from which the index is split
 # in two halves with a Transpose between them (measured: see the README's batch-switched rows).

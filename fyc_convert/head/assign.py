@@ -24,7 +24,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from fyc_convert.fit import fit_lbfgs
+from fyc_convert.head.fit import fit_lbfgs
 
 __all__ = ["Scorer", "calibrated_agreement", "match", "scorer"]
 

@@ -20,8 +20,8 @@ from torch import nn
 
 from fyc_convert.errors import CheckpointError, FycError, OutputError, describe
 from fyc_convert.files import atomic_path
-from fyc_convert.heads import HadamardHead, OrthogonalHead
-from fyc_convert.layouts import WRAPPED_HEAD, ConvHead, is_pointwise_conv
+from fyc_convert.head.heads import HadamardHead, OrthogonalHead
+from fyc_convert.head.layouts import WRAPPED_HEAD, ConvHead, is_pointwise_conv
 
 _KEY = "fyc_convert."
 _HEADS = "heads"  # header key: JSON list, one entry per fixed head (the flat keys describe the first, as before)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fyc_convert.preprocess import INTERPOLATIONS
+from fyc_convert.data.preprocess import INTERPOLATIONS
 
 __all__ = ["EvalTransform", "Normalize", "TrainTransform", "center_crop_box", "random_resized_crop_box",
            "resize_for_eval", "to_uint8_tensor"]

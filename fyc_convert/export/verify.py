@@ -7,7 +7,7 @@ such and only a head that adds error of its own fails (see `Verdict.blame`).
 
 Both raise instead of printing: `VerificationError` (with the numbers) when outputs differ,
 `ExportError` when the head subgraph is not the slim add/sub graph it must be (`check_head_static`, which
-lives with the head graph in `fyc_convert.onnx_head` and is re-exported here).
+lives with the head graph in `fyc_convert.export.onnx_head` and is re-exported here).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from fyc_convert.errors import VerificationError, describe
+from fyc_convert.export.onnx_head import check_head_static  # noqa: F401  (its old home; the pipeline imports it here)
 from fyc_convert.files import atomic_path
-from fyc_convert.onnx_head import check_head_static  # noqa: F401  (its old home; the pipeline imports it here)
-from fyc_convert.surgery import eval_mode, logits_of
+from fyc_convert.model.surgery import eval_mode, logits_of
 
 _CHUNK = 64  # real inputs are run in batches of this size
 
@@ -242,7 +242,7 @@ def measure_heads(
     """Each fixed head on its own: the ONNX head on the ONNX graph's own features vs the PyTorch head on them.
 
     The backbone's float error is left out: both heads read the same (onnxruntime's) features, so what
-    remains is the error the head subgraph adds. The heads are found from the file's `fyc_convert.heads`
+    remains is the error the head subgraph adds. The heads are found from the file's `fyc_convert.head.heads`
     manifest (input and output tensor names); the model is run with those tensors as extra outputs, from a
     temporary copy of the graph next to `path` (external data is shared, not copied).
 
@@ -252,7 +252,7 @@ def measure_heads(
     Raises:
         VerificationError: a head tensor or layer is missing, or onnxruntime cannot run the file.
     """
-    from fyc_convert.export import head_entries
+    from fyc_convert.export.onnx_export import head_entries
 
     path = Path(path)
     proto = onnx.load(str(path), load_external_data=False)
@@ -396,7 +396,7 @@ def mark_failed(path: str | Path) -> Path:
     touch the failed model's weights. Each file appears complete under its final name or not at all: the
     failed model is written to a temporary name and renamed, and the originals are removed only after.
     """
-    from fyc_convert.export import external_data_files
+    from fyc_convert.export.onnx_export import external_data_files
 
     path = Path(path)
     failed = path.with_name(f"{path.stem}.failed{path.suffix}")

@@ -4,7 +4,7 @@
 add/sub fast Walsh–Hadamard transform, or, for the "kerdock" frame, ``V = rows of d_k ⊙ h_r`` applied as
 K P-point transforms of x times a sign table (see docs/design.md for the exact math); no C×N matrix is ever
 stored. ``OrthogonalHead`` is the paper's fixed random orthonormal projection, rebuilt from a stored seed.
-``cosine_loss`` is the paper's cosine-angle loss. Which row serves which class: :mod:`fyc_convert.assign`.
+``cosine_loss`` is the paper's cosine-angle loss. Which row serves which class: :mod:`fyc_convert.head.assign`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fyc_convert import assign
-from fyc_convert.assign import Scorer, calibrated_agreement, match, scorer
 from fyc_convert.errors import HeadError
-from fyc_convert.frames import frame_table, frame_tiles
-from fyc_convert.hadamard import block_project, coherence, hadamard_project, is_pow2, next_pow2, whole_copy_table
+from fyc_convert.head import assign
+from fyc_convert.head.assign import Scorer, calibrated_agreement, match, scorer
+from fyc_convert.head.frames import frame_table, frame_tiles
+from fyc_convert.head.hadamard import block_project, coherence, hadamard_project, is_pow2, next_pow2, whole_copy_table
 
 __all__ = ["HadamardHead", "OrthogonalHead", "cosine_loss"]
 
@@ -268,7 +268,7 @@ def _fit_scale_bias(
 
 
 def _assign_rows(sc: Scorer, tr: _Transform, cand: Tensor, num_classes: int) -> Tensor:
-    """(C,) rows of ``tr``: the candidates matched to the classes by ``sc`` (see fyc_convert.assign)."""
+    """(C,) rows of ``tr``: the candidates matched to the classes by ``sc`` (see fyc_convert.head.assign)."""
     project = tr.project
     return cand[match(sc.block(project, cand, sc.norms(project, cand)), num_classes, cand.numel())]
 
@@ -326,7 +326,7 @@ class HadamardHead(_FixedHead):
 
     tile/pad: ``z = H_m · embed_fold(x̂)``; kerdock: ``z = concat_k H_P(table[k] ⊙ pad(x̂, P))``, whose class
     vectors ``(table[k] ⊙ h_r)[:N]`` come from a frame of near-orthogonal ±1 vectors for C > N
-    (:mod:`fyc_convert.frames`). The class vectors V (C×N, integer) are never stored: the state is the scalar
+    (:mod:`fyc_convert.head.frames`). The class vectors V (C×N, integer) are never stored: the state is the scalar
     ``scale``, ``bias`` (C,), ``rows`` (C,, int64) and ``signs`` (tile/pad: the n - N embedding signs;
     kerdock: the (K, P) sign table of the frame tiles in use, flattened). See docs/design.md.
 
@@ -508,7 +508,7 @@ class HadamardHead(_FixedHead):
         k = ceil((C + 1)/P) or 2k tiles most classes took are kept: 2k by default, k when features are given
         and its calibrated agreement is within a point of 2k's (fewer tiles, less head compute).
         Rows: each class c gets a distinct candidate row r (never an all-ones vector) maximising the summed
-        score (:mod:`fyc_convert.assign`: Hungarian method; greedy for very large C × candidates); the score
+        score (:mod:`fyc_convert.head.assign`: Hungarian method; greedy for very large C × candidates); the score
         is the correlation over ``features`` between the trained logit ``W_c x`` and ``V_r x̂``, or
         cos(W_c, V_r) without features. Scale and bias: with ``features``, the least-squares fit of
         ``α·V x̂ + b ≈ W x + b₀``; without, α is the least-squares fit of ``α·V_rows ≈ W`` times sqrt(N)

@@ -9,7 +9,7 @@ Formats (sniffed from the file's bytes, not its name, except `.safetensors`):
 - TorchScript (`torch.jit.save`) and `torch.export` (`.pt2`) archives: their compiled code calls the classifier
   directly, so it cannot be swapped there; with `--arch` their weights are loaded into the eager model.
 - a checkpoint folder as the model zoos save them (Hugging Face `save_pretrained`, timm's hub layout): built
-  by that library from the folder's config.json, no `--arch` needed (see `fyc_convert.hub`).
+  by that library from the folder's config.json, no `--arch` needed (see `fyc_convert.model.hub`).
 
 State-dict keys lose the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes when that makes them fit.
 """
@@ -95,7 +95,7 @@ def load_model(
     path = Path(path)
     kwargs = parse_arch_kwargs(arch_kwargs)
     if path.is_dir():
-        from fyc_convert.hub import load_folder
+        from fyc_convert.model.hub import load_folder
 
         return load_folder(path, arch=arch, arch_kwargs=kwargs, trust_remote_code=trust_remote_code)
     kind = _sniff(path)

@@ -1,0 +1,1 @@
+"""Data: datasets (arrays, memmaps, image folders), the loader, image transforms and which preprocessing applies."""
