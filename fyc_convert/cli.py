@@ -22,8 +22,44 @@ from rich.text import Text
 from fyc_convert.errors import FycError
 from fyc_convert.options import cli_fields
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
-                  context_settings={"help_option_names": ["-h", "--help"]})
+EXAMPLES = """Examples:
+
+\b
+# the shipped digits sample: fine-tune on its data, export, verify
+fyc-convert sample_models/digits_cnn.pt \\
+    --arch sample_models.archs:digits_cnn \\
+    --data sample_models/digits.npz -o out/digits
+\b
+# a timm model on an image folder (preprocessing from the model)
+fyc-convert resnet50.pth --arch timm:create_model --data images/ \\
+    --arch-kwargs '{"model_name": "resnet50", "num_classes": 100}'
+\b
+# what would be saved, without training or writing anything
+fyc-convert model.pt --arch mypkg.models:build --dry-run
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 verification failed. Docs: README.md, docs/."""
+
+
+class _GroupedCommand(typer.core.TyperCommand):
+    """Plain-text --help whose options are grouped by panel: readable at 80 columns, nothing truncated."""
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        panels: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                panel = "Arguments" if param.param_type_name == "argument" else \
+                    getattr(param, "rich_help_panel", None) or "Options"
+                panels.setdefault(panel, []).append(record)
+        order = ["Arguments", "Model and head", "Data", "Training", "Export", "Output"]
+        for panel in sorted(panels, key=lambda name: order.index(name) if name in order else len(order)):
+            rows = panels[panel]
+            with formatter.section(panel):
+                formatter.write_dl(rows, col_max=34)
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 err_console = Console(stderr=True, highlight=False)
 
 
@@ -78,7 +114,7 @@ def _annotation(f: dataclasses.Field) -> tuple[Any, Any]:
     if base in (int, float) and not meta.get("parse"):
         bounds = {k: meta[k] for k in ("ge",) if meta.get(k) is not None}
         bounds = {"min": bounds["ge"]} if bounds else {}
-    metavar = {"ints": "N,N,…", "floats": "X,X,…", "names": "NAME,…", "int_or_auto": "N|auto"}.get(
+    metavar = {"ints": "N,N", "floats": "X,X", "names": "NAME,NAME", "int_or_auto": "N|auto"}.get(
         meta.get("parse") or "") or \
         {int: "N", float: "X", Path: "PATH", str: "TEXT", bool: ""}.get(base)
     option = typer.Option(*names, help=meta.get("help", ""), rich_help_panel=meta.get("panel"), metavar=metavar,
@@ -103,11 +139,15 @@ def _command() -> Callable[..., None]:
                                rich_help_panel=_PANEL_OUT)]),
         inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
             bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.", rich_help_panel=_PANEL_OUT)]),
+        inspect.Parameter("version", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+            bool, typer.Option("--version", help="Print the version and exit.", callback=_print_version,
+                               is_eager=True, rich_help_panel=_PANEL_OUT)]),
     ]
 
     def convert(checkpoint: Path, **kwargs: Any) -> None:
         """Swap a trained classifier for a fixed Hadamard head, fine-tune, export a slim verified ONNX model."""
         quiet, verbose = kwargs.pop("quiet"), kwargs.pop("verbose")
+        kwargs.pop("version")
         values: dict[str, Any] = {}
         for f in fields:
             value = kwargs[f.name]
@@ -125,7 +165,18 @@ def _command() -> Callable[..., None]:
 
 
 _PANEL_OUT = "Output"
-app.command()(_command())
+
+
+def _print_version(value: bool) -> None:
+    """--version: the installed version, then exit 0 (eager: no other option is looked at)."""
+    if value:
+        from fyc_convert import __version__
+
+        Console(highlight=False).print(f"fyc-convert {__version__}")
+        raise typer.Exit(0)
+
+
+app.command(cls=_GroupedCommand, epilog=EXAMPLES)(_command())
 
 
 def _run(checkpoint: Path, fields: dict, *, quiet: bool, verbose: bool) -> int:
@@ -221,8 +272,8 @@ class _MetricsColumn(ProgressColumn):
         parts = []
         if isinstance(f.get("loss"), float) and f["loss"] == f["loss"]:
             parts.append(f"loss {f['loss']:.4f}")
-        if f.get("acc") is not None:
-            parts.append(f"acc {100 * f['acc']:.2f}%")
+        if f.get("acc") is not None:  # on the training batches as they are fed (augmented), not validation
+            parts.append(f"train acc {100 * f['acc']:.2f}%")
         if f.get("samples_per_s"):
             parts.append(f"{f['samples_per_s']:,.0f} samples/s")
         return Text("  ".join(parts))
