@@ -85,7 +85,7 @@ def test_round_trip_of_several_heads_and_conv_wrappers(tmp_path: Path, layout: s
                 s.head.bias.add_(torch.linspace(-1, 1, s.num_classes) * (i + 1))
     path = save_converted(swap.model, tmp_path / "model.safetensors")
     with safe_open(str(path), "pt") as f:
-        entries = json.loads(f.metadata()["fyc_convert.head.heads"])
+        entries = json.loads(f.metadata()["fyc_convert.heads"])
     assert [e["layer"] for e in entries] == list(swap.layers)
     assert [e.get("wrapper") for e in entries] == [("conv1x1" if s.kind == "conv1x1" else None) for s in swap.heads]
 
@@ -103,7 +103,7 @@ def test_file_of_one_head_without_the_heads_key_still_loads(tmp_path: Path) -> N
     swap = swap_classifier(lay.model, layer="fc")
     path = save_converted(swap.model, tmp_path / "model.safetensors", layer="fc", head=swap.head)
     with safe_open(str(path), "pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "fyc_convert.head.heads"}  # as written before
+        meta = {k: v for k, v in f.metadata().items() if k != "fyc_convert.heads"}  # as written before
     save_file(load_file(str(path)), str(path), metadata=meta)
     loaded = load_converted(LAYOUTS["resnet_fc"]().model, path)
     assert isinstance(loaded.fc, HadamardHead)

@@ -307,7 +307,7 @@ def _manifest(heads: Sequence[nn.Module], kind: str, exported: Sequence[Exported
                for h, e in zip(heads, exported, strict=True)]
     flat = {f"fyc_convert.{k}": v for k, v in entries[0].items()
             if k not in ("scope", "input", "input_dtype", "output")}
-    return flat | {"fyc_convert.head.heads": json.dumps(entries, separators=(",", ":"))}
+    return flat | {"fyc_convert.heads": json.dumps(entries, separators=(",", ":"))}
 
 
 def head_entries(proto: onnx.ModelProto) -> list[dict[str, str]]:
@@ -315,7 +315,7 @@ def head_entries(proto: onnx.ModelProto) -> list[dict[str, str]]:
     [] if none."""
     meta = {p.key: p.value for p in proto.metadata_props}
     try:
-        entries = json.loads(meta.get("fyc_convert.head.heads", "[]"))
+        entries = json.loads(meta.get("fyc_convert.heads", "[]"))
     except ValueError:
         return []
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
