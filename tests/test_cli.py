@@ -167,16 +167,9 @@ def test_usage_errors_exit_2(args: list[str], code: int, needle: str, tmp_path: 
     assert needle in result.output
 
 
-def _cli(*args: str | Path, cwd: Path = ROOT, user: str | None = None,
-         timeout: float = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "fyc_convert", *map(str, args)]
-    if user is not None:
-        cmd = ["setpriv", "--reuid", user, "--regid", user, "--clear-groups", *cmd]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
-
-
-def test_missing_checkpoint_exits_1_with_one_line(tmp_path: Path) -> None:
-    proc = _cli(tmp_path / "nope.pt", "-o", tmp_path / "o")
+@pytest.mark.slow
+def test_missing_checkpoint_exits_1_with_one_line(tmp_path: Path, cli) -> None:
+    proc = cli(tmp_path / "nope.pt", "-o", tmp_path / "o")
     assert proc.returncode == 1
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
@@ -211,8 +204,9 @@ def test_verification_failure_exits_3_and_keeps_only_failed_name(tmp_path: Path,
     assert load_converted(load_model(SAMPLE, arch=ARCH).model, out / "model.safetensors").fc.num_classes == 10
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs a non-root user")
-def test_read_only_output_folder_exits_1() -> None:
+def test_read_only_output_folder_exits_1(cli) -> None:
     base = Path(tempfile.mkdtemp(dir="/tmp"))  # world-traversable, unlike pytest's tmp_path under root
     try:
         base.chmod(0o755)
@@ -220,7 +214,7 @@ def test_read_only_output_folder_exits_1() -> None:
         out.mkdir()
         out.chmod(0o555)
         user = "65534" if os.geteuid() == 0 else None  # root ignores permissions: run as nobody
-        proc = _cli(SAMPLE, "--arch", ARCH, "-o", out, "--quiet", user=user)
+        proc = cli(SAMPLE, "--arch", ARCH, "-o", out, "--quiet", user=user)
         assert proc.returncode == 1, proc.stderr
         assert "not writable" in proc.stderr and "Traceback" not in proc.stderr
         assert list(out.iterdir()) == []
@@ -228,6 +222,7 @@ def test_read_only_output_folder_exits_1() -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_run_leaves_no_half_written_file(sig: int, code: int, tmp_path: Path) -> None:
     out = tmp_path / "o"

@@ -25,11 +25,6 @@ DATA = ROOT / "sample_models" / "digits.npz"
 ARCH = "sample_models.archs:digits_cnn"
 
 
-def _cli(*args: str | Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fyc_convert", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr
@@ -83,11 +78,12 @@ if not __import__("torch").cuda.is_available():
     BAD.append((["--device", "cuda"], 2, "CUDA"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("flags", "code", "needle"), BAD, ids=[" ".join(b[0]) for b in BAD])
-def test_bad_option_exits_before_any_work(flags: list[str], code: int, needle: str, tmp_path: Path) -> None:
+def test_bad_option_exits_before_any_work(flags: list[str], code: int, needle: str, tmp_path: Path, cli) -> None:
     out = tmp_path / "o"
     t0 = time.perf_counter()
-    proc = _cli(SAMPLE, "--arch", ARCH, "--data", DATA, "-o", out, *flags)
+    proc = cli(SAMPLE, "--arch", ARCH, "--data", DATA, "-o", out, *flags)
     line = _one_error_line(proc)
     assert proc.returncode == code, proc.stderr
     assert needle in line, line
@@ -95,18 +91,21 @@ def test_bad_option_exits_before_any_work(flags: list[str], code: int, needle: s
     assert time.perf_counter() - t0 < 60  # refused up front, not after training (a generous bound)
 
 
-def test_report_path_that_is_a_folder(tmp_path: Path) -> None:
-    proc = _cli(SAMPLE, "--arch", ARCH, "--dry-run", "--report", tmp_path)
+@pytest.mark.slow
+def test_report_path_that_is_a_folder(tmp_path: Path, cli) -> None:
+    proc = cli(SAMPLE, "--arch", ARCH, "--dry-run", "--report", tmp_path)
     assert proc.returncode == 2 and "is a folder" in _one_error_line(proc)
 
 
-def test_missing_checkpoint(tmp_path: Path) -> None:
-    proc = _cli(tmp_path / "nope.pt", "-o", tmp_path / "o")
+@pytest.mark.slow
+def test_missing_checkpoint(tmp_path: Path, cli) -> None:
+    proc = cli(tmp_path / "nope.pt", "-o", tmp_path / "o")
     assert proc.returncode == 1 and "nope.pt" in _one_error_line(proc)
     assert not (tmp_path / "o").exists()
 
 
-def test_model_that_fails_on_the_data_leaves_no_folder(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_model_that_fails_on_the_data_leaves_no_folder(tmp_path: Path, cli) -> None:
     # Runs on the 2-sample probe that finds the classifier, fails on real batches (feature capture).
     arch = tmp_path / "badarch.py"
     arch.write_text(textwrap.dedent("""
@@ -123,15 +122,16 @@ def test_model_that_fails_on_the_data_leaves_no_folder(tmp_path: Path) -> None:
             return Fragile()
     """))
     out = tmp_path / "o"
-    proc = _cli(SAMPLE, "--arch", f"{arch}:build", "--data", DATA, "-o", out)
+    proc = cli(SAMPLE, "--arch", f"{arch}:build", "--data", DATA, "-o", out)
     line = _one_error_line(proc)
     assert proc.returncode == 1 and "failed during" in line and "boom" in line, line
     assert not out.exists()
 
 
-def test_ignored_options_are_said_on_stderr_and_in_the_report(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_ignored_options_are_said_on_stderr_and_in_the_report(tmp_path: Path, cli) -> None:
     out = tmp_path / "o"
-    proc = _cli(SAMPLE, "--arch", ARCH, "-o", out, "--quiet", "--epochs", "2", "--lr", "0.1", "--distill",
+    proc = cli(SAMPLE, "--arch", ARCH, "-o", out, "--quiet", "--epochs", "2", "--lr", "0.1", "--distill",
                 "--class-lr-eta-mu", "100")
     assert proc.returncode == 0, proc.stderr
     notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("note:")]
@@ -141,8 +141,9 @@ def test_ignored_options_are_said_on_stderr_and_in_the_report(tmp_path: Path) ->
     assert any("--epochs, --lr, --distill ignored" in n for n in report["notes"])
 
 
-def test_fp16_tolerance_is_said(tmp_path: Path) -> None:
-    proc = _cli(SAMPLE, "--arch", ARCH, "--dry-run", "--dtype", "fp16")
+@pytest.mark.slow
+def test_fp16_tolerance_is_said(tmp_path: Path, cli) -> None:
+    proc = cli(SAMPLE, "--arch", ARCH, "--dry-run", "--dtype", "fp16")
     assert proc.returncode == 0, proc.stderr
     assert "tolerance is atol 0.05" in proc.stderr
 
@@ -183,6 +184,7 @@ def test_partial_safetensors_header_is_a_checkpoint_error(tmp_path: Path) -> Non
         load_converted(model, path)
 
 
+@pytest.mark.slow
 def test_torchrun_failure_on_rank0_ends_every_rank(tmp_path: Path) -> None:
     out = tmp_path / "o"
     out.mkdir()

@@ -321,6 +321,7 @@ def test_class_lr_runs_through_the_loop_and_equals_plain_sgd_at_cutoff_zero():
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     reference, head, bundle = build()
     full = finetune(reference, head, bundle, _cfg(epochs=3))
@@ -338,6 +339,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert result.final == full.final
 
 
+@pytest.mark.slow
 def test_killed_process_resumes_and_finishes_the_same_epochs(tmp_path):
     ckpt, res = tmp_path / "ckpt", tmp_path / "res"
     base = [sys.executable, str(WORKER), "--out", str(ckpt), "--result", str(res), "--epochs", "3"]
@@ -415,6 +417,7 @@ def _same_weights_dict(a: dict, b: dict) -> bool:
 # ------------------------------------------------------------------------------------------ distributed
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tmp_path):
     ckpt, res = tmp_path / "ckpt", tmp_path / "res"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
@@ -489,6 +492,7 @@ def test_finetune_streams_an_image_folder_the_same_with_any_number_of_workers(im
     assert all(0 <= h.data_share <= 1 for h in r0.history + r2.history)
 
 
+@pytest.mark.slow
 def test_killed_image_run_with_workers_resumes_to_the_same_weights(image_folder, tmp_path):
     ckpt, res = tmp_path / "ckpt", tmp_path / "res.pt"
     base = [sys.executable, str(STREAM_WORKER), "--data", str(image_folder), "--out", str(ckpt), "--result", str(res),

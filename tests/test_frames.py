@@ -91,7 +91,7 @@ def test_table_equals_the_scalar_reference(size: int):
     assert torch.equal(table[0], torch.ones(size, dtype=torch.float64))  # tile 0: the plain Hadamard rows
 
 
-@pytest.mark.parametrize("size", [4, 16, 64, 256])
+@pytest.mark.parametrize("size", [4, 16, 64, pytest.param(256, marks=pytest.mark.slow)])
 def test_kerdock_coherence_is_exactly_one_over_sqrt_p_and_vectors_distinct(size: int):
     assert frame_kind(size) == "kerdock" and frame_tiles(size) == size // 2
     v = _vectors(frame_table(size, range(size // 2)))  # P²/2 vectors of ±1
@@ -102,7 +102,7 @@ def test_kerdock_coherence_is_exactly_one_over_sqrt_p_and_vectors_distinct(size:
     assert math.isclose(frame_coherence(size), 1 / math.sqrt(size))
 
 
-@pytest.mark.parametrize("size", [8, 32, 128])
+@pytest.mark.parametrize("size", [8, 32, pytest.param(128, marks=pytest.mark.slow)])
 def test_gold_coherence_is_sqrt_two_over_p(size: int):
     assert frame_kind(size) == "gold" and frame_tiles(size) == size
     v = _vectors(frame_table(size, range(size)))  # P² vectors

@@ -64,6 +64,7 @@ def test_faces_without_a_character_skip_it():
     assert x.shape == (16, 1, 32, 32) and float(x.max()) <= 1.0
 
 
+@pytest.mark.slow
 def test_generated_validation_face_reproduces_the_checkpoint_accuracy():
     model, meta = _load()
     classes = meta["classes"]

@@ -143,6 +143,7 @@ def test_bad_samples_raise_one_line_in_the_main_process_or_are_skipped(workers):
     assert [b[1].tolist() for b in only_bad] == [[4]]  # a batch with nothing left is dropped
 
 
+@pytest.mark.slow
 def test_workers_do_not_free_the_parents_garbage():
     # a forked worker that collected an onnxruntime session left in a cycle used to block forever
     script = Path(__file__).with_name("_fork_gc_worker.py")

@@ -167,6 +167,7 @@ def test_render_glyphs_refuses_a_character_missing_from_a_face() -> None:
         glyphs.render_glyphs(["a", "\u4e2d"], glyphs.TRAIN_FACES[:1], copies=1, clean_first=True, seed=0)
 
 
+@pytest.mark.slow
 @needs_fonts
 def test_render_glyph_dataset_writes_the_npz(tmp_path: Path) -> None:
     chars = ["a", "\u0416", "\u2192"]
@@ -185,6 +186,7 @@ def glyph_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray
         return {k: data[k] for k in ("x_val", "y_val", "classes")}
 
 
+@pytest.mark.slow
 @needs_fonts
 def test_generated_glyph_data_reproduces_val_accuracy(glyph_data: dict[str, np.ndarray]) -> None:
     model, meta = _load("glyph_cnn")
