@@ -47,11 +47,11 @@ from fyc_convert.export.onnx_head import (
     MIN_OPSET,
     HeadLayout,
     HeadSpec,
-    _Ops,
     build_head,
     check_head_static,
     head_op_census,
 )
+from fyc_convert.export.ops import Ops
 from fyc_convert.files import temp_dir
 from fyc_convert.model.surgery import eval_mode, logits_of
 
@@ -534,7 +534,7 @@ def _rewire(graph: gs.Graph, old: gs.Variable, new: gs.Variable) -> None:
             graph.outputs[i] = new
 
 
-def _dense_head(ops: _Ops, feats: gs.Variable, head: nn.Module) -> gs.Variable:
+def _dense_head(ops: Ops, feats: gs.Variable, head: nn.Module) -> gs.Variable:
     """OrthogonalHead: logits = α/(‖x‖+eps) · x Qᵀ + b, with Q (C, N) as one constant (no fast transform)."""
     q = head.class_vectors().detach().to("cpu", torch.float32).numpy()  # (C, N)
     sumsq = ops.reduce_sum(ops.op1("Mul", [feats, feats]), [-1], keepdims=1)  # (B, 1)
@@ -558,7 +558,7 @@ def _splice_head(graph: gs.Graph, marker: gs.Node, head: nn.Module, kind: str, *
     marker.inputs.clear()
     marker.outputs.clear()
     # the casts' own scope under the head's: build_head's nodes count their names from zero as well
-    ops = _Ops(graph, scope if kind != "hadamard" else f"{scope}io/", np.float32)
+    ops = Ops(graph, scope if kind != "hadamard" else f"{scope}io/", np.float32)
     x = feats
     if half:
         x = ops.op1("Cast", [feats], attrs={"to": onnx.TensorProto.FLOAT}, name="cast_in")
