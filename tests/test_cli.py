@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from fyc_convert.cli import app
 from fyc_convert.head.heads import HadamardHead
+from fyc_convert.head.record import decode_heads
 from fyc_convert.model.loading import load_model
 from fyc_convert.model.weights import load_converted
 
@@ -96,9 +97,10 @@ def test_full_run_onnx_and_safetensors_match_the_converted_model(full_run: tuple
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         meta = f.metadata()
     rep = json.loads((out / "report.json").read_text())
-    assert meta["fyc_convert.head"] == "hadamard" and meta["fyc_convert.layer"] == "fc"
-    assert meta["fyc_convert.in_features"] == str(model.fc.in_features) and meta["fyc_convert.num_classes"] == "10"
-    assert int(meta["fyc_convert.hadamard_size"]) == rep["hadamard_size"] == model.fc.hadamard_size
+    (record,) = decode_heads(meta)
+    assert meta["fyc_convert.head"] == "hadamard" and record.layer == "fc"
+    assert record.in_features == model.fc.in_features and record.num_classes == 10
+    assert record.hadamard_size == rep["hadamard_size"] == model.fc.hadamard_size
     x = np.load(DATA)["x_val"][:16].astype(np.float32)
     onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])

@@ -179,8 +179,8 @@ def test_partial_safetensors_header_is_a_checkpoint_error(tmp_path: Path) -> Non
     model = load_model(SAMPLE, arch=ARCH).model
     path = tmp_path / "partial.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-              metadata={"fyc_convert.head": "hadamard", "fyc_convert.layer": "fc"})
-    with pytest.raises(CheckpointError, match="lacks fyc_convert.in_features"):
+              metadata={"fyc_convert.head": "hadamard", "fyc_convert.heads": '[{"kind": "hadamard", "layer": "fc"}]'})
+    with pytest.raises(CheckpointError, match="lacks in_features, num_classes, hadamard_size, embedding for head 'fc'"):
         load_converted(model, path)
 
 

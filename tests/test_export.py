@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,9 +13,10 @@ from models import LAYOUTS
 from torch import nn
 
 from fyc_convert.errors import ExportError
-from fyc_convert.export.onnx_export import HEAD_PREFIX, compact_rows, export_onnx, parse_rows
+from fyc_convert.export.onnx_export import HEAD_PREFIX, export_onnx, head_entries
 from fyc_convert.export.onnx_head import HeadSpec, portable_node_bound
 from fyc_convert.export.verify import check_head_static, verify_onnx
+from fyc_convert.head.record import HeadRecord, compact_rows, decode_heads, parse_rows
 from fyc_convert.model.surgery import swap_classifier
 
 KIB = 1024
@@ -155,14 +158,17 @@ def test_manifest_in_metadata_props(tmp_path):
     meta = _metadata(res.path)
     assert meta["source"] == "x.pt"
     assert meta["fyc_convert.head"] == "hadamard"
-    assert meta["fyc_convert.layer"] == "fc"
-    assert meta["fyc_convert.in_features"] == "64"
-    assert meta["fyc_convert.num_classes"] == "10"
-    assert meta["fyc_convert.hadamard_size"] == str(head.hadamard_size)
-    assert meta["fyc_convert.embed_size"] == str(head.embed_size)
-    assert meta["fyc_convert.embedding"] == head.embedding
-    assert meta["fyc_convert.seed"] == "0"
-    assert np.array_equal(parse_rows(meta["fyc_convert.rows"]), head.rows.numpy())
+    # one head list (head/record.py), no flat keys of the first head
+    assert set(meta) == {"source", "fyc_convert.head", "fyc_convert.heads", "fyc_convert.head_layout"}
+    (record,) = decode_heads(meta)
+    exported = res.heads[0]
+    assert record == HeadRecord(
+        kind="hadamard", layer="fc", in_features=64, num_classes=10, seed=0, bias=True, fixed_scale=False,
+        hadamard_size=head.hadamard_size, embed_size=head.embed_size, embedding=head.embedding,
+        rows=tuple(head.rows.tolist()), scope=HEAD_PREFIX, input=exported.input_name, input_dtype="float32",
+        output=exported.output_name)
+    assert np.array_equal(parse_rows(json.loads(meta["fyc_convert.heads"])[0]["rows"]), head.rows.numpy())
+    assert head_entries(onnx.load(str(res.path))) == [record.to_dict()]
 
 
 def test_onnx_file_is_runnable_with_batch_size_axis(tmp_path):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import fyc_convert.export.onnx_export as export_mod
 from fyc_convert.cli import app
-from fyc_convert.export.onnx_head import _Ops
+from fyc_convert.export.ops import Ops
 
 runner = CliRunner()
 
@@ -70,7 +70,7 @@ def _tamper_heads(monkeypatch, error: float) -> None:
 
     def build_head(graph, features, spec, *, prefix, **kw):
         logits = real(graph, features, spec, prefix=prefix, **kw)
-        ops = _Ops(graph, f"{prefix}tamper/", np.float32)
+        ops = Ops(graph, f"{prefix}tamper/", np.float32)
         return ops.op1("Add", [logits, ops.const("error", np.asarray([error], np.float32))])
 
     monkeypatch.setattr(export_mod, "build_head", build_head)

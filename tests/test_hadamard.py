@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,7 +49,19 @@ def test_fwht_equals_dense_product(k: int):
     x = torch.randn(3, 2, n, dtype=torch.float64, generator=_gen(k))
     out = fwht(x)
     assert out.shape == x.shape
-    assert torch.allclose(out, fwht_reference(x), rtol=0, atol=1e-9 * max(1.0, math.sqrt(n)))
+    np.testing.assert_allclose(out.numpy(), fwht_reference(x), rtol=0, atol=1e-9 * max(1.0, math.sqrt(n)))
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_fwht_reference_is_the_sylvester_product_along_any_axis(k: int):
+    n = 1 << k
+    x = np.random.default_rng(k).normal(size=(n, 3, 2))
+    h = sylvester(n, dtype=torch.float64).numpy()
+    np.testing.assert_allclose(fwht_reference(np.eye(n)), h, rtol=0, atol=0)
+    np.testing.assert_allclose(fwht_reference(x, axis=0), np.einsum("ij,jab->iab", h, x), rtol=0, atol=1e-12 * n)
+    assert fwht_reference(x, axis=0).dtype == np.float64 and x.shape == (n, 3, 2)  # the input is untouched
+    with pytest.raises(ValueError, match="power-of-two"):
+        fwht_reference(np.zeros((2, 12)))
 
 
 def test_fwht_is_an_involution_up_to_n_for_every_size_to_2_pow_16():
@@ -61,7 +74,7 @@ def test_fwht_is_an_involution_up_to_n_for_every_size_to_2_pow_16():
 def test_fwht_many_rows_spans_cpu_blocks():
     # 300 rows of 4096 floats is several CPU blocks: every block must come out right
     x = torch.randn(300, 4096, generator=_gen(1))
-    assert torch.allclose(fwht(x), fwht_reference(x.double()).float(), atol=2e-3)
+    np.testing.assert_allclose(fwht(x).numpy(), fwht_reference(x), rtol=0, atol=2e-3)
 
 
 def test_fwht_gradcheck_fp64():
@@ -151,8 +164,8 @@ def test_hadamard_project_many_rows_spans_cpu_blocks():
     rows = torch.arange(1, 32768, 3)
     x = torch.randn(9, 512, generator=_gen(10))
     out = hadamard_project(x, signs, rows, n=32768, m=32768)
-    ref = fwht(embed_fold(x.double(), signs.double(), n=32768, m=32768))[:, rows]
-    assert torch.allclose(out.double(), ref, atol=1e-3)
+    ref = fwht_reference(embed_fold(x.double(), signs.double(), n=32768, m=32768))[:, rows.numpy()]
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("contiguous", [False, True])
@@ -194,6 +207,8 @@ def test_whole_copy_table_is_the_block_form_of_the_tile_embedding():
     x = torch.randn(6, big_n, dtype=torch.float64, generator=_gen(19))
     assert torch.allclose(block_project(x, table, rows), fwht(embed_fold(x, signs, n=k * big_n, m=k * big_n))[:, rows],
                           rtol=0, atol=1e-10)
+    s = np.concatenate([np.ones(big_n), signs.numpy()]).reshape(k, big_n)  # the k copies' signs S
+    np.testing.assert_array_equal(table.numpy(), fwht_reference(s, axis=0))  # H_k · S
     assert whole_copy_table(signs[:big_n], big_n, n=2 * big_n, m=big_n) is None  # a fold, not one transform
     assert whole_copy_table(torch.ones(20), 44, n=64, m=64) is None  # N does not divide n
 

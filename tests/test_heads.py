@@ -15,6 +15,7 @@ from torch import nn
 import fyc_convert.head.assign as assign_mod
 import fyc_convert.head.heads as heads_mod
 from fyc_convert.errors import HeadError
+from fyc_convert.head.fit import fit_to_linear
 from fyc_convert.head.frames import frame_coherence, frame_table
 from fyc_convert.head.hadamard import coherence, embedding_matrix, next_pow2, sylvester
 from fyc_convert.head.heads import HadamardHead, OrthogonalHead, cosine_loss
@@ -639,3 +640,25 @@ def test_kerdock_with_a_transform_twice_the_features_uses_more_tiles_for_distinc
     assert _distinct_rows(v) and torch.equal(v, _dense_frame_vectors(fitted))
     with pytest.raises(HeadError, match="too few"):
         HadamardHead.from_linear(nn.Linear(4, 30), embedding="kerdock")  # 4 features: 8 frame vectors
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
+def test_fit_to_linear_recovers_a_reachable_scale_and_bias(kind: str) -> None:
+    """The one α/bias fit (head/fit.py) both from_linear use: exact when the Linear is α·V·x + b on unit x."""
+    n_in, c = 24, 7
+    head = (HadamardHead(n_in, c) if kind == "hadamard" else OrthogonalHead(n_in, c, seed=3)).double()
+    v = head.class_vectors()  # (C, N)
+    b = torch.linspace(-1.0, 2.0, c, dtype=torch.float64)
+    x = torch.randn(50, n_in, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x / x.norm(dim=1, keepdim=True)  # unit features: x̂ = x up to eps
+    fit_to_linear(head, 2.5 * v, b, x, fixed_scale=None)
+    assert float(head.scale) == pytest.approx(2.5, rel=1e-6)
+    torch.testing.assert_close(head.bias.detach(), b, rtol=0, atol=1e-6)
+    # without features: α = the least-squares fit of α·V ≈ W, times sqrt(N); b = b₀
+    fit_to_linear(head, 2.5 * v, b + 1, None, fixed_scale=None)
+    assert float(head.scale) == pytest.approx(2.5 * math.sqrt(n_in), rel=1e-12)
+    torch.testing.assert_close(head.bias.detach(), b + 1, rtol=0, atol=0)
+    fit_to_linear(head, 2.5 * v, b, x, fixed_scale=4.0)  # a fixed α stays; the bias is still fitted
+    assert float(head.scale) == 4.0
+    torch.testing.assert_close(head.bias.detach(), b - 1.5 * (x @ v.T).mean(dim=0), rtol=0, atol=1e-6)
+    assert head.weight_overlap(v) == pytest.approx((float((v * v).sum()),) * 2, rel=1e-12)

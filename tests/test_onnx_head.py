@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 import scipy.linalg
@@ -20,6 +21,8 @@ from fyc_convert.export.onnx_head import (
     head_op_census,
     largest_head_constant,
 )
+from fyc_convert.export.ops import Ops, butterflies
+from fyc_convert.head.hadamard import fwht_reference
 from fyc_convert.head.heads import HadamardHead
 
 SIZES = [(64, 10), (342, 100), (512, 1000), (2048, 1000), (192, 1000)]
@@ -67,7 +70,8 @@ def reference_logits(spec: HeadSpec, x: np.ndarray) -> np.ndarray:
     xh = x / (np.linalg.norm(x, axis=1, keepdims=True) + spec.eps)  # (B, N)
     xt = np.concatenate([xh, spec.signs * xh[:, np.arange(n_feat, n) % n_feat]], axis=1)  # (B, n)
     y = xt.reshape(len(x), n // m, m).sum(axis=1)  # (B, m)
-    z = y @ scipy.linalg.hadamard(m).T  # (B, m)
+    z = fwht_reference(y)  # (B, m) = y · H_m
+    np.testing.assert_allclose(z, y @ scipy.linalg.hadamard(m).T, rtol=0, atol=1e-9 * m)
     logits = spec.scale * z[:, spec.rows]
     return logits if spec.bias is None else logits + spec.bias
 
@@ -477,3 +481,22 @@ def test_frame_heads_match_in_both_layouts(n_feat: int, c: int, layout: str) -> 
     model = head_model(spec, layout=layout)
     assert not set(head_op_census(model)) & set(DENSE_OPS)
     _assert_matches_head(model, head, (1, 3, 64, 300), seed=3)
+
+
+@pytest.mark.parametrize("count", [1, 2, 4, 8, 16])
+def test_the_one_butterfly_builder_is_the_reference_wht_over_its_parts(count: int) -> None:
+    """`butterflies` on 2^r Split parts = fwht_reference across them, with r·2^r Add/Sub nodes."""
+    x = gs.Variable("x", dtype=np.float32, shape=[count, 3])
+    graph = gs.Graph(inputs=[x], opset=17)
+    ops = Ops(graph, "bf/", np.float32)
+    parts = butterflies(ops, ops.split(x, count, 0, sizes=[1] * count))
+    graph.outputs = [ops.concat(parts, axis=0)]
+    graph.outputs[0].shape = [count, 3]
+    model = gs.export_onnx(graph.cleanup().toposort())
+    census = head_op_census(model, "bf/")
+    levels = count.bit_length() - 1
+    assert census.get("Add", 0) == census.get("Sub", 0) == levels * count // 2
+    data = np.random.default_rng(count).normal(size=(count, 3)).astype(np.float32)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"x": data})[0]
+    np.testing.assert_allclose(got, fwht_reference(data, axis=0), rtol=0, atol=1e-5)

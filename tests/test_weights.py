@@ -98,15 +98,20 @@ def test_round_trip_of_several_heads_and_conv_wrappers(tmp_path: Path, layout: s
         torch.testing.assert_close(logits_of(loaded.eval()(x)), logits_of(swap.model.eval()(x)))
 
 
-def test_file_of_one_head_without_the_heads_key_still_loads(tmp_path: Path) -> None:
+def test_header_is_the_head_list_only_and_a_file_without_it_is_refused(tmp_path: Path) -> None:
     lay = LAYOUTS["resnet_fc"]()
     swap = swap_classifier(lay.model, layer="fc")
     path = save_converted(swap.model, tmp_path / "model.safetensors", layer="fc", head=swap.head)
     with safe_open(str(path), "pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "fyc_convert.heads"}  # as written before
-    save_file(load_file(str(path)), str(path), metadata=meta)
-    loaded = load_converted(LAYOUTS["resnet_fc"]().model, path)
-    assert isinstance(loaded.fc, HadamardHead)
+        meta = f.metadata()
+    assert set(meta) == {"fyc_convert.head", "fyc_convert.heads"}  # no flat keys of the first head
+    (entry,) = json.loads(meta["fyc_convert.heads"])
+    assert entry["kind"] == "hadamard" and entry["layer"] == "fc" and entry["num_classes"] == swap.head.num_classes
+    assert entry["hadamard_size"] == swap.head.hadamard_size and entry["bias"] is True
+    flat = {"fyc_convert.head": "hadamard", "fyc_convert.layer": "fc", "fyc_convert.in_features": "64"}
+    save_file(load_file(str(path)), str(path), metadata=flat)  # the unreleased flat format
+    with pytest.raises(CheckpointError, match=r"no fyc-convert head list \(fyc_convert.heads\); save or export"):
+        load_converted(LAYOUTS["resnet_fc"]().model, path)
 
 
 def test_saving_a_model_without_a_fixed_head_is_refused(tmp_path: Path) -> None:

@@ -18,10 +18,8 @@ before the heads are spliced in (the heads are built for the target opset direct
 
 from __future__ import annotations
 
-import base64
 import copy
 import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -39,7 +37,7 @@ import onnx_graphsurgeon as gs
 import torch
 from torch import nn
 
-from fyc_convert.errors import ExportError, describe, first_line
+from fyc_convert.errors import ExportError, HeadError, describe, first_line
 from fyc_convert.export.onnx_head import (
     DEFAULT_OPSET,
     HEAD_LAYOUTS,
@@ -47,12 +45,13 @@ from fyc_convert.export.onnx_head import (
     MIN_OPSET,
     HeadLayout,
     HeadSpec,
-    _Ops,
     build_head,
     check_head_static,
     head_op_census,
 )
+from fyc_convert.export.ops import Ops
 from fyc_convert.files import temp_dir
+from fyc_convert.head.record import KIND_KEY, HeadRecord, decode_heads, encode_heads
 from fyc_convert.model.surgery import eval_mode, logits_of
 
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000  # bytes of weights; protobuf cannot serialise a model over 2 GiB
@@ -235,38 +234,6 @@ def _swapped(model: nn.Module, layers: Sequence[str], modules: Sequence[nn.Modul
         yield
 
 
-def compact_rows(rows: np.ndarray | torch.Tensor | list[int]) -> str:
-    """Rows as a short string for the manifest; `parse_rows` reverses it.
-
-    Runs such as "1-3,7,9-10" when that is shorter, else "b64u16:" ("b64u32:" for rows >= 65536) and the
-    base64 of the little-endian integers: a permutation of 1000 rows takes 2.7 kB instead of 4 kB.
-    """
-    values = np.asarray(rows.tolist() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
-    parts: list[str] = []
-    i = 0
-    while i < len(values):
-        j = i
-        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
-            j += 1
-        parts.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
-        i = j + 1
-    runs = ",".join(parts)
-    width = 16 if values.size == 0 or values.max() < 2**16 else 32
-    packed = f"b64u{width}:" + base64.b64encode(values.astype(f"<u{width // 8}").tobytes()).decode("ascii")
-    return runs if len(runs) <= len(packed) else packed
-
-
-def parse_rows(text: str) -> np.ndarray:
-    """The (C,) int64 rows of a `compact_rows` string."""
-    if text.startswith(("b64u16:", "b64u32:")):
-        return np.frombuffer(base64.b64decode(text[7:]), dtype=f"<u{int(text[4:6]) // 8}").astype(np.int64)
-    out: list[int] = []
-    for part in filter(None, text.split(",")):
-        lo, _, hi = part.partition("-")
-        out += range(int(lo), int(hi or lo) + 1)
-    return np.asarray(out, dtype=np.int64)
-
-
 def _head_kind(head: nn.Module) -> str:
     from fyc_convert.head.heads import HadamardHead, OrthogonalHead
 
@@ -280,45 +247,25 @@ def _head_kind(head: nn.Module) -> str:
     )
 
 
-def _head_manifest(head: nn.Module, kind: str, layer: str) -> dict[str, str]:
-    manifest = {
-        "head": kind,
-        "layer": str(layer),
-        "in_features": str(head.in_features),
-        "num_classes": str(head.num_classes),
-        "seed": str(int(head.seed)),
-    }
-    if kind == "hadamard":
-        manifest |= {
-            "hadamard_size": str(head.hadamard_size),
-            "embed_size": str(head.embed_size),
-            "embedding": str(head.embedding),
-            "rows": compact_rows(head.rows),
-        }
-    return manifest
-
-
-def _manifest(heads: Sequence[nn.Module], kind: str, exported: Sequence[ExportedHead]) -> dict[str, str]:
-    """The flat keys describe the first head (as files of one head always had); `fyc_convert.head.heads` lists all."""
+def _manifest(model: nn.Module, kind: str, heads: Sequence[ExportedHead], layout: str) -> dict[str, str]:
+    """The head list of the model's metadata_props (`fyc_convert.head.record`: one record per head, placed), and
+    the Hadamard heads' layout."""
     if not heads:
-        return {"fyc_convert.head": "original"}
-    entries = [_head_manifest(h, kind, e.layer) | {"scope": e.scope, "input": e.input_name,
-                                                   "input_dtype": e.input_dtype, "output": e.output_name}
-               for h, e in zip(heads, exported, strict=True)]
-    flat = {f"fyc_convert.{k}": v for k, v in entries[0].items()
-            if k not in ("scope", "input", "input_dtype", "output")}
-    return flat | {"fyc_convert.heads": json.dumps(entries, separators=(",", ":"))}
+        return {KIND_KEY: "original"}
+    manifest = encode_heads([HeadRecord.of(model, e.layer).placed(scope=e.scope, input=e.input_name,
+                                                                   input_dtype=e.input_dtype, output=e.output_name)
+                             for e in heads])
+    return manifest | ({"fyc_convert.head_layout": layout} if kind == "hadamard" else {})
 
 
-def head_entries(proto: onnx.ModelProto) -> list[dict[str, str]]:
-    """The `fyc_convert.head.heads` entries of an exported model (layer, scope, input, input_dtype, output, sizes);
-    [] if none."""
+def head_entries(proto: onnx.ModelProto) -> list[dict[str, Any]]:
+    """The head list of an exported model, one `HeadRecord.to_dict` per head (layer, scope, input, input_dtype,
+    output, sizes); [] if it has none or it cannot be read."""
     meta = {p.key: p.value for p in proto.metadata_props}
     try:
-        entries = json.loads(meta.get("fyc_convert.heads", "[]"))
-    except ValueError:
+        return [record.to_dict() for record in decode_heads(meta)]
+    except HeadError:
         return []
-    return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
 # ---------------------------------------------------------------------------------------------- exporters
@@ -534,7 +481,7 @@ def _rewire(graph: gs.Graph, old: gs.Variable, new: gs.Variable) -> None:
             graph.outputs[i] = new
 
 
-def _dense_head(ops: _Ops, feats: gs.Variable, head: nn.Module) -> gs.Variable:
+def _dense_head(ops: Ops, feats: gs.Variable, head: nn.Module) -> gs.Variable:
     """OrthogonalHead: logits = α/(‖x‖+eps) · x Qᵀ + b, with Q (C, N) as one constant (no fast transform)."""
     q = head.class_vectors().detach().to("cpu", torch.float32).numpy()  # (C, N)
     sumsq = ops.reduce_sum(ops.op1("Mul", [feats, feats]), [-1], keepdims=1)  # (B, 1)
@@ -558,7 +505,7 @@ def _splice_head(graph: gs.Graph, marker: gs.Node, head: nn.Module, kind: str, *
     marker.inputs.clear()
     marker.outputs.clear()
     # the casts' own scope under the head's: build_head's nodes count their names from zero as well
-    ops = _Ops(graph, scope if kind != "hadamard" else f"{scope}io/", np.float32)
+    ops = Ops(graph, scope if kind != "hadamard" else f"{scope}io/", np.float32)
     x = feats
     if half:
         x = ops.op1("Cast", [feats], attrs={"to": onnx.TensorProto.FLOAT}, name="cast_in")
@@ -711,11 +658,8 @@ def export_onnx(
         head_layer: dotted name of the swapped HadamardHead / OrthogonalHead, or the names of several
             (`SwapResult.layers`: heads whose outputs are averaged or summed), each spliced in under its own
             scope ("fyc_head/" for one head, "fyc_head/<i>/" for head i of several); None exports the model as is.
-        metadata: extra key/value pairs for the model's metadata_props, next to the head manifest:
-            fyc_convert.head ("hadamard", "orthogonal" or "original"), .layer, .in_features, .num_classes,
-            .seed, and for a Hadamard head .hadamard_size, .embed_size, .embedding and .rows
-            (`compact_rows`; `parse_rows` reads it back), all of the first head; .heads, a JSON list of every
-            head's values with its scope and input tensor (`head_entries` reads it).
+        metadata: extra key/value pairs for the model's metadata_props, beside the head list that
+            `fyc_convert.head.record.encode_heads` writes (`head_entries` reads it) and fyc_convert.head_layout.
         external_data_threshold: weights above this many bytes go to `<stem>.<token>.onnx.data` next to the
             model (a fresh name per export, see `ExportResult.external_data`).
         head_layout: "portable" (the default: no If or Shape, static reshapes, ops every edge converter
@@ -733,6 +677,43 @@ def export_onnx(
         ExportError: the model cannot be traced or exported, or a head subgraph is not slim.
     """
     path = Path(path)
+    _check_request(path, opset=opset, dtype=dtype, head_layout=head_layout, exporter=exporter,
+                   static_batch=static_batch)
+    layers, heads, kind = _find_heads(model, head_layer)
+    half = dtype == "fp16"
+    net = copy.deepcopy(model).half() if half else model  # never change the caller's model
+    placeholders = [_Placeholder(h.num_classes, i, layer) for i, (h, layer) in enumerate(zip(heads, layers))]
+    external = sum(p.numel() * p.element_size() for p in net.parameters()) > external_data_threshold
+    work = temp_dir(path.parent, path.name)  # OutputError when the folder is not writable
+    try:
+        # 1. export: the backbone traced with one marker node per head
+        with eval_mode(net), _swapped(net, layers, placeholders):
+            proto, used, failures = _trace(_LogitsOnly(net, half=half), _sample(model, input_shape, static_batch),
+                                           work, opset=opset, marker=bool(heads), static_batch=static_batch,
+                                           exporter=exporter, external=external, placeholders=placeholders)
+        # 2. splice: each marker replaced by its head subgraph; 3. cleanup: toposort, opsets, IR version, metadata
+        graph = gs.import_onnx(proto)
+        del proto
+        draft = _splice_heads(graph, heads, placeholders, kind, half=half, layout=head_layout,
+                              static_batch=static_batch)
+        proto = _finish(graph, opset=opset, metadata={**(metadata or {}), **_manifest(model, kind, draft, head_layout)})
+        # 4. static checks of every head, then the atomic save
+        exported = _check_heads(proto, draft, kind)
+        head_ops = head_op_census(proto, HEAD_PREFIX) if heads else {}
+        node_count = len(proto.graph.node)
+        saved = _save(proto, path, work, external_threshold=external_data_threshold)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    size = path.stat().st_size + (saved.stat().st_size if saved is not None else 0)
+    return ExportResult(
+        path=path, bytes=size, external_data=saved, opset=opset, dtype=dtype, head_kind=kind, head_ops=head_ops,
+        node_count=node_count, exporter=used, exporter_failures=failures, heads=exported,
+    )
+
+
+def _check_request(path: Path, *, opset: int, dtype: str, head_layout: str, exporter: str,
+                   static_batch: int | None) -> None:
+    """The export options a user passes, checked before any work."""
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old for the head subgraph; pass --opset {MIN_OPSET} or newer")
     if head_layout not in HEAD_LAYOUTS:
@@ -745,13 +726,11 @@ def export_onnx(
         raise ExportError(f"dtype {dtype!r} is not supported; pass fp32 or fp16")
     if not path.parent.is_dir():
         raise ExportError(f"output folder {path.parent} does not exist; create it or choose another path")
-    half = dtype == "fp16"
-    param = next(model.parameters(), None)
-    # batch 2: a batch of 1 can hide batch-dependent reshapes; a private generator leaves the global RNG alone
-    batch = 2 if static_batch is None else static_batch
-    sample = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
-    sample = sample.to(param.device if param is not None else "cpu")
 
+
+def _find_heads(model: nn.Module, head_layer: str | Sequence[str] | None) -> tuple[tuple[str, ...], list[nn.Module],
+                                                                                    str]:
+    """(layers, the head modules there, their one kind: "hadamard", "orthogonal" or "original" for none)."""
     layers = _layers(head_layer)
     heads = []
     for layer in layers:
@@ -762,52 +741,47 @@ def export_onnx(
     kinds = sorted({_head_kind(h) for h in heads})
     if len(kinds) > 1:
         raise ExportError(f"the heads are of different kinds ({', '.join(kinds)}); swap them all with one --head")
-    kind = kinds[0] if kinds else "original"
-    scopes = [HEAD_PREFIX] if len(layers) == 1 else [f"{HEAD_PREFIX}{i}/" for i in range(len(layers))]
+    return layers, heads, kinds[0] if kinds else "original"
 
-    net = copy.deepcopy(model).half() if half else model  # never change the caller's model
-    placeholders = [_Placeholder(h.num_classes, i, layer) for i, (h, layer) in enumerate(zip(heads, layers))]
-    external = sum(p.numel() * p.element_size() for p in net.parameters()) > external_data_threshold
-    work = temp_dir(path.parent, path.name)  # OutputError when the folder is not writable
-    try:
-        with eval_mode(net), _swapped(net, layers, placeholders):
-            proto, used, failures = _trace(_LogitsOnly(net, half=half), sample, work, opset=opset,
-                                           marker=bool(heads), static_batch=static_batch, exporter=exporter,
-                                           external=external, placeholders=placeholders)
-        graph = gs.import_onnx(proto)
-        del proto
-        markers = {int(n.attrs.get("index", -1)): n for n in graph.nodes
-                   if n.op == _MARKER_OP and n.domain == _MARKER_DOMAIN}
-        spliced = []
-        for head, ph, scope in zip(heads, placeholders, scopes, strict=True):
-            marker = markers[ph.index]
-            feats, logits = _splice_head(graph, marker, head, kind, scope=scope, half=half,
-                                         feature_shape=_feature_shape(marker.inputs[0], ph), layout=head_layout,
-                                         static_batch=static_batch)
-            spliced.append((feats.name, "float16" if half else "float32", logits))
-        # the logits' names are read after every splice: a later rewire can rename a graph output
-        draft = [ExportedHead(layer, scope, kind, h.num_classes, getattr(h, "embed_size", None), name, dt,
-                              logits.name, {})
-                 for layer, scope, h, (name, dt, logits) in zip(layers, scopes, heads, spliced, strict=True)]
-        manifest = _manifest(heads, kind, draft)
+
+def _sample(model: nn.Module, input_shape: tuple[int, ...], static_batch: int | None) -> torch.Tensor:
+    """The traced input, on the model's device: batch 2 (a batch of 1 can hide batch-dependent reshapes) or the
+    static batch, from a private generator (the global RNG is left alone)."""
+    param = next(model.parameters(), None)
+    batch = 2 if static_batch is None else static_batch
+    sample = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0))
+    return sample.to(param.device if param is not None else "cpu")
+
+
+def _splice_heads(graph: gs.Graph, heads: Sequence[nn.Module], placeholders: Sequence[_Placeholder], kind: str, *,
+                  half: bool, layout: HeadLayout, static_batch: int | None) -> list[ExportedHead]:
+    """Replace every head's marker by its subgraph; the heads as they stand in the graph (ops not yet counted)."""
+    scopes = [HEAD_PREFIX] if len(heads) == 1 else [f"{HEAD_PREFIX}{i}/" for i in range(len(heads))]
+    markers = {int(n.attrs.get("index", -1)): n for n in graph.nodes
+               if n.op == _MARKER_OP and n.domain == _MARKER_DOMAIN}
+    spliced = []
+    for head, ph, scope in zip(heads, placeholders, scopes, strict=True):
+        marker = markers[ph.index]
+        feats, logits = _splice_head(graph, marker, head, kind, scope=scope, half=half,
+                                     feature_shape=_feature_shape(marker.inputs[0], ph), layout=layout,
+                                     static_batch=static_batch)
+        spliced.append((feats.name, logits))
+    # the logits' names are read after every splice: a later rewire can rename a graph output
+    dtype = "float16" if half else "float32"
+    return [ExportedHead(ph.layer, scope, kind, h.num_classes, getattr(h, "embed_size", None), name, dtype,
+                         logits.name, {})
+            for ph, scope, h, (name, logits) in zip(placeholders, scopes, heads, spliced, strict=True)]
+
+
+def _check_heads(proto: onnx.ModelProto, draft: Sequence[ExportedHead], kind: str) -> tuple[ExportedHead, ...]:
+    """Each head with its op census; a Hadamard head checked on its own: no dense op, no constant beyond its
+    own max(C, n)."""
+    exported = []
+    for entry in draft:
         if kind == "hadamard":
-            manifest["fyc_convert.head_layout"] = head_layout
-        proto = _finish(graph, opset=opset, metadata={**(metadata or {}), **manifest})
-        head_ops = head_op_census(proto, HEAD_PREFIX) if heads else {}
-        exported = []
-        for entry in draft:
-            if kind == "hadamard":  # each head on its own: no dense op, no constant beyond its own max(C, n)
-                ops = check_head_static(proto, num_classes=entry.num_classes, embed_size=entry.embed_size,
-                                        prefix=entry.scope)
-            else:
-                ops = head_op_census(proto, entry.scope)
-            exported.append(dataclasses.replace(entry, ops=ops))
-        node_count = len(proto.graph.node)
-        saved = _save(proto, path, work, external_threshold=external_data_threshold)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    size = path.stat().st_size + (saved.stat().st_size if saved is not None else 0)
-    return ExportResult(
-        path=path, bytes=size, external_data=saved, opset=opset, dtype=dtype, head_kind=kind, head_ops=head_ops,
-        node_count=node_count, exporter=used, exporter_failures=failures, heads=tuple(exported),
-    )
+            ops = check_head_static(proto, num_classes=entry.num_classes, embed_size=entry.embed_size,
+                                    prefix=entry.scope)
+        else:
+            ops = head_op_census(proto, entry.scope)
+        exported.append(dataclasses.replace(entry, ops=ops))
+    return tuple(exported)

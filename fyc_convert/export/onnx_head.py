@@ -24,7 +24,6 @@ Speeds of both are measured by benchmarks/head_onnx.py (numbers in the README).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -32,6 +31,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fyc_convert.errors import ExportError
+from fyc_convert.export.head_spec import HeadSpec
+from fyc_convert.export.onnx_head_switched import switched_logits
+from fyc_convert.export.ops import Ops, butterflies
 from fyc_convert.options import DEFAULT_OPSET, HEAD_LAYOUTS, MIN_OPSET
 
 __all__ = [
@@ -55,219 +57,6 @@ DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinea
              "QLinearConv", "Einsum")
 
 
-@dataclass(frozen=True)
-class HeadSpec:
-    """Everything the ONNX builder needs to know about a HadamardHead (plain numpy, no torch).
-
-    Attributes:
-        in_features: N, the feature length.
-        num_classes: C.
-        hadamard_size: m, the transform size (a power of two).
-        embed_size: n, a multiple of m with n >= N.
-        embedding: "tile" or "pad" (informational; `signs` carries the values).
-        eps: Added to ‖x‖ before dividing.
-        signs: (n - N,) float, ±1 ("tile") or 0 ("pad"), the embedding signs s_i for i >= N.
-        rows: (C,) int64, the transform output given to each class: in [0, m) without a table, in
-            [0, K·P) with one.
-        scale: α, the logit scale.
-        bias: (C,) float or None.
-        table: None (embed/fold + one m-point transform), or (K, P) float, P a power of two >= N:
-            z = concat_k H_P(table[k] ⊙ pad(x̂, P)) (length K·P), logits_c = scale · z[rows[c]] + bias_c.
-    """
-
-    in_features: int
-    num_classes: int
-    hadamard_size: int
-    embed_size: int
-    embedding: str
-    eps: float
-    signs: np.ndarray
-    rows: np.ndarray
-    scale: float
-    bias: np.ndarray | None
-    table: np.ndarray | None = field(default=None)
-
-    def __post_init__(self) -> None:
-        n_feat, c, m, n = self.in_features, self.num_classes, self.hadamard_size, self.embed_size
-        if m < 1 or m & (m - 1):
-            raise ExportError(f"hadamard_size must be a power of two, got {m}; rebuild the head with a valid size")
-        if n < n_feat or n % m:
-            raise ExportError(
-                f"embed_size {n} must be a multiple of hadamard_size {m} and >= in_features {n_feat}; "
-                "rebuild the head with consistent sizes"
-            )
-        if self.signs.shape != (n - n_feat,):
-            raise ExportError(
-                f"signs must have shape ({n - n_feat},), got {self.signs.shape}; pass the n - N embedding signs"
-            )
-        if not np.all(np.isin(self.signs, (-1.0, 0.0, 1.0))):
-            raise ExportError("signs must be -1, 0 or +1; use the head's `signs` buffer unchanged")
-        outputs = m
-        if self.table is not None:
-            shape = self.table.shape
-            if len(shape) != 2 or shape[0] < 1 or shape[1] < n_feat or shape[1] & (shape[1] - 1):
-                raise ExportError(
-                    f"table must be (K, P) with P a power of two >= in_features {n_feat}, got shape {shape}; "
-                    "use the head's block_table() unchanged"
-                )
-            if not np.all(np.isfinite(self.table)):
-                raise ExportError("table holds NaN or inf; use the head's block_table() unchanged")
-            outputs = shape[0] * shape[1]
-        if self.rows.shape != (c,) or (c and (self.rows.min() < 0 or self.rows.max() >= outputs)):
-            raise ExportError(f"rows must be {c} indices in [0, {outputs}); use the head's `rows` buffer unchanged")
-        if self.bias is not None and self.bias.shape != (c,):
-            raise ExportError(f"bias must have shape ({c},), got {self.bias.shape}; use the head's `bias` unchanged")
-
-    @classmethod
-    def from_module(cls, head: Any) -> HeadSpec:
-        """Read a `fyc_convert.head.heads.HadamardHead` (its attributes and buffers) into a spec.
-
-        The block table comes from ``head.block_table()`` when the head has that method and it returns an
-        array; otherwise whole-copy tile heads (N a power of two, n = m = T·N) get the table H_T·S (S the
-        (T, N) embedding signs, since H_m = H_T ⊗ H_N: z in natural order is exactly that concatenation, so
-        the rows keep their values), and other heads none.
-
-        Args:
-            head: A HadamardHead (anything with the same attributes and buffers).
-
-        Returns:
-            The spec, with float64 signs/bias/table copies and int64 rows on the CPU.
-        """
-        bias = getattr(head, "bias", None)
-        n_feat, m, n = int(head.in_features), int(head.hadamard_size), int(head.embed_size)
-        signs = head.signs.detach().cpu().double().numpy().copy()
-        table = None
-        block_table = getattr(head, "block_table", None)
-        if callable(block_table):
-            got = block_table()
-            table = None if got is None else np.asarray(got, dtype=np.float64).copy()
-        if table is not None and signs.shape != (n - n_feat,):
-            # A frame head ("kerdock") keeps its sign table in `signs`; the block table carries it here.
-            signs = np.zeros(n - n_feat)
-        if table is None and n == m and n_feat < m and n_feat & (n_feat - 1) == 0:
-            table = _np_wht(np.concatenate([np.ones(n_feat), signs]).reshape(m // n_feat, n_feat))  # (T, N)
-        return cls(
-            in_features=n_feat,
-            num_classes=int(head.num_classes),
-            hadamard_size=m,
-            embed_size=n,
-            embedding=str(head.embedding),
-            eps=float(head.eps),
-            signs=signs,
-            rows=head.rows.detach().cpu().numpy().astype(np.int64),
-            scale=float(head.scale.detach().cpu()),
-            bias=None if bias is None else bias.detach().cpu().double().numpy().copy(),
-            table=table,
-        )
-
-
-def _butterflies(ops: _Ops, parts: list[gs.Variable], r: int) -> list[gs.Variable]:
-    """The r levels of a radix-2^r stage on its 2^r parts: (a, b) -> (a + b, a - b) for each bit, in place."""
-    for level in range(r):
-        bit = 1 << level
-        for t in range(1 << r):
-            if not t & bit:
-                a, b = parts[t], parts[t | bit]
-                parts[t], parts[t | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
-    return parts
-
-
-def _np_wht(a: np.ndarray) -> np.ndarray:
-    """Sylvester WHT along axis 0 (length a power of two), float64, for the constant tables."""
-    t = a.shape[0]
-    a = a.astype(np.float64).reshape(t, -1)
-    h = 1
-    while h < t:
-        v = a.reshape(t // (2 * h), 2, h, -1)
-        a = np.concatenate([v[:, :1] + v[:, 1:], v[:, :1] - v[:, 1:]], axis=1).reshape(t, -1)
-        h *= 2
-    return a
-
-
-class _Ops:
-    """The one ONNX node factory of the project: prefixed nodes and constants added with `gs.Graph.layer`.
-
-    Every node and constant name is `prefix` + a stem + a counter; tensor names are short (`prefix` + the
-    counter), since each is stored at its producer and at every consumer. Forms that differ between
-    opsets (Split's sizes) are chosen from `opset`.
-    """
-
-    def __init__(self, graph: gs.Graph, prefix: str, dtype: Any, *, opset: int | None = None):
-        self.graph, self.prefix, self.dtype = graph, prefix, np.dtype(dtype)
-        self.opset = int(opset if opset is not None else (graph.opset or DEFAULT_OPSET))
-        self._count = 0
-        self._ints: dict[tuple, gs.Constant] = {}
-
-    def name(self, stem: str) -> str:
-        self._count += 1
-        return f"{self.prefix}{stem}_{self._count}"
-
-    def const(self, stem: str, values: Any, dtype: Any = None) -> gs.Constant:
-        values = np.asarray(values, dtype=dtype if dtype is not None else None)
-        return gs.Constant(self.name(stem), np.ascontiguousarray(values))
-
-    def ints(self, stem: str, values: list[int]) -> gs.Constant:
-        """An int64 constant (shapes, axes, sizes), shared by every node that reads the same values."""
-        key = (stem, *values)
-        if key not in self._ints:
-            self._ints[key] = self.const(stem, np.asarray(values, dtype=np.int64))
-        return self._ints[key]
-
-    def op(self, op: str, inputs: list, *, attrs: dict | None = None, outputs: int = 1, dtype: Any = None,
-           name: str | None = None) -> list[gs.Variable]:
-        node_name = self.name(op) if name is None else f"{self.prefix}{name}"
-        dtype = self.dtype if dtype is None else dtype
-        stem = f"{self.prefix}{self._count}" if name is None else node_name  # named nodes: unique by their name
-        outs = [gs.Variable(f"{stem}.{i}", dtype=dtype) for i in range(outputs)]
-        # a copy: `layer` returns the node's own output list, which callers must be free to edit
-        return list(self.graph.layer(op=op, name=node_name, attrs=attrs or {}, inputs=inputs, outputs=outs))
-
-    def op1(self, op: str, inputs: list, **kw: Any) -> gs.Variable:
-        return self.op(op, inputs, **kw)[0]
-
-    def reshape(self, x: gs.Variable, shape: list[int]) -> gs.Variable:
-        return self.op1("Reshape", [x, self.ints("shape", shape)])
-
-    def transpose(self, x: gs.Variable, perm: list[int] | None = None) -> gs.Variable:
-        return self.op1("Transpose", [x], attrs={"perm": perm or [1, 0]})
-
-    def slice(self, x: gs.Variable, start: int, end: int, axis: int = 0) -> gs.Variable:
-        """x[start:end] along `axis`."""
-        return self.op1("Slice", [x, self.ints("start", [start]), self.ints("end", [end]), self.ints("axes", [axis])])
-
-    def split(self, x: gs.Variable, count: int, axis: int, sizes: list[int] | None = None) -> list[gs.Variable]:
-        """Split along `axis` into `count` equal pieces, or pieces of the given constant `sizes`.
-
-        Equal pieces: the `num_outputs` attribute from opset 18 on; below 18 no `split` input (which those
-        opsets define as equal pieces), so the pieces may have a dynamic size (a multiple of the batch).
-        Given sizes are the `split` input, the form every opset from 13 on reads.
-        """
-        if sizes is not None:
-            return self.op("Split", [x, self.ints("split", sizes)], attrs={"axis": axis}, outputs=len(sizes))
-        attrs = {"axis": axis, "num_outputs": count} if self.opset >= 18 else {"axis": axis}
-        return self.op("Split", [x], attrs=attrs, outputs=count)
-
-    def reduce_sum(self, x: gs.Variable, axes: list[int], *, keepdims: int) -> gs.Variable:
-        return self.op1("ReduceSum", [x, self.ints("axes", axes)], attrs={"keepdims": keepdims})
-
-    def concat(self, parts: list[gs.Variable], axis: int) -> gs.Variable:
-        return parts[0] if len(parts) == 1 else self.op1("Concat", parts, attrs={"axis": axis})
-
-    def branch(self, build: Any) -> gs.Graph:
-        """A subgraph (an If branch) holding the nodes `build()` adds; it reads outer tensors by name.
-
-        Node and tensor names keep counting from the outer graph, so every name in the model stays unique.
-        """
-        outer, outer_ints = self.graph, self._ints
-        self.graph, self._ints = gs.Graph(opset=outer.opset), {}
-        try:
-            out = build()
-            self.graph.outputs = [out]
-            return self.graph
-        finally:
-            self.graph, self._ints = outer, outer_ints
-
-
 # ------------------------------------------------------------------------------------- portable layout
 def _kept_table(spec: HeadSpec) -> tuple[np.ndarray, np.ndarray]:
     """(table, rows): only the blocks of the table that hold class rows, rows renumbered into them."""
@@ -278,7 +67,7 @@ def _kept_table(spec: HeadSpec) -> tuple[np.ndarray, np.ndarray]:
     return spec.table[blocks], rows
 
 
-def _embed_fold_portable(ops: _Ops, xt: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variable:
+def _embed_fold_portable(ops: Ops, xt: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variable:
     """(N, B) -> (m, B): x̃_i = s_i · x_{i mod N} for i < n, then the fold y_k = Σ_t x̃_{k + t·m}."""
     n_feat, m, n = spec.in_features, spec.hadamard_size, spec.embed_size
     y = xt
@@ -303,7 +92,7 @@ _RADIX_BITS = 2
 _SMALL_MAX_BITS = 6
 
 
-def _natural_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> gs.Variable:
+def _natural_wht(ops: Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> gs.Variable:
     """`levels` butterfly levels on the lowest index bits of an (R, W) tensor, leaving outputs in natural order.
 
     Each stage of r levels views (R, W) as (R/2^r, 2^r·W), so that the 2^r rows differing in their lowest r
@@ -319,7 +108,7 @@ def _natural_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int, batch: int) 
         view = ops.reshape(y, [rows, -1 if width < 0 else (width << r)])
         # parts[t]: the rows whose lowest r bits are t; constant sizes when the batch is static
         parts = ops.split(view, 1 << r, axis=1, sizes=None if width < 0 else [width] * (1 << r))
-        y = ops.concat(_butterflies(ops, parts, r), axis=1)
+        y = ops.concat(butterflies(ops, parts), axis=1)
         width = width << r if width > 0 else width
         done += r
     return y
@@ -333,7 +122,7 @@ def _bitrev(k: np.ndarray, bits: int) -> np.ndarray:
     return out
 
 
-def _small_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int) -> gs.Variable:
+def _small_wht(ops: Ops, y: gs.Variable, rows: int, levels: int) -> gs.Variable:
     """`levels` butterfly levels on the leading index bits of an (R, W) tensor, 4 nodes per level.
 
     For small transforms, where the node count is what costs: Split(axis 0, halves) -> a = top + bottom,
@@ -348,7 +137,7 @@ def _small_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int) -> gs.Variable
     return y
 
 
-def _interleaved_table_embed(ops: _Ops, xt: gs.Variable, n_feat: int, table: np.ndarray,
+def _interleaved_table_embed(ops: Ops, xt: gs.Variable, n_feat: int, table: np.ndarray,
                              batch: int) -> gs.Variable:
     """(N, B) -> (P·K, B): row j·K + k holds table[k, j] · x_j (x zero-padded to P), for `_small_wht`.
 
@@ -366,7 +155,7 @@ def _interleaved_table_embed(ops: _Ops, xt: gs.Variable, n_feat: int, table: np.
     return ops.op1("Mul", [xt, ops.const("table", mult.reshape(p * k, 1).astype(ops.dtype))])
 
 
-def _pad_rows(ops: _Ops, xt: gs.Variable, n_feat: int, p: int) -> gs.Variable:
+def _pad_rows(ops: Ops, xt: gs.Variable, n_feat: int, p: int) -> gs.Variable:
     """(N, B) -> (P, B) by repeating x (rows j >= N: any values; the table's zeros there clear them)."""
     if p <= n_feat:
         return xt
@@ -375,7 +164,7 @@ def _pad_rows(ops: _Ops, xt: gs.Variable, n_feat: int, p: int) -> gs.Variable:
     return ops.slice(xt, 0, p) if reps * n_feat > p else xt
 
 
-def _table_embed(ops: _Ops, xt: gs.Variable, n_feat: int, table: np.ndarray, batch: int) -> gs.Variable:
+def _table_embed(ops: Ops, xt: gs.Variable, n_feat: int, table: np.ndarray, batch: int) -> gs.Variable:
     """(N, B) -> (K·P, B): row k·P + j holds table[k, j] · x_j (x zero-padded to P), natural order.
 
     K copies of x stacked along the rows (K contiguous copies) and one Mul by the (K·P, 1) table column,
@@ -394,7 +183,7 @@ def _table_embed(ops: _Ops, xt: gs.Variable, n_feat: int, table: np.ndarray, bat
     return ops.op1("Mul", [xt, ops.const("table", mult.reshape(k * p, 1).astype(ops.dtype))])
 
 
-def _major_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> gs.Variable:
+def _major_wht(ops: Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> gs.Variable:
     """`levels` butterfly levels on the lowest index bits of a batch-major (B·R, 1) view, natural order.
 
     The state is (B·R, Q): row b·R + r holds the remaining input bits r, column q the outputs done so far.
@@ -409,13 +198,13 @@ def _major_wht(ops: _Ops, y: gs.Variable, rows: int, levels: int, batch: int) ->
         rows >>= r
         view = ops.reshape(y, [batch * rows if batch > 0 else -1, width << r])
         parts = ops.split(view, 1 << r, axis=1, sizes=[width] * (1 << r))
-        y = ops.concat(_butterflies(ops, parts, r), axis=1)
+        y = ops.concat(butterflies(ops, parts), axis=1)
         width <<= r
         done += r
     return y
 
 
-def _major_embed(ops: _Ops, x: gs.Variable, spec: HeadSpec, table: np.ndarray | None) -> gs.Variable:
+def _major_embed(ops: Ops, x: gs.Variable, spec: HeadSpec, table: np.ndarray | None) -> gs.Variable:
     """(B, N) -> (B, K·P) = concat_k table[k] ⊙ pad(x) (a table), or (B, m) = fold(embed(x)), batch-major."""
     n_feat = spec.in_features
     if table is not None:
@@ -440,7 +229,7 @@ def _major_embed(ops: _Ops, x: gs.Variable, spec: HeadSpec, table: np.ndarray | 
     return y
 
 
-def _pad_cols(ops: _Ops, x: gs.Variable, n_feat: int, width: int) -> gs.Variable:
+def _pad_cols(ops: Ops, x: gs.Variable, n_feat: int, width: int) -> gs.Variable:
     """(B, N) -> (B, width) by repeating x along the columns (cut to width)."""
     if width <= n_feat:
         return x
@@ -455,7 +244,7 @@ def _pad_cols(ops: _Ops, x: gs.Variable, n_feat: int, width: int) -> gs.Variable
 _MAJOR_MAX_BATCH = 4
 
 
-def _portable(ops: _Ops, x: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variable:
+def _portable(ops: Ops, x: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variable:
     """(B, N) -> (B, C) raw outputs z[rows] (without scale and bias): the portable layout.
 
     x̃ᵀ as (K·P, B) (a table) or (m, B), transformed on its lowest index bits with the outputs left in
@@ -548,7 +337,7 @@ def build_head(
         raise ExportError(f"head layout {layout!r} is unknown; pass one of {', '.join(HEAD_LAYOUTS)}")
     if static_batch is not None and static_batch < 1:
         raise ExportError(f"static batch must be >= 1, got {static_batch}; pass a positive batch size or None")
-    ops = _Ops(graph, prefix, dtype)
+    ops = Ops(graph, prefix, dtype)
     n_feat, c = spec.in_features, spec.num_classes
     lead = _lead_shape(features, feature_shape, n_feat)
     rows_per_sample = int(np.prod(lead)) if lead and _is_static(lead) else 1
@@ -578,8 +367,6 @@ def build_head(
         if bias is not None:
             logits = ops.op1("Add", [logits, bias])
     else:
-        from fyc_convert.export.onnx_head_switched import switched_logits
-
         logits = switched_logits(ops, x, spec, bias if scale_input else None)
         if not scale_input:
             logits = ops.op1("Mul", [logits, factor])  # (B, C)

@@ -24,7 +24,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from fyc_convert.errors import ExportError
-from fyc_convert.export.onnx_head import HeadSpec, _np_wht, _Ops
+from fyc_convert.export.head_spec import HeadSpec
+from fyc_convert.export.ops import Ops, butterflies
+from fyc_convert.head.hadamard import fwht_reference
 
 # Radix of the Split/Add/Sub/Concat stages by transform size, and the size from which the index is split
 # in two halves with a Transpose between them (measured: see the README's batch-switched rows).
@@ -36,7 +38,7 @@ _LARGE_MIN_BITS = 13
 _TRANSPOSE_MIN_BITS = 12
 
 
-def switched_logits(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) -> gs.Variable:
+def switched_logits(ops: Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) -> gs.Variable:
     """(B, N) -> (B, C) raw outputs z[rows] (plus `bias` when given) in the batch-switched layout."""
     if _whole_tiles(spec) or _unpadded_table(spec):
         return _tiled(ops, x, spec, bias)
@@ -46,7 +48,7 @@ def switched_logits(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable
     return _general(ops, x, spec, bias)
 
 
-def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
+def _embed_fold(ops: Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
     """(B, N) -> (m, B): x̃ = embed(x) (tile/pad signs), then the fold y_k = Σ_t x̃_{k + t·m}, transposed.
 
     The fold of the default sizing (n = N) runs before the Transpose, on (B, n/m, m): onnxruntime reduces
@@ -77,30 +79,17 @@ def _embed_fold(ops: _Ops, x: gs.Variable, spec: HeadSpec) -> gs.Variable:
     return x  # (m, B)
 
 
-def _butterfly_parts(ops: _Ops, view: gs.Variable, axis: int, r: int) -> list[gs.Variable]:
-    """The r-point WHT along `axis` (of size r) of `view`, as its r slices: one Split, r·log2(r) Add/Sub."""
-    parts = ops.split(view, r, axis)
-    bit = 1
-    while bit < r:
-        for j in range(r):
-            if not j & bit:
-                a, b = parts[j], parts[j | bit]
-                parts[j], parts[j | bit] = ops.op1("Add", [a, b]), ops.op1("Sub", [a, b])
-        bit *= 2
-    return parts
-
-
-def _butterflies(ops: _Ops, view: gs.Variable, axis: int, r: int) -> gs.Variable:
+def _transform_axis(ops: Ops, view: gs.Variable, axis: int, r: int) -> gs.Variable:
     """The r-point WHT along `axis` (of size r) of `view`: one Split, r·log2(r) Add/Sub, one Concat."""
-    return ops.op1("Concat", _butterfly_parts(ops, view, axis, r), attrs={"axis": axis})
+    return ops.op1("Concat", butterflies(ops, ops.split(view, r, axis)), attrs={"axis": axis})
 
 
-def _stage(ops: _Ops, y: gs.Variable, m: int, lo: int, hi: int) -> gs.Variable:
+def _stage(ops: Ops, y: gs.Variable, m: int, lo: int, hi: int) -> gs.Variable:
     """Butterflies on position bits [lo, hi) of an (m, B) tensor: Split/Add/Sub/Concat on runs of 2^lo·B floats.
 
     Returns the result viewed as (m/2^hi, 2^(hi-lo), 2^lo·B); callers reshape as they need.
     """
-    return _butterflies(ops, ops.reshape(y, [m >> hi, 1 << (hi - lo), -1]), 1, 1 << (hi - lo))
+    return _transform_axis(ops, ops.reshape(y, [m >> hi, 1 << (hi - lo), -1]), 1, 1 << (hi - lo))
 
 
 def _bit_groups(lo: int, hi: int, max_bits: int) -> list[tuple[int, int]]:
@@ -110,7 +99,7 @@ def _bit_groups(lo: int, hi: int, max_bits: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(edges))
 
 
-def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
+def _wht(ops: Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
     """Unnormalised Sylvester WHT of an (m, B) tensor (one transform per column), left in a transposed layout.
 
     The natural output index k = hi · 2^p_lo + lo (p_lo low bits) is split in two halves; the high half's
@@ -138,7 +127,7 @@ def _wht(ops: _Ops, y: gs.Variable, m: int) -> tuple[gs.Variable, int, int]:
     return y, 1 << p_lo, 1 << p_hi
 
 
-def _pick_rows(ops: _Ops, z: gs.Variable, rows: np.ndarray, size_lo: int, size_hi: int) -> gs.Variable:
+def _pick_rows(ops: Ops, z: gs.Variable, rows: np.ndarray, size_lo: int, size_hi: int) -> gs.Variable:
     """Transform output (see `_wht`) -> (C, B) = z_natural[rows].
 
     Contiguous rows (the default): back to natural order (one Transpose unless already natural) and one
@@ -183,10 +172,10 @@ def _tile_table(spec: HeadSpec) -> tuple[np.ndarray, np.ndarray]:
     if _unpadded_table(spec):
         return tiles, spec.table[tiles].T
     signs = np.concatenate([np.ones(n_feat), spec.signs]).reshape(m // n_feat, n_feat)  # S, (T, N)
-    return tiles, _np_wht(signs)[tiles].T
+    return tiles, fwht_reference(signs, axis=0)[tiles].T
 
 
-def _tile_stages(ops: _Ops, y: gs.Variable, n_feat: int, max_bits: int) -> gs.Variable:
+def _tile_stages(ops: Ops, y: gs.Variable, n_feat: int, max_bits: int) -> gs.Variable:
     """N-point transforms along axis 0 of an (N, ...) tensor (runs of 2^lo·(the rest) floats per stage).
 
     One Reshape gives each group of index bits its own axis, highest bits outermost, so that the stages
@@ -197,11 +186,11 @@ def _tile_stages(ops: _Ops, y: gs.Variable, n_feat: int, max_bits: int) -> gs.Va
     if groups:
         y = ops.reshape(y, [*(1 << (hi - lo) for lo, hi in reversed(groups)), -1])
     for i, (lo, hi) in enumerate(groups):  # lowest bits (innermost of the index axes) first
-        y = _butterflies(ops, y, len(groups) - 1 - i, 1 << (hi - lo))
+        y = _transform_axis(ops, y, len(groups) - 1 - i, 1 << (hi - lo))
     return y
 
 
-def _tile_pick(ops: _Ops, y: gs.Variable, n_feat: int, k: int, start: int, end: int) -> gs.Variable:
+def _tile_pick(ops: Ops, y: gs.Variable, n_feat: int, k: int, start: int, end: int) -> gs.Variable:
     """(N, B, k) transforms -> (B, end - start): the chunk's natural outputs [start, end).
 
     Output kt·N + kj sits at (kj, ·, kt): one Transpose, (N, B·k) -> (B·k, N) = (B, k, N), gives natural order.
@@ -212,7 +201,7 @@ def _tile_pick(ops: _Ops, y: gs.Variable, n_feat: int, k: int, start: int, end: 
 
 
 def _chunked(
-    ops: _Ops,
+    ops: Ops,
     spec: HeadSpec,
     bias: gs.Variable | None,
     size: int,
@@ -260,7 +249,7 @@ def _chunked(
     return z if bias is None else ops.op1("Add", [z, bias])
 
 
-def _batch_switch(ops: _Ops, x: gs.Variable, large: Callable[[], gs.Variable],
+def _batch_switch(ops: Ops, x: gs.Variable, large: Callable[[], gs.Variable],
                   small: Callable[[], gs.Variable]) -> gs.Variable:
     """One If on the batch size: `large` from _BLOCK_MIN_BATCH samples on, else `small` (each an If branch)."""
     batch = ops.op1("Shape", [x], attrs={"start": 0, "end": 1}, dtype=np.int64)
@@ -268,12 +257,12 @@ def _batch_switch(ops: _Ops, x: gs.Variable, large: Callable[[], gs.Variable],
     return ops.op1("If", [cond], attrs={"then_branch": ops.branch(large), "else_branch": ops.branch(small)})
 
 
-def _shared(ops: _Ops, value: gs.Variable | None) -> gs.Variable | None:
+def _shared(ops: Ops, value: gs.Variable | None) -> gs.Variable | None:
     """`value` as an outer tensor for If branches: a constant both branches read would be written into each."""
     return None if value is None else ops.op1("Identity", [value])
 
 
-def _tiled(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) -> gs.Variable:
+def _tiled(ops: Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) -> gs.Variable:
     """The whole-copy head, (B, N) -> (B, C) (plus `bias` when given); see the note above `_BLOCK_MIN_BATCH`."""
     n_feat, c, rows = spec.in_features, spec.num_classes, spec.rows
     tiles, table_np = _tile_table(spec)
@@ -320,7 +309,7 @@ def _tiled(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) 
     return _batch_switch(ops, x, lambda: _chunked(ops, spec, bias, n_feat, tiles, start, chunk), whole)
 
 
-def _general(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) -> gs.Variable:
+def _general(ops: Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None) -> gs.Variable:
     """Any other head, (B, N) -> (B, C) (plus `bias` when given): embed and fold, then one m-point transform.
 
     For an unfolded m >= _BLOCK_MIN_POINTS (N not a power of two, many classes) the transform is also run
@@ -343,7 +332,7 @@ def _general(ops: _Ops, x: gs.Variable, spec: HeadSpec, bias: gs.Variable | None
     tiles = np.unique(spec.rows // size)
 
     def blocked() -> gs.Variable:
-        blocks = _butterfly_parts(ops, ops.reshape(y, [m // size, -1]), 0, m // size)  # cleanup drops unused ones
+        blocks = butterflies(ops, ops.split(ops.reshape(y, [m // size, -1]), m // size, 0))  # cleanup drops unused ones
 
         def start(t0: int, t1: int) -> gs.Variable:  # chunks of one block
             return ops.reshape(blocks[int(tiles[t0])], [size, -1])

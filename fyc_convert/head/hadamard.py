@@ -5,14 +5,17 @@ Notation follows docs/design.md: N = in_features, m = transform size (a power of
 embed-then-fold map implemented by :func:`embed_fold` and ``H_m`` is applied by :func:`fwht` with
 additions and subtractions only; :func:`hadamard_project` fuses them with the row gather. The block form
 ``z = concat_k H_P(table[k] ⊙ pad(x̂, P))`` (:func:`block_project`) serves the whole-copy tiling and the
-frames of :mod:`fyc_convert.head.frames`. Every fast function has a dense reference next to it for the tests.
+frames of :mod:`fyc_convert.head.frames`. :func:`fwht_reference` (numpy) is the one reference WHT the fast
+transforms are tested against; the dense matrices (:func:`sylvester`, :func:`embedding_matrix`) check it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from torch import Tensor
 
 __all__ = [
@@ -162,9 +165,33 @@ def fwht(x: Tensor) -> Tensor:
     return _FWHT.apply(x)
 
 
-def fwht_reference(x: Tensor) -> Tensor:
-    """Dense reference for :func:`fwht`: ``x @ sylvester(n).T`` (O(n²) per row)."""
-    return x @ sylvester(x.shape[-1], dtype=x.dtype, device=x.device).T
+def fwht_reference(x: ArrayLike, *, axis: int = -1) -> np.ndarray:
+    """The reference Walsh–Hadamard transform: float64 numpy, unnormalised, Sylvester (natural) order.
+
+    ``z[k] = Σ_i (-1)^popcount(k & i) · x[i]`` along `axis` (a power-of-two length), by the recursion
+    ``H_2h = [[H_h, H_h], [H_h, -H_h]]`` on numpy arrays: the one WHT the fast transforms (:func:`fwht`, the
+    kernels behind :func:`hadamard_project` and :func:`block_project`, the ONNX butterflies) are tested
+    against, and what builds the ONNX head's small constant tables.
+
+    Args:
+        x: Array (or CPU tensor) of any shape.
+        axis: The axis to transform.
+
+    Returns:
+        A new float64 array of the same shape.
+    """
+    a = np.moveaxis(np.array(x, dtype=np.float64), axis, -1)
+    n = a.shape[-1]
+    if not is_pow2(n):
+        raise ValueError(f"fwht_reference needs a power-of-two length, got {n}")
+    lead = a.shape[:-1]
+    a = a.reshape(-1, n)
+    h = 1
+    while h < n:
+        v = a.reshape(-1, n // (2 * h), 2, h)  # entries i and i + h of each block of 2h side by side
+        a = np.concatenate([v[:, :, :1] + v[:, :, 1:], v[:, :, :1] - v[:, :, 1:]], axis=2).reshape(-1, n)
+        h *= 2
+    return np.moveaxis(a.reshape(*lead, n), -1, axis)
 
 
 def _check_embed(in_features: int, signs: Tensor, n: int, m: int) -> None:

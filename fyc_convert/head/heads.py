@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from fyc_convert.errors import HeadError
 from fyc_convert.head import assign
 from fyc_convert.head.assign import Scorer, calibrated_agreement, match, scorer
+from fyc_convert.head.fit import fit_to_linear
 from fyc_convert.head.frames import frame_table, frame_tiles
 from fyc_convert.head.hadamard import block_project, coherence, hadamard_project, is_pow2, next_pow2, whole_copy_table
 
@@ -251,22 +252,6 @@ def _rows_coherence(tr: _Transform, rows: Tensor) -> float:
     return coherence(v, chunk=_CHUNK, dots=lambda u: tr.project(u, rows))  # cosines via the fast transform
 
 
-def _fit_scale_bias(
-    raw: Tensor, target: Tensor, *, bias: bool, fixed_scale: float | None
-) -> tuple[float, Tensor | None]:
-    """Least squares for α (and per-class b) in ``α·raw + b ≈ target``; raw, target (S, C) float64."""
-    if fixed_scale is not None:
-        alpha = float(fixed_scale)
-    elif bias:
-        rc = raw - raw.mean(dim=0)
-        tc = target - target.mean(dim=0)
-        alpha = float((rc * tc).sum() / (rc * rc).sum().clamp_min(1e-30))
-    else:
-        alpha = float((raw * target).sum() / (raw * raw).sum().clamp_min(1e-30))
-    b = (target - alpha * raw).mean(dim=0) if bias else None
-    return alpha, b
-
-
 def _assign_rows(sc: Scorer, tr: _Transform, cand: Tensor, num_classes: int) -> Tensor:
     """(C,) rows of ``tr``: the candidates matched to the classes by ``sc`` (see fyc_convert.head.assign)."""
     project = tr.project
@@ -475,6 +460,15 @@ class HadamardHead(_FixedHead):
         eye = torch.eye(self.in_features, dtype=self.signs.dtype, device=self.signs.device)
         return self._transform().project(eye, self.rows).T.contiguous()  # (C, N)
 
+    def weight_overlap(self, weight: Tensor) -> tuple[float, float]:
+        """(Σ_c W_c·V_c, Σ_c ‖V_c‖²) for a (C, N) weight in the signs' dtype, by the fast transform in chunks of
+        classes (V is never formed): what `fit.fit_to_linear` needs."""
+        tr, rows = self._transform(), self.rows
+        dots = torch.cat([  # (C,) W_c · V_{rows[c]}
+            tr.project(weight[s : s + _CHUNK], rows[s : s + _CHUNK]).diagonal() for s in range(0, rows.numel(), _CHUNK)
+        ])
+        return float(dots.sum()), float(_norms_sq(tr, rows).sum())
+
     def coherence(self) -> float:
         """Max |cos| between distinct class vectors (float64).
 
@@ -552,23 +546,7 @@ class _LinearFit:
 
     def fitted(self, head: HadamardHead) -> HadamardHead:
         """Fit α and b of ``head`` (float64) to the trained layer, in place; returns it."""
-        with torch.no_grad():
-            if self.x is not None:
-                alpha, b = _fit_scale_bias(head.raw(self.x), self.x @ self.w.T + self.b0, bias=self.bias,
-                                           fixed_scale=self.fixed_scale)
-            else:
-                tr, rows = head._transform(), head.rows
-                dots = torch.cat([  # (C,) W_c · V_{rows[c]}
-                    tr.project(self.w[s : s + _CHUNK], rows[s : s + _CHUNK]).diagonal()
-                    for s in range(0, rows.numel(), _CHUNK)
-                ])
-                ls = float(dots.sum() / _norms_sq(tr, rows).sum())
-                alpha = float(self.fixed_scale) if self.fixed_scale is not None else ls * math.sqrt(head.in_features)
-                b = self.b0 if self.bias else None
-            head.scale.fill_(alpha)
-            if b is not None:
-                head.bias.copy_(b)
-        return head
+        return fit_to_linear(head, self.w, self.b0, self.x, fixed_scale=self.fixed_scale)
 
     def agreement(self, head: HadamardHead) -> float:
         """Calibrated top-1 agreement of ``head`` with the trained layer on the features."""
@@ -702,6 +680,11 @@ class OrthogonalHead(_FixedHead):
         """The (C, N) matrix Q."""
         return self.weight.clone()
 
+    def weight_overlap(self, weight: Tensor) -> tuple[float, float]:
+        """(Σ_c W_c·Q_c, Σ_c ‖Q_c‖²) for a (C, N) weight in Q's dtype: what `fit.fit_to_linear` needs."""
+        q = self.weight
+        return float((q * weight).sum()), float((q * q).sum())
+
     def coherence(self) -> float:
         """Max |cos| between distinct rows of Q (exact, chunked)."""
         return coherence(self.weight)
@@ -725,18 +708,8 @@ class OrthogonalHead(_FixedHead):
         c_out, n_in = w.shape
         head = cls(n_in, c_out, bias=bias, fixed_scale=fixed_scale, seed=seed).double()
         b0 = linear.bias.detach().to("cpu", torch.float64) if linear.bias is not None else torch.zeros(c_out)
-        with torch.no_grad():
-            if features is not None:
-                x = features.detach().to("cpu", torch.float64).reshape(-1, n_in)
-                alpha, b = _fit_scale_bias(head.raw(x), x @ w.T + b0, bias=bias, fixed_scale=fixed_scale)
-            else:
-                q = head.weight
-                alpha = float(fixed_scale) if fixed_scale is not None else float(
-                    (q * w).sum() / (q * q).sum()) * math.sqrt(n_in)
-                b = b0 if bias else None
-            head.scale.fill_(alpha)
-            if b is not None:
-                head.bias.copy_(b)
+        x = None if features is None else features.detach().to("cpu", torch.float64).reshape(-1, n_in)
+        fit_to_linear(head, w, b0, x, fixed_scale=fixed_scale)
         return head.to(linear.weight.device, linear.weight.dtype)
 
 

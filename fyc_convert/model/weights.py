@@ -1,8 +1,9 @@
 """The converted model's weights file (`model.safetensors`): save it, and load it back into the architecture.
 
-The header metadata describes each fixed head (kind, layer, N, C, transform size m, embedded length n,
-embedding, and whether it stands in a conv classifier's `ConvHead` wrapper) — the first one also under the flat
-keys that files of one head always had — so `load_converted` can rebuild the heads before loading the state_dict:
+The header metadata describes each fixed head with the one head record and codec of
+`fyc_convert.head.record` (kind, layer, N, C, transform size m, embedded length n, embedding, rows, and whether it
+stands in a conv classifier's `ConvHead` wrapper; the same keys as the ONNX model's metadata), so
+`load_converted` can rebuild the heads before loading the state_dict:
 
     model = build_my_model()                                   # the original architecture
     model = load_converted(model, "out/model.safetensors")     # classifier swapped, weights loaded
@@ -10,7 +11,6 @@ keys that files of one head always had — so `load_converted` can rebuild the h
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,13 +18,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fyc_convert.errors import CheckpointError, FycError, OutputError, describe
+from fyc_convert.errors import CheckpointError, FycError, HeadError, OutputError, describe
 from fyc_convert.files import atomic_path
 from fyc_convert.head.heads import HadamardHead, OrthogonalHead
-from fyc_convert.head.layouts import WRAPPED_HEAD, ConvHead, is_pointwise_conv
-
-_KEY = "fyc_convert."
-_HEADS = "heads"  # header key: JSON list, one entry per fixed head (the flat keys describe the first, as before)
+from fyc_convert.head.layouts import ConvHead, is_pointwise_conv
+from fyc_convert.head.record import KIND_KEY, HeadRecord, decode_heads, encode_heads
 
 
 def save_converted(model: nn.Module, path: str | Path, *, layer: str | None = None,
@@ -47,12 +45,11 @@ def save_converted(model: nn.Module, path: str | Path, *, layer: str | None = No
         heads = chosen + [h for h in heads if h not in chosen]
     if not heads:
         raise OutputError("the model holds no fixed head; save the model that swap_classifier returned")
-    entries = [_describe(model, n, m) for n, m in heads]
-    meta = {**entries[0], _HEADS: json.dumps(entries, separators=(",", ":"))}
+    meta = encode_heads([HeadRecord.of(model, n) for n, _ in heads])
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     try:
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={_KEY + k: v for k, v in meta.items()})
+            save_file(tensors, str(tmp), metadata=meta)
     except (SafetensorError, ValueError, TypeError) as e:  # e.g. a tensor type safetensors cannot store
         raise OutputError(f"cannot write {path.name} ({describe(e)}); the model's state_dict holds something "
                           "safetensors cannot store") from e
@@ -72,21 +69,20 @@ def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
     path = Path(path)
     try:
         with safe_open(str(path), "pt") as f:
-            meta = {k[len(_KEY):]: v for k, v in (f.metadata() or {}).items() if k.startswith(_KEY)}
+            meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot read {path}: {e}; pass the model.safetensors that fyc-convert wrote") from e
-    if "head" not in meta or "layer" not in meta:
+    if KIND_KEY not in meta:
         raise CheckpointError(f"{path} has no fyc-convert header; it was not written by fyc-convert")
     try:
-        entries = json.loads(meta[_HEADS]) if _HEADS in meta else [meta]  # files of one head before "heads"
-    except ValueError as e:
-        raise CheckpointError(f"{path}'s fyc-convert header is corrupt ({describe(e)}); save the converted model "
-                              "again") from e
-    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        records = decode_heads(meta)
+    except HeadError as e:
+        raise CheckpointError(f"{path}: {e}") from e
+    if not records:
         raise CheckpointError(f"{path}'s fyc-convert header lists no heads; save the converted model again")
-    for entry in entries:
-        model = _install(model, entry, tensors, path)
+    for record in records:
+        model = _install(model, record, tensors, path)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
@@ -96,45 +92,25 @@ def load_converted(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-def _describe(model: nn.Module, layer: str, head: nn.Module) -> dict[str, str]:
-    """One head's header entry (strings, as safetensors metadata holds them)."""
-    entry = {"head": head.head_kind, "layer": layer, "in_features": str(head.in_features),
-             "num_classes": str(head.num_classes), "bias": str(head.bias is not None).lower(),
-             "fixed_scale": str(not isinstance(head.scale, nn.Parameter)).lower()}
-    if isinstance(head, HadamardHead):
-        entry.update(hadamard_size=str(head.hadamard_size), embed_size=str(head.embed_size), embedding=head.embedding)
-    parent, _, attr = layer.rpartition(".")
-    if attr == WRAPPED_HEAD and isinstance(model.get_submodule(parent), ConvHead):
-        entry["wrapper"] = "conv1x1"  # the original layer (`parent`) was a 1x1 Conv2d
-    return entry
-
-
-def _install(model: nn.Module, meta: dict[str, str], tensors: dict[str, torch.Tensor], path: Path) -> nn.Module:
-    """Build the head one header entry describes and put it where the original classifier is."""
-    needed = ["layer", "in_features", "num_classes"] + (["hadamard_size", "embedding"] if meta.get("head") == "hadamard"
-                                                          else [])
-    missing = [k for k in needed if k not in meta]
-    if meta.get("head") not in ("hadamard", "orthogonal") or missing:
-        what = (f"lacks {', '.join(_KEY + k for k in missing)}" if missing
-                else f"names an unknown head {meta.get('head')!r}")
-        raise CheckpointError(f"{path}'s fyc-convert header {what}; save the converted model again")
-    layer = meta["layer"]
-    wrapped = meta.get("wrapper") == "conv1x1"
+def _install(model: nn.Module, record: HeadRecord, tensors: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """Build the head one header record describes and put it where the original classifier is."""
+    layer = record.layer
+    wrapped = record.wrapper == "conv1x1"
     original = layer.rpartition(".")[0] if wrapped else layer  # where the classifier sits in the original model
     try:
         old = model.get_submodule(original)
     except AttributeError as e:
         raise CheckpointError(f"{path} converts layer {original!r}, which this model does not have; "
                               f"build the architecture the file was converted from") from e
-    bias = meta.get("bias", "true") == "true"
     try:
-        n_in, n_cls = int(meta["in_features"]), int(meta["num_classes"])
-        fixed = float(tensors[f"{layer}.scale"]) if meta.get("fixed_scale") == "true" else None
-        if meta["head"] == "hadamard":
-            head: nn.Module = HadamardHead(n_in, n_cls, bias=bias, fixed_scale=fixed, rows=tensors[f"{layer}.rows"],
-                                           hadamard_size=int(meta["hadamard_size"]), embedding=meta["embedding"])
+        fixed = float(tensors[f"{layer}.scale"]) if record.fixed_scale else None
+        if record.kind == "hadamard":
+            head: nn.Module = HadamardHead(record.in_features, record.num_classes, bias=record.bias,
+                                           fixed_scale=fixed, rows=tensors[f"{layer}.rows"],
+                                           hadamard_size=record.hadamard_size, embedding=record.embedding)
         else:
-            head = OrthogonalHead(n_in, n_cls, bias=bias, fixed_scale=fixed, seed=int(tensors[f"{layer}.seed"]))
+            head = OrthogonalHead(record.in_features, record.num_classes, bias=record.bias, fixed_scale=fixed,
+                                  seed=int(tensors[f"{layer}.seed"]))
     except (KeyError, ValueError, FycError) as e:
         raise CheckpointError(f"{path} does not describe a head that can be rebuilt ({describe(e)}); save the "
                               "converted model again") from e
