@@ -242,7 +242,7 @@ def measure_heads(
     """Each fixed head on its own: the ONNX head on the ONNX graph's own features vs the PyTorch head on them.
 
     The backbone's float error is left out: both heads read the same (onnxruntime's) features, so what
-    remains is the error the head subgraph adds. The heads are found from the file's `fyc_convert.head.heads`
+    remains is the error the head subgraph adds. The heads are found from the file's `fyc_convert.heads`
     manifest (input and output tensor names); the model is run with those tensors as extra outputs, from a
     temporary copy of the graph next to `path` (external data is shared, not copied).
 
