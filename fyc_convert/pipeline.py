@@ -200,7 +200,8 @@ def _describe_usage(report: Report, fmt: str, meta: dict, bundle, ckpt: Path, op
     report.preprocessing = with_resize(report.preprocessing or {})
     if input_shape is not None:
         embedded = opts.embed_preprocessing
-        value_range = [0, 255 if opts.pixel_range == "0-255" else 1] if embedded else observed_range(bundle)
+        value_range = ([0, 255 if opts.pixel_range == "0-255" else 1] if embedded
+                       else observed_range(bundle, input_shape))
         report.input = input_spec(name=INPUT_NAME, input_shape=input_shape, value_range=value_range,
                                   in_graph=embedded, static_batch=opts.static_batch)
 

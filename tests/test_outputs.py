@@ -20,9 +20,17 @@ from torch import nn
 from fyc_convert import convert
 from fyc_convert.data.classes import ClassNames, meta_classes_source, resolve_classes
 from fyc_convert.data.datasets import DataBundle, check_data
+from fyc_convert.data.preprocess import Preprocessing
 from fyc_convert.errors import DataError, ExportError, OptionsError
 from fyc_convert.export.embed import Normalized, embed_preprocessing
-from fyc_convert.export.model_card import feed_line, input_spec, read_model_card, snap_range, with_resize
+from fyc_convert.export.model_card import (
+    feed_line,
+    input_spec,
+    observed_range,
+    read_model_card,
+    snap_range,
+    with_resize,
+)
 from fyc_convert.files import atomic_path
 from fyc_convert.model.loading import load_model
 from fyc_convert.model.weights import load_converted
@@ -215,7 +223,7 @@ def test_feed_line_forms() -> None:
     assert prep["resize"] == {"value": 256, "source": "input size / crop_pct (option)"}
     spec = input_spec(name="input", input_shape=(3, 224, 224), value_range=[0, 255], in_graph=True, static_batch=1)
     assert spec["shape"] == [1, 3, 224, 224] and spec["layout"] == "NCHW"
-    assert feed_line(spec, prep) == ("input float32 1×3×224×224, values in [0, 255] (normalised inside the graph) "
+    assert feed_line(spec, prep) == ("input float32 1×3×224×224, values in [0, 255], normalised inside the graph "
                                      "(resize 256, centre crop 224×224, bicubic)")
     vec = input_spec(name="input", input_shape=(30,), value_range=None, in_graph=False)
     assert vec["layout"] == "NC"
@@ -227,6 +235,26 @@ def test_feed_line_forms() -> None:
                                                       (-3.2, 4.75, [-3.2, 4.75]), (0, float("nan"), None)])
 def test_snap_range(low: float, high: float, snapped) -> None:
     assert snap_range(low, high) == snapped
+
+
+def test_observed_range_undoes_the_normalisation() -> None:
+    pixels = torch.rand(50, 2, 4, 4)
+    mean, std = (0.4, 0.6), (0.2, 0.3)
+    norm = (pixels - torch.tensor(mean).view(1, 2, 1, 1)) / torch.tensor(std).view(1, 2, 1, 1)
+    ds = torch.utils.data.TensorDataset(norm, torch.zeros(50, dtype=torch.long))
+    prep = Preprocessing(input_shape=(2, 4, 4), mean=mean, std=std)
+    bundle = DataBundle(train=ds, val=None, num_classes=2, input_shape=(2, 4, 4), classes=None, labelled=True,
+                        source="x.npz", preprocessing=prep)
+    assert observed_range(bundle, (2, 4, 4)) == [0, 1]
+    wide = DataBundle(train=torch.utils.data.TensorDataset(norm * 10, ds.tensors[1]), val=None, num_classes=2,
+                      input_shape=(2, 4, 4), classes=None, labelled=True, source="x.npz",
+                      preprocessing=Preprocessing(input_shape=(2, 4, 4)))
+    low, high = observed_range(wide, (2, 4, 4))
+    assert low == pytest.approx(float(norm.min() * 10), rel=1e-3) and high == pytest.approx(float(norm.max() * 10),
+                                                                                          rel=1e-3)
+    assert observed_range(None, (3, 8, 8)) == [0, 1] and observed_range(None, (30,)) is None
+    assert observed_range(DataBundle(train=ds, val=None, num_classes=2, input_shape=(2, 4, 4), classes=None,
+                                     labelled=True, source="d/", kind="images"), (2, 4, 4)) == [0, 1]
 
 
 # ---------------------------------------------------------------------------------------------- small items

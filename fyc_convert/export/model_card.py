@@ -83,7 +83,7 @@ def feed_line(spec: Mapping[str, Any], preprocessing: Mapping[str, Any] | None) 
     values = f"values in [{_num(rng[0])}, {_num(rng[1])}]" if rng else "values as in the training data"
     mean, std = value("mean"), value("std")
     if spec.get("normalization") == "graph":
-        norm = " (normalised inside the graph)" if mean is not None or std is not None else ""
+        norm = ", normalised inside the graph" if mean is not None or std is not None else ""
     else:
         norm = "".join([f" minus mean {_nums(mean)}" if mean is not None else "",
                         "," if mean is not None and std is not None else "",
@@ -135,14 +135,15 @@ def _nums(values: Sequence[float]) -> str:
     return ",".join(f"{v:.4g}" for v in values)
 
 
-def observed_range(bundle: Any) -> list[float] | None:
+def observed_range(bundle: Any, input_shape: Sequence[int]) -> list[float] | None:
     """The range of the data's values before normalisation, snapped (`snap_range`); None when unknown.
 
     Images are decoded to [0, 1]; in-memory arrays (`kind` "arrays") are measured, their normalisation undone;
-    other data (memory-mapped arrays) is not read again.
+    other data (memory-mapped arrays) is not read again. Without data, an image input (C, H, W) takes pixels in
+    [0, 1]: the convention of every mean/std source (`--mean`, timm's pretrained_cfg, Hugging Face processors).
     """
     if bundle is None:
-        return None
+        return [0, 1] if len(input_shape) == 3 else None
     if bundle.kind == "images":
         return [0, 1]
     tensors = getattr(bundle.train, "tensors", None)
