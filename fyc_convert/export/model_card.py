@@ -152,7 +152,7 @@ def observed_range(bundle: Any, input_shape: Sequence[int]) -> list[float] | Non
         return None
     import torch
 
-    x = tensors[0].float()  # (B, *shape), normalised by load_data when a mean/std was given
+    x = tensors[0]  # (B, *shape) float32, normalised by load_data when a mean/std was given
     shape = tuple(x.shape[1:])
 
     def stat(values: Sequence[float] | None, neutral: float) -> torch.Tensor:
@@ -163,5 +163,9 @@ def observed_range(bundle: Any, input_shape: Sequence[int]) -> list[float] | Non
             return t.reshape(shape)
         return t.reshape(len(t), *([1] * (len(shape) - 1)))  # per channel
 
-    raw = x * stat(prep.std, 1.0) + stat(prep.mean, 0.0)
-    return snap_range(float(raw.min()), float(raw.max())) if raw.numel() else None
+    if not x.numel():
+        return None
+    # std > 0, so x -> x * std + mean is increasing per element: undo it on the per-element extremes only
+    std, mean = stat(prep.std, 1.0), stat(prep.mean, 0.0)
+    low, high = x.amin(0) * std + mean, x.amax(0) * std + mean  # (*shape)
+    return snap_range(float(low.min()), float(high.max()))
