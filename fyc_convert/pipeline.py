@@ -375,17 +375,13 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
         say("exporting original.onnx and model.onnx")
         card = _model_card(report)
         manifest = {"fyc_convert.checkpoint": Path(report.checkpoint).name, **card}
-        # --embed-preprocessing: both graphs (and their PyTorch references) normalise the raw input themselves
-        emb = _embedded(model, original, swap, report, opts, input_shape)
-        exp_model, exp_original = (emb.converted, emb.original) if emb else (model, original)
-        head_layers = emb.head_layers if emb else swap.layers
+        ex = _export_models(model, original, swap, report, opts, input_shape)  # --embed-preprocessing wraps them
 
         def export_both(opset: int):
-            orig = export_onnx(exp_original, stage / "original.onnx", input_shape=input_shape, opset=opset,
-                               dtype=opts.dtype, metadata=card, static_batch=opts.static_batch,
-                               exporter=opts.exporter)
-            conv = export_onnx(exp_model, stage / "model.onnx", input_shape=input_shape, opset=opset,
-                               dtype=opts.dtype, head_layer=head_layers, metadata=manifest,
+            orig = export_onnx(ex.original, stage / "original.onnx", input_shape=input_shape, opset=opset,
+                               dtype=opts.dtype, metadata=card, static_batch=opts.static_batch, exporter=opts.exporter)
+            conv = export_onnx(ex.converted, stage / "model.onnx", input_shape=input_shape, opset=opset,
+                               dtype=opts.dtype, head_layer=ex.head_layers, metadata=manifest,
                                head_layout=opts.head_layout, static_batch=opts.static_batch, exporter=opts.exporter)
             return orig, conv
 
@@ -426,11 +422,10 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
 
             real = sample_inputs(bundle.val if bundle.val is not None else bundle.plain_train, 64, seed=opts.seed,
                                  workers=bundle.workers)
-            if emb is not None:  # the graphs take raw values: feed them what normalises to the samples
-                real = emb.converted.to_raw(real)
+            real = ex.to_raw(real)  # embedded normalisation: the raw values that normalise to these samples
         atol, rtol = opts.tolerance
         try:
-            verdict = verify_converted(conv_res.path, exp_model, original_path=orig_res.path, original=exp_original,
+            verdict = verify_converted(conv_res.path, ex.converted, original_path=orig_res.path, original=ex.original,
                                        inputs=real, input_shape=input_shape, atol=atol, rtol=rtol, seed=opts.seed,
                                        static_batch=opts.static_batch)
         except VerificationError as err:
@@ -472,11 +467,13 @@ def _model_card(report: Report) -> dict[str, str]:
     return metadata(report.input, report.preprocessing, report.classes) if report.input is not None else {}
 
 
-def _embedded(model, original, swap, report: Report, opts: ConvertOptions, input_shape):
-    """With --embed-preprocessing, both models wrapped in `Normalized` (export/embed.py); else None."""
+def _export_models(model, original, swap, report: Report, opts: ConvertOptions, input_shape):
+    """The models to export and verify: with --embed-preprocessing both wrapped in `Normalized` (export/embed.py),
+    so that the graphs and their PyTorch references take the raw input; else the models as they are."""
+    from fyc_convert.export.embed import Embedded, embed_preprocessing
+
     if not opts.embed_preprocessing:
-        return None
-    from fyc_convert.export.embed import embed_preprocessing
+        return Embedded(model, original, list(swap.layers))
 
     prep = report.preprocessing or {}
     return embed_preprocessing(model, original, head_layers=swap.layers,

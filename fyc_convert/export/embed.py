@@ -52,11 +52,15 @@ class Normalized(nn.Module):
 
 @dataclass
 class Embedded:
-    """The models to export and verify, and the head layers under their new names."""
+    """The models to export and verify (wrapped in `Normalized`, or as they are), and their head layers' names."""
 
-    converted: Normalized
-    original: Normalized
+    converted: nn.Module
+    original: nn.Module
     head_layers: list[str]
+
+    def to_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised samples -> what the exported graphs take (unchanged when nothing is embedded)."""
+        return self.converted.to_raw(x) if isinstance(self.converted, Normalized) else x
 
 
 def embed_preprocessing(converted: nn.Module, original: nn.Module, *, head_layers: Sequence[str],
