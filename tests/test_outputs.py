@@ -293,3 +293,26 @@ def test_one_class_is_singular() -> None:
                         source="d.npz")
     with pytest.raises(DataError, match="d.npz has 1 class but the model's classifier has 2 outputs"):
         check_data(bundle, num_classes=2)
+
+
+def test_cli_embeds_8bit_pixels_and_reports_into_a_new_output_folder(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from fyc_convert.cli import app
+
+    out = tmp_path / "new"
+    args = [SAMPLE, "--arch", ARCH, "--data", DATA, "--epochs", "0", "-o", out, "--report", out / "report.json",
+            "--embed-preprocessing", "--pixel-range", "0-255", "--device", "cpu", "-q"]
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["input"]["range"] == [0, 255] and saved["input"]["normalization"] == "graph"
+    x = np.load(DATA)["x_val"].astype(np.float32)
+    meta = _meta()
+    model = load_converted(load_model(SAMPLE, arch=ARCH).model, out / "model.safetensors").eval()
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x * 255})[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy((x - meta["mean"][0]) / meta["std"][0]).float()).numpy()
+    np.testing.assert_array_equal(got.argmax(1), want.argmax(1))
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
