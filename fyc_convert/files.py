@@ -48,15 +48,23 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise _writable_here(path, e) from e
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs get the usual permissions
+    mode = _file_mode()
+    os.chmod(tmp, mode)  # mkstemp makes 0600 files; outputs get the usual permissions
     try:
         yield tmp
+        # again: a writer may have replaced the file at `tmp` with a new one of its own (safetensors writes 0600)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _file_mode() -> int:
+    """0666 less the umask: the permissions an ordinary new file gets (0644 with the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -175,6 +175,12 @@ class ConvertOptions(DataOptions, FinetuneConfig):
                                             "a dynamic batch axis.", panel=_EXPORT, ge=1)
     dtype: Literal["fp32", "fp16"] = option("fp32", "Precision of the exported backbone; inputs and outputs stay "
                                                     "fp32.", panel=_EXPORT, choices=("fp32", "fp16"))
+    embed_preprocessing: bool = option(
+        False, "Normalise inside both graphs: they take raw pixels (see --pixel-range) instead of (x - mean) / std.",
+        panel=_EXPORT)
+    pixel_range: Literal["0-1", "0-255"] | None = option(
+        None, "With --embed-preprocessing, the graphs' input values: 0-1 (images scaled to [0, 1]) or 0-255 (8-bit "
+              "pixel values, as float32). [default: 0-1]", panel=_EXPORT, choices=("0-1", "0-255"))
     atol: float | None = option(None, "Verification tolerance on the logits, absolute. [default: 1e-4; fp16: "
                                       "5e-2]", panel=_EXPORT, ge=0.0)
     rtol: float | None = option(None, "Verification tolerance, relative. [default: as --atol]", panel=_EXPORT,
@@ -251,7 +257,9 @@ def check_options(opts: ConvertOptions) -> list[str]:
     if opts.data is not None and not Path(opts.data).exists():
         raise DataError(f"data not found: {opts.data}; pass an .npz/.pt file or an ImageFolder directory to --data")
     if opts.report_path is not None:
-        _check_writable_file("--report", Path(opts.report_path))
+        # a report inside the -o folder is fine before that folder exists: the run creates it first
+        will_exist = None if opts.dry_run or opts.output_dir is None else Path(opts.output_dir)
+        _check_writable_file("--report", Path(opts.report_path), will_exist=will_exist)
     return _ignored(opts)
 
 
@@ -327,6 +335,8 @@ def _ignored(opts: ConvertOptions) -> list[str]:
             notes.append(f"{', '.join(given)} ignored: they apply to --optimizer class-lr only")
     if opts.epochs == 0 and (opts.lr is not None or opts.optimizer is not None):
         notes.append("--lr/--optimizer ignored: --epochs 0 calibrates α and the bias only")
+    if opts.pixel_range is not None and not opts.embed_preprocessing:
+        notes.append("--pixel-range ignored: it applies with --embed-preprocessing only")
     if opts.dtype == "fp16" and opts.atol is None and opts.rtol is None:
         atol, rtol = opts.tolerance
         notes.append(f"verification tolerance is atol {atol:g}, rtol {rtol:g} for an fp16 backbone "
@@ -334,11 +344,14 @@ def _ignored(opts: ConvertOptions) -> list[str]:
     return notes
 
 
-def _check_writable_file(flag: str, path: Path) -> None:
-    """The file can be created or replaced: its folder exists and is writable, and it is not a folder."""
+def _check_writable_file(flag: str, path: Path, *, will_exist: Path | None = None) -> None:
+    """The file can be created or replaced: its folder exists (or is `will_exist`, which the run creates) and is
+    writable, and it is not a folder."""
     if path.is_dir():
         raise OptionsError(f"{flag} {path} is a folder; pass a file name such as {path / 'report.json'}")
     folder = path.parent
+    if will_exist is not None and not folder.exists() and folder.resolve() == will_exist.resolve():
+        return  # the run creates it (and reports there if it cannot)
     if not folder.is_dir():
         raise OptionsError(f"{flag} {path}: folder {folder} does not exist; create it or choose another path")
     if not os.access(folder, os.W_OK | os.X_OK):

@@ -158,6 +158,7 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
                             trainable=pc.trainable),
         notes=list(notes),
     )
+    _describe_usage(report, loaded.format, meta, bundle, ckpt, opts, input_shape)
     from fyc_convert.train.finetune import gradient_bytes
 
     report.gradient_bytes = {"original": gradient_bytes(original), "converted": gradient_bytes(model)}
@@ -183,6 +184,26 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
     # rank 0 exports, verifies and writes; the other ranks wait and end with its exit code
     on_main(lambda: _export_and_verify(model, original, swap, bundle, input_shape, opts, out_dir, report, say, t0))
     return report
+
+
+def _describe_usage(report: Report, fmt: str, meta: dict, bundle, ckpt: Path, opts: ConvertOptions,
+                    input_shape) -> None:
+    """The class names, the resize step and the ONNX input as a user feeds it, into the report (model_card.py)."""
+    from fyc_convert.data.classes import meta_classes_source, resolve_classes
+    from fyc_convert.export.model_card import input_spec, observed_range, with_resize
+    from fyc_convert.export.onnx_export import INPUT_NAME
+
+    classes, skipped = resolve_classes(report.num_classes, meta=meta, meta_source=meta_classes_source(fmt),
+                                       data_classes=bundle.classes if bundle is not None else None, checkpoint=ckpt)
+    report.classes = classes.describe() if classes is not None else None
+    report.notes.extend(skipped)
+    report.preprocessing = with_resize(report.preprocessing or {})
+    if input_shape is not None:
+        embedded = opts.embed_preprocessing
+        value_range = ([0, 255 if opts.pixel_range == "0-255" else 1] if embedded
+                       else observed_range(bundle, input_shape))
+        report.input = input_spec(name=INPUT_NAME, input_shape=input_shape, value_range=value_range,
+                                  in_graph=embedded, static_batch=opts.static_batch)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -352,14 +373,16 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
     try:
         _retire_outputs(out_dir)
         say("exporting original.onnx and model.onnx")
-        manifest = {"fyc_convert.checkpoint": Path(report.checkpoint).name}
+        card = _model_card(report)
+        manifest = {"fyc_convert.checkpoint": Path(report.checkpoint).name, **card}
+        ex = _export_models(model, original, swap, report, opts, input_shape)  # --embed-preprocessing wraps them
 
         def export_both(opset: int):
-            orig = export_onnx(original, stage / "original.onnx", input_shape=input_shape, opset=opset,
-                               dtype=opts.dtype, static_batch=opts.static_batch, exporter=opts.exporter)
-            conv = export_onnx(model, stage / "model.onnx", input_shape=input_shape, opset=opset, dtype=opts.dtype,
-                               head_layer=swap.layers, metadata=manifest, head_layout=opts.head_layout,
-                               static_batch=opts.static_batch, exporter=opts.exporter)
+            orig = export_onnx(ex.original, stage / "original.onnx", input_shape=input_shape, opset=opset,
+                               dtype=opts.dtype, metadata=card, static_batch=opts.static_batch, exporter=opts.exporter)
+            conv = export_onnx(ex.converted, stage / "model.onnx", input_shape=input_shape, opset=opset,
+                               dtype=opts.dtype, head_layer=ex.head_layers, metadata=manifest,
+                               head_layout=opts.head_layout, static_batch=opts.static_batch, exporter=opts.exporter)
             return orig, conv
 
         try:
@@ -399,9 +422,10 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
 
             real = sample_inputs(bundle.val if bundle.val is not None else bundle.plain_train, 64, seed=opts.seed,
                                  workers=bundle.workers)
+            real = ex.to_raw(real)  # embedded normalisation: the raw values that normalise to these samples
         atol, rtol = opts.tolerance
         try:
-            verdict = verify_converted(conv_res.path, model, original_path=orig_res.path, original=original,
+            verdict = verify_converted(conv_res.path, ex.converted, original_path=orig_res.path, original=ex.original,
                                        inputs=real, input_shape=input_shape, atol=atol, rtol=rtol, seed=opts.seed,
                                        static_batch=opts.static_batch)
         except VerificationError as err:
@@ -434,6 +458,27 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
 
 
 _FALLBACK_OPSET = 18  # tried when the default opset cannot express the backbone
+
+
+def _model_card(report: Report) -> dict[str, str]:
+    """Both ONNX files' usage metadata: input, preprocessing, classes, the feed line (export/model_card.py)."""
+    from fyc_convert.export.model_card import metadata
+
+    return metadata(report.input, report.preprocessing, report.classes) if report.input is not None else {}
+
+
+def _export_models(model, original, swap, report: Report, opts: ConvertOptions, input_shape):
+    """The models to export and verify: with --embed-preprocessing both wrapped in `Normalized` (export/embed.py),
+    so that the graphs and their PyTorch references take the raw input; else the models as they are."""
+    from fyc_convert.export.embed import Embedded, embed_preprocessing
+
+    if not opts.embed_preprocessing:
+        return Embedded(model, original, list(swap.layers))
+
+    prep = report.preprocessing or {}
+    return embed_preprocessing(model, original, head_layers=swap.layers,
+                               mean=(prep.get("mean") or {}).get("value"), std=(prep.get("std") or {}).get("value"),
+                               pixel_range=opts.pixel_range or "0-1", sample_shape=input_shape)
 
 
 def _record_verdict(onnx_rep: OnnxReport, verdict) -> None:

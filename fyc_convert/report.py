@@ -76,7 +76,9 @@ class Report:
     coherence: float | None  # max |cos| between class vectors
     params: ParamsReport
     classifier: str | None = None  # which layer(s) were swapped and how they were found
-    preprocessing: dict[str, Any] | None = None  # input shape, mean, std, ... each {"value", "source"}
+    preprocessing: dict[str, Any] | None = None  # input shape, mean, std, resize, ... each {"value", "source"}
+    input: dict[str, Any] | None = None  # the ONNX input as fed: name, dtype, layout, shape, range, normalization
+    classes: dict[str, Any] | None = None  # {"names": [...], "source": ...} when some source names the classes
     onnx: OnnxReport | None = None
     accuracy: AccuracyReport = field(default_factory=AccuracyReport)
     training: dict[str, Any] | None = None  # epochs, per-epoch seconds and metrics
@@ -153,6 +155,13 @@ def preprocessing_line(report: Report) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def _classes_line(classes: dict[str, Any]) -> str:
+    """"10 (0, 1, 2, …, 9) from checkpoint meta": the count, the first and last names, the source."""
+    names = [str(n) for n in classes.get("names", [])]
+    shown = ", ".join(names) if len(names) <= 6 else ", ".join([*names[:3], "…", names[-1]])
+    return f"{len(names)} ({shown}) from {classes.get('source', '?')}"
+
+
 def render(report: Report, console: Console) -> None:
     """Print the before/after table a user reads in five seconds (fits 80 columns)."""
     p = report.params
@@ -200,6 +209,12 @@ def render(report: Report, console: Console) -> None:
         console.print(f"[dim]classifier:[/] {report.classifier}")
     if report.preprocessing:
         console.print(f"[dim]preprocessing:[/] {preprocessing_line(report)}")
+    if report.input is not None:
+        from fyc_convert.export.model_card import feed_line
+
+        console.print(f"[dim]feed:[/] {feed_line(report.input, report.preprocessing)}", soft_wrap=True)
+    if report.classes is not None:
+        console.print(f"[dim]classes:[/] {_classes_line(report.classes)}")
     where = f" on {a.measured_on}" if a.measured_on else ""
     if a.measured_on:
         console.print(f"[dim]accuracy measured{where}[/]")

@@ -63,6 +63,9 @@ def test_timm_style_model_on_a_train_val_jpeg_folder(tmp_path: Path) -> None:
     assert prep["crop_pct"] == {"value": 0.875, "source": "model.pretrained_cfg"}
     assert prep["interpolation"] == {"value": "bicubic", "source": "model.pretrained_cfg"}
     assert prep["augment"]["value"] is True and prep["augment"]["source"] == "default (image folder)"
+    assert prep["resize"] == {"value": 27, "source": "input size / crop_pct (model.pretrained_cfg)"}  # 24 / 0.875
+    assert report.classes == {"names": ["w", "x", "y", "z"], "source": "data"}  # the class folders
+    assert report.input["layout"] == "NCHW" and report.input["range"] == [0, 1]
     line = preprocessing_line(report)
     assert "input 3x24x24 (model.pretrained_cfg)" in line and "crop 0.875 (model.pretrained_cfg)" in line
     assert "bicubic" in line and "augment on" in line

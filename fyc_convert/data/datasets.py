@@ -195,8 +195,8 @@ def check_data(bundle: DataBundle, *, num_classes: int, input_shape: Sequence[in
             raise DataError(f"the {name} split of {bundle.source} is empty; add samples or change --val-split")
     if bundle.classes is not None and len(bundle.classes) != num_classes:
         raise DataError(
-            f"{bundle.source} has {len(bundle.classes)} classes but the model's classifier has "
-            f"{num_classes} outputs; give data with one class per output of the model"
+            f"{bundle.source} has {_count(len(bundle.classes), 'class', 'classes')} but the model's classifier has "
+            f"{_count(num_classes, 'output', 'outputs')}; give data with one class per output of the model"
         )
     if input_shape is not None and tuple(input_shape) != tuple(bundle.input_shape):
         raise DataError(
@@ -220,6 +220,11 @@ def check_data(bundle: DataBundle, *, num_classes: int, input_shape: Sequence[in
                 f"{bundle.source}: {name} label {int(y[bad])} (sample {bad}) is outside 0..{num_classes - 1} "
                 f"for a {num_classes}-class model; relabel the data or use the matching checkpoint"
             )
+
+
+def _count(n: int, one: str, many: str) -> str:
+    """"1 class", "2 classes"."""
+    return f"{n} {one if n == 1 else many}"
 
 
 # ---------------------------------------------------------------------------------------------- arrays in memory
