@@ -39,7 +39,7 @@ from fyc_convert.errors import (
 )
 from fyc_convert.files import remove_stale_temps, temp_dir, write_text_atomic
 from fyc_convert.options import ConvertOptions, check_options, make_options
-from fyc_convert.report import AccuracyReport, OnnxReport, ParamsReport, Report
+from fyc_convert.report import AccuracyReport, OnnxReport, ParamsReport, Report, verdict
 
 __all__ = ["ConvertOptions", "OUTPUT_NAMES", "convert"]
 
@@ -173,6 +173,7 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
 
     if opts.dry_run:
         report.elapsed_s = time.perf_counter() - t0
+        report.verdict = verdict(report)
         if opts.report_path is not None and is_main():
             write_text_atomic(opts.report_path, report.to_json())
             report.files["report"] = str(opts.report_path)
@@ -504,6 +505,7 @@ def _commit(stage: Path, out_dir: Path, names: list[str], report: Report, opts: 
     """Move the staged outputs to their final names; report.json goes before model.onnx."""
     report.files["report"] = str(out_dir / "report.json")
     report.elapsed_s = time.perf_counter() - t0
+    report.verdict = verdict(report)
     write_text_atomic(stage / "report.json", report.to_json())
     last = [n for n in names if n.startswith("model.onnx")]
     try:

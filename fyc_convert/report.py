@@ -88,6 +88,7 @@ class Report:
     files: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     resumed: list[str] = field(default_factory=list)  # stages taken from an interrupted run (--resume)
+    verdict: str | None = None  # one line when the swap does not pay off here (see `verdict`); None when it does
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +109,31 @@ def _clean(obj: Any) -> Any:
             return None
         return float(f"{obj:.6g}")
     return obj
+
+
+SMALL_SHARE = 10.0  # below this % of the parameters removed, and with no smaller file, the swap is not worth it
+
+
+def verdict(report: Report) -> str | None:
+    """One line saying that the swap does not pay off for this model, or None when it does.
+
+    It does not pay off when it removes under `SMALL_SHARE` % of the parameters and the exported file is not
+    smaller by that much either; the measured cost (a larger file, a slower model under --bench) is named.
+    """
+    p, o = report.params, report.onnx
+    file_pct = None if o is None or o.size_reduction_pct is None else o.size_reduction_pct
+    if p.removed_pct >= SMALL_SHARE or (file_pct is not None and file_pct >= SMALL_SHARE):
+        return None
+    costs = []
+    if file_pct is not None:
+        costs.append(f"ONNX file {-file_pct:+.1f}%".replace("-", "−"))
+    entry = (report.latency_ms or {}).get("model_b1")
+    if entry and entry["converted"] > entry["original"]:
+        costs.append(f"{entry['converted'] / entry['original']:.2f}× slower at batch 1")
+    cost = f" ({', '.join(costs)})" if costs else ""
+    return (f"the classifier ({report.in_features} → {report.num_classes}) holds {p.removed_pct:.1f}% of the "
+            f"parameters, so a fixed head saves little here{cost}; it pays off for heads of many classes or wide "
+            "features (from about a million weights, docs/benchmarks.md)")
 
 
 def _int(n: int | None) -> str:
@@ -218,6 +244,8 @@ def render(report: Report, console: Console) -> None:
     where = f" on {a.measured_on}" if a.measured_on else ""
     if a.measured_on:
         console.print(f"[dim]accuracy measured{where}[/]")
+    if report.verdict:
+        console.print(f"[yellow]verdict:[/] {report.verdict}", soft_wrap=True)
     for note in report.notes:
         console.print(f"[dim]note:[/] {note}")
     for stage in report.resumed:

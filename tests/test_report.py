@@ -31,3 +31,26 @@ def test_classifier_ops_cell(head_ops: dict[str, int], cell: str) -> None:
     row = next(line for line in text.splitlines() if "classifier ops" in line)
     assert cell in row and "0 MatMul" in row
     assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def _report_with(removed_pct: float, size_pct: float | None, b1: tuple[float, float] | None = None):
+    from fyc_convert.report import OnnxReport, ParamsReport, Report
+
+    params = ParamsReport(original=1000, converted=int(1000 * (1 - removed_pct / 100)), removed=0,
+                          removed_pct=removed_pct, head_before=650, head_after=11, trainable=900)
+    onnx = OnnxReport(size_reduction_pct=size_pct) if size_pct is not None else None
+    latency = {"model_b1": {"original": b1[0], "converted": b1[1]}} if b1 else None
+    return Report(status="ok", checkpoint="m.pt", head="hadamard", layer="fc", in_features=64, num_classes=10,
+                  hadamard_size=128, embed_size=128, embedding="tile", coherence=0.1, params=params, onnx=onnx,
+                  latency_ms=latency)
+
+
+def test_verdict_says_when_the_swap_does_not_pay_off():
+    from fyc_convert.report import verdict
+
+    small = verdict(_report_with(2.7, -2.2, b1=(0.02, 0.034)))
+    assert small is not None
+    assert "2.7% of the parameters" in small and "ONNX file +2.2%" in small and "1.70× slower at batch 1" in small
+    assert verdict(_report_with(57.2, 55.9)) is None  # the glyph sample: it pays off
+    assert verdict(_report_with(5.0, 30.0)) is None  # a much smaller file is worth it on its own
+    assert verdict(_report_with(5.0, None)) is not None  # a dry run: parameters alone decide
