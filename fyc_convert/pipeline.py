@@ -341,7 +341,7 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
     """
     from fyc_convert.errors import ExportError, first_line
     from fyc_convert.export.onnx_export import export_onnx
-    from fyc_convert.export.verify import check_head_static, mark_failed, verify_converted
+    from fyc_convert.export.verify import VerifyConfig, check_head_static, mark_failed, verify_converted
     from fyc_convert.model.weights import save_converted
     from fyc_convert.options import DEFAULT_OPSET
 
@@ -401,9 +401,8 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
                                  workers=bundle.workers)
         atol, rtol = opts.tolerance
         try:
-            verdict = verify_converted(conv_res.path, model, original_path=orig_res.path, original=original,
-                                       inputs=real, input_shape=input_shape, atol=atol, rtol=rtol, seed=opts.seed,
-                                       static_batch=opts.static_batch)
+            check = VerifyConfig(input_shape, real, atol, rtol, seed=opts.seed, static_batch=opts.static_batch)
+            verdict = verify_converted(conv_res.path, model, check, original_path=orig_res.path, original=original)
         except VerificationError as err:
             failed = mark_failed(conv_res.path)
             report.status = "verification_failed"

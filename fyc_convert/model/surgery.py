@@ -322,38 +322,16 @@ def swap_classifier(
         HeadError: Unknown head kind, a hadamard_size for the orthogonal head, features that do not fit a
             layer, or the head cannot be built for these sizes. The model is left as it was.
     """
-    from fyc_convert.head.heads import HadamardHead, OrthogonalHead
-
-    kinds = {"hadamard": HadamardHead, "orthogonal": OrthogonalHead}
-    if head not in kinds:
-        raise HeadError(f"unknown head {head!r}; use one of: {', '.join(kinds)}")
-    sizing = {}
-    if hadamard_size is not None:
-        if head != "hadamard":
-            raise HeadError(f"a transform size applies to the hadamard head only; leave it unset for the {head} head")
-        sizing["hadamard_size"] = hadamard_size
+    head_cls, sizing = _head_class(head, hadamard_size)
     found = classifiers or find_classifiers(model, layer=layer, input_shape=input_shape, example=example)
     original = count_params(model)
     head_before = sum(p.numel() for p in _unique_params(c.module for c in found.heads))
-
-    # 1. every classifier as an nn.Linear seeing (..., N): a conv is wrapped, ConvHead(Linear) computes what it did
-    undo: list[tuple[nn.Module, nn.Module]] = []  # (placed, original) to put back on failure
-    targets: list[tuple[Classifier, str, nn.Linear]] = []  # (classifier, dotted name of its Linear, the Linear)
-    for c in found.heads:
-        if c.kind == "conv1x1":
-            linear = conv_as_linear(c.module)
-            wrapper = ConvHead(linear).train(c.module.training)
-            model = _put(model, c.module, wrapper)
-            undo.append((wrapper, c.module))
-            targets.append((c, f"{c.name}.{WRAPPED_HEAD}" if c.name else WRAPPED_HEAD, linear))
-        else:
-            targets.append((c, c.name, c.module))
+    model, targets, undo = _as_linears(model, found)
     try:
         feats = _features(model, targets, features, inputs)
         built = []
         for (c, name, linear), f in zip(targets, feats, strict=True):
-            new = kinds[head].from_linear(linear, features=f, bias=bias, fixed_scale=fixed_scale, seed=seed,
-                                          **sizing)
+            new = head_cls.from_linear(linear, features=f, bias=bias, fixed_scale=fixed_scale, seed=seed, **sizing)
             built.append((c, name, linear, new.train(linear.training)))
     except BaseException:
         for placed, old in undo:
@@ -365,8 +343,47 @@ def swap_classifier(
         swapped.append(SwappedHead(layer=name, head=new, original_layer=c.name, original=c.module,
                                    original_linear=linear, kind=c.kind, in_features=c.in_features,
                                    num_classes=c.num_classes))
+    return SwapResult(model, tuple(swapped), found.combine, _param_count(model, original, head_before, swapped))
+
+
+def _head_class(head: str, hadamard_size: int | None) -> tuple[type[nn.Module], dict[str, int]]:
+    """The fixed head class for `head` and its sizing keywords. Raises HeadError for a bad pair."""
+    from fyc_convert.head.heads import HadamardHead, OrthogonalHead
+
+    kinds = {"hadamard": HadamardHead, "orthogonal": OrthogonalHead}
+    if head not in kinds:
+        raise HeadError(f"unknown head {head!r}; use one of: {', '.join(kinds)}")
+    if hadamard_size is None:
+        return kinds[head], {}
+    if head != "hadamard":
+        raise HeadError(f"a transform size applies to the hadamard head only; leave it unset for the {head} head")
+    return kinds[head], {"hadamard_size": hadamard_size}
+
+
+def _as_linears(model: nn.Module, found: Classifiers) -> tuple[nn.Module, list[tuple[Classifier, str, nn.Linear]],
+                                                                  list[tuple[nn.Module, nn.Module]]]:
+    """Every classifier as an nn.Linear seeing (..., N): a conv is wrapped, ConvHead(Linear) computes what it did.
+
+    Returns (model, targets as (classifier, dotted name of its Linear, the Linear), undo as (placed, original)
+    to put back on failure).
+    """
+    undo: list[tuple[nn.Module, nn.Module]] = []
+    targets: list[tuple[Classifier, str, nn.Linear]] = []
+    for c in found.heads:
+        if c.kind == "conv1x1":
+            linear = conv_as_linear(c.module)
+            wrapper = ConvHead(linear).train(c.module.training)
+            model = _put(model, c.module, wrapper)
+            undo.append((wrapper, c.module))
+            targets.append((c, f"{c.name}.{WRAPPED_HEAD}" if c.name else WRAPPED_HEAD, linear))
+        else:
+            targets.append((c, c.name, c.module))
+    return model, targets, undo
+
+
+def _param_count(model: nn.Module, original: int, head_before: int, swapped: list[SwappedHead]) -> ParamCount:
     converted = count_params(model)
-    params = ParamCount(
+    return ParamCount(
         original=original,
         converted=converted,
         head_before=head_before,
@@ -375,7 +392,6 @@ def swap_classifier(
         removed_pct=100.0 * (original - converted) / original if original else 0.0,
         trainable=count_params(model, trainable_only=True),
     )
-    return SwapResult(model, tuple(swapped), found.combine, params)
 
 
 def count_params(module: nn.Module, *, trainable_only: bool = False) -> int:
