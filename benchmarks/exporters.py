@@ -58,7 +58,7 @@ def timm_models(names: list[str]) -> dict[str, Callable[[], tuple[torch.nn.Modul
 def measure(name: str, build, repeats: int, work: Path) -> dict:
     from fyc_convert.errors import describe
     from fyc_convert.export.onnx_export import export_onnx
-    from fyc_convert.export.verify import measure_onnx
+    from fyc_convert.export.verify import VerifyConfig, measure_onnx
     from fyc_convert.model.surgery import swap_classifier
 
     model, shape = build()
@@ -81,7 +81,7 @@ def measure(name: str, build, repeats: int, work: Path) -> dict:
                 continue
             seconds[exporter].append(time.perf_counter() - t)
             if exporter not in results:
-                ver = measure_onnx(res.path, model, input_shape=shape)
+                ver = measure_onnx(res.path, model, VerifyConfig(shape))
                 results[exporter] = {"ok": True, "nodes": res.node_count, "max_abs_diff": ver.max_abs_diff,
                                      "passed": ver.passed}
     for exporter, r in results.items():

@@ -88,3 +88,9 @@ def describe(e: BaseException) -> str:
     """An exception as ``"TypeName: first line"`` (just the type name when it has no text)."""
     line = first_line(e)
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def few(items: list[str], limit: int = 6) -> str:
+    """At most `limit` items, comma-separated, then how many more (for messages that list candidates)."""
+    shown = ", ".join(items[:limit])
+    return shown + (f", … ({len(items) - limit} more)" if len(items) > limit else "")

@@ -14,13 +14,14 @@ keeps them). This module imports no torch: `fyc-convert --help` stays fast.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from fyc_convert.errors import DataError, OptionsError
+from fyc_convert.errors import ArchError, DataError, OptionsError
 
 MIN_OPSET, MAX_OPSET = 13, 20  # the head builder's forms exist from 13; torch's TorchScript exporter stops at 20
 DEFAULT_OPSET = 17  # onnx2torch, ncnn/pnnx and older runtimes take <= 17
@@ -244,8 +245,6 @@ def check_options(opts: ConvertOptions) -> list[str]:
     if opts.mean is not None and opts.std is not None and len(opts.mean) != len(opts.std):
         raise OptionsError(f"--mean has {len(opts.mean)} values but --std {len(opts.std)}; give one per channel")
     if opts.arch_kwargs is not None:
-        from fyc_convert.model.loading import parse_arch_kwargs
-
         parse_arch_kwargs(opts.arch_kwargs)
     if opts.resume and opts.dry_run:
         raise OptionsError("--resume finishes an interrupted run, --dry-run writes nothing; pass one of them")
@@ -356,3 +355,23 @@ def _check_writable_file(flag: str, path: Path, *, will_exist: Path | None = Non
         raise OptionsError(f"{flag} {path}: folder {folder} does not exist; create it or choose another path")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise OptionsError(f"{flag} {path}: folder {folder} is not writable; choose a writable path")
+
+
+def parse_arch_kwargs(arch_kwargs: str | dict | None) -> dict[str, Any]:
+    """`--arch-kwargs` as a dict (a JSON object string, a dict, or None for {}); torch-free, so options own it.
+
+    Raises:
+        ArchError: not JSON, or not a JSON object.
+    """
+    if arch_kwargs is None:
+        return {}
+    if isinstance(arch_kwargs, str):
+        try:
+            arch_kwargs = json.loads(arch_kwargs)
+        except json.JSONDecodeError as e:
+            raise ArchError(f"--arch-kwargs is not valid JSON ({e}); pass an object like "
+                            "'{\"num_classes\": 10}'") from e
+    if not isinstance(arch_kwargs, dict):
+        raise ArchError(f"--arch-kwargs must be a JSON object, got {type(arch_kwargs).__name__}; pass an object "
+                        "like '{\"num_classes\": 10}'")
+    return arch_kwargs

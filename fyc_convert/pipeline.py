@@ -159,6 +159,8 @@ def _run(ckpt: Path, opts: ConvertOptions, out_dir: Path, notes: list[str], t0: 
         notes=list(notes),
     )
     _describe_usage(report, loaded.format, meta, bundle, ckpt, opts, input_shape)
+    if (kept := found.kept_note()) is not None:  # --layer left a learned classifier: said, never a plain "ok"
+        report.notes.append(kept)
     from fyc_convert.train.finetune import gradient_bytes
 
     report.gradient_bytes = {"original": gradient_bytes(original), "converted": gradient_bytes(model)}
@@ -362,8 +364,9 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
     tolerance is reported as such and only a head that adds error of its own fails the run (exit 3).
     """
     from fyc_convert.errors import ExportError, first_line
+    from fyc_convert.export.leftover import check_no_learned_classifier
     from fyc_convert.export.onnx_export import export_onnx
-    from fyc_convert.export.verify import check_head_static, mark_failed, verify_converted
+    from fyc_convert.export.verify import VerifyConfig, check_head_static, mark_failed, verify_converted
     from fyc_convert.model.weights import save_converted
     from fyc_convert.options import DEFAULT_OPSET
 
@@ -426,9 +429,10 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
             real = ex.to_raw(real)  # embedded normalisation: the raw values that normalise to these samples
         atol, rtol = opts.tolerance
         try:
-            verdict = verify_converted(conv_res.path, ex.converted, original_path=orig_res.path, original=ex.original,
-                                       inputs=real, input_shape=input_shape, atol=atol, rtol=rtol, seed=opts.seed,
-                                       static_batch=opts.static_batch)
+            check_no_learned_classifier(conv_res.path, swap, model)  # a learned C×N weight left: exit 3
+            check = VerifyConfig(input_shape, real, atol, rtol, seed=opts.seed, static_batch=opts.static_batch)
+            verdict = verify_converted(conv_res.path, ex.converted, check, original_path=orig_res.path,
+                                       original=ex.original)
         except VerificationError as err:
             failed = mark_failed(conv_res.path)
             report.status = "verification_failed"

@@ -645,6 +645,81 @@ HEAD_LAYOUTS: dict[str, Callable[[], Layout]] = {
     "aux_training_head": _seeded(lambda: _image(AuxTrainingHead(10, 16), "fc", 16, 10)),
 }
 
+# ---------------------------------------------------------------- learned heads beside "the" classifier (issue 25)
+
+
+class DistillationClassifier(nn.Module):
+    """A distillation classifier: two BatchNorm + Linear pairs (`.head`, `.head_dist`) averaged in eval."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.head = nn.Sequential(nn.BatchNorm1d(dim), nn.Linear(dim, num_classes))
+        self.head_dist = nn.Sequential(nn.BatchNorm1d(dim), nn.Linear(dim, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, dim) -> (B, C)
+        return (self.head(x) + self.head_dist(x)) / 2
+
+
+class AveragedPairClassifier(nn.Module):
+    """timm LeViT / EfficientFormer style: get_classifier() returns the whole DistillationClassifier."""
+
+    def __init__(self, num_classes: int = 10, width: int = 16):
+        super().__init__()
+        self.body = nn.Sequential(_stem(3, width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = DistillationClassifier(width, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.body(x))
+
+
+class TokenAuxClassifier(nn.Module):
+    """Token labelling (LV-ViT style): `.head` on the class token, `.aux_head` on every patch token, its logits
+    max-reduced over the tokens, scaled by 0.5 and added in eval; get_classifier() returns `.head` only."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 16):
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.blocks = _TokenBackbone(dim)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+        self.aux_head = nn.Linear(dim, num_classes)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(x)  # (B, T, dim)
+        x = self.norm(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1))
+        aux = self.aux_head(x[:, 1:])  # (B, T, C)
+        return self.head(x[:, 0]) + 0.5 * aux.max(1)[0]  # (B, C)
+
+
+def _seeded_bn1d(build: Callable[[], Layout]) -> Callable[[], Layout]:
+    def wrapper() -> Layout:
+        layout = _seeded(build)()
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            for m in layout.model.modules():
+                if isinstance(m, nn.BatchNorm1d):  # eval-mode statistics that are not an identity
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 1.5)
+        return layout
+
+    return wrapper
+
+
+# Learned heads that get_classifier() does not name on their own (layer: every class-producing Linear).
+HIDDEN_HEAD_LAYOUTS: dict[str, Callable[[], Layout]] = {
+    "averaged_pair_classifier": _seeded_bn1d(lambda: Layout(AveragedPairClassifier(10, 16),
+                                                            "classifier.head.1,classifier.head_dist.1", (3, 8, 8),
+                                                            16, 10, "mean")),
+    "token_aux_classifier": _seeded(lambda: Layout(TokenAuxClassifier(10, 16), "head,aux_head", (3, 8, 8), 16, 10,
+                                                   "added")),
+}
+
 # Models without a classifier that can be swapped automatically, beyond BAD_LAYOUTS.
 NO_CLASSIFIER: dict[str, Callable[[], Layout]] = {
     "feature_extractor": _seeded(lambda: _image(FeatureExtractor(16), "", 16, 16)),

@@ -491,3 +491,32 @@ def test_loading_leaves_process_state_alone(tmp_path):
     path_before, cwd = list(sys.path), os.getcwd()
     load_model(tmp_path / "w.pt", arch="models:ResNetFc", arch_kwargs=KWARGS)
     assert (sys.path, os.getcwd()) == (path_before, cwd)
+
+
+def test_arch_kwargs_are_parsed_by_the_torch_free_options_layer():
+    import subprocess
+
+    from fyc_convert.errors import ArchError
+    from fyc_convert.options import parse_arch_kwargs
+
+    assert parse_arch_kwargs('{"num_classes": 10}') == {"num_classes": 10} and parse_arch_kwargs(None) == {}
+    with pytest.raises(ArchError, match="must be a JSON object, got list"):
+        parse_arch_kwargs("[1]")
+    # the base layer imports neither torch nor model/ (the CLI's option checks stay fast)
+    code = ("import sys, fyc_convert.options; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('fyc_convert.model')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_hub_does_not_import_loading():
+    """Imports point one way: loading uses hub (load_folder), hub knows nothing of loading."""
+    import ast
+
+    import fyc_convert.model.hub as hub
+
+    tree = ast.parse(Path(hub.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "fyc_convert.model.hub" not in imported and "fyc_convert.model.loading" not in imported
+    assert "fyc_convert.errors" in imported

@@ -11,7 +11,7 @@ from torch import nn
 
 from fyc_convert.errors import ExportError, VerificationError
 from fyc_convert.export.onnx_export import HEAD_PREFIX, export_onnx
-from fyc_convert.export.verify import check_head_static, mark_failed, verify_onnx
+from fyc_convert.export.verify import VerifyConfig, check_head_static, mark_failed, verify_onnx
 from fyc_convert.model.surgery import swap_classifier
 
 
@@ -194,29 +194,29 @@ def test_verify_converted_blames_the_head_the_model_or_nobody(tmp_path):
         torch.manual_seed(0)
         original = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 10)).eval()
     orig = export_onnx(original, tmp_path / "orig" / "original.onnx", input_shape=(8,))
-    ok = verify_converted(res.path, model, original_path=orig.path, original=original, input_shape=(8,))
+    ok = verify_converted(res.path, model, VerifyConfig((8,)), original_path=orig.path, original=original)
     assert ok.blame is None and ok.converted.passed and ok.floor.passed and ok.heads == {}
     # the head alone on onnxruntime's features: the PyTorch head agrees to float rounding
-    alone = measure_heads(res.path, model, input_shape=(8,))
+    alone = measure_heads(res.path, model, VerifyConfig((8,)))
     assert list(alone) == ["2"] and alone["2"].passed and alone["2"].max_abs_diff < 1e-5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "orig"]  # its temporary copy is gone
 
     # something outside the head differs while original.onnx is fine: the model is to blame, exit 3
     with pytest.raises(VerificationError, match="although original.onnx is within it") as info:
-        verify_converted(res.path, _perturbed_backbone(model), original_path=orig.path, original=original,
-                         input_shape=(8,))
+        verify_converted(res.path, _perturbed_backbone(model), VerifyConfig((8,)), original_path=orig.path,
+                         original=original)
     assert info.value.verdict.blame == "model" and info.value.verdict.heads["2"].passed
 
     # the same, but the original's export misses the tolerance as well: the backbone is to blame, accepted
-    judged = verify_converted(res.path, _perturbed_backbone(model), original_path=orig.path,
-                              original=_perturbed_backbone(original), input_shape=(8,))
+    judged = verify_converted(res.path, _perturbed_backbone(model), VerifyConfig((8,)), original_path=orig.path,
+                              original=_perturbed_backbone(original))
     assert judged.blame == "backbone" and not judged.floor.passed and judged.head_max_abs_diff < 1e-5
 
     # a head that adds error of its own fails whatever the floor
     _tamper_bias(res.path, 0.01)
     with pytest.raises(VerificationError, match="adds error of its own") as info:
-        verify_converted(res.path, model, original_path=orig.path, original=_perturbed_backbone(original),
-                         input_shape=(8,))
+        verify_converted(res.path, model, VerifyConfig((8,)), original_path=orig.path,
+                         original=_perturbed_backbone(original))
     assert info.value.verdict.blame == "head" and info.value.verdict.head_max_abs_diff == pytest.approx(0.01, rel=1e-3)
 
 
@@ -230,6 +230,6 @@ def test_measure_heads_reads_every_head_in_float32(tmp_path, dtype):
     swap = swap_classifier(layout.model, input_shape=layout.input_shape)
     res = export_onnx(layout.model, tmp_path / "m.onnx", input_shape=layout.input_shape, head_layer=swap.layers,
                       dtype=dtype)
-    alone = measure_heads(res.path, layout.model, input_shape=layout.input_shape)
+    alone = measure_heads(res.path, layout.model, VerifyConfig(layout.input_shape))
     assert list(alone) == ["head", "head_dist"]
     assert all(r.passed and r.max_abs_diff < 1e-5 and r.batch_sizes == [1, 3, 8] for r in alone.values())

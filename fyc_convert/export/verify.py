@@ -59,6 +59,34 @@ class VerifyResult:
     worst_ref: float = 0.0
 
 
+@dataclass(frozen=True)
+class VerifyConfig:
+    """What a verification runs and how strictly it judges: one object for every check in this module.
+
+    Attributes:
+        input_shape: shape of one sample.
+        inputs: real samples (B, *input_shape), e.g. from the user's validation data; None for random only.
+        atol: absolute tolerance on the logits.
+        rtol: relative tolerance on the logits (a sample passes when |diff| <= atol + rtol * |torch|).
+        n_random: random samples in the main random batch (at least 2); batches of 1 and 3 are run as well.
+        seed: seed of the random inputs (a private generator; the global RNG is untouched).
+        static_batch: the batch size the model was exported with (`export_onnx(static_batch=...)`); every
+            run then has exactly that batch. None: the dynamic axis is exercised at several sizes.
+    """
+
+    input_shape: tuple[int, ...]
+    inputs: torch.Tensor | None = None
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    n_random: int = 8
+    seed: int = 0
+    static_batch: int | None = None
+
+    def batches(self) -> list[torch.Tensor]:
+        """The batches every check runs, real ones first (the same for every model given this config)."""
+        return _batches(self.inputs, self.input_shape, self.n_random, self.seed, self.static_batch)
+
+
 def _batches(inputs: torch.Tensor | None, input_shape: tuple[int, ...], n_random: int, seed: int,
              static_batch: int | None = None) -> list[torch.Tensor]:
     """Real inputs in chunks, then random ones at batch n_random (>= 2), 1 and 3 (the dynamic axis).
@@ -143,18 +171,7 @@ def _dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     return dtype, param.device if param is not None else torch.device("cpu")
 
 
-def measure_onnx(
-    path: str | Path,
-    model: nn.Module,
-    *,
-    inputs: torch.Tensor | None = None,
-    input_shape: tuple[int, ...],
-    atol: float = 1e-4,
-    rtol: float = 1e-4,
-    n_random: int = 8,
-    seed: int = 0,
-    static_batch: int | None = None,
-) -> VerifyResult:
+def measure_onnx(path: str | Path, model: nn.Module, config: VerifyConfig) -> VerifyResult:
     """`verify_onnx` without the verdict: the differences, with `passed` False beyond tolerance (no raise).
 
     Raises:
@@ -162,9 +179,9 @@ def measure_onnx(
     """
     sess = _session(path)
     dtype, device = _dtype_device(model)
-    tally = _Tally(atol, rtol)
+    tally = _Tally(config.atol, config.rtol)
     with eval_mode(model):
-        for x in _batches(inputs, input_shape, n_random, seed, static_batch):
+        for x in config.batches():
             with torch.no_grad():
                 ref = logits_of(model(x.to(device, dtype))).float().cpu().numpy()
             got = _run(sess, x)[0]
@@ -201,14 +218,8 @@ def verify_onnx(
         path: the exported .onnx file (external data next to it is found by onnxruntime).
         model: the PyTorch model that was exported (run in eval mode on the CPU, in its own dtype;
             its mode is restored afterwards).
-        inputs: real samples (B, *input_shape), e.g. from the user's validation data; None for random only.
-        input_shape: shape of one sample.
-        atol: absolute tolerance on the logits.
-        rtol: relative tolerance on the logits.
-        n_random: random samples in the main random batch (at least 2); batches of 1 and 3 are run as well.
-        seed: seed of the random inputs (a private generator; the global RNG is untouched).
-        static_batch: the batch size the model was exported with (`export_onnx(static_batch=...)`); every
-            run then has exactly that batch. None: the dynamic axis is exercised at several sizes.
+        inputs, input_shape, atol, rtol, n_random, seed, static_batch: the fields of `VerifyConfig` (this
+            convenience entry builds one; `measure_onnx`, `measure_heads` and `verify_converted` take it).
 
     Returns:
         VerifyResult with the differences.
@@ -217,8 +228,7 @@ def verify_onnx(
         VerificationError: some logit differs by more than atol + rtol * |torch logit|, the shapes differ,
             or onnxruntime cannot run the file.
     """
-    result = measure_onnx(path, model, inputs=inputs, input_shape=input_shape, atol=atol, rtol=rtol,
-                          n_random=n_random, seed=seed, static_batch=static_batch)
+    result = measure_onnx(path, model, VerifyConfig(input_shape, inputs, atol, rtol, n_random, seed, static_batch))
     if not result.passed:
         raise VerificationError(
             _beyond(result, "onnxruntime differs from PyTorch") + "; the export is wrong, do not ship it",
@@ -227,18 +237,7 @@ def verify_onnx(
     return result
 
 
-def measure_heads(
-    path: str | Path,
-    model: nn.Module,
-    *,
-    inputs: torch.Tensor | None = None,
-    input_shape: tuple[int, ...],
-    atol: float = 1e-4,
-    rtol: float = 1e-4,
-    n_random: int = 8,
-    seed: int = 0,
-    static_batch: int | None = None,
-) -> dict[str, VerifyResult]:
+def measure_heads(path: str | Path, model: nn.Module, config: VerifyConfig) -> dict[str, VerifyResult]:
     """Each fixed head on its own: the ONNX head on the ONNX graph's own features vs the PyTorch head on them.
 
     The backbone's float error is left out: both heads read the same (onnxruntime's) features, so what
@@ -284,9 +283,9 @@ def measure_heads(
         sess = _session(tmp_name)
     finally:
         Path(tmp_name).unlink(missing_ok=True)
-    tallies = [_Tally(atol, rtol) for _ in entries]
+    tallies = [_Tally(config.atol, config.rtol) for _ in entries]
     with eval_mode(model):
-        for x in _batches(inputs, input_shape, n_random, seed, static_batch):
+        for x in config.batches():
             got = dict(zip(outputs, _run(sess, x), strict=True))
             for e, head, tally in zip(entries, heads, tallies, strict=True):
                 dtype, device = _dtype_device(head)
@@ -331,16 +330,10 @@ class Verdict:
 def verify_converted(
     path: str | Path,
     model: nn.Module,
+    config: VerifyConfig,
     *,
     original_path: str | Path | None = None,
     original: nn.Module | None = None,
-    inputs: torch.Tensor | None = None,
-    input_shape: tuple[int, ...],
-    atol: float = 1e-4,
-    rtol: float = 1e-4,
-    n_random: int = 8,
-    seed: int = 0,
-    static_batch: int | None = None,
 ) -> Verdict:
     """Verify a converted model, judged against the floor its original's export already has.
 
@@ -353,7 +346,7 @@ def verify_converted(
         path, model: the converted model's .onnx file and the PyTorch model it was exported from.
         original_path, original: original.onnx and the original PyTorch model, run on the same inputs
             (same real inputs, same seed); both or neither.
-        inputs, input_shape, atol, rtol, n_random, seed, static_batch: as in `verify_onnx`.
+        config: the inputs and tolerances, the same for both models.
 
     Returns:
         The Verdict (blame None or "backbone").
@@ -364,13 +357,11 @@ def verify_converted(
     """
     if (original_path is None) != (original is None):
         raise VerificationError("pass both original_path and original, or neither")
-    same = dict(inputs=inputs, input_shape=input_shape, atol=atol, rtol=rtol, n_random=n_random, seed=seed,
-                static_batch=static_batch)
-    conv = measure_onnx(path, model, **same)
-    floor = measure_onnx(original_path, original, **same) if original is not None else None
+    conv = measure_onnx(path, model, config)
+    floor = measure_onnx(original_path, original, config) if original is not None else None
     if conv.passed:
         return Verdict(conv, floor, {}, None)
-    heads = measure_heads(path, model, **same)
+    heads = measure_heads(path, model, config)
     bad = [layer for layer, r in heads.items() if not r.passed]
     if bad:
         verdict = Verdict(conv, floor, heads, "head")

@@ -6,12 +6,14 @@
   only, `weights_only=True`, and never code from the folder unless `trust_remote_code=True`.
 - timm: `config.json` with `architecture` (+ `num_classes`, `pretrained_cfg`, optional `model_args`) beside
   `model.safetensors` / `pytorch_model.bin`: `timm.create_model(architecture, pretrained=False, ...)`, then the
-  weights are read by loading.py's safe readers and checked key by key.
+  weights are read by loading.py's safe readers and checked key by key (`loading.load_folder`).
 
-Neither library is imported unless such a folder is loaded. What the folder says about preprocessing and
-classes goes into `LoadedModel.meta`: "preprocessor_config" (the Hugging Face image processor's dict, read by
-`fyc_convert.data.preprocess`), "classes" (class names in class-index order, when the folder names them). timm's
-`pretrained_cfg` is set on the model by `create_model` itself (`model.pretrained_cfg`), where the resolver reads it.
+This module knows the layouts and the libraries; `fyc_convert.model.loading` reads the weights and owns the
+entry point, so imports point one way (loading -> hub). Neither library is imported unless such a folder is
+loaded. What the folder says about preprocessing and classes goes into `LoadedModel.meta`: "preprocessor_config"
+(the Hugging Face image processor's dict, read by `fyc_convert.data.preprocess`), "classes" (class names in
+class-index order, when the folder names them). timm's `pretrained_cfg` is set on the model by `create_model`
+itself (`model.pretrained_cfg`), where the resolver reads it.
 """
 
 from __future__ import annotations
@@ -24,51 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from fyc_convert.errors import CheckpointError, describe, first_line
-from fyc_convert.model.loading import LoadedModel, build_model, checkpoint_files, few, load_state, read_weights
+from fyc_convert.errors import CheckpointError, describe, few, first_line
 
 CONFIG = "config.json"
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
 # weight files in the order both ecosystems prefer them (safetensors first)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-
-
-def load_folder(path: Path, *, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
-                trust_remote_code: bool = False) -> LoadedModel:
-    """Load a Hugging Face or timm checkpoint folder (see the module docstring); `arch` overrides its config.
-
-    Raises:
-        CheckpointError: the folder is neither layout, lacks its weights, needs a library that is not installed
-            or remote code that is not trusted, or its weights do not fit the model.
-    """
-    notes: list[str] = []
-    kind = folder_kind(path)
-    if kind is None:
-        inside = checkpoint_files(path)
-        hint = f"pass one of the files in it: {few(inside)}" if inside else "pass the checkpoint file itself"
-        raise CheckpointError(f"checkpoint {path} is a directory without {CONFIG} (neither a Hugging Face "
-                              f"save_pretrained nor a timm hub folder); {hint}")
-    config = read_config(path) or {}
-    if arch is not None:  # the user's own architecture, the folder's weights
-        files = weight_files(path)
-        model = build_model(arch, arch_kwargs or {})
-        load_state(model, read_state(files), path=path, built_by=f"--arch {arch}", notes=notes)
-        notes.append(f"built with --arch {arch}; {path.name}/{CONFIG} not used to build the model")
-        return LoadedModel(model.eval(), kind, {}, notes)
-    if arch_kwargs:
-        notes.append(f"--arch-kwargs not used: {path.name}/{CONFIG} says how to build the model")
-    if kind == "huggingface":
-        model, meta = build_huggingface(path, config, trust_remote_code=trust_remote_code, notes=notes)
-        return LoadedModel(model, kind, meta, notes)
-    files = weight_files(path)
-    model, meta = build_timm(path, config, notes=notes)
-    load_state(model, read_state(files), path=path, built_by=f"timm.create_model({config['architecture']!r})",
-               notes=notes, hint=f"check {path.name}/{CONFIG} (architecture, num_classes, model_args) belongs to "
-               "these weights")
-    return LoadedModel(model.eval(), kind, meta, notes)
 
 
 def folder_kind(path: Path) -> str | None:
@@ -208,14 +174,6 @@ def timm_arguments(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
         if key in config:
             pretrained_cfg[key] = config[key]
     return pretrained_cfg, kwargs
-
-
-def read_state(files: list[Path]) -> dict[str, Tensor]:
-    """The state_dict stored in one or several (sharded) weight files, read without executing code."""
-    state: dict[str, Tensor] = {}
-    for file in files:
-        state.update(read_weights(file))
-    return state
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -40,7 +40,16 @@ from typing import IO, Any
 import torch
 from torch import Tensor, nn
 
-from fyc_convert.errors import ArchError, CheckpointError, describe, first_line
+from fyc_convert.errors import ArchError, CheckpointError, describe, few, first_line
+from fyc_convert.model.hub import (
+    CONFIG,
+    build_huggingface,
+    build_timm,
+    folder_kind,
+    read_config,
+    weight_files,
+)
+from fyc_convert.options import parse_arch_kwargs
 
 STATE_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")  # where training checkpoints keep weights
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".tar", ".safetensors", ".pt2")
@@ -95,56 +104,13 @@ def load_model(
     path = Path(path)
     kwargs = parse_arch_kwargs(arch_kwargs)
     if path.is_dir():
-        from fyc_convert.model.hub import load_folder
-
         return load_folder(path, arch=arch, arch_kwargs=kwargs, trust_remote_code=trust_remote_code)
-    kind = _sniff(path)
     notes: list[str] = []
-    meta: dict[str, Any] = {}
-    if kind == "safetensors":
-        fmt = "safetensors"
-        state, meta = _read_safetensors(path)
-    elif kind == "torchscript":
-        fmt = "torchscript"
-        if arch is None:
-            raise CheckpointError(
-                f"{path} is a TorchScript archive, whose compiled code calls the classifier directly so it cannot "
-                f"be swapped; {_ARCH_HELP} to rebuild it from the archive's weights, or give the eager model's "
-                "state_dict"
-            )
-        try:
-            state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except RuntimeError as e:
-            raise CheckpointError(f"{path} is a corrupt TorchScript archive ({first_line(e)}); re-save it") from e
-    elif kind == "export":
-        fmt = "export"
-        if arch is None:
-            raise CheckpointError(
-                f"{path} is a torch.export archive, a traced graph whose classifier cannot be swapped; "
-                f"{_ARCH_HELP} to rebuild it from the archive's weights, or give the eager model's state_dict"
-            )
-        if not trust_pickle:
-            raise CheckpointError(
-                f"{path} is a torch.export archive and reading it unpickles data (runs code from the file); "
-                "pass --trust-pickle if you trust it, or save the eager model's state_dict and pass that with --arch"
-            )
-        try:
-            program = torch.export.load(str(path))
-        except Exception as e:  # noqa: BLE001 - anything can fail inside an unpickler we were told to trust
-            raise CheckpointError(f"cannot read torch.export archive {path} ({describe(e)}); re-save it") from e
-        state = program.state_dict  # parameters and persistent buffers, as in the eager model
-    else:
-        obj = _torch_load(path, trust_pickle=trust_pickle)
-        if isinstance(obj, Mapping) and isinstance(obj.get("meta"), Mapping):
-            meta = dict(obj["meta"])
-        state, fmt = _unpack(obj, path, notes)
-        if isinstance(state, nn.Module):
-            if isinstance(state, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-                notes.append(f"unwrapped the pickled {type(state).__name__}")
-                state = state.module
-            if arch is not None:
-                notes.append(f"--arch {arch} not used: the file holds a whole pickled model")
-            return LoadedModel(state.cpu().eval(), "pickle", meta, notes)
+    state, fmt, meta = _read_checkpoint(path, arch=arch, trust_pickle=trust_pickle, notes=notes)
+    if isinstance(state, nn.Module):
+        if arch is not None:
+            notes.append(f"--arch {arch} not used: the file holds a whole pickled model")
+        return LoadedModel(state.cpu().eval(), "pickle", meta, notes)
     if arch is None:
         hint = ""
         if isinstance(meta.get("arch"), str):  # only named in the message: we never import what a file asks for
@@ -154,6 +120,92 @@ def load_model(
     model = build_model(arch, kwargs)
     load_state(model, state, path=path, built_by=f"--arch {arch}", notes=notes)
     return LoadedModel(model.eval(), fmt, meta, notes)
+
+
+def load_folder(path: Path, *, arch: str | None = None, arch_kwargs: dict[str, Any] | None = None,
+                trust_remote_code: bool = False) -> LoadedModel:
+    """Load a Hugging Face or timm checkpoint folder (see `fyc_convert.model.hub`); `arch` overrides its config.
+
+    Raises:
+        CheckpointError: the folder is neither layout, lacks its weights, needs a library that is not installed
+            or remote code that is not trusted, or its weights do not fit the model.
+    """
+    notes: list[str] = []
+    kind = folder_kind(path)
+    if kind is None:
+        inside = checkpoint_files(path)
+        hint = f"pass one of the files in it: {few(inside)}" if inside else "pass the checkpoint file itself"
+        raise CheckpointError(f"checkpoint {path} is a directory without {CONFIG} (neither a Hugging Face "
+                              f"save_pretrained nor a timm hub folder); {hint}")
+    config = read_config(path) or {}
+    if arch is not None:  # the user's own architecture, the folder's weights
+        files = weight_files(path)
+        model = build_model(arch, arch_kwargs or {})
+        load_state(model, read_state(files), path=path, built_by=f"--arch {arch}", notes=notes)
+        notes.append(f"built with --arch {arch}; {path.name}/{CONFIG} not used to build the model")
+        return LoadedModel(model.eval(), kind, {}, notes)
+    if arch_kwargs:
+        notes.append(f"--arch-kwargs not used: {path.name}/{CONFIG} says how to build the model")
+    if kind == "huggingface":
+        model, meta = build_huggingface(path, config, trust_remote_code=trust_remote_code, notes=notes)
+        return LoadedModel(model, kind, meta, notes)
+    files = weight_files(path)
+    model, meta = build_timm(path, config, notes=notes)
+    load_state(model, read_state(files), path=path, built_by=f"timm.create_model({config['architecture']!r})",
+               notes=notes, hint=f"check {path.name}/{CONFIG} (architecture, num_classes, model_args) belongs to "
+               "these weights")
+    return LoadedModel(model.eval(), kind, meta, notes)
+
+
+def _read_checkpoint(path: Path, *, arch: str | None, trust_pickle: bool,
+                     notes: list[str]) -> tuple[Mapping[str, Tensor] | nn.Module, str, dict[str, Any]]:
+    """The weights (or a whole pickled module) in one checkpoint file. Returns (state or module, format, meta)."""
+    kind = _sniff(path)
+    if kind == "safetensors":
+        state, meta = _read_safetensors(path)
+        return state, "safetensors", meta
+    if kind == "torchscript":
+        return _read_torchscript(path, arch=arch), "torchscript", {}
+    if kind == "export":
+        return _read_export(path, arch=arch, trust_pickle=trust_pickle), "export", {}
+    obj = _torch_load(path, trust_pickle=trust_pickle)
+    meta = dict(obj["meta"]) if isinstance(obj, Mapping) and isinstance(obj.get("meta"), Mapping) else {}
+    state, fmt = _unpack(obj, path, notes)
+    if isinstance(state, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        notes.append(f"unwrapped the pickled {type(state).__name__}")
+        state = state.module
+    return state, fmt, meta
+
+
+def _read_torchscript(path: Path, *, arch: str | None) -> dict[str, Tensor]:
+    if arch is None:
+        raise CheckpointError(
+            f"{path} is a TorchScript archive, whose compiled code calls the classifier directly so it cannot "
+            f"be swapped; {_ARCH_HELP} to rebuild it from the archive's weights, or give the eager model's "
+            "state_dict"
+        )
+    try:
+        return torch.jit.load(str(path), map_location="cpu").state_dict()
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} is a corrupt TorchScript archive ({first_line(e)}); re-save it") from e
+
+
+def _read_export(path: Path, *, arch: str | None, trust_pickle: bool) -> dict[str, Tensor]:
+    if arch is None:
+        raise CheckpointError(
+            f"{path} is a torch.export archive, a traced graph whose classifier cannot be swapped; "
+            f"{_ARCH_HELP} to rebuild it from the archive's weights, or give the eager model's state_dict"
+        )
+    if not trust_pickle:
+        raise CheckpointError(
+            f"{path} is a torch.export archive and reading it unpickles data (runs code from the file); "
+            "pass --trust-pickle if you trust it, or save the eager model's state_dict and pass that with --arch"
+        )
+    try:
+        program = torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001 - anything can fail inside an unpickler we were told to trust
+        raise CheckpointError(f"cannot read torch.export archive {path} ({describe(e)}); re-save it") from e
+    return dict(program.state_dict)  # parameters and persistent buffers, as in the eager model
 
 
 def resolve_arch(spec: str) -> Callable[..., Any]:
@@ -258,6 +310,14 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     return dict(obj)
 
 
+def read_state(files: list[Path]) -> dict[str, Tensor]:
+    """The state_dict stored in one or several (sharded) weight files, read without executing code."""
+    state: dict[str, Tensor] = {}
+    for file in files:
+        state.update(read_weights(file))
+    return state
+
+
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     from safetensors import SafetensorError, safe_open
 
@@ -335,21 +395,6 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- building
-
-
-def parse_arch_kwargs(arch_kwargs: str | dict | None) -> dict[str, Any]:
-    if arch_kwargs is None:
-        return {}
-    if isinstance(arch_kwargs, str):
-        try:
-            arch_kwargs = json.loads(arch_kwargs)
-        except json.JSONDecodeError as e:
-            raise ArchError(f"--arch-kwargs is not valid JSON ({e}); pass an object like "
-                            "'{\"num_classes\": 10}'") from e
-    if not isinstance(arch_kwargs, dict):
-        raise ArchError(f"--arch-kwargs must be a JSON object, got {type(arch_kwargs).__name__}; pass an object "
-                        "like '{\"num_classes\": 10}'")
-    return arch_kwargs
 
 
 def build_model(arch: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -524,12 +569,6 @@ def _unpickling_reason(e: pickle.UnpicklingError) -> str:
     """The weights_only unpickler's actual complaint, without torch's advice paragraphs."""
     match = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
     return match.group(1).strip() if match else first_line(e)
-
-
-def few(items: list[str], limit: int = 6) -> str:
-    """At most `limit` items, comma-separated, then how many more."""
-    shown = ", ".join(items[:limit])
-    return shown + (f", … ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def _maybe_json(value: str) -> Any:

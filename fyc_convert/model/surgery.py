@@ -11,6 +11,10 @@ It is found, in order, from `--layer` (one name, or several separated by commas)
 - else a clear error (outputs concatenated, a conv before the pooling, a feature extractor, …) that names the
   candidates and the `--layer` to pass.
 
+Then every other Linear whose C-wide output reaches the logits class by class in eval (an auxiliary per-token
+classifier max-reduced and added, a second head inside what `get_classifier()` returns; see
+`fyc_convert.model.class_layers`) is swapped too; with `--layer`, such layers left out are reported as kept.
+
 Layers are replaced by module identity wherever the model holds them, never by position. A conv classifier
 becomes `layouts.ConvHead(fixed head)` at the conv's place, so the fixed head itself sees (..., N) features.
 """
@@ -18,6 +22,7 @@ becomes `layouts.ConvHead(fixed head)` at the conv's place, so the fixed head it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -28,10 +33,11 @@ from torch import Tensor, nn
 
 from fyc_convert.errors import ClassifierNotFoundError, HeadError, describe
 from fyc_convert.head.layouts import WRAPPED_HEAD, ConvHead, conv_as_linear, is_pointwise_conv
+from fyc_convert.model.class_layers import class_producing
 
 HeadKind = Literal["hadamard", "orthogonal"]
 LayerKind = Literal["linear", "conv1x1"]
-Combine = Literal["single", "mean", "sum", "named"]
+Combine = Literal["single", "mean", "sum", "named", "added"]
 
 _MAX_COMBINED = 8  # candidate heads whose subsets are tried as averaged/summed combinations (2^8 subsets)
 _PASSTHROUGH = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.Flatten)  # eval: x -> x
@@ -93,13 +99,17 @@ class Classifiers:
     Attributes:
         heads: The classifier layers, in call order.
         combine: "single" (one layer), "mean" / "sum" (the logits are the layers' outputs averaged / summed,
-            checked numerically by a forward pass), or "named" (several layers given by `--layer`).
+            checked numerically by a forward pass), "named" (several layers given by `--layer`), or "added"
+            (further layers whose outputs reach the logits class by class, e.g. max-reduced over tokens and added).
         found_by: How they were found: "--layer", "get_classifier()" or "forward pass".
+        kept: Learned layers that also produce the logits' classes but were left out by `--layer` (they stay
+            learned in the converted model).
     """
 
     heads: tuple[Classifier, ...]
     combine: Combine
     found_by: str
+    kept: tuple[str, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -112,9 +122,18 @@ class Classifiers:
     def describe(self) -> str:
         """One line for a report, e.g. "head, head_dist (2 nn.Linear, averaged; found by forward pass)"."""
         kinds = sorted({"1x1 Conv2d" if h.kind == "conv1x1" else "nn.Linear" for h in self.heads})
-        what = {"single": "", "mean": ", averaged", "sum": ", summed", "named": ", chosen by --layer"}[self.combine]
+        what = {"single": "", "mean": ", averaged", "sum": ", summed", "named": ", chosen by --layer",
+                "added": ", their class logits reduced and added"}[self.combine]
         count = f"{len(self.heads)} " if len(self.heads) > 1 else ""
-        return f"{', '.join(self.names)} ({count}{' + '.join(kinds)}{what}; found by {self.found_by})"
+        kept = f"; {self.kept_note()}" if self.kept else ""
+        return f"{', '.join(self.names)} ({count}{' + '.join(kinds)}{what}; found by {self.found_by}{kept})"
+
+    def kept_note(self) -> str | None:
+        """The report's note on learned classifiers left in place, e.g. "learned classifier kept: aux (not in
+        --layer)"; None when every class-producing layer is swapped."""
+        if not self.kept:
+            return None
+        return f"learned classifier kept: {', '.join(self.kept)} (not in --layer)"
 
 
 @dataclass(frozen=True)
@@ -150,14 +169,16 @@ class SwapResult:
     Attributes:
         model: The model with the heads in place (the same object that was passed in).
         heads: Every swapped layer, in call order.
-        combine: How the heads make the logits ("single", "mean", "sum", "named"; see `Classifiers`).
+        combine: How the heads make the logits ("single", "mean", "sum", "named", "added"; see `Classifiers`).
         params: Parameter accounting over all heads.
+        kept: Learned layers that also produce the classes but were left out by `--layer` (`Classifiers.kept`).
     """
 
     model: nn.Module
     heads: tuple[SwappedHead, ...]
     combine: Combine
     params: ParamCount
+    kept: tuple[str, ...] = ()
 
     @property
     def layer(self) -> str:
@@ -212,11 +233,39 @@ def find_classifiers(
             input shape is known for it.
     """
     if layer is not None:
-        return _named(model, layer)
-    found = _from_get_classifier(model)
-    if isinstance(found, Classifiers):
+        found = _named(model, layer)
+    else:
+        reason = _from_get_classifier(model)
+        if isinstance(reason, Classifiers):
+            found = reason
+        else:
+            found = _from_forward(model, _example_input(model, input_shape, example, why=reason))
+    return _every_class_layer(model, found, input_shape, example)
+
+
+def _every_class_layer(model: nn.Module, found: Classifiers, input_shape: tuple[int, ...] | None,
+                       example: Tensor | None) -> Classifiers:
+    """`found` with every other Linear that produces the logits' classes in eval: added to the heads, or, when
+    `--layer` chose them, listed as kept. Unchanged when no input can be made or the probe cannot run (the
+    exported file is scanned for learned class weights anyway)."""
+    try:
+        x = _example_input(model, input_shape, example)
+    except ClassifierNotFoundError:
         return found
-    return _from_forward(model, _example_input(model, input_shape, example, why=found))
+    names = {m: n for n, m in model.named_modules()}
+    chosen = {h.module for h in found.heads}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == found.num_classes]
+    if all(m in chosen for m in linears):
+        return found
+    with eval_mode(model), torch.no_grad():
+        producing = class_producing(model, x, linears, num_classes=found.num_classes, logits_of=logits_of)
+    extra = [m for m in producing if m not in chosen and m in names]
+    if not extra:
+        return found
+    if found.found_by == "--layer":
+        return dataclasses.replace(found, kept=tuple(names[m] for m in extra))
+    heads = found.heads + tuple(_classifier(names[m], m) for m in extra)
+    return Classifiers(heads, "added", found.found_by)
 
 
 def find_classifier(
@@ -322,38 +371,16 @@ def swap_classifier(
         HeadError: Unknown head kind, a hadamard_size for the orthogonal head, features that do not fit a
             layer, or the head cannot be built for these sizes. The model is left as it was.
     """
-    from fyc_convert.head.heads import HadamardHead, OrthogonalHead
-
-    kinds = {"hadamard": HadamardHead, "orthogonal": OrthogonalHead}
-    if head not in kinds:
-        raise HeadError(f"unknown head {head!r}; use one of: {', '.join(kinds)}")
-    sizing = {}
-    if hadamard_size is not None:
-        if head != "hadamard":
-            raise HeadError(f"a transform size applies to the hadamard head only; leave it unset for the {head} head")
-        sizing["hadamard_size"] = hadamard_size
+    head_cls, sizing = _head_class(head, hadamard_size)
     found = classifiers or find_classifiers(model, layer=layer, input_shape=input_shape, example=example)
     original = count_params(model)
     head_before = sum(p.numel() for p in _unique_params(c.module for c in found.heads))
-
-    # 1. every classifier as an nn.Linear seeing (..., N): a conv is wrapped, ConvHead(Linear) computes what it did
-    undo: list[tuple[nn.Module, nn.Module]] = []  # (placed, original) to put back on failure
-    targets: list[tuple[Classifier, str, nn.Linear]] = []  # (classifier, dotted name of its Linear, the Linear)
-    for c in found.heads:
-        if c.kind == "conv1x1":
-            linear = conv_as_linear(c.module)
-            wrapper = ConvHead(linear).train(c.module.training)
-            model = _put(model, c.module, wrapper)
-            undo.append((wrapper, c.module))
-            targets.append((c, f"{c.name}.{WRAPPED_HEAD}" if c.name else WRAPPED_HEAD, linear))
-        else:
-            targets.append((c, c.name, c.module))
+    model, targets, undo = _as_linears(model, found)
     try:
         feats = _features(model, targets, features, inputs)
         built = []
         for (c, name, linear), f in zip(targets, feats, strict=True):
-            new = kinds[head].from_linear(linear, features=f, bias=bias, fixed_scale=fixed_scale, seed=seed,
-                                          **sizing)
+            new = head_cls.from_linear(linear, features=f, bias=bias, fixed_scale=fixed_scale, seed=seed, **sizing)
             built.append((c, name, linear, new.train(linear.training)))
     except BaseException:
         for placed, old in undo:
@@ -365,8 +392,48 @@ def swap_classifier(
         swapped.append(SwappedHead(layer=name, head=new, original_layer=c.name, original=c.module,
                                    original_linear=linear, kind=c.kind, in_features=c.in_features,
                                    num_classes=c.num_classes))
+    params = _param_count(model, original, head_before, swapped)
+    return SwapResult(model, tuple(swapped), found.combine, params, found.kept)
+
+
+def _head_class(head: str, hadamard_size: int | None) -> tuple[type[nn.Module], dict[str, int]]:
+    """The fixed head class for `head` and its sizing keywords. Raises HeadError for a bad pair."""
+    from fyc_convert.head.heads import HadamardHead, OrthogonalHead
+
+    kinds = {"hadamard": HadamardHead, "orthogonal": OrthogonalHead}
+    if head not in kinds:
+        raise HeadError(f"unknown head {head!r}; use one of: {', '.join(kinds)}")
+    if hadamard_size is None:
+        return kinds[head], {}
+    if head != "hadamard":
+        raise HeadError(f"a transform size applies to the hadamard head only; leave it unset for the {head} head")
+    return kinds[head], {"hadamard_size": hadamard_size}
+
+
+def _as_linears(model: nn.Module, found: Classifiers) -> tuple[nn.Module, list[tuple[Classifier, str, nn.Linear]],
+                                                                  list[tuple[nn.Module, nn.Module]]]:
+    """Every classifier as an nn.Linear seeing (..., N): a conv is wrapped, ConvHead(Linear) computes what it did.
+
+    Returns (model, targets as (classifier, dotted name of its Linear, the Linear), undo as (placed, original)
+    to put back on failure).
+    """
+    undo: list[tuple[nn.Module, nn.Module]] = []
+    targets: list[tuple[Classifier, str, nn.Linear]] = []
+    for c in found.heads:
+        if c.kind == "conv1x1":
+            linear = conv_as_linear(c.module)
+            wrapper = ConvHead(linear).train(c.module.training)
+            model = _put(model, c.module, wrapper)
+            undo.append((wrapper, c.module))
+            targets.append((c, f"{c.name}.{WRAPPED_HEAD}" if c.name else WRAPPED_HEAD, linear))
+        else:
+            targets.append((c, c.name, c.module))
+    return model, targets, undo
+
+
+def _param_count(model: nn.Module, original: int, head_before: int, swapped: list[SwappedHead]) -> ParamCount:
     converted = count_params(model)
-    params = ParamCount(
+    return ParamCount(
         original=original,
         converted=converted,
         head_before=head_before,
@@ -375,7 +442,6 @@ def swap_classifier(
         removed_pct=100.0 * (original - converted) / original if original else 0.0,
         trainable=count_params(model, trainable_only=True),
     )
-    return SwapResult(model, tuple(swapped), found.combine, params)
 
 
 def count_params(module: nn.Module, *, trainable_only: bool = False) -> int:
@@ -503,7 +569,13 @@ def _from_get_classifier(model: nn.Module) -> Classifiers | str | None:
         shown = ", ".join(names.get(m, "?") for m in found)
         return f"get_classifier() returns {len(found)} layers ({shown}), and how they combine is checked by it"
     if isinstance(found, nn.Module) and not isinstance(found, nn.Linear) and not is_pointwise_conv(found):
-        found = _last_linear(found)
+        container, found = found, _last_linear(found)
+        if found is not None:
+            same = [m for m in container.modules() if isinstance(m, nn.Linear) and m.out_features == found.out_features]
+            if len(same) > 1:  # e.g. two BatchNorm + Linear heads averaged in eval: which ones, the forward pass says
+                shown = ", ".join(names.get(m, "?") for m in same)
+                return (f"get_classifier() returns a module with {len(same)} classifier layers ({shown}), and how "
+                        "they combine is checked by it")
     if isinstance(found, nn.Linear) and found in names:
         return Classifiers((_classifier(names[found], found),), "single", "get_classifier()")
     return None
