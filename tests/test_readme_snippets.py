@@ -1,7 +1,6 @@
 """The "## Use the output" snippets run exactly as the README shows them, on a digits conversion.
 
-The blocks come from README.md when it has the heading "## Use the output", else from docs/use-the-output.md
-(its text until the README takes it). Only the paths in each block's first line ("digits_fyc", "digit.png") are
+The blocks come from README.md's section "## Use the output". Only the paths in each block's first line ("digits_fyc", "digit.png") are
 replaced by the temporary conversion's; the PyTorch block's `load_converted` model and the onnxruntime block's
 logits must then agree within 1e-4, both ways.
 """
@@ -28,14 +27,14 @@ PATHS = ("digits_fyc", "digit.png")  # the names the snippets' first lines use
 
 
 def _section() -> tuple[Path, str]:
-    for doc in (ROOT / "README.md", ROOT / "docs" / "use-the-output.md"):
+    for doc in (ROOT / "README.md",):
         text = doc.read_text(encoding="utf-8") if doc.is_file() else ""
         lines = text.splitlines()
         if HEADING in lines:
             start = lines.index(HEADING) + 1
             end = next((i for i in range(start, len(lines)) if lines[i].startswith("## ")), len(lines))
             return doc, "\n".join(lines[start:end])
-    raise AssertionError(f"neither README.md nor docs/use-the-output.md has a {HEADING!r} section")
+    raise AssertionError(f"README.md has no {HEADING!r} section")
 
 
 def _blocks() -> list[str]:
