@@ -1,8 +1,8 @@
 """The "## Use the output" snippets run exactly as the README shows them, on a digits conversion.
 
 The blocks come from README.md's section "## Use the output". Only the paths in each block's first line
-("digits_fyc", "digit.png") are replaced by the temporary conversion's; the PyTorch block's `load_converted` model and the onnxruntime block's
-logits must then agree within 1e-4, both ways.
+("digits_fyc", "digit.png") are replaced by the temporary conversion's; the PyTorch block's `load_converted`
+model and the onnxruntime block's logits must then agree within 1e-4, both ways.
 """
 
 from __future__ import annotations
