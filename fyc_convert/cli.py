@@ -214,7 +214,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 class _MetricsColumn(ProgressColumn):
-    """loss, accuracy and throughput of the running epoch (fields set by the training loop)."""
+    """loss, training accuracy (on the augmented batches, so labelled "train acc") and throughput of the running
+    epoch (fields set by the training loop); the validation accuracy follows in the epoch's line ("val acc")."""
 
     def render(self, task: Task) -> Text:
         f = task.fields
@@ -222,7 +223,7 @@ class _MetricsColumn(ProgressColumn):
         if isinstance(f.get("loss"), float) and f["loss"] == f["loss"]:
             parts.append(f"loss {f['loss']:.4f}")
         if f.get("acc") is not None:
-            parts.append(f"acc {100 * f['acc']:.2f}%")
+            parts.append(f"train acc {100 * f['acc']:.2f}%")
         if f.get("samples_per_s"):
             parts.append(f"{f['samples_per_s']:,.0f} samples/s")
         return Text("  ".join(parts))
