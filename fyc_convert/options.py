@@ -88,7 +88,8 @@ class DataOptions:
 
 @dataclass
 class FinetuneConfig:
-    """Options of the training loop (`finetune.finetune`); None: the loop's plain default, or the job's rule."""
+    """Options of the training loop (`finetune.finetune`, `calibrate`, `evaluate`); None: decided by
+    `train.recipe.plan` (the one place training defaults are chosen; the help texts describe its rules)."""
 
     epochs: int | Literal["auto"] | None = option(
         None, "Fine-tuning epochs, or auto: evaluate after each epoch and stop once within --target-drop of the "
@@ -115,7 +116,7 @@ class FinetuneConfig:
     cosine: bool = option(True, "Cosine decay of the learning rate to 0 over the training steps.",
                           flag="--cosine/--no-cosine", panel=_TRAIN)
     distill: bool | None = option(None, "Learn from the original model's outputs (KL) as well as the labels; "
-                                        "unlabelled data always does (default: on for many-class heads).",
+                                        "unlabelled data always does (default: on; see the report's reasons).",
                                   flag="--distill/--no-distill", panel=_TRAIN)
     temperature: float = option(4.0, "Softening temperature of the distillation KL.", panel=_TRAIN, gt=0.0)
     distill_weight: float = option(0.5, "Weight of the KL term against cross-entropy with labels.", panel=_TRAIN,

@@ -114,7 +114,7 @@ def _clean(obj: Any) -> Any:
 SMALL_SHARE = 10.0  # below this % of the parameters removed, and with no smaller file, the swap is not worth it
 
 
-def verdict(report: Report) -> str | None:
+def swap_verdict(report: Report) -> str | None:
     """One line saying that the swap does not pay off for this model, or None when it does.
 
     It does not pay off when it removes under `SMALL_SHARE` % of the parameters and the exported file is not

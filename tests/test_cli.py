@@ -246,3 +246,15 @@ def test_interrupted_run_leaves_no_half_written_file(sig: int, code: int, tmp_pa
         torch.load(ckpt, weights_only=False)  # complete files only: each loads
     for state in (out / "checkpoints").glob("*.json"):
         json.loads(state.read_text())
+
+
+def test_the_live_bar_labels_training_accuracy_as_such() -> None:
+    # the bar shows accuracy on the augmented training batches; the epoch line after it says "val acc"
+    from rich.progress import Progress
+
+    from fyc_convert.cli import _MetricsColumn
+
+    with Progress(disable=True) as bars:
+        task = bars.add_task("epoch 1/3", total=10, loss=0.25, acc=0.875, samples_per_s=1234.0)
+        text = _MetricsColumn().render(bars.tasks[task]).plain
+    assert text == "loss 0.2500  train acc 87.50%  1,234 samples/s"
