@@ -203,7 +203,7 @@ def _describe_usage(report: Report, fmt: str, meta: dict, bundle, ckpt: Path, op
                     input_shape) -> None:
     """The class names, the resize step and the ONNX input as a user feeds it, into the report (model_card.py)."""
     from fyc_convert.data.classes import meta_classes_source, resolve_classes
-    from fyc_convert.export.model_card import input_spec, observed_range, with_resize
+    from fyc_convert.export.model_card import feed_line, input_spec, observed_range, with_resize
     from fyc_convert.export.onnx_export import INPUT_NAME
 
     classes, skipped = resolve_classes(report.num_classes, meta=meta, meta_source=meta_classes_source(fmt),
@@ -217,6 +217,7 @@ def _describe_usage(report: Report, fmt: str, meta: dict, bundle, ckpt: Path, op
                        else observed_range(bundle, input_shape))
         report.input = input_spec(name=INPUT_NAME, input_shape=input_shape, value_range=value_range,
                                   in_graph=embedded, static_batch=opts.static_batch)
+        report.feed = feed_line(report.input, report.preprocessing)
 
 
 # ---------------------------------------------------------------------------------------------- training

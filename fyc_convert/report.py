@@ -79,6 +79,7 @@ class Report:
     preprocessing: dict[str, Any] | None = None  # input shape, mean, std, resize, ... each {"value", "source"}
     input: dict[str, Any] | None = None  # the ONNX input as fed: name, dtype, layout, shape, range, normalization
     classes: dict[str, Any] | None = None  # {"names": [...], "source": ...} when some source names the classes
+    feed: str | None = None  # one line saying what to feed the ONNX models (export/model_card.feed_line)
     onnx: OnnxReport | None = None
     accuracy: AccuracyReport = field(default_factory=AccuracyReport)
     training: dict[str, Any] | None = None  # epochs, per-epoch seconds and metrics
@@ -235,10 +236,8 @@ def render(report: Report, console: Console) -> None:
         console.print(f"[dim]classifier:[/] {report.classifier}")
     if report.preprocessing:
         console.print(f"[dim]preprocessing:[/] {preprocessing_line(report)}")
-    if report.input is not None:
-        from fyc_convert.export.model_card import feed_line
-
-        console.print(f"[dim]feed:[/] {feed_line(report.input, report.preprocessing)}", soft_wrap=True)
+    if report.feed is not None:
+        console.print(f"[dim]feed:[/] {report.feed}", soft_wrap=True)
     if report.classes is not None:
         console.print(f"[dim]classes:[/] {_classes_line(report.classes)}")
     where = f" on {a.measured_on}" if a.measured_on else ""
