@@ -16,6 +16,7 @@ skipped when it had finished, calibration too), and export, verification, saving
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -418,6 +419,8 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
             if err.verdict is not None:
                 _record_verdict(onnx_rep, err.verdict)
             report.files["failed_onnx"] = str(out_dir / failed.name)
+            if (out_dir / CHECKPOINT_DIR).is_dir():  # kept: --resume redoes the export without training again
+                report.files["checkpoints"] = str(out_dir / CHECKPOINT_DIR)
             _commit(stage, out_dir, [*outputs, *_with_data(stage, failed.name)], report, opts, t0)
             err.report = report
             raise
@@ -426,8 +429,21 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
             say("benchmarking with onnxruntime (1 thread)")
             report.latency_ms = _bench(orig_res.path, conv_res.path, swap, input_shape, opts)
         _commit(stage, out_dir, [*outputs, *_with_data(stage, "model.onnx")], report, opts, t0)
+        _remove_training_state(out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _remove_training_state(out_dir: Path) -> None:
+    """After a verified run: the training checkpoint and run state served only --resume; remove them (and the folder
+    when nothing else is in it), so that the output folder holds exactly the outputs the report lists."""
+    from fyc_convert.train.run_state import CHECKPOINT_NAME, RUN_STATE
+
+    ckpt_dir = out_dir / CHECKPOINT_DIR
+    for name in (CHECKPOINT_NAME, RUN_STATE):
+        (ckpt_dir / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # absent, or holds files of the user's: leave it
+        ckpt_dir.rmdir()
 
 
 def _export_both(ex, input_shape, opts: ConvertOptions, stage: Path, report: Report, say: Progress):

@@ -50,6 +50,7 @@ def test_full_run_writes_every_output(full_run: tuple[Path, object]) -> None:
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir() if p.is_file())
     assert names == ["model.onnx", "model.safetensors", "original.onnx", "report.json"]
+    assert not (out / "checkpoints").exists(), "the training state outlived a verified run"
     assert not list(out.glob(".*.tmp")), "temporary files left behind"
 
 
@@ -204,6 +205,30 @@ def test_verification_failure_exits_3_and_keeps_only_failed_name(tmp_path: Path,
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["model.failed.onnx", "model.safetensors",
                                                                     "original.onnx", "report.json"]
     assert load_converted(load_model(SAMPLE, arch=ARCH).model, out / "model.safetensors").fc.num_classes == 10
+
+
+@pytest.mark.slow
+def test_verification_failure_after_training_keeps_the_training_state(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed export keeps checkpoints/ (and lists it): --resume then redoes the export without training."""
+    from fyc_convert.export import onnx_head
+
+    real = onnx_head.HeadSpec.from_module.__func__
+
+    def tampered(cls, head):
+        import dataclasses
+
+        spec = real(cls, head)
+        return dataclasses.replace(spec, bias=spec.bias + 0.5)
+
+    monkeypatch.setattr(onnx_head.HeadSpec, "from_module", classmethod(tampered))
+    out = tmp_path / "o"
+    result = runner.invoke(app, [str(SAMPLE), "--arch", ARCH, "--data", str(DATA), "--epochs", "1", "-o", str(out),
+                                 "--quiet"])
+    assert result.exit_code == 3, result.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["files"]["checkpoints"] == str(out / "checkpoints")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["finetune.pt", "run.json"]
 
 
 @pytest.mark.slow
