@@ -110,7 +110,7 @@ def head_node_names(model: onnx.ModelProto, prefix: str = HEAD_PREFIX) -> list[s
 
 
 def quantize_int8(src: str | Path, dst: str | Path, calibration: Batches, *, per_channel: bool = True,
-                  static_batch: int | None = None) -> int:
+                  static_batch: int | None = None, float_head: bool = True) -> int:
     """Static QDQ int8 quantization of `src` into `dst`, the fixed head's nodes left in float32.
 
     Args:
@@ -120,6 +120,8 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: Batches, *, per
             training split.
         per_channel: per-output-channel weight scales.
         static_batch: the model's fixed batch size; the calibration batches are re-cut to it.
+        float_head: exclude the fixed heads' nodes (False only to measure what the quantizer does to the head
+            on its own: benchmarks/int8_heads.py).
 
     Returns:
         How many nodes were excluded (the fixed heads' nodes; 0 for an original model).
@@ -139,7 +141,7 @@ def quantize_int8(src: str | Path, dst: str | Path, calibration: Batches, *, per
             # exported graphs name their batch axis)
             quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             proto = onnx.load(str(pre), load_external_data=False)
-            exclude = head_node_names(proto)
+            exclude = head_node_names(proto) if float_head else []
             quantize_static(str(pre), str(out), _Reader(proto.graph.input[0].name, calibration, static_batch),
                             quant_format=QuantFormat.QDQ, per_channel=per_channel,
                             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
