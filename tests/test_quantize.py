@@ -238,3 +238,29 @@ def test_cli_int8_miss_exits_3_and_keeps_model_int8_failed(tmp_path: Path, digit
     assert sorted(p.name for p in out.iterdir()) == ["model.int8.failed.onnx", "model.onnx", "model.safetensors",
                                                      "original.int8.onnx", "original.onnx", "report.json"]
     assert rep["files"]["failed_int8_onnx"] == str(out / "model.int8.failed.onnx")
+
+
+@pytest.mark.parametrize("name", ["distilled_vit", "summed_heads"])
+def test_several_heads_each_quantized_only_at_its_input(name: str, tmp_path: Path) -> None:
+    """Heads under fyc_head/0/, fyc_head/1/: each checked on its own scope, each exact against its float32 head."""
+    import torch
+    from models import HEAD_LAYOUTS
+
+    from fyc_convert.export.onnx_export import export_onnx
+    from fyc_convert.model.surgery import swap_classifier
+
+    layout = HEAD_LAYOUTS[name]()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128, *layout.input_shape, generator=gen)
+    swap = swap_classifier(layout.model, input_shape=layout.input_shape, inputs=x[:64])
+    res = export_onnx(layout.model, tmp_path / "model.onnx", input_shape=layout.input_shape, head_layer=swap.layers)
+    heads = head_entries(onnx.load(str(res.path)))
+    assert [h["scope"] for h in heads] == [f"{HEAD_PREFIX}{i}/" for i in range(len(swap.layers))]
+    dst = tmp_path / "model.int8.onnx"
+    quantize_int8(res.path, dst, _batches(x[64:].numpy(), 16))
+    assert check_head_boundary(dst, heads) <= len(heads)
+    assert head_exactness(dst, res.path, x[:16].numpy()) <= 1e-6
+    requantized = tmp_path / "requantized.onnx"
+    quantize_int8(res.path, requantized, _batches(x[64:].numpy(), 16), float_head=False)
+    with pytest.raises(ExportError, match="fixed head 'fyc_head/"):
+        check_head_boundary(requantized, heads)
