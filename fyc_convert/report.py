@@ -202,7 +202,7 @@ def _int8_rows(t: Table, q: Int8Result) -> None:
         change = f"{0.0 - q.drop:+.2f} pts vs fp32".replace("-", "−")
         t.add_row("int8 accuracy", _pct(o.accuracy), _pct(c.accuracy), change)
     t.add_row("  int8 agreement", _pct(o.agreement), _pct(c.agreement), "top-1 vs fp32")
-    for key in ("b1", "b32"):
+    for key in c.latency_ms or {}:  # "b1", "b32", or the --static-batch size
         lo, lc = (o.latency_ms or {}).get(key), (c.latency_ms or {}).get(key)
         if lo and lc:
             t.add_row(f"int8 latency, batch {key[1:]}", _ms(lo["int8"]), _ms(lc["int8"]),

@@ -223,6 +223,16 @@ def test_cli_writes_both_int8_models_and_reports_them(tmp_path: Path, digits) ->
         assert row in result.output
     assert sorted(p.name for p in out.iterdir()) == ["model.int8.onnx", "model.onnx", "model.safetensors",
                                                      "original.int8.onnx", "original.onnx", "report.json"]
+    # a later run without --quantize into the same folder leaves no int8 file of the earlier model beside it
+    result = runner.invoke(app, [*map(str, digits.args()), "--epochs", "0", "--static-batch", "7", "--bench",
+                                 "--quantize", "int8", "-o", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    rep = json.loads((out / "report.json").read_text())
+    assert list(rep["int8"]["converted"]["latency_ms"]) == ["b7"] and "int8 latency, batch 7" in result.output
+    assert rep["int8"]["converted"]["agreement"] >= 0.99  # 360 rows in static batches of 7, the padding left out
+    result = runner.invoke(app, [*map(str, digits.args()), "--epochs", "0", "-o", str(out), "--force"])
+    assert result.exit_code == 0, result.output
+    assert not list(out.glob("*int8*")) and json.loads((out / "report.json").read_text())["int8"] is None
 
 
 def test_cli_int8_miss_exits_3_and_keeps_model_int8_failed(tmp_path: Path, digits, monkeypatch) -> None:
