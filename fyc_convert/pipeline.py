@@ -47,7 +47,8 @@ Progress = Callable[[str], None]  # receives one-line status messages ("exportin
 CHECKPOINT_DIR = "checkpoints"  # training checkpoints and the run state (train/run_state.py), for --resume
 # Final output names, in the order an earlier run's outputs are retired (model.onnx first: it must never be
 # left beside a report that does not describe it); an ONNX file's external data goes with it.
-OUTPUT_NAMES = ("model.onnx", "model.failed.onnx", "report.json", "original.onnx", "model.safetensors")
+OUTPUT_NAMES = ("model.onnx", "model.int8.onnx", "model.failed.onnx", "model.int8.failed.onnx", "report.json",
+                "original.onnx", "original.int8.onnx", "model.safetensors")
 _FEATURE_SAMPLES = 2048  # training samples whose classifier inputs choose the head's rows
 
 
@@ -425,6 +426,9 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
             err.report = report
             raise
         report.files["model_onnx"] = str(out_dir / "model.onnx")
+        if opts.quantize == "int8":  # after the float32 verification: the int8 models are judged against it
+            outputs += _quantize(stage, out_dir, bundle, ex, input_shape, opts, report, say, t0, outputs)
+
         if opts.bench:
             say("benchmarking with onnxruntime (1 thread)")
             report.latency_ms = _bench(orig_res.path, conv_res.path, swap, input_shape, opts)
@@ -524,6 +528,45 @@ def _verify(ex, swap, model, bundle, input_shape, opts: ConvertOptions, orig_res
 _FALLBACK_OPSET = 18  # tried when the default opset cannot express the backbone
 
 
+def _quantize(stage: Path, out_dir: Path, bundle, ex, input_shape, opts: ConvertOptions, report: Report,
+              say: Progress, t0: float, outputs: list[str]) -> list[str]:
+    """--quantize int8: original.int8.onnx and model.int8.onnx from the verified float32 files, calibrated on a
+    seeded subset of the training split and judged on the held-out split (export/quantize.py). A miss of
+    --int8-max-drop commits the float32 outputs with model.int8.failed.onnx and raises (exit 3)."""
+    import torch
+
+    from fyc_convert.data.loader import make_loader, subset_loader
+    from fyc_convert.export.quantize import CALIBRATION_SAMPLES, Int8Config, write_int8_models
+
+    samples = min(CALIBRATION_SAMPLES, len(bundle.plain_train))
+    say(f"quantizing to int8 (calibrated on {samples} training samples) and measuring it")
+
+    def calibration():
+        for x, _ in subset_loader(bundle.plain_train, samples, seed=opts.seed, batch_size=64, workers=bundle.workers):
+            yield ex.to_raw(x).numpy()
+
+    def evaluation():
+        held_out = bundle.val if bundle.val is not None else bundle.plain_train
+        for x, y in make_loader(held_out, batch_size=64, device=torch.device("cpu"), workers=bundle.workers):
+            yield ex.to_raw(x).numpy(), y.numpy() if bundle.labelled else None
+
+    config = Int8Config(max_drop=opts.int8_max_drop, static_batch=opts.static_batch, bench=opts.bench,
+                        input_shape=tuple(input_shape))
+    report.files["original_int8_onnx"] = str(out_dir / "original.int8.onnx")
+    try:
+        report.int8 = write_int8_models(stage, calibration, evaluation(), config, calibration_samples=samples,
+                                        measured_on=report.accuracy.measured_on or "")
+    except VerificationError as err:
+        report.int8, report.status = err.int8, "int8_verification_failed"
+        report.files["failed_int8_onnx"] = str(out_dir / "model.int8.failed.onnx")
+        names = [*outputs, "original.int8.onnx", "model.int8.failed.onnx", *_with_data(stage, "model.onnx")]
+        _commit(stage, out_dir, names, report, opts, t0)
+        err.report = report
+        raise
+    report.files["model_int8_onnx"] = str(out_dir / "model.int8.onnx")
+    return ["original.int8.onnx", "model.int8.onnx"]
+
+
 def _model_card(report: Report) -> dict[str, str]:
     """Both ONNX files' usage metadata: input, preprocessing, classes, the feed line (export/model_card.py)."""
     from fyc_convert.export.model_card import metadata
@@ -570,7 +613,7 @@ def _commit(stage: Path, out_dir: Path, names: list[str], report: Report, opts: 
     report.elapsed_s = time.perf_counter() - t0
     report.verdict = swap_verdict(report)
     write_text_atomic(stage / "report.json", report.to_json())
-    last = [n for n in names if n.startswith("model.onnx")]
+    last = [n for n in names if n.startswith(("model.onnx", "model.int8.onnx"))]
     try:
         for name in [n for n in names if n not in last] + ["report.json"] + last:
             os.replace(stage / name, out_dir / name)

@@ -10,11 +10,14 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich import filesize
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from fyc_convert.export.quantize import Int8Result
 
 SCHEMA_VERSION = 1
 
@@ -64,7 +67,7 @@ class AccuracyReport:
 
 @dataclass
 class Report:
-    status: str  # "ok" | "dry_run" | "verification_failed"
+    status: str  # "ok" | "dry_run" | "verification_failed" | "int8_verification_failed"
     checkpoint: str
     head: str  # "hadamard" | "orthogonal"
     layer: str  # dotted name of the replaced classifier
@@ -84,6 +87,7 @@ class Report:
     accuracy: AccuracyReport = field(default_factory=AccuracyReport)
     training: dict[str, Any] | None = None  # epochs, per-epoch seconds and metrics
     latency_ms: dict[str, Any] | None = None  # --bench: onnxruntime medians
+    int8: Int8Result | None = None  # --quantize int8: both int8 models beside their float32 files
     gradient_bytes: dict[str, int] | None = None  # per-step DDP all-reduce volume, original vs converted
     elapsed_s: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
@@ -189,6 +193,23 @@ def _classes_line(classes: dict[str, Any]) -> str:
     return f"{len(names)} ({shown}) from {classes.get('source', '?')}"
 
 
+def _int8_rows(t: Table, q: Int8Result) -> None:
+    """The int8 models beside float32: file, accuracy (and its drop against float32 model.onnx), agreement,
+    latency."""
+    o, c = q.original, q.converted
+    t.add_row("int8 ONNX file", _bytes(o.bytes), _bytes(c.bytes),
+              f"{100 * c.bytes / c.float_bytes:.0f}% of fp32" if c.float_bytes else "")
+    if c.accuracy is not None:
+        change = f"{0.0 - q.drop:+.2f} pts vs fp32".replace("-", "−")
+        t.add_row("int8 accuracy", _pct(o.accuracy), _pct(c.accuracy), change)
+    t.add_row("  int8 agreement", _pct(o.agreement), _pct(c.agreement), "top-1 vs fp32")
+    for key in c.latency_ms or {}:  # "b1", "b32", or the --static-batch size
+        lo, lc = (o.latency_ms or {}).get(key), (c.latency_ms or {}).get(key)
+        if lo and lc:
+            t.add_row(f"int8 latency, batch {key[1:]}", _ms(lo["int8"]), _ms(lc["int8"]),
+                      f"fp32 {lc['float32']:.3f} ms")
+
+
 def render(report: Report, console: Console) -> None:
     """Print the before/after table a user reads in five seconds (fits 80 columns)."""
     p = report.params
@@ -227,6 +248,8 @@ def render(report: Report, console: Console) -> None:
             ratio = entry["original"] / entry["converted"]
             t.add_row(label, _ms(entry["original"]), _ms(entry["converted"]),
                       f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower")
+    if report.int8 is not None:
+        _int8_rows(t, report.int8)
     if o is not None and o.max_abs_diff is not None:
         t.add_row("ONNX vs PyTorch", "", f"{o.max_abs_diff:.1e}", "max |Δ|")
     if report.coherence is not None:
