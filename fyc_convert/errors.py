@@ -61,7 +61,7 @@ class VerificationError(FycError):
         max_abs_diff, mean_abs_diff: the converted model's differences (None when not measured).
         verdict: `export.verify.Verdict` (whom to blame: "head" or "model"), when the verification got that far.
         report: the conversion's `report.Report`, set by `convert()` before it re-raises (the CLI prints it).
-        int8: `export.quantize.Int8Result` when the int8 model missed `--int8-max-drop`.
+        int8: `report.Int8Result` when the int8 model missed `--int8-max-drop`.
     """
 
     exit_code = 3
@@ -73,7 +73,7 @@ class VerificationError(FycError):
         self.mean_abs_diff = mean_abs_diff
         self.verdict = verdict  # export.verify.Verdict | None (typed loosely: errors.py imports nothing of ours)
         self.report = report  # report.Report | None
-        self.int8 = int8  # export.quantize.Int8Result | None
+        self.int8 = int8  # report.Int8Result | None
 
 
 class OutputExistsError(FycError):

@@ -10,14 +10,11 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich import filesize
 from rich.console import Console
 from rich.table import Table
-
-if TYPE_CHECKING:
-    from fyc_convert.export.quantize import Int8Result
 
 SCHEMA_VERSION = 1
 
@@ -63,6 +60,36 @@ class AccuracyReport:
     finetuned: float | None = None  # after fine-tuning backbone + alpha + bias
     agreement: float | None = None  # top-1 agreement of the final model with the original
     measured_on: str | None = None  # e.g. "val (360 samples)"; None: no data given
+
+
+@dataclass
+class Int8Model:
+    """One int8 file beside its float32 source, measured on the same samples."""
+
+    file: str  # e.g. "model.int8.onnx" ("model.int8.failed.onnx" after a miss)
+    bytes: int
+    float_bytes: int  # its float32 source
+    accuracy: float | None = None  # int8, on the evaluation samples; None without labels
+    float_accuracy: float | None = None  # its float32 source on the same samples (onnxruntime)
+    agreement: float | None = None  # top-1 agreement with its float32 source
+    latency_ms: dict[str, dict[str, float]] | None = None  # with bench: {"b1": {"float32": ms, "int8": ms}, ...}
+
+
+@dataclass
+class Int8Result:
+    """The int8 stage: both models, how they were judged, and the head's exactness."""
+
+    original: Int8Model
+    converted: Int8Model
+    measured_on: str  # e.g. "val, 2400 samples"
+    calibration_samples: int
+    max_drop: float
+    drop: float  # points lost by model.int8.onnx against model.onnx: accuracy, or top-1 agreement unlabelled
+    drop_metric: str  # "accuracy" or "agreement"
+    passed: bool
+    excluded_nodes: int  # fyc_head/ nodes left in float32
+    head_max_abs_diff: float | None = None  # `head_exactness` on the first evaluation batch
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import onnx
 from fyc_convert.errors import ExportError, VerificationError, describe
 from fyc_convert.export.onnx_head import HEAD_PREFIX, check_head_static
 from fyc_convert.files import atomic_path, temp_dir
+from fyc_convert.report import Int8Model, Int8Result
 
 CALIBRATION_SAMPLES = 512  # training samples the activation ranges are calibrated on (seeded subset)
 QUANTIZATION_KEY = "fyc_convert.quantization"  # metadata of the int8 files: how they were quantized
@@ -59,36 +60,6 @@ class Int8Config:
     static_batch: int | None = None
     bench: bool = False
     input_shape: tuple[int, ...] | None = None
-
-
-@dataclass
-class Int8Model:
-    """One int8 file beside its float32 source, measured on the same samples."""
-
-    file: str  # e.g. "model.int8.onnx" ("model.int8.failed.onnx" after a miss)
-    bytes: int
-    float_bytes: int  # its float32 source
-    accuracy: float | None = None  # int8, on the evaluation samples; None without labels
-    float_accuracy: float | None = None  # its float32 source on the same samples (onnxruntime)
-    agreement: float | None = None  # top-1 agreement with its float32 source
-    latency_ms: dict[str, dict[str, float]] | None = None  # with bench: {"b1": {"float32": ms, "int8": ms}, ...}
-
-
-@dataclass
-class Int8Result:
-    """The int8 stage: both models, how they were judged, and the head's exactness."""
-
-    original: Int8Model
-    converted: Int8Model
-    measured_on: str  # e.g. "val, 2400 samples"
-    calibration_samples: int
-    max_drop: float
-    drop: float  # points lost by model.int8.onnx against model.onnx: accuracy, or top-1 agreement unlabelled
-    drop_metric: str  # "accuracy" or "agreement"
-    passed: bool
-    excluded_nodes: int  # fyc_head/ nodes left in float32
-    head_max_abs_diff: float | None = None  # `head_exactness` on the first evaluation batch
-    notes: list[str] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------- quantization
