@@ -366,6 +366,7 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
     from fyc_convert.errors import ExportError, first_line
     from fyc_convert.export.leftover import check_no_learned_classifier
     from fyc_convert.export.onnx_export import export_onnx
+    from fyc_convert.export.onnx_head_kron import kron_head_macs
     from fyc_convert.export.verify import VerifyConfig, check_head_static, mark_failed, verify_converted
     from fyc_convert.model.weights import save_converted
     from fyc_convert.options import DEFAULT_OPSET
@@ -409,6 +410,8 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
                               exporter=conv_res.exporter, exporter_failures=list(conv_res.exporter_failures),
                               heads=[{"layer": h.layer, "scope": h.scope, "ops": dict(h.ops)}
                                      for h in conv_res.heads])
+        if opts.head == "hadamard" and opts.head_layout == "kron":  # its MatMuls' cost, stated in the report
+            onnx_rep.head_macs = kron_head_macs([h.head for h in swap.heads])
         report.onnx = onnx_rep
         say("saving model.safetensors")
         save_converted(model, stage / "model.safetensors")  # every fixed head described in its header

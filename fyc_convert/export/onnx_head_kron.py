@@ -19,6 +19,9 @@ constant exceeds max(C, n, 1024). `kron_macs` gives the multiply-adds per sample
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -27,7 +30,10 @@ from fyc_convert.export.head_spec import HeadSpec
 from fyc_convert.export.ops import Ops
 from fyc_convert.head.hadamard import fwht_reference
 
-__all__ = ["KRON_CONSTANT_LIMIT", "KRON_MAX_BLOCK", "kron_factors", "kron_logits", "kron_macs", "kron_node_bound"]
+__all__ = [
+    "KRON_CONSTANT_LIMIT", "KRON_MAX_BLOCK", "kron_factors", "kron_head_macs", "kron_logits", "kron_macs",
+    "kron_node_bound",
+]
 
 KRON_MAX_BLOCK = 32  # the largest ±1 block (32 x 32): small enough for any NPU's MatMul, large for GEMM kernels
 # Dynamic batches and static ones up to _MAJOR_MAX_BATCH start batch-major: the lowest block as one GEMM
@@ -111,6 +117,12 @@ def kron_macs(spec: HeadSpec) -> int:
     """
     k, p, _, _ = _shape(spec)
     return k * p * sum(kron_factors(p))
+
+
+def kron_head_macs(heads: Sequence[Any]) -> int:
+    """Multiply-adds per sample of the kron MatMuls of every Hadamard head (`kron_macs` summed): the report's
+    `onnx.head_macs` for ``--head-layout kron``."""
+    return sum(kron_macs(HeadSpec.from_module(head)) for head in heads)
 
 
 def kron_node_bound(spec: HeadSpec) -> int:
