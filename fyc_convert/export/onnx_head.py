@@ -21,7 +21,7 @@ Two layouts (`build_head(..., layout=...)`):
 - "kron": the transform as MatMuls by small ±1 Hadamard blocks, batch last, for runtimes with strong GEMM
   kernels and NPUs; never the default (see `onnx_head_kron`).
 
-Speeds of both are measured by benchmarks/head_onnx.py (numbers in the README).
+Speeds of the layouts are measured by benchmarks/head_onnx.py (numbers in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinea
 # ------------------------------------------------------------------------------------- portable layout
 # Butterfly levels per Split/Concat stage of the portable layout: two (10 nodes per 2 levels, a quarter fewer
 # passes over the data than one level at a time) except for transforms of up to 2^_SMALL_MAX_BITS points,
-# where only the node count matters (4 per level). Measured by benchmarks/head_onnx.py (see the README).
+# where only the node count matters (4 per level). Measured by benchmarks/head_onnx.py (docs/benchmarks.md).
 _RADIX_BITS = 2
 _SMALL_MAX_BITS = 6
 
@@ -157,7 +157,7 @@ def _major_wht(ops: Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> 
 
 # A static batch of up to _MAJOR_MAX_BATCH rows runs batch-major (`_major_wht`: no Transpose, and the
 # fewest copies per node at batch 1); larger and dynamic batches run batch-minor, where every Split/Concat
-# moves runs of at least B floats. Measured by benchmarks/head_onnx.py (see the README).
+# moves runs of at least B floats. Measured by benchmarks/head_onnx.py (docs/benchmarks.md).
 _MAJOR_MAX_BATCH = 4
 
 
