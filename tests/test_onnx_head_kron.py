@@ -104,3 +104,23 @@ def test_multiply_adds_per_sample() -> None:
     spec = table_spec(256, 1200, 10, 256, kind="signs", seed=0)
     assert kron_macs(spec) == 10 * 256 * 32
     assert kron_macs(make_spec(2048, 100)) == 128 * (16 + 8)  # the fold to m = 128 first
+
+
+def test_convert_with_kron_verifies_benches_and_reports_multiply_adds(tmp_path) -> None:
+    """`convert(head_layout="kron", bench=True)`: model.onnx holds the kron head and passed verification, the
+    head-only timing ran on the kron graph, and the report states its multiply-adds per sample."""
+    from pathlib import Path
+
+    from fyc_convert import convert
+    from fyc_convert.export.onnx_head import LAYOUT_KEY
+
+    root = Path(__file__).resolve().parents[1]
+    report = convert(root / "sample_models" / "digits_cnn.pt", arch="sample_models.archs:digits_cnn",
+                     data=root / "sample_models" / "digits.npz", epochs=0, output_dir=tmp_path / "out",
+                     head_layout="kron", bench=True, device="cpu")
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert {p.key: p.value for p in model.metadata_props}[LAYOUT_KEY] == "kron"
+    assert report.onnx.head_ops["MatMul"] == 2 and report.onnx.max_abs_diff <= 1e-4
+    # digits: N = 64 -> C = 10 on a kept table of 2 tiles of 64 points (8 x 8 blocks): 2 · 64 · 16
+    assert report.onnx.head_macs == 2 * 64 * (8 + 8)
+    assert report.latency_ms["head_b1"]["converted"] > 0 and report.latency_ms["model_b32"]["converted"] > 0
