@@ -1,11 +1,11 @@
-"""The Hadamard head as an ONNX subgraph of add/sub butterflies (no MatMul, Gemm or Conv), and its checks.
+"""The Hadamard head as an ONNX subgraph (by default add/sub butterflies: no MatMul, Gemm or Conv), and its checks.
 
 Math (docs/design.md): ``logits = scale / (‖x‖ + eps) · (H_m · fold(embed(x)))[rows] + bias``, or with a
 block table (K, P): ``logits = scale / (‖x‖ + eps) · (concat_k H_P(table[k] ⊙ pad(x)))[rows] + bias``.
 The normalisation and α are one per-sample factor α / (‖x‖ + eps), applied to whichever of the N inputs and
 the C outputs is smaller (the map is linear in x, so both orders give the same function).
 
-Two layouts (`build_head(..., layout=...)`):
+Three layouts (`build_head(..., layout=...)`):
 
 - "portable" (the default): only ops, and forms of ops, that the edge converters handle (onnx2tf/LiteRT,
   pnnx/ncnn, onnx2torch, OpenVINO, the simplifiers and onnxruntime's quantizer): Transpose, Concat,
@@ -492,10 +492,11 @@ def check_head_static(
     if layout == "kron":
         _check_kron_blocks(model, prefix)
     limit = max(num_classes, embed_size, KRON_CONSTANT_LIMIT if layout == "kron" else 0)
+    limit_name = f"max(C, n, {KRON_CONSTANT_LIMIT})" if layout == "kron" else "max(C, n)"
     largest = largest_head_constant(model, prefix)
     if largest > limit:
         raise ExportError(
-            f"the head reads a constant of {largest} elements (limit {limit}); "
+            f"the head reads a constant of {largest} elements (limit {limit_name} = {limit}); "
             "a pass re-inflated the head, re-export without constant folding"
         )
     return census
