@@ -2,7 +2,8 @@
 
 For runtimes with strong GEMM kernels and NPUs; an explicit choice, never the default (the default is the
 add/sub `portable` layout of `onnx_head`). Sylvester order factors, H_P = H_{s_1} ⊗ … ⊗ H_{s_f} with
-s_i <= KRON_MAX_BLOCK, the first factor on the highest index bits. Batch last throughout:
+s_i <= KRON_MAX_BLOCK, the first factor on the highest index bits. Batch-major for the first GEMM, then
+batch last:
 
     x (B, N) -> embed (`head_embed`: table copies ⊙ ±1, or tile/pad and fold)       (B, K·P)
     the last factor batch-major, one GEMM: (B·K·P/s_f, s_f) @ H_{s_f}, Transpose         (K·P, B)
