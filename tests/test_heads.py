@@ -390,7 +390,7 @@ def test_default_scale_gives_logits_of_order_ten():
 def test_coherence_above_the_exact_limit_is_a_seeded_sample(monkeypatch: pytest.MonkeyPatch):
     head = HadamardHead(192, 300)
     exact = head.coherence()
-    monkeypatch.setattr(heads_mod, "_EXACT_COHERENCE_MAX_C", 100)
+    monkeypatch.setattr(heads_mod, "_COHERENCE_SAMPLE", 100)
     sampled = head.coherence()
     assert 0.0 < sampled <= exact + 1e-12
     assert head.coherence() == sampled  # same seed, same sample

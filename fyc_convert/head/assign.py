@@ -30,8 +30,8 @@ __all__ = ["Scorer", "calibrated_agreement", "match", "scorer"]
 
 LSA_MAX_CELLS = 4_000_000  # C × candidates above this: greedy assignment instead of the Hungarian method
 SCORE_SAMPLES = 4096  # features used to score rows (a seeded subsample)
-_CHUNK = 512  # classes per score block: (512, K) float64, fewer when K is large
-_BLOCK_CELLS = 1 << 24  # at most this many scores per block (128 MiB of float64)
+_CHUNK = 512  # classes per score block: (512, K) float32, fewer when K is large
+_BLOCK_CELLS = 1 << 24  # at most this many scores per block (64 MiB of float32)
 _TOP_K = 16  # candidates per class considered by the greedy pass
 
 Project = Callable[[Tensor, Tensor], Tensor]  # (B, N) rows, (K,) candidates -> (B, K) = rows @ V[cand].T
@@ -62,12 +62,12 @@ class Scorer:
         return sq.sqrt().clamp_min(1e-30)
 
     def block(self, project: Project, cand: Tensor, norms: Tensor) -> Callable[[Tensor], Tensor]:
-        """score_fn(idx) -> (len(idx), K) float64 scores of the classes idx against the candidates.
+        """score_fn(idx) -> (len(idx), K) float32 scores of the classes idx against the candidates.
 
-        The transform runs in float32 (half the memory traffic; the scores only rank candidates).
+        The transform and the scores are float32 (half the memory traffic; the scores only rank candidates).
         """
-        directions = self.directions.float()
-        return lambda idx: project(directions[idx], cand).double() / norms
+        directions, inv = self.directions.float(), 1 / norms.float()
+        return lambda idx: project(directions[idx], cand).mul_(inv)
 
 
 def scorer(weight: Tensor, features: Tensor | None, *, eps: float = 1e-8) -> Scorer:
@@ -96,7 +96,7 @@ def match(score_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int,
           max_cells: int | None = None) -> Tensor:
     """Give each class a distinct candidate, maximising the summed score. Returns (C,) candidate indices.
 
-    ``score_fn(idx)`` gives the (len(idx), K) float64 score block for the classes ``idx``. Exact Hungarian
+    ``score_fn(idx)`` gives the (len(idx), K) float score block for the classes ``idx``. Exact Hungarian
     method when C·K <= max_cells (default LSA_MAX_CELLS); otherwise greedy over per-class top-k lists (best pairs
     first), repeated
     for the classes left over with the taken candidates masked out.
@@ -107,7 +107,7 @@ def match(score_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int,
     chunk = max(1, min(_CHUNK, _BLOCK_CELLS // num_cand))
     if num_classes * num_cand <= (LSA_MAX_CELLS if max_cells is None else max_cells):
         cos = torch.cat([score_fn(classes[s : s + chunk]) for s in range(0, num_classes, chunk)])
-        cls, cand = linear_sum_assignment(cos.numpy(), maximize=True)
+        cls, cand = linear_sum_assignment(cos.double().numpy(), maximize=True)
         out = np.empty(num_classes, dtype=np.int64)
         out[cls] = cand
         return torch.from_numpy(out)
