@@ -83,13 +83,27 @@ def scorer(weight: Tensor, features: Tensor | None, *, eps: float = 1e-8) -> Sco
         return Scorer(w / w.norm(dim=1, keepdim=True).clamp_min(1e-30), None)
     x = features.detach().to("cpu", torch.float64).reshape(-1, w.shape[1])
     sample = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:SCORE_SAMPLES]]
-    t = sample @ w.T  # (S, C) trained logits, centred and normalised per class
-    t = t - t.mean(dim=0)
-    t = t / t.norm(dim=0).clamp_min(1e-30)
+    xc = sample - sample.mean(dim=0)  # (S, N): the centred logits are t = xc·Wᵀ
     xh = sample / (sample.norm(dim=1, keepdim=True) + eps)  # (S, N) the head's input
     xh = xh - xh.mean(dim=0)
     r = torch.linalg.qr(xh, mode="r").R  # (min(S, N), N): ‖xh·v‖ = ‖R·v‖ for every v
-    return Scorer(t.T @ xh, r)  # (C, N): t_cᵀ (xh·V_r) = (xh ᵀ t_c)·V_r
+    return Scorer(_directions(w, xc, xh), r)
+
+
+def _directions(w: Tensor, xc: Tensor, xh: Tensor) -> Tensor:
+    """(C, N) float64 a_c = xhᵀ t_c with t_c = xc·w_c / ‖xc·w_c‖ (unit-norm centred logits over the sample).
+
+    Never forms the (S, C) logits when S >= N: a_c = (xcᵀ xh)ᵀ w_c / ‖R_c w_c‖ (R_c from the QR of xc),
+    O(C·N²); otherwise through t, O(S·C·N). The C-sized products run in float32 (the scores only rank).
+    """
+    w32 = w.float()
+    if xc.shape[0] >= xc.shape[1]:
+        g = (xc.T @ xh).float()  # (N, N)
+        rc = torch.linalg.qr(xc, mode="r").R.float()  # (N, N): ‖xc·v‖ = ‖R_c·v‖
+        return ((w32 @ g) / (w32 @ rc.T).norm(dim=1, keepdim=True).clamp_min(1e-30)).double()
+    t = xc.float() @ w32.T  # (S, C) centred trained logits, normalised per class
+    t = t / t.norm(dim=0).clamp_min(1e-30)
+    return (t.T @ xh.float()).double()  # (C, N): t_cᵀ (xh·V_r) = (xhᵀ t_c)·V_r
 
 
 def match(score_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int, *,

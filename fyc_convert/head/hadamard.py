@@ -168,12 +168,12 @@ def fwht(x: Tensor) -> Tensor:
 
 
 def fwht_matmul(x: Tensor) -> Tensor:
-    """The same transform as :func:`fwht` (not differentiable), by two small dense matmuls: H_P = H_a ⊗ H_b.
+    """The same transform as :func:`fwht` (not differentiable), by small dense matmuls: H_P = H_a ⊗ H_b ⊗ ….
 
-    For a large batch of transforms on the CPU (scoring every class against every frame vector, sampling
-    the coherence) this is several times faster than the add/sub stages: (B, a, b) -> H_a · X · H_b with
-    a, b <= 64 for P <= 4096 costs a + b multiply-adds per output at BLAS speed, against log2(P) memory-bound
-    passes. Entries of ±1 matrices times integers stay exact in float32 while sums are below 2^24.
+    For a large batch of transforms on the CPU (scoring every class against every frame vector, a head's
+    outputs without autograd) this is several times faster than the add/sub stages: each factor (at most
+    32 × 32) is one matmul over the batch, so P = 2^k costs about 32·ceil(k/5) multiply-adds per output at BLAS
+    speed, against log2(P) memory-bound passes. Sums of ±1 times integers stay exact in float32 below 2^24.
 
     Args:
         x: (..., P) tensor, P a power of two.
@@ -184,16 +184,24 @@ def fwht_matmul(x: Tensor) -> Tensor:
     p_size = x.shape[-1]
     if not is_pow2(p_size):
         raise ValueError(f"fwht_matmul needs a power-of-two last dimension, got {p_size}")
-    a = 1 << ((p_size.bit_length() - 1) // 2)  # H_P = H_a ⊗ H_b, a <= b
-    b = p_size // a
-    h_a, h_b = _sylvester_cached(a, x.dtype, x.device), _sylvester_cached(b, x.dtype, x.device)
-    y = x.reshape(-1, a, b) @ h_b  # (B·, a, b): the low log2(b) bits
-    return torch.matmul(h_a, y).reshape(x.shape)  # the high log2(a) bits
+    bits = p_size.bit_length() - 1
+    parts = -(-bits // _MATMUL_FACTOR_BITS) if bits else 0
+    sizes = [1 << (bits // parts + (i < bits % parts)) for i in range(parts)]  # balanced factors, product P
+    y = x.reshape(-1, p_size)
+    post = p_size
+    for f in sizes:  # factor f acts on the axis of stride post / f: (B·pre, f, post / f)
+        post //= f
+        h = _sylvester_cached(f, x.dtype, x.device)
+        y = y.reshape(-1, f) @ h if post == 1 else torch.matmul(h, y.reshape(-1, f, post))
+    return y.reshape(x.shape)
+
+
+_MATMUL_FACTOR_BITS = 5  # fwht_matmul's factors are at most 2^5 = 32 wide
 
 
 @functools.lru_cache(maxsize=16)
 def _sylvester_cached(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """sylvester(n) kept for fwht_matmul's repeated calls (at most 64 × 64 entries each)."""
+    """sylvester(n) kept for fwht_matmul's repeated calls (at most 32 × 32 entries each)."""
     return sylvester(n, dtype=dtype, device=device)
 
 

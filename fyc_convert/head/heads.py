@@ -46,6 +46,7 @@ _DEFAULT_LOGIT_RANGE = 10.0  # initial α·‖V_c‖: logits start as 10·cos(V_
 _COHERENCE_SAMPLE = 2048  # coherence over all pairs of at most this many classes (a seeded sample above)
 _CHUNK = 512
 _SCORE_CELLS = 1 << 22  # transform outputs per block of _Transform.score (32 MiB of float64)
+_SCORE_MIN_INPUTS = 1 << 16  # raw() uses _Transform.score (no autograd) from this many input entries
 _WIDEN_MARGIN = 0.01  # from_linear doubles m only when calibrated agreement improves by more than this
 _TILE_MARGIN = 0.01  # ... and uses more frame tiles only when calibrated agreement improves by more than this
 _POOL_CANDIDATES = 1 << 16  # from_linear scores at most about this many frame vectors (whole tiles) ...
@@ -282,6 +283,12 @@ def _resolve_embedding(embedding: Embedding | None, in_features: int, num_classe
     return embedding
 
 
+def _no_autograd(x: Tensor) -> bool:
+    """Whether a head output of x needs no graph: no grad mode (or no grad needed) and no trace or export."""
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return not tracing and not (torch.is_grad_enabled() and x.requires_grad)
+
+
 def _normalize(x: Tensor, eps: float) -> Tensor:
     """x / (‖x‖₂ + eps) along the last dim; the norm is accumulated in fp32 at least (fp16 overflows)."""
     acc = torch.promote_types(x.dtype, torch.float32)
@@ -289,10 +296,26 @@ def _normalize(x: Tensor, eps: float) -> Tensor:
     return x / (norm + eps).to(x.dtype)
 
 
+def _identity_blocks(tr: _Transform, rows: Tensor):
+    """Yield (s, (c, len(rows)) = V[rows, s:s+c]ᵀ): the transform of identity rows in chunks of features.
+
+    All that norms and overlaps need costs N·outputs transform outputs this way (fwht_matmul), against
+    C·n entries for the class vectors themselves (n ≫ N for a tiled head of many classes).
+    """
+    device = tr.signs.device
+    for s in range(0, tr.in_features, _CHUNK):
+        c = min(_CHUNK, tr.in_features - s)
+        eye = torch.zeros(c, tr.in_features, dtype=torch.float64, device=device)
+        eye[torch.arange(c), torch.arange(s, s + c)] = 1.0  # rows s..s+c of the identity
+        yield s, tr.score(eye, rows.to(device))
+
+
 def _norms_sq(tr: _Transform, rows: Tensor) -> Tensor:
-    """(len(rows),) float64 ‖V_r‖², from the class vectors built in chunks of classes: O(C·n)."""
-    sq = torch.cat([tr.vectors(rows[s : s + _CHUNK]).square().sum(dim=1) for s in range(0, rows.numel(), _CHUNK)])
-    return sq.to(rows.device)
+    """(len(rows),) float64 ‖V_r‖², from the transformed identity in chunks of features."""
+    acc = torch.zeros(rows.numel(), dtype=torch.float64, device=tr.signs.device)
+    for _, vt in _identity_blocks(tr, rows):
+        acc += vt.square().sum(dim=0)
+    return acc.to(rows.device)
 
 
 def _rows_coherence(tr: _Transform, rows: Tensor) -> float:
@@ -506,7 +529,11 @@ class HadamardHead(_FixedHead):
         """``V · x̂`` without scale and bias: (..., N) -> (..., C)."""
         if x.shape[-1] != self.in_features:
             raise HeadError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        return self._transform().project(_normalize(x, self.eps), self.rows)  # (..., C)
+        tr = self._transform()
+        if _no_autograd(x) and x.device.type == "cpu" and x.numel() >= _SCORE_MIN_INPUTS:  # large CPU batches
+            return tr.score(_normalize(x, self.eps).reshape(-1, self.in_features), self.rows).view(
+                *x.shape[:-1], self.num_classes)  # fwht_matmul: several times faster
+        return tr.project(_normalize(x, self.eps), self.rows)  # (..., C)
 
     def block_table(self) -> np.ndarray | None:
         """The (K, P) float64 table of the block form, or None when the head has none.
@@ -537,14 +564,13 @@ class HadamardHead(_FixedHead):
         return self._transform().project(eye, self.rows).T.contiguous()  # (C, N)
 
     def weight_overlap(self, weight: Tensor) -> tuple[float, float]:
-        """(Σ_c W_c·V_c, Σ_c ‖V_c‖²) for a (C, N) weight, from the class vectors built in chunks of classes
-        (O(C·n); V is never whole): what `fit.fit_to_linear` needs."""
-        tr, rows, w = self._transform(), self.rows.cpu(), weight.detach().cpu().double()
+        """(Σ_c W_c·V_c, Σ_c ‖V_c‖²) for a (C, N) weight, from the transformed identity in chunks of
+        features (O(N·outputs) transform outputs; V is never whole): what `fit.fit_to_linear` needs."""
+        w = weight.detach().to(self.signs.device, torch.float64)
         dot = sq = 0.0
-        for s in range(0, rows.numel(), _CHUNK):
-            v = tr.vectors(rows[s : s + _CHUNK])  # (chunk, N)
-            dot += float((v * w[s : s + _CHUNK]).sum())
-            sq += float(v.square().sum())
+        for s, vt in _identity_blocks(self._transform().double(), self.rows):  # (c, C) = V[:, s:s+c]ᵀ
+            dot += float((vt * w[:, s : s + vt.shape[0]].T).sum())
+            sq += float(vt.square().sum())
         return dot, sq
 
     def coherence(self) -> float:
