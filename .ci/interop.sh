@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The interop suite (issue 11): original and converted sample models through onnxruntime, OpenVINO,
-# onnxslim, onnxsim, onnxruntime int8 quantization (dynamic, static QDQ), pnnx + ncnn, onnx2tf + LiteRT
-# and onnx2torch. Run from a fresh clone after the main venv exists (.ci/run's step 1), e.g.
+# onnxslim, onnxsim, onnxruntime int8 quantization (dynamic, static QDQ, and --quantize int8's model.int8.onnx),
+# pnnx + ncnn, onnx2tf + LiteRT and onnx2torch. Run from a fresh clone after the main venv exists (.ci/run's step 1), e.g.
 #     bash .ci/interop.sh
 # Creates the tools' own venvs under .venv-interop/ (ignored by git through its own .gitignore) when they
 # are missing, then runs tests/interop with FYC_INTEROP=1. Set FYC_INTEROP_TORCH to the python of an

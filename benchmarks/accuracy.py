@@ -13,8 +13,8 @@ interleaved seed by seed, so load changes on a shared machine hit both alike.
     python benchmarks/accuracy.py --table FILE.jsonl ...     # the table of recorded runs
 
 A recipe is a function Facts -> FinetuneConfig in RECIPES: "auto" is what the CLI does with no training flags
-(fyc_convert.train.recipe.choose on the same Facts the pipeline builds, then finetune.resolved, and fine-tuning with
-the original's validation accuracy as the target of ``epochs="auto"``); "auto-distill" is that with
+(fyc_convert.train.recipe.plan on the same Facts the pipeline builds, and fine-tuning with the original's
+validation accuracy as the target of ``epochs="auto"``); "auto-distill" is that with
 distillation on for every head (a candidate rule); "defaults" is the old fixed default (SGD,
 3 epochs) and "recipe" the hand-picked many-class recipe, both kept for comparison. Frame "default" is what
 HadamardHead.from_linear picks without ``embedding=`` (the CLI's choice). The glyph data must be rendered first
@@ -46,15 +46,8 @@ from fyc_convert.data.datasets import check_data, load_data  # noqa: E402
 from fyc_convert.head.heads import HadamardHead  # noqa: E402
 from fyc_convert.model.loading import load_model  # noqa: E402
 from fyc_convert.model.surgery import capture_features, count_params, find_classifier  # noqa: E402
-from fyc_convert.train.finetune import (  # noqa: E402
-    FinetuneConfig,
-    calibrate,
-    default_lr,
-    evaluate,
-    finetune,
-    resolved,
-)
-from fyc_convert.train.recipe import Facts, choose  # noqa: E402
+from fyc_convert.train.finetune import FinetuneConfig, calibrate, evaluate, finetune  # noqa: E402
+from fyc_convert.train.recipe import Facts, plan  # noqa: E402
 
 FEATURE_SAMPLES = 2048  # classifier inputs given to from_linear: a seeded random subset of the training data
 
@@ -82,20 +75,18 @@ SAMPLES = {
 
 
 def auto(facts: Facts) -> FinetuneConfig:
-    """The CLI with no training flags: what recipe.choose picks from `facts`, resolved as pipeline._train does."""
-    base = FinetuneConfig()
-    chosen, _ = choose(base, facts)
-    return resolved(dataclasses.replace(base, **chosen))
+    """The CLI with no training flags: what recipe.plan decides from `facts`, as pipeline._train does."""
+    return plan(FinetuneConfig(), facts)[0]
 
 
 def auto_distill(facts: Facts) -> FinetuneConfig:
-    """"auto" with distillation on whatever the head (a candidate rule: recipe.choose distils many-class heads only)."""
+    """"auto" with distillation forced on (recipe.plan distils every head that has a teacher: the same today)."""
     return dataclasses.replace(auto(facts), distill=True)
 
 
 def defaults(facts: Facts) -> FinetuneConfig:
     """The old fixed defaults (before recipe.py): SGD, its default lr, 3 epochs, batch 64, no distillation."""
-    return resolved(FinetuneConfig(optimizer="sgd", epochs=3, batch_size=64, distill=False))
+    return plan(FinetuneConfig(optimizer="sgd", lr=1e-2, epochs=3, batch_size=64, distill=False), facts)[0]
 
 
 def recipe(facts: Facts) -> FinetuneConfig:
@@ -166,7 +157,7 @@ def run_one(name: str, frame: str, recipe_name: str, seed: int, *, device: str =
     held_out = bundle.val
 
     def acc(m: nn.Module) -> float:
-        return float(evaluate(m, held_out, device=device).accuracy)
+        return float(evaluate(m, held_out, FinetuneConfig(device=device)).accuracy)
 
     # the facts as pipeline._train builds them (head share: the classifier's parameters / the original model's)
     facts = Facts(in_features=linear.in_features, num_classes=linear.out_features,
@@ -179,7 +170,7 @@ def run_one(name: str, frame: str, recipe_name: str, seed: int, *, device: str =
     swapped = acc(model)
     cfg = dataclasses.replace(RECIPES[recipe_name](facts), seed=seed, device=device)
     teacher = original if cfg.distill else None
-    cal = calibrate(model, head, bundle.plain_train, device=device, seed=seed, teacher=teacher, distill=cfg.distill)
+    cal = calibrate(model, head, bundle.plain_train, cfg, teacher=teacher)
     calibrated = acc(model)
     t1 = time.perf_counter()
     trains = cfg.epochs == "auto" or cfg.epochs > 0
@@ -192,7 +183,7 @@ def run_one(name: str, frame: str, recipe_name: str, seed: int, *, device: str =
         finetuned=acc(model) if result is not None else None, epochs=len(result.history) if result else 0,
         swap_s=swap_s, calibrate_s=cal.seconds, finetune_s=finetune_s,
         stop_reason=result.stop_reason if result else None, optimizer=cfg.optimizer,
-        lr=cfg.lr if cfg.lr is not None else default_lr(cfg.optimizer), batch_size=cfg.batch_size, distill=cfg.distill,
+        lr=cfg.lr, batch_size=cfg.batch_size, distill=cfg.distill,
         max_epochs=cfg.max_epochs if cfg.epochs == "auto" else None, load1=load1,
     )
 

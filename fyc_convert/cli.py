@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from fyc_convert.errors import FycError
+from fyc_convert.errors import FycError, VerificationError
 from fyc_convert.options import cli_fields
 
 EXAMPLES = """Examples:
@@ -212,10 +212,11 @@ def _run(checkpoint: Path, fields: dict, *, quiet: bool, verbose: bool) -> int:
     except FycError as e:
         if verbose:
             err_console.print_exception()
-        if getattr(e, "report", None) is not None and rank0:
+        report = e.report if isinstance(e, VerificationError) else None
+        if report is not None and rank0:
             from fyc_convert.report import render
 
-            render(e.report, console)  # type: ignore[attr-defined]
+            render(report, console)
         err_console.print(f"[red]error:[/] {e}", soft_wrap=True)
         return e.exit_code
     except OSError as e:  # a file the library did not expect to fail (disk full, permissions)
@@ -265,7 +266,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 class _MetricsColumn(ProgressColumn):
-    """loss, accuracy and throughput of the running epoch (fields set by the training loop)."""
+    """loss, training accuracy (on the augmented batches, so labelled "train acc") and throughput of the running
+    epoch (fields set by the training loop); the validation accuracy follows in the epoch's line ("val acc")."""
 
     def render(self, task: Task) -> Text:
         f = task.fields

@@ -5,6 +5,8 @@ Every message is one line that says what was wrong and what to do instead.
 
 from __future__ import annotations
 
+from typing import Any
+
 _MAX_LINE = 300  # characters of a foreign exception kept in our one-line messages
 
 
@@ -53,14 +55,25 @@ class ExportError(FycError):
 
 
 class VerificationError(FycError):
-    """onnxruntime output differs from PyTorch beyond tolerance. Exit code 3 in the CLI."""
+    """onnxruntime output differs from PyTorch beyond tolerance. Exit code 3 in the CLI.
+
+    Attributes:
+        max_abs_diff, mean_abs_diff: the converted model's differences (None when not measured).
+        verdict: `export.verify.Verdict` (whom to blame: "head" or "model"), when the verification got that far.
+        report: the conversion's `report.Report`, set by `convert()` before it re-raises (the CLI prints it).
+        int8: `report.Int8Result` when the int8 model missed `--int8-max-drop`.
+    """
 
     exit_code = 3
 
-    def __init__(self, message: str, *, max_abs_diff: float | None = None, mean_abs_diff: float | None = None):
+    def __init__(self, message: str, *, max_abs_diff: float | None = None, mean_abs_diff: float | None = None,
+                 verdict: Any = None, report: Any = None, int8: Any = None):
         super().__init__(message)
         self.max_abs_diff = max_abs_diff
         self.mean_abs_diff = mean_abs_diff
+        self.verdict = verdict  # export.verify.Verdict | None (typed loosely: errors.py imports nothing of ours)
+        self.report = report  # report.Report | None
+        self.int8 = int8  # report.Int8Result | None
 
 
 class OutputExistsError(FycError):

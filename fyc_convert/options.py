@@ -26,6 +26,7 @@ from fyc_convert.errors import ArchError, DataError, OptionsError
 MIN_OPSET, MAX_OPSET = 13, 20  # the head builder's forms exist from 13; torch's TorchScript exporter stops at 20
 DEFAULT_OPSET = 17  # onnx2torch, ncnn/pnnx and older runtimes take <= 17
 HEAD_LAYOUTS = ("portable", "batch-switched")
+QUANTIZE_MODES = ("none", "int8")
 INTERPOLATIONS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # onnxruntime vs PyTorch on logits (atol and rtol)
 
@@ -88,7 +89,8 @@ class DataOptions:
 
 @dataclass
 class FinetuneConfig:
-    """Options of the training loop (`finetune.finetune`); None: the loop's plain default, or the job's rule."""
+    """Options of the training loop (`finetune.finetune`, `calibrate`, `evaluate`); None: decided by
+    `train.recipe.plan` (the one place training defaults are chosen; the help texts describe its rules)."""
 
     epochs: int | Literal["auto"] | None = option(
         None, "Fine-tuning epochs, or auto: evaluate after each epoch and stop once within --target-drop of the "
@@ -115,7 +117,7 @@ class FinetuneConfig:
     cosine: bool = option(True, "Cosine decay of the learning rate to 0 over the training steps.",
                           flag="--cosine/--no-cosine", panel=_TRAIN)
     distill: bool | None = option(None, "Learn from the original model's outputs (KL) as well as the labels; "
-                                        "unlabelled data always does (default: on for many-class heads).",
+                                        "unlabelled data always does (default: on; see the report's reasons).",
                                   flag="--distill/--no-distill", panel=_TRAIN)
     temperature: float = option(4.0, "Softening temperature of the distillation KL.", panel=_TRAIN, gt=0.0)
     distill_weight: float = option(0.5, "Weight of the KL term against cross-entropy with labels.", panel=_TRAIN,
@@ -182,6 +184,12 @@ class ConvertOptions(DataOptions, FinetuneConfig):
     pixel_range: Literal["0-1", "0-255"] | None = option(
         None, "With --embed-preprocessing, the graphs' input values: 0-1 (images scaled to [0, 1]) or 0-255 (8-bit "
               "pixel values, as float32). [default: 0-1]", panel=_EXPORT, choices=("0-1", "0-255"))
+    quantize: Literal["none", "int8"] = option(
+        "none", "Also write model.int8.onnx (onnxruntime static QDQ, per-channel weights, the fixed head exact "
+                "inside) and original.int8.onnx, calibrated on a seeded subset of --data's training split.",
+        panel=_EXPORT, choices=QUANTIZE_MODES)
+    int8_max_drop: float = option(1.0, "Largest accuracy drop, in points, of model.int8.onnx against the float32 "
+                                       "model.onnx (exit 3 beyond it).", panel=_EXPORT, ge=0.0)
     atol: float | None = option(None, "Verification tolerance on the logits, absolute. [default: 1e-4; fp16: "
                                       "5e-2]", panel=_EXPORT, ge=0.0)
     rtol: float | None = option(None, "Verification tolerance, relative. [default: as --atol]", panel=_EXPORT,
@@ -255,11 +263,22 @@ def check_options(opts: ConvertOptions) -> list[str]:
             raise OptionsError("--device cuda but CUDA is not available; use --device auto or cpu")
     if opts.data is not None and not Path(opts.data).exists():
         raise DataError(f"data not found: {opts.data}; pass an .npz/.pt file or an ImageFolder directory to --data")
+    if opts.quantize == "int8":
+        _check_int8(opts)
     if opts.report_path is not None:
         # a report inside the -o folder is fine before that folder exists: the run creates it first
         will_exist = None if opts.dry_run or opts.output_dir is None else Path(opts.output_dir)
         _check_writable_file("--report", Path(opts.report_path), will_exist=will_exist)
     return _ignored(opts)
+
+
+def _check_int8(opts: ConvertOptions) -> None:
+    """`--quantize int8` needs calibration samples and the float32 export it quantizes."""
+    if opts.data is None:
+        raise OptionsError("--quantize int8 needs --data: static quantization calibrates on training samples; "
+                           "pass --data or drop --quantize")
+    if opts.dtype != "fp32":
+        raise OptionsError(f"--quantize int8 quantizes the float32 export; drop --dtype {opts.dtype}")
 
 
 def _flag(f: dataclasses.Field) -> str:
@@ -279,7 +298,8 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise OptionsError(f"{flag} {value!r} is not one of: {', '.join(map(str, choices))}")
-    kind = "int" if "int" in str(f.type) and "float" not in str(f.type) else "float" if "float" in str(f.type) else ""
+    text = str(f.type).split("Literal[")[0]  # a Literal's values ("int8") name no type
+    kind = "int" if "int" in text and "float" not in text else "float" if "float" in text else ""
     values = value if isinstance(value, (tuple, list)) else (value,)
     if meta.get("parse") == "names":
         if not values or not all(isinstance(v, str) and v.strip() for v in values):
@@ -323,6 +343,7 @@ def _ignored(opts: ConvertOptions) -> list[str]:
     if opts.dry_run:
         given = training + [flag for flag, on in (("--bench", opts.bench), ("--opset", opts.opset is not None),
                                                    ("--static-batch", opts.static_batch is not None),
+                                                   ("--quantize", opts.quantize != "none"),
                                                    ("--force", opts.force)) if on]
         if given:
             notes.append(f"{', '.join(given)} ignored: --dry-run trains and exports nothing")

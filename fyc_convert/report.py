@@ -63,8 +63,38 @@ class AccuracyReport:
 
 
 @dataclass
+class Int8Model:
+    """One int8 file beside its float32 source, measured on the same samples."""
+
+    file: str  # e.g. "model.int8.onnx" ("model.int8.failed.onnx" after a miss)
+    bytes: int
+    float_bytes: int  # its float32 source
+    accuracy: float | None = None  # int8, on the evaluation samples; None without labels
+    float_accuracy: float | None = None  # its float32 source on the same samples (onnxruntime)
+    agreement: float | None = None  # top-1 agreement with its float32 source
+    latency_ms: dict[str, dict[str, float]] | None = None  # with bench: {"b1": {"float32": ms, "int8": ms}, ...}
+
+
+@dataclass
+class Int8Result:
+    """The int8 stage: both models, how they were judged, and the head's exactness."""
+
+    original: Int8Model
+    converted: Int8Model
+    measured_on: str  # e.g. "val, 2400 samples"
+    calibration_samples: int
+    max_drop: float
+    drop: float  # points lost by model.int8.onnx against model.onnx: accuracy, or top-1 agreement unlabelled
+    drop_metric: str  # "accuracy" or "agreement"
+    passed: bool
+    excluded_nodes: int  # fyc_head/ nodes left in float32
+    head_max_abs_diff: float | None = None  # `head_exactness` on the first evaluation batch
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Report:
-    status: str  # "ok" | "dry_run" | "verification_failed"
+    status: str  # "ok" | "dry_run" | "verification_failed" | "int8_verification_failed"
     checkpoint: str
     head: str  # "hadamard" | "orthogonal"
     layer: str  # dotted name of the replaced classifier
@@ -79,10 +109,12 @@ class Report:
     preprocessing: dict[str, Any] | None = None  # input shape, mean, std, resize, ... each {"value", "source"}
     input: dict[str, Any] | None = None  # the ONNX input as fed: name, dtype, layout, shape, range, normalization
     classes: dict[str, Any] | None = None  # {"names": [...], "source": ...} when some source names the classes
+    feed: str | None = None  # one line saying what to feed the ONNX models (export/model_card.feed_line)
     onnx: OnnxReport | None = None
     accuracy: AccuracyReport = field(default_factory=AccuracyReport)
     training: dict[str, Any] | None = None  # epochs, per-epoch seconds and metrics
     latency_ms: dict[str, Any] | None = None  # --bench: onnxruntime medians
+    int8: Int8Result | None = None  # --quantize int8: both int8 models beside their float32 files
     gradient_bytes: dict[str, int] | None = None  # per-step DDP all-reduce volume, original vs converted
     elapsed_s: float = 0.0
     files: dict[str, str] = field(default_factory=dict)
@@ -114,7 +146,7 @@ def _clean(obj: Any) -> Any:
 SMALL_SHARE = 10.0  # below this % of the parameters removed, and with no smaller file, the swap is not worth it
 
 
-def verdict(report: Report) -> str | None:
+def swap_verdict(report: Report) -> str | None:
     """One line saying that the swap does not pay off for this model, or None when it does.
 
     It does not pay off when it removes under `SMALL_SHARE` % of the parameters and the exported file is not
@@ -188,6 +220,23 @@ def _classes_line(classes: dict[str, Any]) -> str:
     return f"{len(names)} ({shown}) from {classes.get('source', '?')}"
 
 
+def _int8_rows(t: Table, q: Int8Result) -> None:
+    """The int8 models beside float32: file, accuracy (and its drop against float32 model.onnx), agreement,
+    latency."""
+    o, c = q.original, q.converted
+    t.add_row("int8 ONNX file", _bytes(o.bytes), _bytes(c.bytes),
+              f"{100 * c.bytes / c.float_bytes:.0f}% of fp32" if c.float_bytes else "")
+    if c.accuracy is not None:
+        change = f"{0.0 - q.drop:+.2f} pts vs fp32".replace("-", "−")
+        t.add_row("int8 accuracy", _pct(o.accuracy), _pct(c.accuracy), change)
+    t.add_row("  int8 agreement", _pct(o.agreement), _pct(c.agreement), "top-1 vs fp32")
+    for key in c.latency_ms or {}:  # "b1", "b32", or the --static-batch size
+        lo, lc = (o.latency_ms or {}).get(key), (c.latency_ms or {}).get(key)
+        if lo and lc:
+            t.add_row(f"int8 latency, batch {key[1:]}", _ms(lo["int8"]), _ms(lc["int8"]),
+                      f"fp32 {lc['float32']:.3f} ms")
+
+
 def render(report: Report, console: Console) -> None:
     """Print the before/after table a user reads in five seconds (fits 80 columns)."""
     p = report.params
@@ -226,6 +275,8 @@ def render(report: Report, console: Console) -> None:
             ratio = entry["original"] / entry["converted"]
             t.add_row(label, _ms(entry["original"]), _ms(entry["converted"]),
                       f"{ratio:.2f}× faster" if ratio >= 1 else f"{1 / ratio:.2f}× slower")
+    if report.int8 is not None:
+        _int8_rows(t, report.int8)
     if o is not None and o.max_abs_diff is not None:
         t.add_row("ONNX vs PyTorch", "", f"{o.max_abs_diff:.1e}", "max |Δ|")
     if report.coherence is not None:
@@ -235,10 +286,8 @@ def render(report: Report, console: Console) -> None:
         console.print(f"[dim]classifier:[/] {report.classifier}")
     if report.preprocessing:
         console.print(f"[dim]preprocessing:[/] {preprocessing_line(report)}")
-    if report.input is not None:
-        from fyc_convert.export.model_card import feed_line
-
-        console.print(f"[dim]feed:[/] {feed_line(report.input, report.preprocessing)}", soft_wrap=True)
+    if report.feed is not None:
+        console.print(f"[dim]feed:[/] {report.feed}", soft_wrap=True)
     if report.classes is not None:
         console.print(f"[dim]classes:[/] {_classes_line(report.classes)}")
     where = f" on {a.measured_on}" if a.measured_on else ""

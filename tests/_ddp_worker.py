@@ -79,7 +79,7 @@ def main() -> None:
     model, head, bundle = build()
     cal = None
     if not args.resume:
-        cal = calibrate(model, head, bundle.train, device="cpu")
+        cal = calibrate(model, head, bundle.train, FinetuneConfig(device="cpu"))
     # like the CLI, only rank 0 is given the checkpoint folder
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=0.05, device="cpu",
                             out_dir=args.out if rank == 0 else None, resume=args.resume)

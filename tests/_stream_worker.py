@@ -58,7 +58,7 @@ def main() -> None:
 
     model, head, bundle = build_image_run(args.data, workers=args.workers)
     if not args.resume:
-        calibrate(model, head, bundle.plain_train, device="cpu", workers=args.workers)
+        calibrate(model, head, bundle.plain_train, FinetuneConfig(device="cpu"), workers=args.workers)
     progress = _KillAt(args.kill_at_step) if args.kill_at_step else None
     result = finetune(model, head, bundle, image_config(out_dir=args.out, resume=args.resume), progress=progress)
     torch.save({"state_dict": model.state_dict(), "history": [dataclasses.asdict(h) for h in result.history],

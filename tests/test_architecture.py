@@ -21,7 +21,7 @@ ALLOWED = {
     "train": {"base", "head", "model", "data", "train"},
     "export": {"base", "head", "model", "data", "export"},
     "pipeline": {"base", "head", "model", "data", "train", "export", "pipeline"},
-    "cli": {"base", "pipeline", "cli"},
+    "cli": {"base", "pipeline", "cli", "package"},  # the package root: __version__ (its other names load lazily)
     "package": {"base", "head", "model", "data", "train", "export", "pipeline", "cli", "package"},
 }
 

@@ -50,6 +50,7 @@ def test_full_run_writes_every_output(full_run: tuple[Path, object]) -> None:
     assert result.exit_code == 0, result.output
     names = sorted(p.name for p in out.iterdir() if p.is_file())
     assert names == ["model.onnx", "model.safetensors", "original.onnx", "report.json"]
+    assert not (out / "checkpoints").exists(), "the training state outlived a verified run"
     assert not list(out.glob(".*.tmp")), "temporary files left behind"
 
 
@@ -207,6 +208,30 @@ def test_verification_failure_exits_3_and_keeps_only_failed_name(tmp_path: Path,
 
 
 @pytest.mark.slow
+def test_verification_failure_after_training_keeps_the_training_state(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed export keeps checkpoints/ (and lists it): --resume then redoes the export without training."""
+    from fyc_convert.export import onnx_head
+
+    real = onnx_head.HeadSpec.from_module.__func__
+
+    def tampered(cls, head):
+        import dataclasses
+
+        spec = real(cls, head)
+        return dataclasses.replace(spec, bias=spec.bias + 0.5)
+
+    monkeypatch.setattr(onnx_head.HeadSpec, "from_module", classmethod(tampered))
+    out = tmp_path / "o"
+    result = runner.invoke(app, [str(SAMPLE), "--arch", ARCH, "--data", str(DATA), "--epochs", "1", "-o", str(out),
+                                 "--quiet"])
+    assert result.exit_code == 3, result.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["files"]["checkpoints"] == str(out / "checkpoints")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["finetune.pt", "run.json"]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="needs a non-root user")
 def test_read_only_output_folder_exits_1(cli) -> None:
     base = Path(tempfile.mkdtemp(dir="/tmp"))  # world-traversable, unlike pytest's tmp_path under root
@@ -246,3 +271,15 @@ def test_interrupted_run_leaves_no_half_written_file(sig: int, code: int, tmp_pa
         torch.load(ckpt, weights_only=False)  # complete files only: each loads
     for state in (out / "checkpoints").glob("*.json"):
         json.loads(state.read_text())
+
+
+def test_the_live_bar_labels_training_accuracy_as_such() -> None:
+    # the bar shows accuracy on the augmented training batches; the epoch line after it says "val acc"
+    from rich.progress import Progress
+
+    from fyc_convert.cli import _MetricsColumn
+
+    with Progress(disable=True) as bars:
+        task = bars.add_task("epoch 1/3", total=10, loss=0.25, acc=0.875, samples_per_s=1234.0)
+        text = _MetricsColumn().render(bars.tasks[task]).plain
+    assert text == "loss 0.2500  train acc 87.50%  1,234 samples/s"

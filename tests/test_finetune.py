@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -39,7 +40,9 @@ STREAM_WORKER = REPO / "tests" / "_stream_worker.py"
 
 
 def _cfg(**kw) -> FinetuneConfig:
-    return FinetuneConfig(**{"epochs": 2, "batch_size": 8, "lr": 0.05, "device": "cpu", **kw})
+    # optimizer and distill given: left at None, recipe.plan would choose them from the model (test_recipe.py)
+    return FinetuneConfig(**{"epochs": 2, "batch_size": 8, "lr": 0.05, "optimizer": "sgd", "distill": False,
+                             "device": "cpu", **kw})
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
@@ -117,7 +120,8 @@ def test_evaluate_accuracy_loss_and_agreement():
     ref = nn.Sequential(nn.Linear(3, 3, bias=False))
     with torch.no_grad():
         ref[0].weight.copy_(torch.eye(3)[[0, 1, 0]])  # predicts class 0 for the third sample too
-    m = evaluate(nn.Identity(), TensorDataset(x, y), device="cpu", reference_model=ref, batch_size=3)
+    m = evaluate(nn.Identity(), TensorDataset(x, y), FinetuneConfig(device="cpu", eval_batch_size=3),
+                 reference_model=ref)
     assert m.accuracy == 0.5
     assert m.agreement == 0.75
     assert m.samples == 4
@@ -128,7 +132,8 @@ def test_evaluate_accuracy_loss_and_agreement():
 def test_evaluate_unlabelled_gives_no_accuracy_and_restores_train_mode():
     model = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5)).train()
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
-    m = evaluate(model, TensorDataset(x, torch.full((5,), UNLABELLED)), device="cpu", reference_model=model)
+    m = evaluate(model, TensorDataset(x, torch.full((5,), UNLABELLED)), FinetuneConfig(device="cpu"),
+                 reference_model=model)
     assert (m.accuracy, m.loss, m.agreement, m.samples) == (None, None, 1.0, 5)
     assert model.training
 
@@ -139,7 +144,7 @@ def test_evaluate_unlabelled_gives_no_accuracy_and_restores_train_mode():
 def test_calibrate_fits_only_scale_and_bias_to_the_optimum():
     model, head, bundle = build()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cal = calibrate(model, head, bundle.train, device="cpu")
+    cal = calibrate(model, head, bundle.train, FinetuneConfig(device="cpu"))
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"5.scale", "5.bias"}
@@ -159,7 +164,7 @@ def test_calibrate_and_finetune_an_orthogonal_head():
     model, _, bundle = build()
     model[5] = head = OrthogonalHead(16, 4)
     matrix = head.class_vectors().clone()
-    cal = calibrate(model, head, bundle.train, device="cpu")
+    cal = calibrate(model, head, bundle.train, FinetuneConfig(device="cpu"))
     assert cal.loss_after < cal.loss_before
     result = finetune(model, head, bundle, _cfg(epochs=1))
     assert result.history[0].scale != cal.scale  # α is trained
@@ -169,7 +174,7 @@ def test_calibrate_and_finetune_an_orthogonal_head():
 def test_calibrate_leaves_a_fixed_scale_alone():
     model, _, bundle = build()
     model[5] = head = HadamardHead(16, 4, fixed_scale=3.0)
-    calibrate(model, head, bundle.train, device="cpu")
+    calibrate(model, head, bundle.train, FinetuneConfig(device="cpu"))
     assert float(head.scale.detach()) == 3.0
     assert float(head.bias.detach().abs().sum()) > 0
 
@@ -180,15 +185,15 @@ def test_calibrate_unlabelled_needs_distill_and_fits_the_teacher():
     x, _ = bundle.train.tensors
     unlabelled = TensorDataset(x, torch.full((len(x),), UNLABELLED))
     with pytest.raises(DataError, match="--distill"):
-        calibrate(model, head, unlabelled, device="cpu")
-    cal = calibrate(model, head, unlabelled, device="cpu", teacher=teacher, distill=True)
+        calibrate(model, head, unlabelled, FinetuneConfig(device="cpu"))
+    cal = calibrate(model, head, unlabelled, FinetuneConfig(device="cpu", distill=True), teacher=teacher)
     assert cal.loss_after < cal.loss_before
 
 
 def test_calibrate_rejects_a_head_outside_the_model():
     model, _, bundle = build()
     with pytest.raises(TrainingError, match="not a submodule"):
-        calibrate(model, HadamardHead(16, 4), bundle.train, device="cpu")
+        calibrate(model, HadamardHead(16, 4), bundle.train, FinetuneConfig(device="cpu"))
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -196,7 +201,7 @@ def test_calibrate_rejects_a_head_outside_the_model():
 
 def test_finetune_trains_backbone_scale_and_bias_and_keeps_the_fixed_structure(tmp_path):
     model, head, bundle = build()
-    calibrate(model, head, bundle.train, device="cpu")
+    calibrate(model, head, bundle.train, FinetuneConfig(device="cpu"))
     start = copy.deepcopy(model)
     rows, signs = head.rows.clone(), head.signs.clone()
     result = finetune(model, head, bundle, _cfg(epochs=3, out_dir=tmp_path))
@@ -205,7 +210,7 @@ def test_finetune_trains_backbone_scale_and_bias_and_keeps_the_fixed_structure(t
     assert float(start[5].scale.detach()) != float(head.scale.detach())
     assert not torch.equal(start[5].bias, head.bias)
     assert torch.equal(head.rows, rows) and torch.equal(head.signs, signs)
-    first_acc = evaluate(start, bundle.val, device="cpu").accuracy
+    first_acc = evaluate(start, bundle.val, FinetuneConfig(device="cpu")).accuracy
     assert result.final.accuracy > first_acc
     assert result.history[-1].lr == pytest.approx(0.0, abs=1e-12)  # cosine to 0
     assert result.history[-1].scale == float(head.scale.detach())
@@ -279,7 +284,7 @@ def test_distill_without_labels_learns_from_the_teacher():
     unlabelled = dataclasses.replace(
         bundle, train=TensorDataset(x, torch.full((len(x),), UNLABELLED)),
         val=TensorDataset(xv, torch.full((len(xv),), UNLABELLED)), labelled=False, num_classes=0)
-    start = evaluate(model, unlabelled.val, device="cpu", reference_model=teacher).agreement
+    start = evaluate(model, unlabelled.val, FinetuneConfig(device="cpu"), reference_model=teacher).agreement
     result = finetune(model, head, unlabelled, _cfg(epochs=4, distill=True, temperature=2.0), teacher=teacher)
     assert result.history[-1].accuracy is None and result.final.accuracy is None
     assert result.final.agreement > start
@@ -353,7 +358,7 @@ def test_killed_process_resumes_and_finishes_the_same_epochs(tmp_path):
     assert [h["epoch"] for h in out["history"]] == [1, 2, 3]
 
     reference, head, bundle = build()  # the same run, uninterrupted, in this process
-    calibrate(reference, head, bundle.train, device="cpu")
+    calibrate(reference, head, bundle.train, FinetuneConfig(device="cpu"))
     finetune(reference, head, bundle, _cfg(epochs=3))
     for k, v in reference.state_dict().items():
         torch.testing.assert_close(out["state_dict"][k], v, rtol=1e-5, atol=1e-6)
@@ -364,7 +369,8 @@ def test_resume_refuses_other_options_and_a_missing_checkpoint(tmp_path):
     with pytest.raises(TrainingError, match="no checkpoint to resume"):
         finetune(model, head, bundle, _cfg(out_dir=tmp_path, resume=True))
     finetune(model, head, bundle, _cfg(epochs=1, out_dir=tmp_path))
-    with pytest.raises(TrainingError, match="lr=0.05.*lr=0.1"):
+    with pytest.raises(TrainingError, match=r"checkpoint .* was written with lr=0.05 but this run has lr=0.1; "
+                                            r"resume with the same options"):
         finetune(model, head, bundle, _cfg(epochs=1, lr=0.1, out_dir=tmp_path, resume=True))
     other = nn.Sequential(nn.Linear(12, 4))
     with pytest.raises(TrainingError, match="does not fit this model"):
@@ -442,7 +448,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     # the accuracy rank 0 reports is the accuracy of the final weights on the whole validation split
     model, _, bundle = build()
     model.load_state_dict(r0["state_dict"])
-    single = evaluate(model, bundle.val, device="cpu")
+    single = evaluate(model, bundle.val, FinetuneConfig(device="cpu"))
     assert r0["final"]["accuracy"] == single.accuracy
     assert r0["final"]["samples"] == single.samples == 30
     assert r0["final"]["loss"] == pytest.approx(single.loss, rel=1e-5)
@@ -458,7 +464,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_finetune_on_cuda():
     model, head, bundle = build()
-    calibrate(model, head, bundle.train, device="cuda")
+    calibrate(model, head, bundle.train, FinetuneConfig(device="cuda"))
     result = finetune(model, head, bundle, _cfg(device="cuda"))
     assert result.device.startswith("cuda")
     assert head.scale.device.type == "cuda"
@@ -481,7 +487,7 @@ def test_finetune_streams_an_image_folder_the_same_with_any_number_of_workers(im
     for workers in (0, 2):
         model, head, bundle = build_image_run(image_folder, workers=workers)
         assert bundle.kind == "images" and bundle.preprocessing.augment
-        cal = calibrate(model, head, bundle.plain_train, device="cpu", workers=workers)
+        cal = calibrate(model, head, bundle.plain_train, FinetuneConfig(device="cpu"), workers=workers)
         assert cal.samples == len(bundle.train) == 18
         result = finetune(model, head, bundle, image_config(epochs=2))
         runs[workers] = (model, result)
@@ -511,7 +517,7 @@ def test_killed_image_run_with_workers_resumes_to_the_same_weights(image_folder,
     torch.set_num_threads(1)  # as the workers ran: conv reductions round differently with another thread count
     try:
         reference, head, bundle = build_image_run(image_folder, workers=0)  # uninterrupted, in this process
-        calibrate(reference, head, bundle.plain_train, device="cpu")
+        calibrate(reference, head, bundle.plain_train, FinetuneConfig(device="cpu"))
         finetune(reference, head, bundle, image_config())
     finally:
         torch.set_num_threads(threads)
@@ -546,12 +552,12 @@ def test_memory_mapped_npy_data_trains(tmp_path):
     bundle = load_data(tmp_path / "arrays", workers=1)
     assert isinstance(bundle.train, NpyDataset) and (len(bundle.train), len(bundle.val)) == (90, 30)
     model, head, _ = build()
-    start = evaluate(model, bundle.val, device="cpu", workers=1).accuracy
-    calibrate(model, head, bundle.train, device="cpu", workers=1)
+    start = evaluate(model, bundle.val, FinetuneConfig(device="cpu"), workers=1).accuracy
+    calibrate(model, head, bundle.train, FinetuneConfig(device="cpu"), workers=1)
     result = finetune(model, head, bundle, _cfg(epochs=3))
     assert result.final.accuracy > start and result.final.accuracy >= 0.8
     reference, head, tensors = build()  # the same run on the in-memory tensors: the same weights
-    calibrate(reference, head, tensors.train, device="cpu")
+    calibrate(reference, head, tensors.train, FinetuneConfig(device="cpu"))
     finetune(reference, head, tensors, _cfg(epochs=3))
     for k, v in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v)
@@ -559,11 +565,12 @@ def test_memory_mapped_npy_data_trains(tmp_path):
 
 def test_calibrate_streams_a_bounded_seeded_subset(image_folder):
     model, head, bundle = build_image_run(image_folder, workers=0)
-    a = calibrate(model, head, bundle.plain_train, device="cpu", max_samples=10, seed=1)
+    a = calibrate(model, head, bundle.plain_train, FinetuneConfig(device="cpu", seed=1), max_samples=10)
     assert a.samples == 10
     scale = float(head.scale.detach())
     model, head, bundle = build_image_run(image_folder, workers=1)
-    b = calibrate(model, head, bundle.plain_train, device="cpu", max_samples=10, seed=1, workers=1)
+    b = calibrate(model, head, bundle.plain_train, FinetuneConfig(device="cpu", seed=1), max_samples=10,
+                  workers=1)
     assert b.samples == 10 and float(head.scale.detach()) == scale and b.loss_after == a.loss_after
 
 
@@ -605,7 +612,7 @@ def test_fp16_loss_scaling_is_checkpointed_and_resumes(tmp_path):
     saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
     assert saved["precision"] == "fp16" and saved["scaler"]["scale"] > 0
     model, head, bundle = build()
-    with pytest.raises(TrainingError, match="was trained in fp16 but this run trains in fp32"):
+    with pytest.raises(TrainingError, match="was written with precision='fp16' but this run has precision='fp32'"):
         finetune(model, head, bundle, _cfg(epochs=3, precision="fp32", out_dir=tmp_path, resume=True))
     result = finetune(model, head, bundle, _cfg(epochs=3, precision="fp16", out_dir=tmp_path, resume=True))
     assert result.resumed_from_epoch == 1 and result.precision == "fp16"
@@ -656,10 +663,10 @@ def _sample_run(name: str, data: Path, config: FinetuneConfig) -> dict[str, floa
     original = copy.deepcopy(model)
     swap = swap_classifier(model, layer="fc", features=capture_features(model, "fc", bundle.train.tensors[0][:2048]))
     assert bundle.preprocessing.sources["mean"] == "option" and not bundle.preprocessing.augment
-    acc = {"original": evaluate(original, bundle.val, device="cpu").accuracy,
-           "swapped": evaluate(model, bundle.val, device="cpu").accuracy}
-    calibrate(model, swap.head, bundle.train, device="cpu")
-    acc["calibrated"] = evaluate(model, bundle.val, device="cpu").accuracy
+    acc = {"original": evaluate(original, bundle.val, FinetuneConfig(device="cpu")).accuracy,
+           "swapped": evaluate(model, bundle.val, FinetuneConfig(device="cpu")).accuracy}
+    calibrate(model, swap.head, bundle.train, FinetuneConfig(device="cpu"))
+    acc["calibrated"] = evaluate(model, bundle.val, FinetuneConfig(device="cpu")).accuracy
     result = finetune(model, swap.head, bundle, config, teacher=original)
     acc["finetuned"] = result.final.accuracy
     acc["agreement"] = result.final.agreement
@@ -683,3 +690,103 @@ def test_digits_sample_fine_tuned_within_half_a_point_of_the_original(digits_run
 @pytest.mark.slow
 def test_digits_sample_calibration_alone_reaches_95_percent(digits_run):
     assert digits_run["calibrated"] >= 0.95
+
+
+# ------------------------------------------------------------------------------------------ options reach every stage
+
+
+def _convert_without_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **options) -> nn.Module:
+    """convert() on the digits sample up to the export (stubbed out): the converted model as it would be exported."""
+    from fyc_convert import pipeline
+    from fyc_convert.pipeline import convert
+
+    seen: list[nn.Module] = []
+    monkeypatch.setattr(pipeline, "_export_and_verify", lambda model, *a, **k: seen.append(model))
+    convert(SAMPLES / "digits_cnn.pt", arch="sample_models.archs:digits_cnn", data=SAMPLES / "digits.npz",
+            output_dir=tmp_path / f"out{len(list(tmp_path.iterdir()))}", device="cpu", **options)
+    assert len(seen) == 1
+    return seen[0]
+
+
+def _alpha(model: nn.Module) -> float:
+    return float(model.fc.scale.detach())
+
+
+def test_temperature_and_distill_weight_reach_calibration(tmp_path, monkeypatch):
+    # epochs 0: the exported α is the calibrated one; it depends on the KL's temperature and weight
+    base = _alpha(_convert_without_export(tmp_path, monkeypatch, epochs=0, distill=True))
+    same = _alpha(_convert_without_export(tmp_path, monkeypatch, epochs=0, distill=True, temperature=4.0,
+                                          distill_weight=0.5))
+    hot = _alpha(_convert_without_export(tmp_path, monkeypatch, epochs=0, distill=True, temperature=1.0))
+    heavy = _alpha(_convert_without_export(tmp_path, monkeypatch, epochs=0, distill=True, distill_weight=1.0))
+    assert same == base
+    assert abs(hot - base) > 1e-3 * abs(base) and abs(heavy - base) > 1e-3 * abs(base)
+
+
+def test_eval_batch_size_is_what_every_evaluation_uses(tmp_path, monkeypatch):
+    from fyc_convert.train import finetune as loop
+
+    sizes: list[int] = []
+    make_loader = loop.make_loader
+
+    def recording(data, *, batch_size, **kw):
+        if not kw.get("shuffle"):  # every pass but the training one: evaluations and calibration's feature pass
+            sizes.append(batch_size)
+        return make_loader(data, batch_size=batch_size, **kw)
+
+    monkeypatch.setattr(loop, "make_loader", recording)
+    _convert_without_export(tmp_path, monkeypatch, epochs=1, eval_batch_size=50)
+    # original, swapped, calibrated, after epoch 1, fine-tuned, agreement: 6 evaluations + the feature pass
+    assert len(sizes) >= 7 and set(sizes) == {50}
+
+
+def test_a_run_ending_below_its_calibration_says_so_and_what_to_try(tmp_path, monkeypatch):
+    from fyc_convert import pipeline
+
+    reports = []
+    real = pipeline._finetune
+
+    def keep_report(*args, report, **kw):
+        reports.append(report)
+        return real(*args, report=report, **kw)
+
+    monkeypatch.setattr(pipeline, "_finetune", keep_report)
+    # plain SGD at lr 3 wrecks the calibrated head in one epoch (nothing earlier to keep: one epoch)
+    _convert_without_export(tmp_path, monkeypatch, epochs=1, lr=3.0, optimizer="sgd", distill=False)
+    acc = reports[0].accuracy
+    assert acc.finetuned < acc.calibrated
+    line = (f"fine-tuning ended at {100 * acc.finetuned:.2f}%, below the calibrated {100 * acc.calibrated:.2f}%; "
+            "try --no-augment, --epochs auto or a lower --lr (e.g. 0.75)")
+    assert line in reports[0].notes
+
+
+# ------------------------------------------------------------------------------------------ the resume contract
+
+
+def test_run_state_and_checkpoint_mismatches_read_alike(tmp_path):
+    from fyc_convert.options import ConvertOptions
+    from fyc_convert.report import AccuracyReport
+    from fyc_convert.train.run_state import RUN_STATE, read_run_state, write_run_state
+
+    opts = ConvertOptions(data=Path("d.npz"), temperature=2.0)
+    write_run_state(tmp_path / "checkpoints", opts, dataclasses.asdict(AccuracyReport(original=0.9)))
+    assert read_run_state(tmp_path / "checkpoints", opts)["accuracy"]["original"] == 0.9
+    with pytest.raises(TrainingError) as job:
+        read_run_state(tmp_path / "checkpoints", dataclasses.replace(opts, temperature=3.0))
+    assert str(job.value) == (f"the interrupted run in {tmp_path} was written with temperature=2.0 but this run has "
+                              "temperature=3.0; resume with the same options or start over (--force instead of "
+                              "--resume)")
+    # a run state written before temperature and distill_weight were recorded still resumes
+    path = tmp_path / "checkpoints" / RUN_STATE
+    state = json.loads(path.read_text())
+    del state["options"]["temperature"], state["options"]["distill_weight"]
+    path.write_text(json.dumps(state))
+    assert read_run_state(tmp_path / "checkpoints", dataclasses.replace(opts, temperature=3.0)) is not None
+
+    model, head, bundle = build()
+    finetune(model, head, bundle, _cfg(epochs=1, out_dir=tmp_path / "loop"))
+    with pytest.raises(TrainingError) as loop:
+        finetune(model, head, bundle, _cfg(epochs=1, temperature=3.0, out_dir=tmp_path / "loop", resume=True))
+    assert str(loop.value) == (f"checkpoint {tmp_path / 'loop' / CHECKPOINT_NAME} was written with temperature=4.0 "
+                               "but this run has temperature=3.0; resume with the same options or start over "
+                               "(--force instead of --resume)")

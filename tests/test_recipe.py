@@ -1,4 +1,5 @@
-"""Tests of the training defaults (fyc_convert.train.recipe.choose) and of `epochs="auto"` stopping on each reason."""
+"""Tests of the training defaults (fyc_convert.train.recipe.choose/plan), of `epochs="auto"` stopping on each reason,
+and of keeping the best-validating epoch (auto and fixed counts)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from fyc_convert.train.recipe import (
     MANY_SHARE,
     Facts,
     choose,
+    facts_of,
+    plan,
 )
 
 
@@ -91,7 +94,9 @@ def test_lr_follows_the_chosen_batch_size():
 
 def test_class_lr_keeps_its_own_lr():
     chosen, _ = choose(FinetuneConfig(optimizer="class-lr"), _facts())
-    assert "lr" not in chosen  # the loop's default_lr for class-lr applies
+    assert "lr" not in chosen  # plan gives class-lr its own base rate
+    done, _ = plan(FinetuneConfig(optimizer="class-lr"), _facts())
+    assert (done.lr, done.class_lr_eta_mu, done.class_lr_cutoff) == (1e-2, 1e4, 10)
 
 
 def test_epochs_auto_only_with_a_validation_split():
@@ -271,5 +276,102 @@ def test_auto_keeps_the_best_epoch_across_a_resume(tmp_path):
     again, head, bundle = build()
     resumed = finetune(again, head, bundle, _auto(lr=2.0, patience=6, target_drop=0.0, out_dir=tmp_path,
                                                   resume=True), reference_accuracy=1.0)
+    assert resumed.resumed_from_epoch == 3 and resumed.kept_epoch == whole.kept_epoch is not None
+    assert all(torch.equal(final[k], v) for k, v in again.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------ plan: the one owner
+
+
+def test_plan_leaves_no_training_field_undecided_and_applied_twice_changes_nothing():
+    done, reasons = plan(FinetuneConfig(), _facts())
+    assert (done.optimizer, done.batch_size, done.lr, done.distill, done.epochs, done.max_epochs) == \
+        ("sgd", 64, pytest.approx(0.01), True, "auto", AUTO_MAX_EPOCHS)
+    assert reasons == choose(FinetuneConfig(), _facts())[1]
+    assert plan(done, _facts()) == (done, [])
+    fixed, _ = plan(FinetuneConfig(epochs=3), _facts())
+    assert fixed.max_epochs == AUTO_MAX_EPOCHS and fixed.epochs == 3  # the checkpoint records every field
+
+
+def test_plan_resets_class_lr_fields_unless_class_lr_trains():
+    done, _ = plan(FinetuneConfig(optimizer="sgd", class_lr_eta_mu=5.0, class_lr_cutoff=2, class_lr_layers=("a",)),
+                   _facts())
+    assert (done.class_lr_eta_mu, done.class_lr_cutoff, done.class_lr_layers) == (1e4, 10, None)
+    done, _ = plan(FinetuneConfig(optimizer="class-lr", class_lr_eta_mu=5.0, class_lr_layers=("a",)), _facts())
+    assert (done.class_lr_eta_mu, done.class_lr_cutoff, done.class_lr_layers) == (5.0, 10, ("a",))
+
+
+def test_plan_without_a_teacher_does_not_distil_and_unlabelled_data_with_one_always_does():
+    done, reasons = plan(FinetuneConfig(), _facts(has_teacher=False))
+    assert done.distill is False and "distillation off: no teacher (the original model) was given" in reasons
+    done, reasons = plan(FinetuneConfig(distill=False), _facts(labelled=False))
+    assert done.distill is True and reasons[-1].startswith("distillation on: the data has no labels")
+
+
+def test_facts_of_a_swapped_model_count_the_linear_it_replaced():
+    model, head, bundle = build()  # Linear(12, 32), Linear(32, 16), HadamardHead(16 -> 4): 944 backbone parameters
+    facts = facts_of(model, head, bundle, teacher=None)
+    linear = 16 * 4 + 4
+    assert facts == Facts(in_features=16, num_classes=4, head_share=pytest.approx(linear / (944 + linear)),
+                          labelled=True, train_samples=90, has_val=True, has_teacher=False)
+
+
+def test_the_library_finetune_takes_the_recipes_defaults(tmp_path):
+    # before: the library's own defaults (AdamW 1e-3, no distillation) differed from the CLI's; now both plan
+    model, head, bundle = build()
+    teacher = copy.deepcopy(model)
+    finetune(model, head, bundle, FinetuneConfig(epochs=1, optimizer="adamw", device="cpu", out_dir=tmp_path),
+             teacher=teacher)
+    saved = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["config"]
+    expected, _ = plan(FinetuneConfig(epochs=1, optimizer="adamw"), facts_of(model, head, bundle, teacher=teacher))
+    assert (saved["optimizer"], saved["batch_size"], saved["lr"], saved["distill"]) == \
+        ("adamw", 64, pytest.approx(2e-3 * 64 / 128), True)
+    assert saved["lr"] == expected.lr and saved["batch_size"] == expected.batch_size
+
+
+# ------------------------------------------------------------------------------------------ fixed counts keep the best
+
+
+def _fixed(**kw) -> FinetuneConfig:
+    return _auto(**{"epochs": 6, "lr": 2.0, **kw})
+
+
+def test_a_fixed_epoch_count_keeps_the_best_validating_epoch(tmp_path):
+    # the run of test_auto_keeps_the_best_epoch_when_it_stops_without_recovering with a fixed count of 6
+    model, head, bundle = build()
+    snapshots = []
+    result = finetune(model, head, bundle, _fixed(out_dir=tmp_path),
+                      on_epoch=lambda _: snapshots.append(copy.deepcopy(model.state_dict())))
+    accs = [h.val.accuracy for h in result.history]
+    best = max(range(len(accs)), key=lambda i: (accs[i], i)) + 1
+    assert result.stop_reason == "epochs" and len(accs) == 6
+    assert best < 6 and result.kept_epoch == best and accs[best - 1] > accs[-1]
+    assert result.final.accuracy == accs[best - 1]  # what the kept weights validated at
+    assert all(torch.equal(snapshots[best - 1][k], v) for k, v in model.state_dict().items())
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["kept_epoch"] == best
+
+
+def test_a_fixed_epoch_count_ending_on_its_best_epoch_keeps_the_last():
+    model, head, bundle = build()
+    result = finetune(model, head, bundle, _fixed(epochs=1))
+    assert result.kept_epoch is None and result.final == result.history[-1].val
+
+
+def test_a_fixed_epoch_count_keeps_the_same_best_across_a_kill_and_resume(tmp_path):
+    model, head, bundle = build()
+    whole = finetune(model, head, bundle, _fixed())
+    final = copy.deepcopy(model.state_dict())
+    model, head, bundle = build()
+    seen = []
+
+    def stop_after_three(stats) -> None:
+        seen.append(stats)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(model, head, bundle, _fixed(out_dir=tmp_path), on_epoch=stop_after_three)
+    again, head, bundle = build()
+    resumed = finetune(again, head, bundle, _fixed(out_dir=tmp_path, resume=True))
     assert resumed.resumed_from_epoch == 3 and resumed.kept_epoch == whole.kept_epoch is not None
     assert all(torch.equal(final[k], v) for k, v in again.state_dict().items())

@@ -46,7 +46,7 @@ def _report_with(removed_pct: float, size_pct: float | None, b1: tuple[float, fl
 
 
 def test_verdict_says_when_the_swap_does_not_pay_off():
-    from fyc_convert.report import verdict
+    from fyc_convert.report import swap_verdict as verdict
 
     small = verdict(_report_with(2.7, -2.2, b1=(0.02, 0.034)))
     assert small is not None

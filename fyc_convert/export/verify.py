@@ -374,9 +374,8 @@ def verify_converted(
         verdict = Verdict(conv, floor, heads, "model")
         also = "" if floor is None else f", although original.onnx is within it (max |diff| {floor.max_abs_diff:.3g})"
         message = _beyond(conv, "onnxruntime differs from PyTorch") + also + "; the export is wrong, do not ship it"
-    err = VerificationError(message, max_abs_diff=conv.max_abs_diff, mean_abs_diff=conv.mean_abs_diff)
-    err.verdict = verdict  # type: ignore[attr-defined]
-    raise err
+    raise VerificationError(message, max_abs_diff=conv.max_abs_diff, mean_abs_diff=conv.mean_abs_diff,
+                            verdict=verdict)
 
 
 def mark_failed(path: str | Path) -> Path:

@@ -1,8 +1,9 @@
 """THE training loop: calibrate the fixed head, fine-tune backbone + α + bias, evaluate — on one machine or DDP.
 
-    cal = calibrate(model, head, bundle.train, device="auto")          # α and bias only, backbone frozen
-    result = finetune(model, head, bundle, FinetuneConfig(epochs=3, out_dir=Path("ckpt")))
-    metrics = evaluate(model, bundle.val, device="auto", reference_model=original)
+    config = FinetuneConfig(epochs=3, out_dir=Path("ckpt"))              # None fields: recipe.plan decides
+    cal = calibrate(model, head, bundle.train, config)                    # α and bias only, backbone frozen
+    result = finetune(model, head, bundle, config)
+    metrics = evaluate(model, bundle.val, config, reference_model=original)
 
 Under `torchrun` (the caller runs `dist.init_process_group`, gloo on CPU / nccl on GPU, and on GPUs
 `torch.cuda.set_device(local_rank)` first) the same calls shard the data with a DistributedSampler, wrap the
@@ -23,7 +24,6 @@ to the other ranks, and it alone writes.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -41,10 +41,11 @@ from fyc_convert.data.datasets import DataBundle
 from fyc_convert.data.loader import BatchStream, make_loader, random_subset
 from fyc_convert.distributed import world as world_and_rank
 from fyc_convert.errors import DataError, TrainingError, first_line
-from fyc_convert.files import atomic_path
 from fyc_convert.head.fit import fit_lbfgs
 from fyc_convert.model.surgery import capture_features, logits_of
 from fyc_convert.options import FinetuneConfig
+from fyc_convert.train.recipe import facts_of, plan
+from fyc_convert.train.run_state import CHECKPOINT_NAME, checkpoint_header, load_checkpoint, write_checkpoint
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -60,13 +61,6 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
 ]
-
-CHECKPOINT_NAME = "finetune.pt"  # the one checkpoint file in `FinetuneConfig.out_dir`, replaced every epoch
-_FORMAT = "fyc-finetune/1"
-# Config fields that must match between an interrupted run and its resumption.
-_RESUME_FIELDS = ("epochs", "max_epochs", "target_drop", "patience", "lr", "batch_size", "optimizer", "momentum",
-                  "weight_decay", "cosine", "distill", "temperature", "distill_weight", "seed", "class_lr_eta_mu",
-                  "class_lr_cutoff", "class_lr_layers")
 
 
 @dataclass
@@ -99,7 +93,8 @@ class FinetuneResult:
     """What `finetune` did."""
 
     history: list[EpochStats]  # one entry per epoch, the resumed ones included
-    final: Metrics | None  # `history[-1].val`, or None when no epoch ran or there is no validation split
+    final: Metrics | None  # the kept epoch's `val` (the last one's unless `kept_epoch`), or None when no epoch
+    # ran or there is no validation split
     device: str  # where it trained, e.g. "cpu" or "cuda:0"
     world_size: int  # processes (1 without torchrun)
     resumed_from_epoch: int | None  # epochs already done in the checkpoint it resumed from
@@ -109,8 +104,8 @@ class FinetuneResult:
     skipped_images: int = 0  # unreadable images skipped (`skip_bad_images`), all ranks together
     # "epochs" (the count given), or with epochs="auto": "recovered", "plateau", "max_epochs"
     stop_reason: str = "epochs"
-    # epochs="auto" stopping on "plateau" or "max_epochs": the epoch (1-based) whose weights were kept, when an
-    # earlier epoch validated better than the last one; None otherwise (the last epoch's weights)
+    # with a validation split, stopping on "epochs", "plateau" or "max_epochs": the epoch (1-based) whose weights
+    # were kept, when an earlier epoch validated better than the last one; None otherwise (the last epoch's weights)
     kept_epoch: int | None = None
 
 
@@ -172,10 +167,9 @@ def gradient_bytes(model: nn.Module) -> int:
 def evaluate(
     model: nn.Module,
     data: Dataset | DataLoader | BatchStream,
+    config: FinetuneConfig | None = None,
     *,
-    device: str | torch.device = "auto",
     reference_model: nn.Module | None = None,
-    batch_size: int = 256,
     workers: int | None = None,
 ) -> Metrics:
     """Accuracy, cross-entropy and top-1 agreement with a reference model, in eval mode, one batch at a time.
@@ -187,15 +181,17 @@ def evaluate(
         model: the model to measure (its output: logits (B, C), or a tuple/dict/object holding them).
         data: (x, y) samples, y = -1 when unlabelled; a DataLoader or BatchStream is used as given (not split
             across ranks).
-        device: where to run; the model is moved there.
+        config: `device` (the model is moved there) and `eval_batch_size` (when `data` is a Dataset) come from
+            it; None: FinetuneConfig()'s.
         reference_model: e.g. the original model; agreement = share of equal top-1 predictions.
-        batch_size: batch size when `data` is a Dataset.
         workers: DataLoader workers when `data` is a Dataset (None: `make_loader`'s default for the data).
 
     Returns:
         Metrics over all samples (and ranks).
     """
-    device = resolve_device(device)
+    config = config or FinetuneConfig()
+    device = resolve_device(config.device)
+    batch_size = config.eval_batch_size
     world, _ = world_and_rank()
     given = isinstance(data, (DataLoader, BatchStream))
     loader = data if given else make_loader(data, batch_size=batch_size, device=device, workers=workers,
@@ -239,15 +235,11 @@ def calibrate(
     model: nn.Module,
     head: nn.Module,
     train_data: Dataset,
+    config: FinetuneConfig | None = None,
     *,
-    device: str | torch.device = "auto",
     teacher: nn.Module | None = None,
-    distill: bool = False,
-    temperature: float = 4.0,
     max_samples: int = 20_000,
     max_iter: int = 50,
-    batch_size: int = 256,
-    seed: int = 0,
     workers: int | None = None,
 ) -> Calibration:
     """Fit only α and the bias of the fixed head, backbone frozen, on features computed once.
@@ -263,14 +255,12 @@ def calibrate(
         model: the model holding `head` (already swapped).
         head: the fixed head (parameter `scale` (0-dim), parameter `bias` (C,) or None).
         train_data: (x, y) training samples; y = -1 everywhere for unlabelled data (then `distill` is needed).
-        device: where to compute.
-        teacher: the original model; its logits are the targets when `distill` (KL on softened logits).
-        distill: fit to the teacher's softened logits, plus CE when labelled (equal weights).
-        temperature: softening temperature of the KL.
+        config: the same options as the loss of `finetune`: `device`, `distill` (fit to the teacher's logits
+            softened by `temperature`, mixed with CE by `distill_weight` when labelled), `seed` (of the subset)
+            and `eval_batch_size` (of the feature pass); None: FinetuneConfig()'s (no distillation).
+        teacher: the original model; its logits are the targets when `config.distill`.
         max_samples: most training samples used (memory: S×N features and S×C cached outputs).
         max_iter: L-BFGS iterations.
-        batch_size: batch size of the feature pass.
-        seed: seed of the subset.
         workers: DataLoader workers (None: `make_loader`'s default for the data).
 
     Returns:
@@ -281,43 +271,59 @@ def calibrate(
         TrainingError: `head` is not part of `model`, or the fit produced a NaN/inf loss.
     """
     t0 = time.perf_counter()
-    device = resolve_device(device)
+    config = config or FinetuneConfig()
     if not any(m is head for m in model.modules()):
         raise TrainingError("the head to calibrate is not a submodule of the model; pass the swapped model's head")
-    if distill and teacher is None:
+    if config.distill and teacher is None:
         raise TrainingError("distillation needs the original model as teacher; pass teacher=")
+    z, labels, t_logits, labelled = _calibration_inputs(model, head, train_data, config, teacher=teacher,
+                                                        max_samples=max_samples, workers=workers)
+    before, after, samples = _fit_scale_bias(head, z, labels, t_logits, config, labelled=labelled, max_iter=max_iter)
+    return Calibration(scale=_scale_value(head), loss_before=before, loss_after=after, samples=samples,
+                       seconds=time.perf_counter() - t0)
+
+
+def _calibration_inputs(model: nn.Module, head: nn.Module, train_data: Dataset, config: FinetuneConfig, *,
+                        teacher: nn.Module | None, max_samples: int,
+                        workers: int | None) -> tuple[Tensor, Tensor, Tensor | None, bool]:
+    """This rank's share of the seeded subset: z = V·x̂ (S, C), labels (S,), the teacher's logits (S, C) or None,
+    and whether any rank has labels."""
+    device = resolve_device(config.device)
     world, rank = world_and_rank()
-    idx = random_subset(len(train_data), max_samples, seed=seed)[rank::world]
-    loader = make_loader(train_data, batch_size=batch_size, device=device, workers=workers, indices=idx)
-    feats, labels, t_logits = _head_inputs(model, head, loader, teacher if distill else None, device)
+    idx = random_subset(len(train_data), max_samples, seed=config.seed)[rank::world]
+    loader = make_loader(train_data, batch_size=config.eval_batch_size, device=device, workers=workers, indices=idx)
+    feats, labels, t_logits = _head_inputs(model, head, loader, teacher if config.distill else None, device)
     labelled = bool((labels >= 0).any())
     if world > 1:
         flag = torch.tensor([float(labelled)], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         labelled = bool(flag.item())
-    if not labelled and not distill:
+    if not labelled and not config.distill:
         raise DataError("the data has no labels; pass --distill so the original model supplies the targets")
-
-    params = [p for name, p in head.named_parameters(recurse=False) if name in ("scale", "bias") and p.requires_grad]
     with torch.no_grad():  # z = V·x̂ (S, C): the head's fixed transform, computed once
-        z = torch.cat([head.raw(f) for f in feats.split(batch_size)])
-    total = torch.tensor([float(len(z))], device=device)
+        z = torch.cat([head.raw(f) for f in feats.split(config.eval_batch_size)])
+    return z, labels, t_logits, labelled
+
+
+def _fit_scale_bias(head: nn.Module, z: Tensor, labels: Tensor, t_logits: Tensor | None, config: FinetuneConfig, *,
+                    labelled: bool, max_iter: int) -> tuple[float, float, int]:
+    """L-BFGS on α and the bias over the cached z, summed over ranks: (loss before, loss after, samples)."""
+    world, _ = world_and_rank()
+    params = [p for name, p in head.named_parameters(recurse=False) if name in ("scale", "bias") and p.requires_grad]
+    total = torch.tensor([float(len(z))], device=z.device)
     if world > 1:
         dist.all_reduce(total)
     scale_bias = _scale_bias(head)
 
     def objective() -> Tensor:
         logits = scale_bias.get("scale", 1.0) * z + scale_bias.get("bias", 0.0)
-        per = _per_sample_loss(logits, labels, t_logits, labelled=labelled, distill=distill,
-                               temperature=temperature, distill_weight=0.5)
-        return per.sum() / total
+        return _per_sample_loss(logits, labels, t_logits, config, labelled=labelled).sum() / total
 
     before, after = fit_lbfgs(params, objective, max_iter=max_iter, all_reduce=dist.all_reduce if world > 1 else None,
                               lr=1.0, history_size=20, tolerance_grad=1e-9, tolerance_change=1e-12)
     if not math.isfinite(after):
         raise TrainingError(f"calibration diverged (loss {after}); check the data's normalisation (mean/std)")
-    return Calibration(scale=_scale_value(head), loss_before=before, loss_after=after, samples=int(total.item()),
-                       seconds=time.perf_counter() - t0)
+    return before, after, int(total.item())
 
 
 def _scale_bias(head: nn.Module) -> dict[str, Tensor]:
@@ -381,6 +387,9 @@ def finetune(
     With `config.epochs == "auto"` it evaluates after every epoch and stops once the validation accuracy is within
     `target_drop` points of `reference_accuracy` (the original model's), after `patience` epochs without a better
     one, or at `max_epochs` (`stop_reason`); the learning rate decays over `max_epochs`.
+    With a validation split, a run that ends without "recovered" (a fixed count included) goes back to the
+    best-validating epoch's weights when that was not the last epoch (`kept_epoch`).
+    Fields of `config` left at None are decided by `recipe.plan` (from `recipe.facts_of` this model and data).
     Calibrate first (`calibrate`); the model is modified in place and left in eval mode on `device`, in the
     default (contiguous) memory format.
 
@@ -405,7 +414,7 @@ def finetune(
             or options that do not fit (no teacher for distillation, class-lr under torchrun or in fp16/bf16).
         DataError: unlabelled data without distillation; an image that cannot be read (without skip_bad_images).
     """
-    config = resolved(config)
+    config, _ = plan(config, facts_of(model, head, data, teacher=teacher))  # the None fields: the recipe's choice
     trainer = _Trainer(model, head, data, config, teacher)
     target = _target(config, data, reference_accuracy)
     try:
@@ -416,18 +425,17 @@ def finetune(
                 if trainer.stop_reason is not None:
                     break
                 stats = trainer.train_epoch(epoch, progress)
-                stats.val = (evaluate(model, data.val, device=trainer.device, reference_model=teacher,
-                                      batch_size=config.eval_batch_size, workers=data.workers)
+                stats.val = (evaluate(model, data.val, config, reference_model=teacher, workers=data.workers)
                              if data.val is not None else None)
                 trainer.history.append(stats)
+                trainer.note_best(epoch + 1)
                 if config.epochs == "auto":
-                    trainer.note_best(epoch + 1)
                     trainer.stop_reason = stop_reason(trainer.history, target=target, patience=config.patience,
                                                       labelled=data.labelled, last=epoch + 1 == trainer.budget)
-                    if trainer.stop_reason in ("plateau", "max_epochs"):
-                        trainer.keep_best()
                 elif epoch + 1 == trainer.budget:
                     trainer.stop_reason = "epochs"
+                if trainer.stop_reason in ("plateau", "max_epochs", "epochs"):
+                    trainer.keep_best()  # a fixed count too: the best-validating epoch, not just the last
                 trainer.save(epoch + 1)
                 if on_epoch is not None and trainer.rank == 0:
                     on_epoch(stats)
@@ -475,26 +483,6 @@ def _stop_metric(stats: EpochStats, labelled: bool) -> float | None:
     return stats.val.accuracy if labelled else stats.val.agreement
 
 
-def default_lr(optimizer: str) -> float:
-    """The learning rate when none is given: 1e-3 for AdamW, 0.01 for SGD and class-lr."""
-    return 1e-3 if optimizer == "adamw" else 0.01
-
-
-PLAIN_DEFAULTS = {"epochs": 3, "max_epochs": 10, "batch_size": 64, "optimizer": "sgd", "distill": False,
-                  "class_lr_eta_mu": 1e4, "class_lr_cutoff": 10}  # what a field left at None means in the loop itself
-
-
-def resolved(config: FinetuneConfig) -> FinetuneConfig:
-    """`config` with every None the loop needs replaced by its plain default (PLAIN_DEFAULTS; lr stays None: it
-    depends on the optimizer), and the class-lr fields at their defaults unless class-lr trains (they are then
-    ignored, and must not make a resumed run differ from the interrupted one)."""
-    done = dataclasses.replace(config, **{k: v for k, v in PLAIN_DEFAULTS.items() if getattr(config, k) is None})
-    if done.optimizer != "class-lr":
-        done = dataclasses.replace(done, class_lr_eta_mu=PLAIN_DEFAULTS["class_lr_eta_mu"],
-                                   class_lr_cutoff=PLAIN_DEFAULTS["class_lr_cutoff"], class_lr_layers=None)
-    return done
-
-
 class _Trainer:
     """One fine-tuning run's state (minGPT's Trainer): device, loader, optimizer, schedule, resume, DDP.
 
@@ -513,7 +501,7 @@ class _Trainer:
         self.budget = config.max_epochs if config.epochs == "auto" else config.epochs  # most epochs of this run
         self.state = _resume_state(self.ckpt, config, self.precision, self.world, self.rank) if config.resume else None
         self.stop_reason: str | None = self.state.get("stop_reason") if self.state is not None else None
-        # epochs="auto": the best-validating epoch so far and its weights (CPU), kept in the checkpoint too
+        # with a validation split: the best-validating epoch so far and its weights (CPU), in the checkpoint too
         self.best_epoch: int | None = self.state.get("best_epoch") if self.state is not None else None
         self.best_weights: dict[str, Tensor] | None = self.state.get("best_weights") if self.state is not None else None
         self.kept_epoch: int | None = self.state.get("kept_epoch") if self.state is not None else None
@@ -540,8 +528,7 @@ class _Trainer:
                                   shuffle=True, seed=config.seed, drop_last=per_rank > config.batch_size,
                                   distributed=True, channels_last=self.channels_last)
         steps_per_epoch = len(self.loader)
-        lr = config.lr if config.lr is not None else default_lr(config.optimizer)
-        self.opt = _build_optimizer(model, config, lr=lr, num_classes=_num_classes(head, data),
+        self.opt = _build_optimizer(model, config, lr=config.lr, num_classes=_num_classes(head, data),
                                     steps_per_epoch=steps_per_epoch)
         self.sched = (torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, self.budget * steps_per_epoch))
                       if config.cosine else None)
@@ -613,8 +600,7 @@ class _Trainer:
             if config.distill:
                 with torch.no_grad():
                     t_logits = logits_of(self.teacher(x)).float()
-        per = _per_sample_loss(logits.float(), y, t_logits, labelled=self.data.labelled, distill=config.distill,
-                               temperature=config.temperature, distill_weight=config.distill_weight)
+        per = _per_sample_loss(logits.float(), y, t_logits, config, labelled=self.data.labelled)
         loss = per.mean()
         stepped = True
         if self.class_lr:
@@ -641,22 +627,33 @@ class _Trainer:
             self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def keep_best(self) -> None:
-        """On a plateau or at the budget: go back to the best-validating epoch's weights if it was not the last."""
+        """At the end (but on "recovered"): go back to the best-validating epoch's weights if it was not the last."""
         if self.best_epoch is not None and self.best_epoch != len(self.history) and self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
             self.kept_epoch = self.best_epoch
 
     def save(self, epoch: int) -> None:
+        """Rank 0 writes the model, optimizer, schedule, scaler, epoch, history and the best epoch's weights
+        atomically (no collective: ranks may differ in path). Epoch 0 before any step: the starting weights."""
+        if self.ckpt is None or self.rank != 0:
+            return
         started = epoch > 0 or self.state is not None
-        best = {"best_epoch": self.best_epoch, "best_weights": self.best_weights, "kept_epoch": self.kept_epoch}
-        _save_checkpoint(self.ckpt, self.model, self.opt if started else None, self.sched if started else None,
-                         self.scaler if started else None, epoch, self.history, self.config, self.precision,
-                         self.world, self.rank, self.stop_reason, best=best)
+        write_checkpoint(self.ckpt, {
+            **checkpoint_header(self.config, precision=self.precision, world=self.world),
+            "epoch": epoch,
+            "stop_reason": self.stop_reason,  # set once training has finished: a resumed run trains no further
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict() if started else None,
+            "scheduler": self.sched.state_dict() if started and self.sched is not None else None,
+            "scaler": self.scaler.state_dict() if started and self.scaler.is_enabled() else None,
+            "history": [asdict(h) for h in self.history],
+            "best_epoch": self.best_epoch, "best_weights": self.best_weights, "kept_epoch": self.kept_epoch,
+        })
 
     def result(self) -> FinetuneResult:
         return FinetuneResult(
             history=self.history,
-            final=self.history[-1].val if self.history else None,
+            final=self.history[(self.kept_epoch or len(self.history)) - 1].val if self.history else None,
             device=str(self.device),
             world_size=self.world,
             resumed_from_epoch=self.start_epoch if self.state is not None else None,
@@ -716,16 +713,17 @@ def _build_optimizer(model: nn.Module, config: FinetuneConfig, *, lr: float, num
     return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
 
 
-def _per_sample_loss(logits: Tensor, y: Tensor, t_logits: Tensor | None, *, labelled: bool, distill: bool,
-                     temperature: float, distill_weight: float) -> Tensor:
-    """(B,) loss: CE with labels; with `distill` T²·KL(teacher ‖ student) on logits / T, mixed with CE."""
+def _per_sample_loss(logits: Tensor, y: Tensor, t_logits: Tensor | None, config: FinetuneConfig, *,
+                     labelled: bool) -> Tensor:
+    """(B,) loss: CE with labels; with `config.distill` T²·KL(teacher ‖ student) on logits / T (T =
+    `temperature`), mixed with CE by `distill_weight` — the same loss in calibration and fine-tuning."""
     ce = F.cross_entropy(logits, y, reduction="none") if labelled else None
-    if not distill:
+    if not config.distill:
         return ce
-    t = temperature
+    t = config.temperature
     kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(t_logits / t, 1), log_target=True,
                   reduction="none").sum(1) * t * t
-    return kl if ce is None else (1 - distill_weight) * ce + distill_weight * kl
+    return kl if ce is None else (1 - config.distill_weight) * ce + config.distill_weight * kl
 
 
 def _raise_if_not_finite(loss: Tensor, world: int, epoch: int, step: int, ckpt: Path | None) -> None:
@@ -751,37 +749,12 @@ def _scale_value(head: nn.Module) -> float:
 # ---------------------------------------------------------------------------------------------- checkpoints
 
 
-def _save_checkpoint(path: Path | None, model: nn.Module, opt, sched, scaler, epoch: int, history: list[EpochStats],
-                     config: FinetuneConfig, precision: str, world: int, rank: int, stop_reason: str | None,
-                     best: dict[str, Any] | None = None) -> None:
-    """Rank 0 writes model/optimizer/scheduler/epoch/history atomically (no collective: ranks may differ in path)."""
-    if path is None or rank != 0:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": _FORMAT,
-        "epoch": epoch,
-        "world_size": world,
-        "config": {k: getattr(config, k) for k in _RESUME_FIELDS},
-        "precision": precision,
-        "stop_reason": stop_reason,  # set once training has finished: a resumed run trains no further
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict() if opt is not None else None,
-        "scheduler": sched.state_dict() if sched is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "history": [asdict(h) for h in history],
-        **(best or {}),  # epochs="auto": best_epoch, best_weights, kept_epoch
-    }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
 def _resume_state(path: Path | None, config: FinetuneConfig, precision: str, world: int, rank: int) -> dict:
     """Rank 0 reads the checkpoint and sends it (or its error) to every rank."""
     payload: list[Any] = [None]
     if rank == 0:
         try:
-            payload = [_load_checkpoint(path, config, precision, world)]
+            payload = [load_checkpoint(path, config, precision=precision, world=world)]
         except TrainingError as e:
             payload = [str(e)]
     if world > 1:
@@ -789,35 +762,3 @@ def _resume_state(path: Path | None, config: FinetuneConfig, precision: str, wor
     if isinstance(payload[0], str):
         raise TrainingError(payload[0])
     return payload[0]
-
-
-def _load_checkpoint(path: Path | None, config: FinetuneConfig, precision: str, world: int) -> dict:
-    """Read the checkpoint to resume from and check that it fits this run."""
-    if path is None:
-        raise TrainingError("--resume needs the output folder of the interrupted run")
-    if not path.is_file():
-        raise TrainingError(f"no checkpoint to resume at {path}; run without --resume to start over")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch.load raises many types for files it cannot read
-        raise TrainingError(
-            f"cannot read checkpoint {path} ({type(e).__name__}); delete it and run without --resume") from e
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise TrainingError(f"{path} is not a fyc-convert fine-tuning checkpoint; run without --resume")
-    saved = state["config"]
-    for k in _RESUME_FIELDS:
-        now = getattr(config, k)
-        if saved.get(k) != now:
-            raise TrainingError(f"checkpoint {path} was written with {k}={saved.get(k)!r} but this run has "
-                                f"{k}={now!r}; resume with the same options or run without --resume")
-    if state.get("precision", "fp32") != precision:
-        raise TrainingError(f"checkpoint {path} was trained in {state.get('precision', 'fp32')} but this run trains "
-                            f"in {precision}; resume with the same --precision or run without --resume")
-    if state["world_size"] != world:
-        raise TrainingError(f"checkpoint {path} was written by {state['world_size']} process(es), this run has "
-                            f"{world}; resume with the same --nproc_per_node")
-    budget = config.max_epochs if config.epochs == "auto" else config.epochs
-    if state["epoch"] > budget:
-        raise TrainingError(f"checkpoint {path} is at epoch {state['epoch']} > epochs {budget}")
-    return state
-

@@ -4,20 +4,31 @@ A fixed head replacing a small classifier (a few classes, a small share of the p
 trained one: plain SGD recovers it in an epoch or two. Replacing a many-class classifier (C > N, or most of
 the parameters) moves every class vector, and the backbone has to follow: AdamW with distillation from the
 original model does that several times faster (benchmarks/accuracy.py measures both; numbers in the README).
-Every choice is overridable by its flag; `choose` says what it chose and why.
+Every choice is overridable by its flag; `choose` says what it chose and why, and `plan` returns the whole
+config the loop runs with. `plan` is the one place a training default is decided: the pipeline, the library's
+`finetune()` (given None fields) and benchmarks/accuracy.py all call it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from torch import nn
+
+from fyc_convert.data.datasets import DataBundle
 from fyc_convert.options import FinetuneConfig
 
 MANY_SHARE = 0.25  # a classifier holding at least this share of the parameters counts as many-class
 LARGE_DATA = 10_000  # training samples from which batches of 128 are used
 AUTO_MAX_EPOCHS = 10  # the budget of --epochs auto
 FIXED_EPOCHS = 3  # epochs without a validation split (nothing to stop on)
+CLASS_LR_LR = 1e-2  # class-lr's base learning rate (its per-class factors scale it)
+CLASS_LR_ETA_MU = 1e4  # class-lr: learning rate of the per-class factors μ
+CLASS_LR_CUTOFF = 10  # class-lr: epoch from which plain gradients return
+
+Config = TypeVar("Config", bound=FinetuneConfig)
 
 
 @dataclass(frozen=True)
@@ -30,6 +41,46 @@ class Facts:
     labelled: bool  # the data has labels
     train_samples: int
     has_val: bool  # a validation split to evaluate on after each epoch
+    has_teacher: bool = True  # the original model is there to distil from (the pipeline always has it)
+
+
+def facts_of(model: nn.Module, head: nn.Module, data: DataBundle, *, teacher: nn.Module | None) -> Facts:
+    """The Facts of a swapped model, for callers of `finetune()` that left fields at None: the classifier's
+    share is that of an nn.Linear(N, C) with bias in place of `head` (what the pipeline measures before the swap)."""
+    num_classes = int(getattr(head, "num_classes", 0) or getattr(head, "out_features", 0) or data.num_classes)
+    in_features = int(getattr(head, "in_features", 0))
+    linear = in_features * num_classes + num_classes
+    backbone = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in head.parameters())
+    return Facts(in_features=in_features, num_classes=num_classes, head_share=linear / max(backbone + linear, 1),
+                 labelled=data.labelled, train_samples=len(data.train), has_val=data.val is not None,
+                 has_teacher=teacher is not None)
+
+
+def plan(config: Config, facts: Facts) -> tuple[Config, list[str]]:
+    """The config the loop runs with: every training field left at None decided here, and one reason per choice.
+
+    The fields given are kept (unlabelled data distils from the teacher whatever `distill` says: the teacher
+    supplies the targets); the class-lr fields go to their defaults unless class-lr trains (they are then
+    ignored, and must not make a resumed run differ from the interrupted one). Applying `plan` twice changes
+    nothing.
+    """
+    chosen, reasons = choose(config, facts)
+    done = dataclasses.replace(config, **chosen)
+    if not facts.labelled and facts.has_teacher and not done.distill:
+        done = dataclasses.replace(done, distill=True)
+        reasons.append("distillation on: the data has no labels, so the original model supplies the targets")
+    if done.max_epochs is None:
+        done = dataclasses.replace(done, max_epochs=AUTO_MAX_EPOCHS)
+    if done.lr is None:  # class-lr (sgd and adamw got theirs in choose)
+        done = dataclasses.replace(done, lr=CLASS_LR_LR)
+    if done.optimizer == "class-lr":
+        done = dataclasses.replace(
+            done, class_lr_eta_mu=CLASS_LR_ETA_MU if done.class_lr_eta_mu is None else done.class_lr_eta_mu,
+            class_lr_cutoff=CLASS_LR_CUTOFF if done.class_lr_cutoff is None else done.class_lr_cutoff)
+    else:
+        done = dataclasses.replace(done, class_lr_eta_mu=CLASS_LR_ETA_MU, class_lr_cutoff=CLASS_LR_CUTOFF,
+                                   class_lr_layers=None)
+    return done, reasons
 
 
 def choose(config: FinetuneConfig, facts: Facts) -> tuple[dict[str, Any], list[str]]:
@@ -57,7 +108,10 @@ def choose(config: FinetuneConfig, facts: Facts) -> tuple[dict[str, Any], list[s
         base, at = (2e-3, 128) if optimizer == "adamw" else (1e-2, 64)
         chosen["lr"] = base * batch / at
         reasons.append(f"lr {chosen['lr']:g}: {base:g} per {at} samples, linear in the batch size")
-    if config.distill is None:
+    if config.distill is None and not facts.has_teacher:
+        chosen["distill"] = False
+        reasons.append("distillation off: no teacher (the original model) was given")
+    elif config.distill is None:
         # on for every head: the original's outputs guide the new head, and with labels too it measured better
         # on every sample (benchmarks/accuracy.py; README), at the cost of one more forward pass per step
         chosen["distill"] = True

@@ -6,7 +6,10 @@ the static-batch export (`model_b1.onnx`) runs at batch 1; where the tool writes
 the head slim (no new MatMul/Gemm/Conv, no constant beyond the input's largest or max(C, n)). The original
 runs through the same tool for the record; where it fails too, ours is skipped, not failed. int8
 quantizers cannot match float32 to 1e-4: there ours must agree with PyTorch on top-1 about as often as
-the quantized original does (within two rows of 16) and keep the head slim.
+the quantized original does (within two rows of 16) and keep the head slim. `--quantize int8`'s own files
+(`model.int8.onnx`, `original.int8.onnx`, zoo.build_int8) run in onnxruntime, OpenVINO and LiteRT (where the
+quantized original passes): top-1 agreement with the float32 files on 256 rows, the head quantized only at its
+input.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import zoo
 from conftest import RESULTS
 from tools import QUANTIZERS, TOOLS, ToolFailed, ToolRun
 
+from fyc_convert.export.onnx_export import head_entries
 from fyc_convert.export.onnx_head import DENSE_OPS, HEAD_PREFIX, check_head_static
+from fyc_convert.export.quantize import check_head_boundary
 
 CASES = [c for c in os.environ.get("FYC_INTEROP_CASES", ",".join(zoo.CASES)).split(",") if c]
 ATOL = RTOL = 1e-4
@@ -174,6 +179,69 @@ def test_tool_keeps_the_converted_model_exact(tool: str, case_name: str, zoo_dir
         assert _agreement(static, ref_model) >= _agreement(ours, ref_model) - 2 / len(x)
     else:
         _assert_parity(static, ref_model, [1])
+
+
+# --quantize int8's model.int8.onnx (the head float32 inside) in the runtimes that run QDQ models as they are, and
+# through onnx2tf into LiteRT only where the quantized original passes there (onnx2tf 1.29 misconverts onnxruntime's
+# QDQ models: the quantized digits original keeps 20% top-1, the glyph's 0%; the large originals take minutes)
+INT8_TOOLS = ("onnxruntime", "openvino", "onnx2tf-litert")
+INT8_ORIGINAL_FIRST = ("onnx2tf-litert",)
+INT8_AGREEMENT = 0.99  # top-1 agreement with the float32 model.onnx (issue 24's bound for the large heads)
+# The zoo's glyph head is swapped, not fine-tuned (9% accurate): its 1,200 top-1 margins are below the backbone's
+# int8 rounding, so int8 flips rows there that the fine-tuned model keeps (docs/deploy.md has both numbers).
+SWAPPED_ONLY = {"glyph": "the zoo's glyph head is swapped, not fine-tuned: top-1 margins below the backbone's int8 "
+                         "rounding"}
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("case_name", CASES)
+@pytest.mark.parametrize("tool", INT8_TOOLS)
+def test_int8_model_keeps_the_float32_top1(tool: str, case_name: str, zoo_dir: Path, tmp_path: Path) -> None:
+    """model.int8.onnx as `--quantize int8` writes it: the head quantized only at its input (static check), and in
+    the tool top-1 agreement with float32 model.onnx of at least 99%, or the quantized original's less two rows."""
+    case = zoo.build_int8(_case(case_name, zoo_dir))
+    rows = case.rows("int8_rows")
+    x = rows["x"]
+    heads = head_entries(onnx.load(str(case.path("model")), load_external_data=False))
+    assert check_head_boundary(case.path("model.int8"), heads) <= 1  # at most one Q/DQ pair: on the head's input
+    original = _int8_original(tool, case_name, case, rows, tmp_path)
+    ours = _attempt(tool, case.path("model.int8"), x, [1, 8], tmp_path / "model")
+    _record(f"{tool} int8", case_name, "converted", ours, rows["ref_model"])
+    if isinstance(ours, ToolFailed):
+        if isinstance(original, ToolFailed):
+            pytest.skip(f"{tool} fails on the int8 original too: {original}")
+        pytest.fail(f"{tool} fails only on the converted int8 model: {ours}")
+    got = _agreement(ours, rows["ref_model"])
+    want = INT8_AGREEMENT
+    if isinstance(original, ToolRun):
+        # the head adds no int8 error: relative to its logits, ours is no further from float32 than the original
+        assert _relative_error(ours, rows["ref_model"]) <= _relative_error(original, rows["ref_original"])
+        want = min(want, _agreement(original, rows["ref_original"]) - 2 / len(x))
+    if got < want and case_name in SWAPPED_ONLY:
+        pytest.xfail(f"{SWAPPED_ONLY[case_name]} (top-1 {got:.1%} against {want:.1%})")
+    assert got >= want, f"int8 top-1 agreement with float32 {got:.1%} below {want:.1%}"
+
+
+def _int8_original(tool: str, case_name: str, case: zoo.Case, rows: dict[str, np.ndarray],
+                   tmp_path: Path) -> ToolRun | ToolFailed:
+    """original.int8.onnx in the tool (recorded); for INT8_ORIGINAL_FIRST tools a skip unless it passes there."""
+    slow = SLOW_ORIGINALS.get((tool, case_name))
+    if slow and tool in INT8_ORIGINAL_FIRST:
+        _record(f"{tool} int8", case_name, "original", None, None, slow)
+        pytest.skip(f"{tool}: the quantized original is not run ({slow})")
+    original = _attempt(tool, case.path("original.int8"), rows["x"], [8], tmp_path / "original")
+    _record(f"{tool} int8", case_name, "original", original, rows["ref_original"])
+    if tool in INT8_ORIGINAL_FIRST:
+        if isinstance(original, ToolFailed):
+            pytest.skip(f"{tool} fails on the quantized original: {original}")
+        if (agreement := _agreement(original, rows["ref_original"])) < INT8_AGREEMENT:
+            pytest.skip(f"{tool} misconverts the quantized original too (top-1 {agreement:.0%})")
+    return original
+
+
+def _relative_error(run: ToolRun, ref: np.ndarray) -> float:
+    """Largest |int8 − float32| logit difference over the largest |float32| logit."""
+    return max(float(np.abs(y - ref[: len(y)]).max()) for y in run.outputs.values()) / float(np.abs(ref).max())
 
 
 @pytest.mark.interop

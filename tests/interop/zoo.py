@@ -5,6 +5,10 @@
   original_b1.onnx, model_b1.onnx      the same models exported with a static batch of 1
   rows.npz                             x (S, *input_shape) real rows (random ones for the large heads),
                                        ref_original, ref_model (S, C): the PyTorch logits
+`build_int8(case)` adds what `--quantize int8` writes, calibrated on other rows (training rows of the samples):
+  original.int8.onnx, model.int8.onnx  fyc_convert.export.quantize.quantize_int8 of the dynamic-batch files
+  int8_rows.npz                        x (INT8_ROWS, *input_shape), ref_original, ref_model: the float32 files'
+                                       onnxruntime logits (the reference of the int8 models' top-1)
 The tools run in other virtual environments only read these files.
 """
 
@@ -37,30 +41,32 @@ class Case:
     embed_size: int
 
     def path(self, variant: str) -> Path:
-        """variant: original, model, original_b1 or model_b1."""
+        """variant: original, model, original_b1, model_b1, or (after `build_int8`) original.int8, model.int8."""
         return self.folder / f"{variant}.onnx"
 
-    def rows(self) -> dict[str, np.ndarray]:
-        with np.load(self.folder / "rows.npz") as data:
+    def rows(self, name: str = "rows") -> dict[str, np.ndarray]:
+        """rows.npz, or int8_rows.npz (after `build_int8`)."""
+        with np.load(self.folder / f"{name}.npz") as data:
             return {k: data[k] for k in data.files}
 
 
-def sample(name: str, rows: int = ROWS) -> tuple[nn.Module, torch.Tensor]:
-    """A shipped sample model ("digits" or "glyph") and `rows` real (normalised) inputs of it."""
+def sample(name: str, rows: int = ROWS, *, train: bool = False) -> tuple[nn.Module, torch.Tensor]:
+    """A shipped sample model ("digits" or "glyph") and `rows` real (normalised) inputs of it: validation rows
+    first (the digits' training rows after them), or with `train` training rows only (int8 calibration)."""
     from fyc_convert.model.loading import load_model
     from sample_models.build import normalise
 
     loaded = load_model(ROOT / "sample_models" / f"{name}_cnn.pt", arch=f"sample_models.archs:{name}_cnn")
     if name == "digits":
         with np.load(ROOT / "sample_models" / "digits.npz") as data:
-            pool = np.concatenate([data["x_val"], data["x_train"]])
+            pool = data["x_train"] if train else np.concatenate([data["x_val"], data["x_train"]])
             x = pool[:: max(1, len(pool) // rows)][:rows]
     else:
-        from sample_models.glyphs import VAL_FACE, load_glyph_classes, render_glyphs
+        from sample_models.glyphs import TRAIN_FACES, VAL_FACE, load_glyph_classes, render_glyphs
 
         chars = load_glyph_classes()
-        x, _ = render_glyphs(chars[:: max(1, len(chars) // rows)][:rows], (VAL_FACE,), copies=1 + rows // len(chars),
-                             clean_first=True, seed=0)
+        x, _ = render_glyphs(chars[:: max(1, len(chars) // rows)][:rows], (TRAIN_FACES[0] if train else VAL_FACE,),
+                             copies=1 + rows // len(chars), clean_first=True, seed=0)
         x = x[:rows]
     return loaded.model.eval(), normalise(x, loaded.meta)
 
@@ -118,4 +124,38 @@ def build_case(name: str, folder: Path) -> Case:
     case = Case(name=name, folder=out, input_shape=shape, in_features=head.in_features,
                 num_classes=head.num_classes, embed_size=head.embed_size)
     meta.write_text(json.dumps({k: v for k, v in asdict(case).items() if k != "folder"}))
+    return case
+
+
+INT8_ROWS = 256  # rows the int8 models are judged on: top-1 agreement in steps of 0.4%
+CALIBRATION_ROWS = 256
+
+
+def _int8_inputs(case: Case) -> tuple[np.ndarray, np.ndarray]:
+    """(calibration, evaluation) inputs: the samples' training and validation rows; seeded random ones for the
+    large heads (their backbone is random too)."""
+    if case.name in ("digits", "glyph"):
+        return (sample(case.name, CALIBRATION_ROWS, train=True)[1].numpy(), sample(case.name, INT8_ROWS)[1].numpy())
+    rng = np.random.default_rng(1)
+    return tuple(rng.standard_normal((n, *case.input_shape)).astype(np.float32)  # type: ignore[return-value]
+                 for n in (CALIBRATION_ROWS, INT8_ROWS))
+
+
+def build_int8(case: Case) -> Case:
+    """original.int8.onnx, model.int8.onnx and int8_rows.npz beside the case's files (reused when there)."""
+    import onnxruntime as ort
+
+    from fyc_convert.export.quantize import quantize_int8
+
+    rows = case.folder / "int8_rows.npz"
+    if rows.exists():
+        return case
+    calib, x = _int8_inputs(case)
+    refs = {}
+    for variant in ("original", "model"):
+        batches = (calib[i : i + 32] for i in range(0, len(calib), 32))
+        quantize_int8(case.path(variant), case.path(f"{variant}.int8"), batches)
+        sess = ort.InferenceSession(str(case.path(variant)), providers=["CPUExecutionProvider"])
+        refs[f"ref_{variant}"] = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    np.savez(rows, x=x, **refs)
     return case
