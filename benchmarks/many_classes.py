@@ -37,6 +37,7 @@ def run_case(n: int, c: int, samples: int) -> dict:
 
     from fyc_convert.data.loader import subset_loader
     from fyc_convert.model.surgery import swap_classifier
+    from fyc_convert.options import FinetuneConfig
     from fyc_convert.train.finetune import calibrate
 
     torch.manual_seed(0)
@@ -56,12 +57,14 @@ def run_case(n: int, c: int, samples: int) -> dict:
     times["coherence"] = time.perf_counter() - t
     if data is not None:
         t = time.perf_counter()
-        calibrate(model, swap.head, data, device="cpu", teacher=teacher, distill=True, workers=0)
+        cal = calibrate(model, swap.head, data, FinetuneConfig(device="cpu", distill=True), teacher=teacher, workers=0)
+        times["calibration samples"] = cal.samples
         times["calibrate"] = time.perf_counter() - t
+    samples_used = times.pop("calibration samples", None)
     times["total"] = sum(times.values())
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"N": n, "C": c, "samples": samples, "embedding": swap.head.embedding, "coherence": coh,
-            "seconds": times, "peak_rss_mb": peak_mb}
+            "seconds": times, "peak_rss_mb": peak_mb, "calibration_samples": samples_used}
 
 
 def main() -> None:
@@ -81,7 +84,8 @@ def main() -> None:
         r = json.loads(out.stdout.strip().splitlines()[-1])
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in r["seconds"].items())
         print(f"N={r['N']} C={r['C']} samples={r['samples']} ({r['embedding']}): {steps}; "
-              f"peak RSS {r['peak_rss_mb']:.0f} MB; coherence {r['coherence']:.4f}", flush=True)
+              f"peak RSS {r['peak_rss_mb']:.0f} MB; coherence {r['coherence']:.4f}; calibration samples "
+              f"{r.get('calibration_samples')}", flush=True)
 
 
 if __name__ == "__main__":
