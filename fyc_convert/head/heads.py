@@ -50,9 +50,9 @@ _SCORE_MIN_INPUTS = 1 << 16  # raw() uses _Transform.score (no autograd) from th
 _WIDEN_MARGIN = 0.01  # from_linear doubles m only when calibrated agreement improves by more than this
 _TILE_MARGIN = 0.01  # ... and uses more frame tiles only when calibrated agreement improves by more than this
 _POOL_CANDIDATES = 1 << 16  # from_linear scores at most about this many frame vectors (whole tiles) ...
-_POOL_CELLS = 1 << 28  # ... and at most about this many class × vector scores (but never fewer than 2k tiles)
-_AGREEMENT_CELLS = 1 << 23  # calibrated agreement on at most this many (sample, class) logits ...
-_AGREEMENT_MIN_SAMPLES = 512  # ... but on at least this many samples
+_POOL_CELLS = 1 << 29  # ... and at most about this many class × vector scores (never fewer than k + 1 tiles)
+_FIT_CELLS = 1 << 23  # from_linear's α/b fit and calibrated agreement on at most this many (sample, class) logits
+_FIT_MIN_SAMPLES = 512  # ... but on at least this many samples
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -604,7 +604,12 @@ class HadamardHead(_FixedHead):
         is kept when its calibrated agreement with the trained layer is clearly better (see README).
         Size (kerdock): P = nextpow2(N); rows are first matched over a pool of frame tiles, then the
         k = ceil((C + 1)/P) or 2k tiles most classes took are kept: 2k by default, k when features are given
-        and its calibrated agreement is within a point of 2k's (fewer tiles, less head compute).
+        and its calibrated agreement is within a point of 2k's (fewer tiles, less head compute); k + 1 when
+        scoring C classes against 2k tiles would pass _POOL_CELLS (about 2^29 scores, e.g. 32,768 classes on
+        4,096 features).
+        Time: scoring is O(C·K·log P) for K scored vectors (K <= max(2^16, 2^29 / C), and at least the
+        k + 1 tiles the classes need), the greedy match O(C·K) plus a sort of 16·C pairs, everything else
+        O(N·K + min(S, 2^23 / C)·C + C·N²) — bounded for any C (issue 26; benchmarks/many_classes.py).
         Rows: each class c gets a distinct candidate row r (never an all-ones vector) maximising the summed
         score (:mod:`fyc_convert.head.assign`: Hungarian method; greedy for very large C × candidates); the score
         is the correlation over ``features`` between the trained logit ``W_c x`` and ``V_r x̂``, or
@@ -629,7 +634,7 @@ class HadamardHead(_FixedHead):
         b0 = linear.bias.detach().to("cpu", torch.float64) if linear.bias is not None else torch.zeros(c_out)
         embedding = _resolve_embedding(embedding, n_in, c_out)
         x = None if features is None else features.detach().to("cpu", torch.float64).reshape(-1, n_in)
-        fit = _LinearFit(w, b0, x, scorer(w, x), bias=bias, fixed_scale=fixed_scale)
+        fit = _LinearFit(w, b0, _bounded_sample(x, c_out), scorer(w, x), bias=bias, fixed_scale=fixed_scale)
         if embedding == "kerdock":
             head = fit.frame_head(cls, hadamard_size=hadamard_size)
         else:
@@ -637,9 +642,19 @@ class HadamardHead(_FixedHead):
         return head.to(linear.weight.device, linear.weight.dtype)
 
 
+def _bounded_sample(x: Tensor | None, num_classes: int) -> Tensor | None:
+    """A seeded subset of the features x (S, N) with S·C <= _FIT_CELLS (at least _FIT_MIN_SAMPLES): the α/b
+    fit and the calibrated agreement work on (S, C) logits, so their time and memory stay bounded in C."""
+    keep = max(_FIT_MIN_SAMPLES, _FIT_CELLS // num_classes)
+    if x is None or x.shape[0] <= keep:
+        return x
+    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:keep]]
+
+
 @dataclass
 class _LinearFit:
-    """What from_linear knows about the trained layer: W (C, N), b₀ (C,), features (S, N) | None, the scorer."""
+    """What from_linear knows about the trained layer: W (C, N), b₀ (C,), features (S, N) | None (a bounded
+    subset: `_bounded_sample`), the scorer (built from all of them)."""
 
     w: Tensor
     b0: Tensor
@@ -653,15 +668,9 @@ class _LinearFit:
         return fit_to_linear(head, self.w, self.b0, self.x, fixed_scale=self.fixed_scale)
 
     def agreement(self, head: HadamardHead) -> float:
-        """Calibrated top-1 agreement of ``head`` with the trained layer on (a seeded subset of) the features:
-        at most max(_AGREEMENT_MIN_SAMPLES, _AGREEMENT_CELLS / C) of them, so its (S, C) fit is bounded."""
+        """Calibrated top-1 agreement of ``head`` with the trained layer on the (bounded) features."""
         assert self.x is not None
-        c_out = self.w.shape[0]
-        keep = max(_AGREEMENT_MIN_SAMPLES, _AGREEMENT_CELLS // c_out)
-        x = self.x
-        if x.shape[0] > keep:
-            x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:keep]]
-        return calibrated_agreement(head, x, (x @ self.w.T + self.b0).argmax(dim=1))
+        return calibrated_agreement(head, self.x, (self.x @ self.w.T + self.b0).argmax(dim=1))
 
     def tile_head(self, cls: type[HadamardHead], *, embedding: Embedding, seed: int,
                   hadamard_size: int | None) -> HadamardHead:
@@ -692,7 +701,11 @@ class _LinearFit:
         if k_min > total:
             raise HeadError(f"the kerdock frame of size {size} has {total * size} vectors, too few for {c_out} "
                             f"classes; pass hadamard_size={2 * size} or embedding='tile'")
-        pool = list(range(min(total, max(2 * k_min, min(_POOL_CANDIDATES, _POOL_CELLS // c_out) // size))))
+        # Whole tiles: up to _POOL_CANDIDATES vectors within _POOL_CELLS scores; 2k tiles, or k + 1 when even
+        # those would be over the budget (very many classes: bounded time beats the wider start).
+        fits = min(_POOL_CANDIDATES, _POOL_CELLS // c_out) // size
+        floor = 2 * k_min if c_out * 2 * k_min * size <= _POOL_CELLS else k_min + 1
+        pool = list(range(min(total, max(floor, fits))))
         pool_tr = _frame_transform(n_in, size, pool)
         pool_cand = _candidate_rows(pool_tr)
         if pool_cand.numel() < c_out:
@@ -704,7 +717,7 @@ class _LinearFit:
         # At most twice the tiles the classes need (about twice the candidates, as the tile sizing): more
         # raise the calibrated agreement but not the fine-tuned accuracy (measured: see README).
         wide = min(2 * k_min, len(pool))
-        ks = [k_min, wide] if self.x is not None and wide > k_min else [wide]
+        ks = [k_min, wide] if self.x is not None and wide > k_min and floor == 2 * k_min else [wide]
         heads, scores = [], []
         for k in ks:
             if k >= len(pool):  # every pool tile: the pool's own assignment, unused tiles dropped
