@@ -11,6 +11,12 @@ ru_maxrss (the tiny model and the data are a few MB of it).
     python benchmarks/many_classes.py --case 2048 18000 0   # N, C, samples (0: no data)
 
 Target (issue 26): each case under 60 s wall on the 2-core machine, peak RSS under 4 GB.
+
+    python benchmarks/many_classes.py --glyph sample_models/data/glyphs_large.npz
+
+runs the large glyph sample (4,191 classes) through `convert(epochs=0)` twice, each in a fresh process:
+calibration within the S·C budget (`finetune.CALIBRATION_FLOATS`) and with the budget lifted (S up to
+20,000 as before), and prints the calibrated accuracy, the calibration samples, wall time and peak RSS of each.
 """
 
 from __future__ import annotations
@@ -67,13 +73,53 @@ def run_case(n: int, c: int, samples: int) -> dict:
             "seconds": times, "peak_rss_mb": peak_mb, "calibration_samples": samples_used}
 
 
+def run_glyph(data: str, budget: bool) -> dict:
+    """convert(epochs=0) of the large glyph sample in this process; budget=False lifts calibration's S·C cap."""
+    import tempfile
+
+    import fyc_convert.train.finetune as ft
+    from fyc_convert import convert
+
+    if not budget:
+        ft.CALIBRATION_FLOATS = 1 << 40
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        report = convert(REPO / "sample_models" / "glyph_large_cnn.pt", arch="sample_models.archs:glyph_large_cnn",
+                         data=data, epochs=0, output_dir=Path(out) / "o", device="cpu")
+    return {"budget": budget, "calibrated": report.accuracy.calibrated, "original": report.accuracy.original,
+            "samples": ft.calibration_samples(report.num_classes), "seconds": time.perf_counter() - t,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def glyph(data: str) -> None:
+    for budget in (True, False):
+        out = subprocess.run([sys.executable, __file__, "--glyph-one", data, str(int(budget))], capture_output=True,
+                             text=True, cwd=REPO)
+        if out.returncode:
+            print(f"budget={budget}: failed\n{out.stderr[-2000:]}")
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        samples = r["samples"] if budget else "up to 20,000"
+        print(f"large glyph, epochs 0, calibration {'within' if budget else 'without'} the S·C budget "
+              f"(samples {samples}): calibrated {100 * r['calibrated']:.2f}% (original {100 * r['original']:.2f}%), "
+              f"{r['seconds']:.1f} s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--case", nargs=3, type=int, action="append", metavar=("N", "C", "SAMPLES"))
+    ap.add_argument("--glyph", metavar="NPZ", help="the large glyph sample's data: calibration with/without budget")
     ap.add_argument("--one", nargs=3, type=int, help=argparse.SUPPRESS)  # internal: run one case here
+    ap.add_argument("--glyph-one", nargs=2, help=argparse.SUPPRESS)  # internal: one glyph run here
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_case(*args.one)))
+        return
+    if args.glyph_one:
+        print(json.dumps(run_glyph(args.glyph_one[0], bool(int(args.glyph_one[1])))))
+        return
+    if args.glyph:
+        glyph(args.glyph)
         return
     for case in args.case or CASES:
         out = subprocess.run([sys.executable, __file__, "--one", *map(str, case)], capture_output=True, text=True,

@@ -701,3 +701,16 @@ def test_fit_to_linear_recovers_a_reachable_scale_and_bias(kind: str) -> None:
     assert float(head.scale) == 4.0
     torch.testing.assert_close(head.bias.detach(), b - 1.5 * (x @ v.T).mean(dim=0), rtol=0, atol=1e-6)
     assert head.weight_overlap(v) == pytest.approx((float((v * v).sum()),) * 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("samples", [300, 5])  # S >= N: through the (N, N) moments; S < N: through the logits
+def test_scorer_directions_equal_their_definition(samples: int):
+    w = torch.randn(50, 8, generator=_gen(3), dtype=torch.float64)
+    x = torch.randn(samples, 8, generator=_gen(4), dtype=torch.float64) + 0.5
+    sc = assign_mod.scorer(w, x)
+    t = (x - x.mean(dim=0)) @ w.T  # (S, C) centred trained logits, unit norm per class
+    t = t / t.norm(dim=0)
+    xh = x / (x.norm(dim=1, keepdim=True) + 1e-8)
+    xh = xh - xh.mean(dim=0)
+    assert sc.directions.shape == (50, 8)
+    assert torch.allclose(sc.directions.double(), t.T @ xh, rtol=0, atol=1e-5)

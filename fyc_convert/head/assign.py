@@ -42,7 +42,7 @@ class Scorer:
     """Scores of classes against candidate class vectors; see the module docstring.
 
     Attributes:
-        directions: (C, N) float64 class directions a_c.
+        directions: (C, N) float32 class directions a_c (they only rank candidates: half the memory of float64).
         metric: (R, N) float64 factor of the metric, M = metricᵀ·metric (R = N or fewer), or None for M = I.
     """
 
@@ -80,7 +80,7 @@ def scorer(weight: Tensor, features: Tensor | None, *, eps: float = 1e-8) -> Sco
     """
     w = weight.detach().to("cpu", torch.float64)
     if features is None:
-        return Scorer(w / w.norm(dim=1, keepdim=True).clamp_min(1e-30), None)
+        return Scorer((w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)).float(), None)
     x = features.detach().to("cpu", torch.float64).reshape(-1, w.shape[1])
     sample = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:SCORE_SAMPLES]]
     xc = sample - sample.mean(dim=0)  # (S, N): the centred logits are t = xc·Wᵀ
@@ -91,7 +91,7 @@ def scorer(weight: Tensor, features: Tensor | None, *, eps: float = 1e-8) -> Sco
 
 
 def _directions(w: Tensor, xc: Tensor, xh: Tensor) -> Tensor:
-    """(C, N) float64 a_c = xhᵀ t_c with t_c = xc·w_c / ‖xc·w_c‖ (unit-norm centred logits over the sample).
+    """(C, N) float32 a_c = xhᵀ t_c with t_c = xc·w_c / ‖xc·w_c‖ (unit-norm centred logits over the sample).
 
     Never forms the (S, C) logits when S >= N: a_c = (xcᵀ xh)ᵀ w_c / ‖R_c w_c‖ (R_c from the QR of xc),
     O(C·N²); otherwise through t, O(S·C·N). The C-sized products run in float32 (the scores only rank).
@@ -100,10 +100,10 @@ def _directions(w: Tensor, xc: Tensor, xh: Tensor) -> Tensor:
     if xc.shape[0] >= xc.shape[1]:
         g = (xc.T @ xh).float()  # (N, N)
         rc = torch.linalg.qr(xc, mode="r").R.float()  # (N, N): ‖xc·v‖ = ‖R_c·v‖
-        return ((w32 @ g) / (w32 @ rc.T).norm(dim=1, keepdim=True).clamp_min(1e-30)).double()
+        return (w32 @ g).div_((w32 @ rc.T).norm(dim=1, keepdim=True).clamp_min(1e-30))
     t = xc.float() @ w32.T  # (S, C) centred trained logits, normalised per class
     t = t / t.norm(dim=0).clamp_min(1e-30)
-    return (t.T @ xh.float()).double()  # (C, N): t_cᵀ (xh·V_r) = (xhᵀ t_c)·V_r
+    return t.T @ xh.float()  # (C, N): t_cᵀ (xh·V_r) = (xhᵀ t_c)·V_r
 
 
 def match(score_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int, *,
