@@ -100,7 +100,8 @@ def _directions(w: Tensor, xc: Tensor, xh: Tensor) -> Tensor:
     if xc.shape[0] >= xc.shape[1]:
         g = (xc.T @ xh).float()  # (N, N)
         rc = torch.linalg.qr(xc, mode="r").R.float()  # (N, N): ‖xc·v‖ = ‖R_c·v‖
-        return (w32 @ g).div_((w32 @ rc.T).norm(dim=1, keepdim=True).clamp_min(1e-30))
+        norms = (w32 @ rc.T).norm(dim=1, keepdim=True).clamp_min(1e-30)  # (C, 1); its (C, N) product freed
+        return (w32 @ g).div_(norms)
     t = xc.float() @ w32.T  # (S, C) centred trained logits, normalised per class
     t = t / t.norm(dim=0).clamp_min(1e-30)
     return t.T @ xh.float()  # (C, N): t_cᵀ (xh·V_r) = (xhᵀ t_c)·V_r
