@@ -2,6 +2,7 @@
 through the whole job — swap, calibration with distillation, one epoch, export and verification.
 
 Prints its wall time and peak RSS (run with ``-s`` to see them); asserts the outputs and a memory bound.
+Marked slow: 7 s and 2.2 GB peak RSS on a quiet 2-core machine, up to 2 minutes under load.
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ def test_21843_classes_swap_calibrate_distill_one_epoch_export(tmp_path: Path, c
     rng = np.random.default_rng(0)
     np.savez(data, x_train=rng.standard_normal((600, 3, 16, 16)).astype(np.float32))  # unlabelled: --distill
     out = tmp_path / "out"
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     report = convert(ckpt, arch="models:ResNetFc", arch_kwargs=json.dumps(KWARGS), data=str(data), epochs=1,
                      batch_size=128, output_dir=out, device="cpu")
     seconds = time.perf_counter() - t0
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this test process, whole session so far
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak, whole session so far
     with capsys.disabled():
         print(f"\n21,843 classes on 64 features, 600 unlabelled images, distillation, 1 epoch, export: "
               f"{seconds:.1f} s wall, peak RSS {peak_mib:.0f} MiB")
@@ -48,4 +50,4 @@ def test_21843_classes_swap_calibrate_distill_one_epoch_export(tmp_path: Path, c
     assert (out / "model.onnx").is_file() and (out / "report.json").is_file()
     assert report.params.removed > 0.9 * 64 * CLASSES  # the 64 × 21,843 weight is gone
     assert report.coherence is not None and 0.0 < report.coherence < 1.0
-    assert peak_mib < 4096
+    assert peak_mib < 4096 or peak_before >= 4096  # (an earlier test of the session may have set the peak)
