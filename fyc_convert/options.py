@@ -25,7 +25,7 @@ from fyc_convert.errors import ArchError, DataError, OptionsError
 
 MIN_OPSET, MAX_OPSET = 13, 20  # the head builder's forms exist from 13; torch's TorchScript exporter stops at 20
 DEFAULT_OPSET = 17  # onnx2torch, ncnn/pnnx and older runtimes take <= 17
-HEAD_LAYOUTS = ("portable", "batch-switched")
+HEAD_LAYOUTS = ("portable", "batch-switched", "kron")
 QUANTIZE_MODES = ("none", "int8")
 INTERPOLATIONS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # onnxruntime vs PyTorch on logits (atol and rtol)
@@ -171,9 +171,11 @@ class ConvertOptions(DataOptions, FinetuneConfig):
     exporter: Literal["auto", "torchscript", "dynamo"] = option(
         "auto", "ONNX exporter: auto (TorchScript, then torch.export where it fails), torchscript or dynamo.",
         panel=_EXPORT, choices=("auto", "torchscript", "dynamo"))
-    head_layout: Literal["portable", "batch-switched"] = option(
-        "portable", "ONNX head graph: portable (every edge runtime) or batch-switched (an If on the batch size; "
-                    "onnxruntime servers with large heads and batches).", panel=_EXPORT, choices=HEAD_LAYOUTS)
+    head_layout: Literal["portable", "batch-switched", "kron"] = option(
+        "portable", "ONNX head graph: portable (add/sub only, every edge runtime), batch-switched (an If on the "
+                    "batch size; onnxruntime servers with large heads and batches) or kron (MatMuls by ±1 "
+                    "blocks of at most 32 x 32; runtimes with fast GEMM kernels, NPUs).", panel=_EXPORT,
+        choices=HEAD_LAYOUTS)
     static_batch: int | None = option(None, "Export with this fixed batch size (edge compilers, NPUs) instead of "
                                             "a dynamic batch axis.", panel=_EXPORT, ge=1)
     dtype: Literal["fp32", "fp16"] = option("fp32", "Precision of the exported backbone; inputs and outputs stay "

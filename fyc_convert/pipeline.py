@@ -400,7 +400,7 @@ def _export_and_verify(model, original, swap, bundle, input_shape, opts: Convert
         say("exporting original.onnx and model.onnx")
         ex = _export_models(model, original, swap, report, opts, input_shape)  # --embed-preprocessing wraps them
         orig_res, conv_res, opset = _export_both(ex, input_shape, opts, stage, report, say)
-        onnx_rep = _onnx_report(orig_res, conv_res, opset, opts)
+        onnx_rep = _onnx_report(orig_res, conv_res, opset, opts, swap)
         report.onnx = onnx_rep
         say("saving model.safetensors")
         save_converted(model, stage / "model.safetensors")  # every fixed head described in its header
@@ -484,13 +484,18 @@ def _export_both(ex, input_shape, opts: ConvertOptions, stage: Path, report: Rep
         return done
 
 
-def _onnx_report(orig_res, conv_res, opset: int, opts: ConvertOptions) -> OnnxReport:
-    return OnnxReport(original_bytes=orig_res.bytes, converted_bytes=conv_res.bytes,
-                      size_reduction_pct=100.0 * (1 - conv_res.bytes / orig_res.bytes),
-                      head_ops=dict(conv_res.head_ops), original_nodes=orig_res.node_count,
-                      converted_nodes=conv_res.node_count, opset=opset, dtype=opts.dtype,
-                      exporter=conv_res.exporter, exporter_failures=list(conv_res.exporter_failures),
-                      heads=[{"layer": h.layer, "scope": h.scope, "ops": dict(h.ops)} for h in conv_res.heads])
+def _onnx_report(orig_res, conv_res, opset: int, opts: ConvertOptions, swap) -> OnnxReport:
+    rep = OnnxReport(original_bytes=orig_res.bytes, converted_bytes=conv_res.bytes,
+                     size_reduction_pct=100.0 * (1 - conv_res.bytes / orig_res.bytes),
+                     head_ops=dict(conv_res.head_ops), original_nodes=orig_res.node_count,
+                     converted_nodes=conv_res.node_count, opset=opset, dtype=opts.dtype,
+                     exporter=conv_res.exporter, exporter_failures=list(conv_res.exporter_failures),
+                     heads=[{"layer": h.layer, "scope": h.scope, "ops": dict(h.ops)} for h in conv_res.heads])
+    if opts.head == "hadamard" and opts.head_layout == "kron":  # its MatMuls' cost, stated in the report
+        from fyc_convert.export.onnx_head_kron import kron_head_macs
+
+        rep.head_macs = kron_head_macs([h.head for h in swap.heads])
+    return rep
 
 
 def _verify(ex, swap, model, bundle, input_shape, opts: ConvertOptions, orig_res, conv_res, report: Report,

@@ -50,6 +50,7 @@ class OnnxReport:
     exporter: str | None = None  # "torchscript" or "dynamo": whose graph model.onnx is
     exporter_failures: list[str] = field(default_factory=list)  # exporters tried before it, one line each
     heads: list[dict[str, Any]] = field(default_factory=list)  # every fixed head: layer, scope, ops
+    head_macs: int | None = None  # --head-layout kron: multiply-adds per sample of its ±1 block MatMuls
 
 
 @dataclass
@@ -258,6 +259,8 @@ def render(report: Report, console: Console) -> None:
         # with an If on the batch size the census holds both branches; each call runs one of them
         paths = ", 2 paths" if o.head_ops.get("If") else ""
         t.add_row("classifier ops", "1 Gemm", f"{_int(total)} ({_int(addsub)} add/sub{paths})", f"{dense} MatMul")
+        if o.head_macs is not None:  # the kron layout's ±1 blocks; the Gemm's are its weights (N·C)
+            t.add_row("classifier multiply-adds", "", _int(o.head_macs), "per sample")
     a = report.accuracy
     if a.measured_on is None:
         t.add_row("accuracy", "—", "—", "no --data")

@@ -45,6 +45,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
     return out, result
 
 
+@pytest.mark.slow
 def test_full_run_writes_every_output(full_run: tuple[Path, object]) -> None:
     out, result = full_run
     assert result.exit_code == 0, result.output
@@ -54,6 +55,7 @@ def test_full_run_writes_every_output(full_run: tuple[Path, object]) -> None:
     assert not list(out.glob(".*.tmp")), "temporary files left behind"
 
 
+@pytest.mark.slow
 def test_full_run_report_values(full_run: tuple[Path, object]) -> None:
     out, _ = full_run
     rep = json.loads((out / "report.json").read_text())
@@ -88,6 +90,7 @@ def test_full_run_report_values(full_run: tuple[Path, object]) -> None:
     assert lat["model_b1"]["original"] > 0 and lat["head_b64"]["converted"] > 0
 
 
+@pytest.mark.slow
 def test_full_run_onnx_and_safetensors_match_the_converted_model(full_run: tuple[Path, object]) -> None:
     out, _ = full_run
     # The original architecture + the written weights = the converted model (head rebuilt from the header).
@@ -111,6 +114,7 @@ def test_full_run_onnx_and_safetensors_match_the_converted_model(full_run: tuple
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_existing_output_folder_needs_force(full_run: tuple[Path, object]) -> None:
     out, _ = full_run
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -180,6 +184,7 @@ def test_missing_checkpoint_exits_1_with_one_line(tmp_path: Path, cli) -> None:
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
+@pytest.mark.slow
 def test_verification_failure_exits_3_and_keeps_only_failed_name(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # Export a head whose bias differs from the PyTorch model's: the real onnxruntime comparison must catch it.

@@ -15,6 +15,7 @@ from torch import nn
 from fyc_convert.errors import ExportError
 from fyc_convert.export.onnx_export import HEAD_PREFIX, export_onnx, head_entries
 from fyc_convert.export.onnx_head import HeadSpec, portable_node_bound
+from fyc_convert.export.onnx_head_kron import kron_node_bound
 from fyc_convert.export.verify import check_head_static, verify_onnx
 from fyc_convert.head.record import HeadRecord, compact_rows, decode_heads, parse_rows
 from fyc_convert.model.surgery import swap_classifier
@@ -121,6 +122,26 @@ def test_default_export_is_portable(tmp_path):
     assert not {"If", "Shape", "MatMul", "Gemm", "Conv"} & set(res.head_ops)
     assert _metadata(res.path)["fyc_convert.head_layout"] == "portable"
     assert sum(res.head_ops.values()) <= portable_node_bound(HeadSpec.from_module(head))
+
+
+@pytest.mark.parametrize("static_batch", [None, 4, 64])
+@pytest.mark.parametrize("name", ["resnet_fc", "vit_head"])
+def test_kron_export_matches_pytorch(name, static_batch, tmp_path):
+    """--head-layout kron: MatMul by ±1 blocks is the head's one dense op, within its node bound, and the
+    whole model matches PyTorch at dynamic and static batches (batch-major first block up to 32, then not)."""
+    layout = LAYOUTS[name]()
+    head = _swap(layout.model, layout.layer)
+    res = export_onnx(layout.model, tmp_path / "model.onnx", input_shape=layout.input_shape, head_layer=layout.layer,
+                      head_layout="kron", static_batch=static_batch)
+    assert _metadata(res.path)["fyc_convert.head_layout"] == "kron"
+    census = check_head_static(res.path, num_classes=head.num_classes, embed_size=head.embed_size)
+    assert census == res.head_ops and {"MatMul"} == {"MatMul", "Gemm", "Conv", "If", "Shape"} & set(census)
+    assert sum(census.values()) <= kron_node_bound(HeadSpec.from_module(head))
+    with pytest.raises(ExportError, match="MatMul"):  # the add/sub-only check refuses it
+        check_head_static(res.path, num_classes=head.num_classes, embed_size=head.embed_size, layout="portable")
+    real = torch.randn(6, *layout.input_shape, generator=torch.Generator().manual_seed(3))
+    ver = verify_onnx(res.path, layout.model, inputs=real, input_shape=layout.input_shape, static_batch=static_batch)
+    assert ver.max_abs_diff <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["resnet_fc", "vit_head"])

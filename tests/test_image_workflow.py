@@ -8,6 +8,7 @@ import json
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from image_folders import write_class_folders
 
@@ -41,6 +42,7 @@ ARCH = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # end to end: convert, fine-tune with workers, export, verify
 def test_timm_style_model_on_a_train_val_jpeg_folder(tmp_path: Path) -> None:
     (tmp_path / "tiny_timm.py").write_text(ARCH)
     arch = f"{tmp_path / 'tiny_timm.py'}:build"

@@ -33,6 +33,19 @@ def test_classifier_ops_cell(head_ops: dict[str, int], cell: str) -> None:
     assert max(len(line) for line in text.splitlines()) <= 80
 
 
+def test_kron_multiply_adds_row() -> None:
+    """--head-layout kron states its MatMuls' multiply-adds per sample; the add/sub layouts have no such row."""
+    report = _report({"MatMul": 2, "Mul": 3, "Reshape": 4, "Gather": 1})
+    report.onnx.head_macs = 81_920
+    out = io.StringIO()
+    render(report, Console(file=out, width=80, color_system=None))
+    row = next(line for line in out.getvalue().splitlines() if "multiply-adds" in line)
+    assert "81,920" in row and "per sample" in row
+    plain = io.StringIO()
+    render(_report({"Add": 20}), Console(file=plain, width=80, color_system=None))
+    assert "multiply-adds" not in plain.getvalue()
+
+
 def _report_with(removed_pct: float, size_pct: float | None, b1: tuple[float, float] | None = None):
     from fyc_convert.report import OnnxReport, ParamsReport, Report
 

@@ -1,11 +1,11 @@
-"""The Hadamard head as an ONNX subgraph of add/sub butterflies (no MatMul, Gemm or Conv), and its checks.
+"""The Hadamard head as an ONNX subgraph (by default add/sub butterflies: no MatMul, Gemm or Conv), and its checks.
 
 Math (docs/design.md): ``logits = scale / (‖x‖ + eps) · (H_m · fold(embed(x)))[rows] + bias``, or with a
 block table (K, P): ``logits = scale / (‖x‖ + eps) · (concat_k H_P(table[k] ⊙ pad(x)))[rows] + bias``.
 The normalisation and α are one per-sample factor α / (‖x‖ + eps), applied to whichever of the N inputs and
 the C outputs is smaller (the map is linear in x, so both orders give the same function).
 
-Two layouts (`build_head(..., layout=...)`):
+Three layouts (`build_head(..., layout=...)`):
 
 - "portable" (the default): only ops, and forms of ops, that the edge converters handle (onnx2tf/LiteRT,
   pnnx/ncnn, onnx2torch, OpenVINO, the simplifiers and onnxruntime's quantizer): Transpose, Concat,
@@ -18,8 +18,10 @@ Two layouts (`build_head(..., layout=...)`):
   end in natural order and contiguous class rows are one Slice. Two levels share one stage above 64
   points; the node count is bounded by `portable_node_bound`.
 - "batch-switched": onnxruntime-server layout with an If on the batch size (see `onnx_head_switched`).
+- "kron": the transform as MatMuls by small ±1 Hadamard blocks, batch last, for runtimes with strong GEMM
+  kernels and NPUs; never the default (see `onnx_head_kron`).
 
-Speeds of both are measured by benchmarks/head_onnx.py (numbers in the README).
+Speeds of the layouts are measured by benchmarks/head_onnx.py (numbers in docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from fyc_convert.errors import ExportError
+from fyc_convert.export.head_embed import embed_fold, kept_table, major_embed, pad_rows, table_embed
 from fyc_convert.export.head_spec import HeadSpec
+from fyc_convert.export.onnx_head_kron import KRON_CONSTANT_LIMIT, KRON_MAX_BLOCK, kron_logits
 from fyc_convert.export.onnx_head_switched import switched_logits
 from fyc_convert.export.ops import Ops, butterflies
 from fyc_convert.options import DEFAULT_OPSET, HEAD_LAYOUTS, MIN_OPSET
@@ -41,6 +45,7 @@ __all__ = [
     "HEAD_PREFIX",
     "HeadLayout",
     "HeadSpec",
+    "LAYOUT_KEY",
     "build_head",
     "check_head_static",
     "head_model",
@@ -50,7 +55,8 @@ __all__ = [
 ]
 
 HEAD_PREFIX = "fyc_head/"
-HeadLayout = Literal["portable", "batch-switched"]
+LAYOUT_KEY = "fyc_convert.head_layout"  # metadata: the layout the head was built in (the export writes it too)
+HeadLayout = Literal["portable", "batch-switched", "kron"]
 # MIN_OPSET: ReduceSum takes its axes as an input from 13 on, Split its sizes 13..17 (num_outputs from 18);
 # DEFAULT_OPSET 17: onnx2torch, ncnn/pnnx and older runtimes take <= 17. Declared with the options (no torch).
 DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "ConvInteger",
@@ -58,36 +64,9 @@ DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinea
 
 
 # ------------------------------------------------------------------------------------- portable layout
-def _kept_table(spec: HeadSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(table, rows): only the blocks of the table that hold class rows, rows renumbered into them."""
-    assert spec.table is not None
-    p = spec.table.shape[1]
-    blocks = np.unique(spec.rows // p)
-    rows = np.searchsorted(blocks, spec.rows // p) * p + spec.rows % p
-    return spec.table[blocks], rows
-
-
-def _embed_fold_portable(ops: Ops, xt: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variable:
-    """(N, B) -> (m, B): x̃_i = s_i · x_{i mod N} for i < n, then the fold y_k = Σ_t x̃_{k + t·m}."""
-    n_feat, m, n = spec.in_features, spec.hadamard_size, spec.embed_size
-    y = xt
-    if n > n_feat:
-        reps = -(-n // n_feat)
-        # a no-op Reshape first: onnxruntime would otherwise move the Transpose that made `xt` below the
-        # Concat and transpose the n-row result instead of the N-row input
-        y = ops.concat([ops.reshape(xt, [n_feat, batch])] * reps, axis=0)
-        y = ops.slice(y, 0, n) if reps * n_feat > n else y
-        signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)[:, None]  # (n, 1)
-        y = ops.op1("Mul", [y, ops.const("signs", signs)])
-    if n > m:
-        y = ops.reduce_sum(ops.reshape(y, [n // m, m * batch if batch > 0 else -1]), [0], keepdims=1)  # (1, m·B)
-        y = ops.reshape(y, [m, batch])
-    return y
-
-
 # Butterfly levels per Split/Concat stage of the portable layout: two (10 nodes per 2 levels, a quarter fewer
 # passes over the data than one level at a time) except for transforms of up to 2^_SMALL_MAX_BITS points,
-# where only the node count matters (4 per level). Measured by benchmarks/head_onnx.py (see the README).
+# where only the node count matters (4 per level). Measured by benchmarks/head_onnx.py (docs/benchmarks.md).
 _RADIX_BITS = 2
 _SMALL_MAX_BITS = 6
 
@@ -145,7 +124,7 @@ def _interleaved_table_embed(ops: Ops, xt: gs.Variable, n_feat: int, table: np.n
     columns, (P, K·B) read as (P·K, B), place x_j in rows j·K .. j·K + K - 1.
     """
     k, p = table.shape
-    xt = _pad_rows(ops, xt, n_feat, p)
+    xt = pad_rows(ops, xt, n_feat, p)
     mult = table.T.copy()  # (P, K)
     mult[n_feat:] = 0.0
     if k > 1:
@@ -153,34 +132,6 @@ def _interleaved_table_embed(ops: Ops, xt: gs.Variable, n_feat: int, table: np.n
     if k == 1 and p == n_feat and np.all(mult == 1.0):
         return xt
     return ops.op1("Mul", [xt, ops.const("table", mult.reshape(p * k, 1).astype(ops.dtype))])
-
-
-def _pad_rows(ops: Ops, xt: gs.Variable, n_feat: int, p: int) -> gs.Variable:
-    """(N, B) -> (P, B) by repeating x (rows j >= N: any values; the table's zeros there clear them)."""
-    if p <= n_feat:
-        return xt
-    reps = -(-p // n_feat)
-    xt = ops.concat([xt] * reps, axis=0)
-    return ops.slice(xt, 0, p) if reps * n_feat > p else xt
-
-
-def _table_embed(ops: Ops, xt: gs.Variable, n_feat: int, table: np.ndarray, batch: int) -> gs.Variable:
-    """(N, B) -> (K·P, B): row k·P + j holds table[k, j] · x_j (x zero-padded to P), natural order.
-
-    K copies of x stacked along the rows (K contiguous copies) and one Mul by the (K·P, 1) table column,
-    broadcast over the batch only.
-    """
-    k, p = table.shape
-    xt = _pad_rows(ops, xt, n_feat, p)
-    mult = table.copy()
-    mult[:, n_feat:] = 0.0
-    if k > 1:
-        # a no-op Reshape first: onnxruntime would otherwise move the Transpose that made `xt` below the
-        # Concat and transpose the K-times larger result
-        xt = ops.concat([ops.reshape(xt, [p, batch])] * k, axis=0)
-    if k == 1 and p == n_feat and np.all(mult == 1.0):
-        return xt
-    return ops.op1("Mul", [xt, ops.const("table", mult.reshape(k * p, 1).astype(ops.dtype))])
 
 
 def _major_wht(ops: Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> gs.Variable:
@@ -204,43 +155,9 @@ def _major_wht(ops: Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> 
     return y
 
 
-def _major_embed(ops: Ops, x: gs.Variable, spec: HeadSpec, table: np.ndarray | None) -> gs.Variable:
-    """(B, N) -> (B, K·P) = concat_k table[k] ⊙ pad(x) (a table), or (B, m) = fold(embed(x)), batch-major."""
-    n_feat = spec.in_features
-    if table is not None:
-        k, p = table.shape
-        y = _pad_cols(ops, x, n_feat, p)
-        y = ops.concat([y] * k, axis=1)  # (B, K·P), column k·P + j
-        mult = table.copy()
-        mult[:, n_feat:] = 0.0
-        if k == 1 and p == n_feat and np.all(mult == 1.0):
-            return y
-        return ops.op1("Mul", [y, ops.const("table", mult.reshape(1, k * p).astype(ops.dtype))])
-    m, n = spec.hadamard_size, spec.embed_size
-    y = x
-    if n > n_feat:
-        y = _pad_cols(ops, x, n_feat, n)
-        signs = np.concatenate([np.ones(n_feat), spec.signs]).astype(ops.dtype)[None, :]  # (1, n)
-        y = ops.op1("Mul", [y, ops.const("signs", signs)])
-    width = n
-    while width > m:  # the fold, by halves: y_k = Σ_t x̃_{k + t·m}
-        left, right = ops.split(y, 2, axis=1, sizes=[width // 2, width // 2])
-        y, width = ops.op1("Add", [left, right]), width // 2
-    return y
-
-
-def _pad_cols(ops: Ops, x: gs.Variable, n_feat: int, width: int) -> gs.Variable:
-    """(B, N) -> (B, width) by repeating x along the columns (cut to width)."""
-    if width <= n_feat:
-        return x
-    reps = -(-width // n_feat)
-    y = ops.concat([x] * reps, axis=1)
-    return ops.slice(y, 0, width, axis=1) if reps * n_feat > width else y
-
-
 # A static batch of up to _MAJOR_MAX_BATCH rows runs batch-major (`_major_wht`: no Transpose, and the
 # fewest copies per node at batch 1); larger and dynamic batches run batch-minor, where every Split/Concat
-# moves runs of at least B floats. Measured by benchmarks/head_onnx.py (see the README).
+# moves runs of at least B floats. Measured by benchmarks/head_onnx.py (docs/benchmarks.md).
 _MAJOR_MAX_BATCH = 4
 
 
@@ -252,11 +169,11 @@ def _portable(ops: Ops, x: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variab
     Transforms of up to 2^_SMALL_MAX_BITS points run `_small_wht` instead (4 nodes per level, outputs
     bit-reversed, always picked by the Gather); a small static batch runs batch-major (`_major_wht`).
     """
-    table, rows = _kept_table(spec) if spec.table is not None else (None, spec.rows)
+    table, rows = kept_table(spec) if spec.table is not None else (None, spec.rows)
     k, p = table.shape if table is not None else (1, spec.hadamard_size)
     bits = p.bit_length() - 1
     if 0 < batch <= _MAJOR_MAX_BATCH and bits > _SMALL_MAX_BITS:
-        y = _major_embed(ops, x, spec, table)  # (B, K·P)
+        y = major_embed(ops, x, spec, table)  # (B, K·P)
         y = ops.reshape(_major_wht(ops, y, p * k, bits, batch), [batch, k * p])  # (B, K·P), natural order
         c = len(rows)
         if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
@@ -267,14 +184,14 @@ def _portable(ops: Ops, x: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variab
         if table is not None:
             y = _interleaved_table_embed(ops, xt, spec.in_features, table, batch)  # (P·K, B), row j·K + k
         else:
-            y = _embed_fold_portable(ops, xt, spec, batch)  # (m, B)
+            y = embed_fold(ops, xt, spec, batch)  # (m, B)
         y = ops.reshape(_small_wht(ops, y, p * k, bits), [k * p, batch])  # block k, row rev(j)
         pos = (rows // p) * p + _bitrev(rows % p, bits)
     else:
         if table is not None:
-            y = _table_embed(ops, xt, spec.in_features, table, batch)  # (K·P, B), row k·P + j
+            y = table_embed(ops, xt, spec.in_features, table, batch)  # (K·P, B), row k·P + j
         else:
-            y = _embed_fold_portable(ops, xt, spec, batch)  # (m, B)
+            y = embed_fold(ops, xt, spec, batch)  # (m, B)
         y = ops.reshape(_natural_wht(ops, y, p * k, bits, batch), [k * p, batch])  # (K·P, B), natural order
         c = len(rows)
         if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
@@ -321,8 +238,9 @@ def build_head(
         spec: The head (see `HeadSpec.from_module`).
         prefix: Name prefix of every node and constant added.
         dtype: Float dtype of `features` and the logits.
-        layout: "portable" (no If, no Shape, static reshapes; the default) or "batch-switched" (an If on the
-            batch size picks a cache-blocked branch for large batches; onnxruntime only).
+        layout: "portable" (no If, no Shape, static reshapes; the default), "batch-switched" (an If on the
+            batch size picks a cache-blocked branch for large batches; onnxruntime only) or "kron" (MatMuls
+            by ±1 blocks of at most 32 x 32; GEMM runtimes and NPUs).
         static_batch: The fixed batch size of the graph, written into every reshape; None: dynamic.
         feature_shape: The feature tensor's shape without the batch, e.g. (T, N); needed for rank > 2
             features to reshape statically (default: read from `features.shape`).
@@ -360,8 +278,8 @@ def build_head(
     if scale_input:
         x = ops.op1("Mul", [x, factor])
     bias = None if spec.bias is None else ops.const("bias", spec.bias.astype(ops.dtype))
-    if layout == "portable":
-        logits = _portable(ops, x, spec, batch)
+    if layout in ("portable", "kron"):
+        logits = _portable(ops, x, spec, batch) if layout == "portable" else kron_logits(ops, x, spec, batch)
         if not scale_input:
             logits = ops.op1("Mul", [logits, factor])
         if bias is not None:
@@ -416,7 +334,8 @@ def head_model(
         prefix: Node name prefix.
         time_axis: Take (batch, T, N) features instead of (batch, N).
         time_steps: T as a fixed size (then every reshape is static); None: a dynamic "T" axis.
-        layout: "portable" or "batch-switched" (see `build_head`).
+        layout: "portable", "batch-switched" or "kron" (see `build_head`); written into the model's
+            metadata as ``fyc_convert.head_layout``, which `check_head_static` reads.
         static_batch: A fixed batch size; None: the dynamic axis ``batch_size``.
 
     Returns:
@@ -438,6 +357,7 @@ def head_model(
     model.opset_import.append(onnx.helper.make_opsetid("", opset))
     model.ir_version = ir_version if ir_version is not None else onnx.helper.find_min_ir_version_for(
         model.opset_import)
+    onnx.helper.set_model_props(model, {LAYOUT_KEY: layout})
     onnx.checker.check_model(model)
     return model
 
@@ -509,42 +429,74 @@ def largest_head_constant(model: onnx.ModelProto, prefix: str = HEAD_PREFIX) -> 
     return max((size for name, size in sizes.items() if name in used), default=0)
 
 
+def _layout_of(model: onnx.ModelProto) -> str:
+    return next((p.value for p in model.metadata_props if p.key == LAYOUT_KEY), "portable")
+
+
+def _check_kron_blocks(model: onnx.ModelProto, prefix: str) -> None:
+    """Every MatMul of a kron head reads one ±1 square block of at most KRON_MAX_BLOCK (on either side)."""
+    inits = {init.name: init for init in _all_initializers(model.graph)}
+    for node in _head_nodes(model, prefix):
+        if node.op_type != "MatMul":
+            continue
+        block = next((inits[name] for name in node.input if name in inits), None)
+        values = None if block is None else onnx.numpy_helper.to_array(block)
+        if values is None or values.ndim != 2 or values.shape[0] != values.shape[1] or (
+                values.shape[0] > KRON_MAX_BLOCK or not np.all(np.abs(values) == 1)):
+            raise ExportError(
+                f"the kron head's MatMul {node.name} does not read a ±1 block of at most {KRON_MAX_BLOCK} x "
+                f"{KRON_MAX_BLOCK}; re-export with --head-layout kron and without a simplifier"
+            )
+
+
 def check_head_static(
     model_or_path: onnx.ModelProto | str | Any,
     *,
     num_classes: int,
     embed_size: int,
     prefix: str = HEAD_PREFIX,
+    layout: str | None = None,
 ) -> dict[str, int]:
     """Check that the head subgraph is slim: add/sub and data movement, no dense matrix.
+
+    The "kron" layout may multiply by ±1 Hadamard blocks: MatMul is its one dense op, each reads a square
+    ±1 block of at most 32 x 32, and its constants may reach max(C, n, 1024) elements.
 
     Args:
         model_or_path: the exported model, or its path.
         num_classes: C.
         embed_size: n, the embedded length (the head's `embed_size`).
         prefix: the head's name scope.
+        layout: the head's layout; None: the model's ``fyc_convert.head_layout`` metadata ("portable"
+            when absent).
 
     Returns:
         Op census of the head subgraph, {op_type: count}.
 
     Raises:
-        ExportError: no node is under `prefix`, a MatMul/Gemm/Conv is in the head, or a head constant has
-            more than max(num_classes, embed_size) elements.
+        ExportError: no node is under `prefix`, a MatMul/Gemm/Conv is in the head (a kron head: any dense
+            op but MatMul by a ±1 block), or a head constant has more than max(num_classes, embed_size)
+            elements (kron: max(num_classes, embed_size, 1024)).
     """
     model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path))
+    layout = _layout_of(model) if layout is None else layout
     census = head_op_census(model, prefix)
     if not census:
         raise ExportError(f"no {prefix} nodes in the exported graph; export with head_layer set to the swapped head")
-    dense = sorted(op for op in census if op in DENSE_OPS)
+    allowed = ("MatMul",) if layout == "kron" else ()
+    dense = sorted(op for op in census if op in DENSE_OPS and op not in allowed)
     if dense:
         raise ExportError(
             f"the head subgraph contains {', '.join(dense)}; it must be add/sub only, re-export without a simplifier"
         )
-    limit = max(num_classes, embed_size)
+    if layout == "kron":
+        _check_kron_blocks(model, prefix)
+    limit = max(num_classes, embed_size, KRON_CONSTANT_LIMIT if layout == "kron" else 0)
+    limit_name = f"max(C, n, {KRON_CONSTANT_LIMIT})" if layout == "kron" else "max(C, n)"
     largest = largest_head_constant(model, prefix)
     if largest > limit:
         raise ExportError(
-            f"the head reads a constant of {largest} elements (limit max(C, n) = {limit}); "
+            f"the head reads a constant of {largest} elements (limit {limit_name} = {limit}); "
             "a pass re-inflated the head, re-export without constant folding"
         )
     return census

@@ -4,7 +4,7 @@ An onnxruntime-server choice (`build_head(..., layout="batch-switched")`), not p
 multi-axis views are what edge converters refuse. Below _BLOCK_MIN_BATCH samples the whole transform runs
 at once (fewer, larger nodes); from there on the transforms run in chunks of about _BLOCK_POINTS points so
 that each chunk's butterfly chain stays in the L2 cache. Measured against the portable layout by
-benchmarks/head_onnx.py (numbers in the README).
+benchmarks/head_onnx.py (numbers in docs/benchmarks.md).
 
 - whole copies (N a power of two, n = m = T·N): H_m = H_T ⊗ H_N, so the sign flip and the top log2(T)
   butterfly levels are one Mul of x by the table H_T·S (only the K tiles holding class rows), then K

@@ -47,6 +47,8 @@ NCNN_GATHER = "ncnn has no gather layer; pnnx keeps one index of the class-row G
 PNNX_DYNAMIC = ("pnnx drops Split sizes that depend on the batch (ncnn then crashes): convert the "
                 "static-batch export")
 QDQ_HEAD = "int8 QDQ rounds each of the head's 9-11 butterfly levels; exclude fyc_head/ nodes"
+# what int8 quantizers put around or in place of a MatMul
+QUANTIZED_OPS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul"}
 _BUILT: dict[str, zoo.Case] = {}
 
 
@@ -89,9 +91,14 @@ def _check_slim(tool_onnx: Path, source: Path, case: zoo.Case) -> None:
     assert _dense_count(out) <= _dense_count(src), "the tool added a MatMul/Gemm/Conv"
     limit = max(_largest_initializer(src), case.num_classes, case.embed_size)
     assert _largest_initializer(out) <= limit, "the tool re-inflated a constant"
+    quantized = {n.op_type for n in out.graph.node if n.name.startswith(HEAD_PREFIX)} & QUANTIZED_OPS
+    if case.layout == "kron" and quantized:
+        return  # int8 ±1 blocks (exact in int8): no float block left to check; the bounds above hold
     if any(n.name.startswith(HEAD_PREFIX) for n in out.graph.node):  # names kept: the head's own checks
-        census = check_head_static(out, num_classes=case.num_classes, embed_size=case.embed_size)
-        assert not {_family(op) for op in census} & {"MatMul", "Conv"}
+        # tools may drop the metadata that names the layout: the case says it
+        census = check_head_static(out, num_classes=case.num_classes, embed_size=case.embed_size, layout=case.layout)
+        dense = {"Conv"} if case.layout == "kron" else {"MatMul", "Conv"}  # kron: MatMul by its ±1 blocks
+        assert not {_family(op) for op in census} & dense
 
 
 def _record(tool: str, case: str, variant: str, run: ToolRun | ToolFailed | None, ref: np.ndarray | None,
@@ -146,6 +153,8 @@ def test_tool_keeps_the_converted_model_exact(tool: str, case_name: str, zoo_dir
     if isinstance(ours, ToolFailed):
         if isinstance(original, ToolFailed):
             pytest.skip(f"{tool} fails on the original too: {original}")
+        if tool == "pnnx-ncnn" and case.layout == "kron" and _picks_by_gather(case):
+            pytest.xfail(f"{NCNN_GATHER}; on the kron head pnnx also leaves a Reshape ncnn cannot load ({ours})")
         pytest.fail(f"{tool} fails only on the converted model: {ours}")
     if tool == "pnnx-ncnn" and _picks_by_gather(case):
         try:

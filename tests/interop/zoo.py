@@ -3,6 +3,8 @@
 `build_case(name, folder)` exports, into `folder/<name>/`:
   original.onnx, model.onnx            dynamic batch (the default export: portable head, opset 17)
   original_b1.onnx, model_b1.onnx      the same models exported with a static batch of 1
+A name ending in "-kron" (e.g. "glyph-kron") is the same case with model*.onnx exported with
+`head_layout="kron"` (the Kronecker head: MatMuls by ±1 blocks), checked as such.
   rows.npz                             x (S, *input_shape) real rows (random ones for the large heads),
                                        ref_original, ref_model (S, C): the PyTorch logits
 `build_int8(case)` adds what `--quantize int8` writes, calibrated on other rows (training rows of the samples):
@@ -28,7 +30,8 @@ from fyc_convert.model.surgery import capture_features, swap_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = 16  # real rows per case: batches of 4, and the first 4 one by one
-CASES = ("digits", "glyph", "wide2048x18000", "wide512x32000")
+CASES = ("digits", "glyph", "wide2048x18000", "wide512x32000", "digits-kron", "glyph-kron")
+KRON = "-kron"
 
 
 @dataclass
@@ -39,6 +42,7 @@ class Case:
     in_features: int
     num_classes: int
     embed_size: int
+    layout: str = "portable"  # the converted model's head layout
 
     def path(self, variant: str) -> Path:
         """variant: original, model, original_b1, model_b1, or (after `build_int8`) original.int8, model.int8."""
@@ -113,16 +117,18 @@ def build_case(name: str, folder: Path) -> Case:
     if meta.exists():
         return Case(**{**json.loads(meta.read_text()), "folder": out})
     out.mkdir(parents=True, exist_ok=True)
-    original, converted, x = _models(name)
+    layout = "kron" if name.endswith(KRON) else "portable"
+    original, converted, x = _models(name.removesuffix(KRON))
     shape = tuple(x.shape[1:])
     for variant, model, layer in (("original", original, None), ("model", converted, "fc")):
-        export_onnx(model, out / f"{variant}.onnx", input_shape=shape, head_layer=layer)
-        export_onnx(model, out / f"{variant}_b1.onnx", input_shape=shape, head_layer=layer, static_batch=1)
+        for suffix, batch in (("", None), ("_b1", 1)):
+            export_onnx(model, out / f"{variant}{suffix}.onnx", input_shape=shape, head_layer=layer,
+                        head_layout=layout, static_batch=batch)
     with torch.no_grad():
         np.savez(out / "rows.npz", x=x.numpy(), ref_original=original(x).numpy(), ref_model=converted(x).numpy())
     head = converted.fc
     case = Case(name=name, folder=out, input_shape=shape, in_features=head.in_features,
-                num_classes=head.num_classes, embed_size=head.embed_size)
+                num_classes=head.num_classes, embed_size=head.embed_size, layout=layout)
     meta.write_text(json.dumps({k: v for k, v in asdict(case).items() if k != "folder"}))
     return case
 
