@@ -20,6 +20,7 @@ from image_folders import write_class_folders
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import fyc_convert.train.finetune as ft
 from fyc_convert.data.datasets import UNLABELLED, NpyDataset, load_data
 from fyc_convert.errors import DataError, TrainingError
 from fyc_convert.head.heads import HadamardHead, OrthogonalHead
@@ -188,6 +189,22 @@ def test_calibrate_unlabelled_needs_distill_and_fits_the_teacher():
         calibrate(model, head, unlabelled, FinetuneConfig(device="cpu"))
     cal = calibrate(model, head, unlabelled, FinetuneConfig(device="cpu", distill=True), teacher=teacher)
     assert cal.loss_after < cal.loss_before
+
+
+def test_calibration_samples_cap_samples_times_classes():
+    assert ft.calibration_samples(10) == 20_000  # few classes: max_samples
+    assert ft.calibration_samples(21_843) == ft.CALIBRATION_FLOATS // 21_843 == 1536
+    assert ft.calibration_samples(4_191) * 4_191 <= ft.CALIBRATION_FLOATS
+    assert ft.calibration_samples(100_000) == ft.CALIBRATION_MIN_SAMPLES  # the floor
+    assert ft.calibration_samples(10, 500) == 500
+
+
+def test_calibrate_uses_at_most_the_float_budget_of_samples(monkeypatch: pytest.MonkeyPatch):
+    model, head, bundle = build()  # 90 training samples, 4 classes
+    monkeypatch.setattr(ft, "CALIBRATION_FLOATS", 4 * 40)
+    monkeypatch.setattr(ft, "CALIBRATION_MIN_SAMPLES", 8)
+    cal = calibrate(model, head, bundle.train, FinetuneConfig(device="cpu"))
+    assert cal.samples == 40 and cal.loss_after < cal.loss_before
 
 
 def test_calibrate_rejects_a_head_outside_the_model():

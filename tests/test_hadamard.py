@@ -14,6 +14,7 @@ from fyc_convert.head.hadamard import (
     embed_fold,
     embedding_matrix,
     fwht,
+    fwht_matmul,
     fwht_reference,
     hadamard_project,
     next_pow2,
@@ -233,3 +234,15 @@ def test_fwht_and_project_on_cuda():
     rows = torch.arange(1, 1001)
     out = hadamard_project(x[:, :1000].cuda(), signs.cuda(), rows.cuda(), n=2048, m=2048)
     assert torch.allclose(out.cpu(), hadamard_project(x[:, :1000], signs, rows, n=2048, m=2048), atol=1e-3)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 5, 6, 9, 11, 12, 15])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-4), (torch.float64, 1e-9)])
+def test_fwht_matmul_equals_the_reference(k: int, dtype: torch.dtype, tol: float):
+    x = torch.randn(3, 2, 1 << k, generator=_gen(k), dtype=torch.float64)
+    ref = torch.from_numpy(fwht_reference(x.numpy()))
+    out = fwht_matmul(x.to(dtype))
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.allclose(out.double(), ref, rtol=0, atol=tol * math.sqrt(1 << k))
+    with pytest.raises(ValueError, match="power-of-two"):
+        fwht_matmul(torch.zeros(2, 3))

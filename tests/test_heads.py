@@ -387,10 +387,49 @@ def test_default_scale_gives_logits_of_order_ten():
     assert frame.scale.item() * math.sqrt(512) == pytest.approx(10.0)  # every ‖V_r‖² = N
 
 
+@pytest.mark.parametrize("big_n, c, embedding", [(64, 1000, "kerdock"), (128, 4500, "kerdock"), (16, 100, "kerdock"),
+                                                 (100, 300, "tile"), (192, 300, "tile"), (48, 40, "pad"),
+                                                 (96, 900, "kerdock")])
+def test_bounded_coherence_equals_the_exact_reference_where_it_is_cheap(big_n: int, c: int, embedding: str):
+    # analytic (Kerdock 1/√P, Gold √(2/P)) when N = P; otherwise all pairs of the (C <= 2048) classes directly
+    head = HadamardHead(big_n, c, embedding=embedding).double()
+    exact = heads_mod._rows_coherence(head._transform(), head.rows)
+    assert head.coherence() == pytest.approx(exact, abs=1e-12)
+    assert exact > 0.0
+
+
+def test_transform_score_and_vectors_equal_the_fast_projection():
+    cases = [HadamardHead(100, 300, embedding="tile"), HadamardHead(48, 40, embedding="pad", hadamard_size=64),
+             HadamardHead(96, 900, embedding="kerdock"), HadamardHead(64, 200, embedding="tile"),
+             HadamardHead(64, 1000, embedding="kerdock")]
+    for head in cases:
+        tr = head.double()._transform()
+        x = torch.randn(37, head.in_features, generator=_gen(5), dtype=torch.float64)
+        assert torch.allclose(tr.score(x, head.rows), tr.project(x, head.rows), rtol=0, atol=1e-9)
+        assert torch.equal(tr.vectors(head.rows), head.class_vectors())
+        w = torch.randn(head.num_classes, head.in_features, generator=_gen(6), dtype=torch.float64)
+        v = head.class_vectors()
+        dot, sq = head.weight_overlap(w)
+        assert dot == pytest.approx(float((v * w).sum()), rel=1e-10) and sq == pytest.approx(float((v * v).sum()))
+
+
+def test_raw_without_autograd_takes_the_matmul_transform_and_agrees(monkeypatch: pytest.MonkeyPatch):
+    head = HadamardHead(100, 300, embedding="tile")
+    x = torch.randn(64, 100, generator=_gen(7))
+    monkeypatch.setattr(heads_mod, "_SCORE_MIN_INPUTS", 1)
+    calls = []
+    score = heads_mod._Transform.score
+    monkeypatch.setattr(heads_mod._Transform, "score", lambda tr, *a: calls.append(1) or score(tr, *a))
+    with torch.no_grad():
+        fast = head.raw(x)
+    slow = head.raw(x.requires_grad_())  # autograd: the add/sub stages
+    assert calls == [1] and torch.allclose(fast, slow.detach(), rtol=0, atol=1e-5)
+
+
 def test_coherence_above_the_exact_limit_is_a_seeded_sample(monkeypatch: pytest.MonkeyPatch):
     head = HadamardHead(192, 300)
     exact = head.coherence()
-    monkeypatch.setattr(heads_mod, "_EXACT_COHERENCE_MAX_C", 100)
+    monkeypatch.setattr(heads_mod, "_COHERENCE_SAMPLE", 100)
     sampled = head.coherence()
     assert 0.0 < sampled <= exact + 1e-12
     assert head.coherence() == sampled  # same seed, same sample
@@ -662,3 +701,16 @@ def test_fit_to_linear_recovers_a_reachable_scale_and_bias(kind: str) -> None:
     assert float(head.scale) == 4.0
     torch.testing.assert_close(head.bias.detach(), b - 1.5 * (x @ v.T).mean(dim=0), rtol=0, atol=1e-6)
     assert head.weight_overlap(v) == pytest.approx((float((v * v).sum()),) * 2, rel=1e-12)
+
+
+@pytest.mark.parametrize("samples", [300, 5])  # S >= N: through the (N, N) moments; S < N: through the logits
+def test_scorer_directions_equal_their_definition(samples: int):
+    w = torch.randn(50, 8, generator=_gen(3), dtype=torch.float64)
+    x = torch.randn(samples, 8, generator=_gen(4), dtype=torch.float64) + 0.5
+    sc = assign_mod.scorer(w, x)
+    t = (x - x.mean(dim=0)) @ w.T  # (S, C) centred trained logits, unit norm per class
+    t = t / t.norm(dim=0)
+    xh = x / (x.norm(dim=1, keepdim=True) + 1e-8)
+    xh = xh - xh.mean(dim=0)
+    assert sc.directions.shape == (50, 8)
+    assert torch.allclose(sc.directions.double(), t.T @ xh, rtol=0, atol=1e-5)

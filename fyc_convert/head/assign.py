@@ -30,8 +30,8 @@ __all__ = ["Scorer", "calibrated_agreement", "match", "scorer"]
 
 LSA_MAX_CELLS = 4_000_000  # C × candidates above this: greedy assignment instead of the Hungarian method
 SCORE_SAMPLES = 4096  # features used to score rows (a seeded subsample)
-_CHUNK = 512  # classes per score block: (512, K) float64, fewer when K is large
-_BLOCK_CELLS = 1 << 24  # at most this many scores per block (128 MiB of float64)
+_CHUNK = 512  # classes per score block: (512, K) float32, fewer when K is large
+_BLOCK_CELLS = 1 << 24  # at most this many scores per block (64 MiB of float32)
 _TOP_K = 16  # candidates per class considered by the greedy pass
 
 Project = Callable[[Tensor, Tensor], Tensor]  # (B, N) rows, (K,) candidates -> (B, K) = rows @ V[cand].T
@@ -42,7 +42,7 @@ class Scorer:
     """Scores of classes against candidate class vectors; see the module docstring.
 
     Attributes:
-        directions: (C, N) float64 class directions a_c.
+        directions: (C, N) float32 class directions a_c (they only rank candidates: half the memory of float64).
         metric: (R, N) float64 factor of the metric, M = metricᵀ·metric (R = N or fewer), or None for M = I.
     """
 
@@ -62,12 +62,12 @@ class Scorer:
         return sq.sqrt().clamp_min(1e-30)
 
     def block(self, project: Project, cand: Tensor, norms: Tensor) -> Callable[[Tensor], Tensor]:
-        """score_fn(idx) -> (len(idx), K) float64 scores of the classes idx against the candidates.
+        """score_fn(idx) -> (len(idx), K) float32 scores of the classes idx against the candidates.
 
-        The transform runs in float32 (half the memory traffic; the scores only rank candidates).
+        The transform and the scores are float32 (half the memory traffic; the scores only rank candidates).
         """
-        directions = self.directions.float()
-        return lambda idx: project(directions[idx], cand).double() / norms
+        directions, inv = self.directions.float(), 1 / norms.float()
+        return lambda idx: project(directions[idx], cand).mul_(inv)
 
 
 def scorer(weight: Tensor, features: Tensor | None, *, eps: float = 1e-8) -> Scorer:
@@ -80,23 +80,38 @@ def scorer(weight: Tensor, features: Tensor | None, *, eps: float = 1e-8) -> Sco
     """
     w = weight.detach().to("cpu", torch.float64)
     if features is None:
-        return Scorer(w / w.norm(dim=1, keepdim=True).clamp_min(1e-30), None)
+        return Scorer((w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)).float(), None)
     x = features.detach().to("cpu", torch.float64).reshape(-1, w.shape[1])
     sample = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:SCORE_SAMPLES]]
-    t = sample @ w.T  # (S, C) trained logits, centred and normalised per class
-    t = t - t.mean(dim=0)
-    t = t / t.norm(dim=0).clamp_min(1e-30)
+    xc = sample - sample.mean(dim=0)  # (S, N): the centred logits are t = xc·Wᵀ
     xh = sample / (sample.norm(dim=1, keepdim=True) + eps)  # (S, N) the head's input
     xh = xh - xh.mean(dim=0)
     r = torch.linalg.qr(xh, mode="r").R  # (min(S, N), N): ‖xh·v‖ = ‖R·v‖ for every v
-    return Scorer(t.T @ xh, r)  # (C, N): t_cᵀ (xh·V_r) = (xh ᵀ t_c)·V_r
+    return Scorer(_directions(w, xc, xh), r)
+
+
+def _directions(w: Tensor, xc: Tensor, xh: Tensor) -> Tensor:
+    """(C, N) float32 a_c = xhᵀ t_c with t_c = xc·w_c / ‖xc·w_c‖ (unit-norm centred logits over the sample).
+
+    Never forms the (S, C) logits when S >= N: a_c = (xcᵀ xh)ᵀ w_c / ‖R_c w_c‖ (R_c from the QR of xc),
+    O(C·N²); otherwise through t, O(S·C·N). The C-sized products run in float32 (the scores only rank).
+    """
+    w32 = w.float()
+    if xc.shape[0] >= xc.shape[1]:
+        g = (xc.T @ xh).float()  # (N, N)
+        rc = torch.linalg.qr(xc, mode="r").R.float()  # (N, N): ‖xc·v‖ = ‖R_c·v‖
+        norms = (w32 @ rc.T).norm(dim=1, keepdim=True).clamp_min(1e-30)  # (C, 1); its (C, N) product freed
+        return (w32 @ g).div_(norms)
+    t = xc.float() @ w32.T  # (S, C) centred trained logits, normalised per class
+    t = t / t.norm(dim=0).clamp_min(1e-30)
+    return t.T @ xh.float()  # (C, N): t_cᵀ (xh·V_r) = (xhᵀ t_c)·V_r
 
 
 def match(score_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int, *,
           max_cells: int | None = None) -> Tensor:
     """Give each class a distinct candidate, maximising the summed score. Returns (C,) candidate indices.
 
-    ``score_fn(idx)`` gives the (len(idx), K) float64 score block for the classes ``idx``. Exact Hungarian
+    ``score_fn(idx)`` gives the (len(idx), K) float score block for the classes ``idx``. Exact Hungarian
     method when C·K <= max_cells (default LSA_MAX_CELLS); otherwise greedy over per-class top-k lists (best pairs
     first), repeated
     for the classes left over with the taken candidates masked out.
@@ -107,7 +122,7 @@ def match(score_fn: Callable[[Tensor], Tensor], num_classes: int, num_cand: int,
     chunk = max(1, min(_CHUNK, _BLOCK_CELLS // num_cand))
     if num_classes * num_cand <= (LSA_MAX_CELLS if max_cells is None else max_cells):
         cos = torch.cat([score_fn(classes[s : s + chunk]) for s in range(0, num_classes, chunk)])
-        cls, cand = linear_sum_assignment(cos.numpy(), maximize=True)
+        cls, cand = linear_sum_assignment(cos.double().numpy(), maximize=True)
         out = np.empty(num_classes, dtype=np.int64)
         out[cls] = cand
         return torch.from_numpy(out)

@@ -23,8 +23,18 @@ from fyc_convert.errors import HeadError
 from fyc_convert.head import assign
 from fyc_convert.head.assign import Scorer, calibrated_agreement, match, scorer
 from fyc_convert.head.fit import fit_to_linear
-from fyc_convert.head.frames import frame_table, frame_tiles
-from fyc_convert.head.hadamard import block_project, coherence, hadamard_project, is_pow2, next_pow2, whole_copy_table
+from fyc_convert.head.frames import frame_coherence, frame_table, frame_tiles
+from fyc_convert.head.hadamard import (
+    block_project,
+    coherence,
+    embed_fold,
+    fwht_matmul,
+    hadamard_project,
+    is_pow2,
+    next_pow2,
+    sylvester,
+    whole_copy_table,
+)
 
 __all__ = ["HadamardHead", "OrthogonalHead", "cosine_loss"]
 
@@ -33,11 +43,16 @@ EMBEDDINGS = ("tile", "pad", "kerdock")
 
 _MAX_DOUBLINGS = 4  # default sizing may grow m up to 16x its first choice before giving up
 _DEFAULT_LOGIT_RANGE = 10.0  # initial α·‖V_c‖: logits start as 10·cos(V_c, x)
-_EXACT_COHERENCE_MAX_C = 8192
+_COHERENCE_SAMPLE = 2048  # coherence over all pairs of at most this many classes (a seeded sample above)
 _CHUNK = 512
+_SCORE_CELLS = 1 << 22  # transform outputs per block of _Transform.score (32 MiB of float64)
+_SCORE_MIN_INPUTS = 1 << 16  # raw() uses _Transform.score (no autograd) from this many input entries
 _WIDEN_MARGIN = 0.01  # from_linear doubles m only when calibrated agreement improves by more than this
 _TILE_MARGIN = 0.01  # ... and uses more frame tiles only when calibrated agreement improves by more than this
-_POOL_CANDIDATES = 1 << 16  # from_linear scores at most about this many frame vectors (whole tiles)
+_POOL_CANDIDATES = 1 << 16  # from_linear scores at most about this many frame vectors (whole tiles) ...
+_POOL_CELLS = 1 << 29  # ... and at most about this many class × vector scores (never fewer than k + 1 tiles)
+_FIT_CELLS = 1 << 23  # from_linear's α/b fit and calibrated agreement on at most this many (sample, class) logits
+_FIT_MIN_SAMPLES = 512  # ... but on at least this many samples
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -75,6 +90,39 @@ class _Transform:
             return block_project(x, signs.view(-1, self.hadamard_size), rows)
         return hadamard_project(x, signs, rows, n=self.embed_size, m=self.hadamard_size)
 
+    def score(self, x: Tensor, rows: Tensor) -> Tensor:
+        """``project`` without autograd, by :func:`fwht_matmul` (several times faster on a CPU for large
+        batches): (B, N) -> (B, len(rows)) in x's dtype, in blocks of at most _SCORE_CELLS transform outputs."""
+        table = self.table()
+        t = None if table is None else table.to(x.dtype)[:, : self.in_features]  # (K, N) of the (K, P) table
+        outputs = self.outputs if table is not None else self.hadamard_size
+        step = max(1, _SCORE_CELLS // outputs)
+        out = torch.empty((x.shape[0], rows.numel()), dtype=x.dtype, device=x.device)
+        for s in range(0, x.shape[0], step):
+            xb = x[s : s + step]
+            if table is None:  # (b, m): embed and fold, then one m-point transform
+                y = embed_fold(xb, self.signs.to(x.dtype), n=self.embed_size, m=self.hadamard_size)
+            elif table.shape[1] == self.in_features:  # (b, K, P): table[k] ⊙ x, then K P-point transforms
+                y = xb.unsqueeze(1) * t
+            else:  # (b, K, P): table[k] ⊙ pad(x, P)
+                y = torch.zeros((xb.shape[0], *table.shape), dtype=x.dtype, device=x.device)
+                torch.mul(xb.unsqueeze(1), t, out=y[:, :, : self.in_features])
+            torch.index_select(fwht_matmul(y).view(xb.shape[0], -1), 1, rows, out=out[s : s + step])
+        return out
+
+    def vectors(self, rows: Tensor) -> Tensor:
+        """(len(rows), N) float64 class vectors built entry by entry (no transform): O(len(rows)·n)."""
+        rows, big_n, m = rows.cpu(), self.in_features, self.hadamard_size
+        if self.embedding == "kerdock":
+            table = self.signs.double().cpu().view(-1, m)[:, :big_n]
+            return table[rows // m] * _sylvester_rows(rows % m, m)[:, :big_n]
+        i = torch.arange(self.embed_size)  # x̃_i = s̃_i x_{i mod N} folded onto i mod m
+        s = torch.cat([torch.ones(big_n, dtype=torch.float64), self.signs.double().cpu()])
+        h = _sylvester_rows(rows, m)  # (len(rows), m)
+        if self.embed_size == m == big_n:
+            return h
+        return torch.zeros((rows.numel(), big_n), dtype=torch.float64).index_add_(1, i % big_n, s * h[:, i % m])
+
     def double(self) -> _Transform:
         """The same transform with float64 signs (exact integer class vectors for norms and cosines)."""
         return replace(self, signs=self.signs.double())
@@ -86,6 +134,14 @@ class _Transform:
             return [0]
         table = self.signs.view(-1, self.hadamard_size)[:, : self.in_features]
         return [k * self.hadamard_size for k in torch.nonzero(table.eq(1).all(dim=1)).flatten().tolist()]
+
+
+def _sylvester_rows(rows: Tensor, size: int) -> Tensor:
+    """(len(rows), size) float64 rows of the Sylvester matrix H_size, by its Kronecker split H_a ⊗ H_b."""
+    a = 1 << ((size.bit_length() - 1) // 2)
+    b = size // a
+    h_a, h_b = sylvester(a, dtype=torch.float64), sylvester(b, dtype=torch.float64)
+    return (h_a[rows // b].unsqueeze(2) * h_b[rows % b].unsqueeze(1)).view(-1, size)  # H[r, j] = H_a·H_b
 
 
 def _make_signs(n_extra: int, embedding: Embedding, seed: int) -> Tensor:
@@ -227,6 +283,12 @@ def _resolve_embedding(embedding: Embedding | None, in_features: int, num_classe
     return embedding
 
 
+def _no_autograd(x: Tensor) -> bool:
+    """Whether a head output of x needs no graph: no grad mode (or no grad needed) and no trace or export."""
+    tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    return not tracing and not (torch.is_grad_enabled() and x.requires_grad)
+
+
 def _normalize(x: Tensor, eps: float) -> Tensor:
     """x / (‖x‖₂ + eps) along the last dim; the norm is accumulated in fp32 at least (fp16 overflows)."""
     acc = torch.promote_types(x.dtype, torch.float32)
@@ -234,28 +296,61 @@ def _normalize(x: Tensor, eps: float) -> Tensor:
     return x / (norm + eps).to(x.dtype)
 
 
-def _norms_sq(tr: _Transform, rows: Tensor) -> Tensor:
-    """(len(rows),) float64 ‖V_r‖², from the transformed identity in chunks of features."""
-    acc = torch.zeros(rows.numel(), dtype=torch.float64, device=rows.device)
+def _identity_blocks(tr: _Transform, rows: Tensor):
+    """Yield (s, (c, len(rows)) = V[rows, s:s+c]ᵀ): the transform of identity rows in chunks of features.
+
+    All that norms and overlaps need costs N·outputs transform outputs this way (fwht_matmul), against
+    C·n entries for the class vectors themselves (n ≫ N for a tiled head of many classes).
+    """
+    device = tr.signs.device
     for s in range(0, tr.in_features, _CHUNK):
         c = min(_CHUNK, tr.in_features - s)
-        eye = torch.zeros(c, tr.in_features, dtype=torch.float64, device=rows.device)
+        eye = torch.zeros(c, tr.in_features, dtype=torch.float64, device=device)
         eye[torch.arange(c), torch.arange(s, s + c)] = 1.0  # rows s..s+c of the identity
-        acc += tr.project(eye, rows).square().sum(dim=0)  # (c, len(rows)) = V.T chunk
-    return acc
+        yield s, tr.score(eye, rows.to(device))
+
+
+def _norms_sq(tr: _Transform, rows: Tensor) -> Tensor:
+    """(len(rows),) float64 ‖V_r‖², from the transformed identity in chunks of features."""
+    acc = torch.zeros(rows.numel(), dtype=torch.float64, device=tr.signs.device)
+    for _, vt in _identity_blocks(tr, rows):
+        acc += vt.square().sum(dim=0)
+    return acc.to(rows.device)
 
 
 def _rows_coherence(tr: _Transform, rows: Tensor) -> float:
-    """Exact max |cos| among the class vectors of ``rows`` (float64; cost ~ C·(N + outputs·log P))."""
+    """Exact max |cos| among the class vectors of ``rows`` by the fast transform (float64; cost ~
+    C·(N + outputs·log P)): the reference :meth:`HadamardHead.coherence` is tested against."""
     eye = torch.eye(tr.in_features, dtype=torch.float64, device=rows.device)
     v = tr.project(eye, rows).T  # (C, N) class vectors
     return coherence(v, chunk=_CHUNK, dots=lambda u: tr.project(u, rows))  # cosines via the fast transform
 
 
+def _sampled_coherence(tr: _Transform, rows: Tensor) -> float:
+    """Max |cos| over the pairs among at most _COHERENCE_SAMPLE of ``rows`` (a seeded sample when there are
+    more; exact otherwise): class vectors built directly, one Gram matrix, O(min(C, 2048)²·N)."""
+    if rows.numel() > _COHERENCE_SAMPLE:
+        g = torch.Generator().manual_seed(0)
+        rows = rows.cpu()[torch.randperm(rows.numel(), generator=g)[:_COHERENCE_SAMPLE]]
+    v = tr.vectors(rows)  # (S, N)
+    return coherence(v, chunk=_CHUNK)
+
+
+def _frame_coherence(tr: _Transform, rows: Tensor) -> float | None:
+    """The analytic coherence of a frame head with N = P (docs/design.md), or None when there is none: 0 on
+    one tile (Hadamard rows), else 1/√P for a Kerdock set (every cross-tile pair has |cos| = 1/√P exactly;
+    tested for P = 4 … 256) or √(2/P) for the Gold-like family (its bound, reached by most pairs)."""
+    if tr.embedding != "kerdock" or tr.in_features != tr.hadamard_size:
+        return None
+    tiles = torch.unique(rows.cpu() // tr.hadamard_size).numel()
+    return 0.0 if tiles < 2 else frame_coherence(tr.hadamard_size)
+
+
 def _assign_rows(sc: Scorer, tr: _Transform, cand: Tensor, num_classes: int) -> Tensor:
     """(C,) rows of ``tr``: the candidates matched to the classes by ``sc`` (see fyc_convert.head.assign)."""
-    project = tr.project
-    return cand[match(sc.block(project, cand, sc.norms(project, cand)), num_classes, cand.numel())]
+    project = tr.score
+    norms = _norms_sq(tr, cand).sqrt().clamp_min(1e-30) if sc.metric is None else sc.norms(project, cand)
+    return cand[match(sc.block(project, cand, norms), num_classes, cand.numel())]
 
 
 def _frame_rows(sc: Scorer, in_features: int, num_classes: int, size: int, k: int, pool: list[int],
@@ -269,7 +364,11 @@ def _frame_rows(sc: Scorer, in_features: int, num_classes: int, size: int, k: in
         if cand.numel() >= num_classes or k >= len(pool):
             break
         k += 1
-    rows = _assign_rows(sc, tr, cand, num_classes)
+    return _drop_unused(tiles, _assign_rows(sc, tr, cand, num_classes), size)
+
+
+def _drop_unused(tiles: list[int], rows: Tensor, size: int) -> tuple[list[int], Tensor]:
+    """(tiles, rows) over ``tiles`` -> the same vectors over only the tiles that hold a class."""
     used = torch.unique(rows // size)  # (K',) positions of the tiles that hold a class
     remap = torch.full((len(tiles),), -1, dtype=torch.int64)
     remap[used] = torch.arange(used.numel())
@@ -430,7 +529,11 @@ class HadamardHead(_FixedHead):
         """``V · x̂`` without scale and bias: (..., N) -> (..., C)."""
         if x.shape[-1] != self.in_features:
             raise HeadError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        return self._transform().project(_normalize(x, self.eps), self.rows)  # (..., C)
+        tr = self._transform()
+        if _no_autograd(x) and x.device.type == "cpu" and x.numel() >= _SCORE_MIN_INPUTS:  # large CPU batches
+            return tr.score(_normalize(x, self.eps).reshape(-1, self.in_features), self.rows).view(
+                *x.shape[:-1], self.num_classes)  # fwht_matmul: several times faster
+        return tr.project(_normalize(x, self.eps), self.rows)  # (..., C)
 
     def block_table(self) -> np.ndarray | None:
         """The (K, P) float64 table of the block form, or None when the head has none.
@@ -461,25 +564,26 @@ class HadamardHead(_FixedHead):
         return self._transform().project(eye, self.rows).T.contiguous()  # (C, N)
 
     def weight_overlap(self, weight: Tensor) -> tuple[float, float]:
-        """(Σ_c W_c·V_c, Σ_c ‖V_c‖²) for a (C, N) weight in the signs' dtype, by the fast transform in chunks of
-        classes (V is never formed): what `fit.fit_to_linear` needs."""
-        tr, rows = self._transform(), self.rows
-        dots = torch.cat([  # (C,) W_c · V_{rows[c]}
-            tr.project(weight[s : s + _CHUNK], rows[s : s + _CHUNK]).diagonal() for s in range(0, rows.numel(), _CHUNK)
-        ])
-        return float(dots.sum()), float(_norms_sq(tr, rows).sum())
+        """(Σ_c W_c·V_c, Σ_c ‖V_c‖²) for a (C, N) weight, from the transformed identity in chunks of
+        features (O(N·outputs) transform outputs; V is never whole): what `fit.fit_to_linear` needs."""
+        w = weight.detach().to(self.signs.device, torch.float64)
+        dot = sq = 0.0
+        for s, vt in _identity_blocks(self._transform().double(), self.rows):  # (c, C) = V[:, s:s+c]ᵀ
+            dot += float((vt * w[:, s : s + vt.shape[0]].T).sum())
+            sq += float(vt.square().sum())
+        return dot, sq
 
     def coherence(self) -> float:
-        """Max |cos| between distinct class vectors (float64).
+        """Max |cos| between distinct class vectors (float64), in bounded time for any C.
 
-        Exact for C <= 8192 (each class vector is pushed through the fast transform, in chunks); above
-        that, the max over all pairs among 8192 classes drawn with a fixed seed (a lower bound).
+        A "kerdock" head with N = P: the frame's analytic value (exactly 1/√P for a Kerdock set on two or
+        more tiles, the bound √(2/P) for the Gold-like family, 0 on one tile). Otherwise exact over all pairs
+        for C <= 2048 and, above that, the max over the pairs among 2048 classes drawn with a fixed seed (a
+        lower bound). Cost O(min(C, 2048)²·N), never a transform of every class.
         """
-        rows = self.rows
-        if rows.numel() > _EXACT_COHERENCE_MAX_C:
-            g = torch.Generator().manual_seed(0)
-            rows = rows[torch.randperm(rows.numel(), generator=g)[:_EXACT_COHERENCE_MAX_C].to(rows.device)]
-        return _rows_coherence(self._transform().double(), rows)
+        tr = self._transform().double()
+        known = _frame_coherence(tr, self.rows)
+        return known if known is not None else _sampled_coherence(tr, self.rows)
 
     @classmethod
     def from_linear(
@@ -500,7 +604,12 @@ class HadamardHead(_FixedHead):
         is kept when its calibrated agreement with the trained layer is clearly better (see README).
         Size (kerdock): P = nextpow2(N); rows are first matched over a pool of frame tiles, then the
         k = ceil((C + 1)/P) or 2k tiles most classes took are kept: 2k by default, k when features are given
-        and its calibrated agreement is within a point of 2k's (fewer tiles, less head compute).
+        and its calibrated agreement is within a point of 2k's (fewer tiles, less head compute); k + 1 when
+        scoring C classes against 2k tiles would pass _POOL_CELLS (about 2^29 scores, e.g. 32,768 classes on
+        4,096 features).
+        Time: scoring is O(C·K·log P) for K scored vectors (K <= max(2^16, 2^29 / C), and at least the
+        k + 1 tiles the classes need), the greedy match O(C·K) plus a sort of 16·C pairs, everything else
+        O(N·K + min(S, 2^23 / C)·C + C·N²) — bounded for any C (issue 26; benchmarks/many_classes.py).
         Rows: each class c gets a distinct candidate row r (never an all-ones vector) maximising the summed
         score (:mod:`fyc_convert.head.assign`: Hungarian method; greedy for very large C × candidates); the score
         is the correlation over ``features`` between the trained logit ``W_c x`` and ``V_r x̂``, or
@@ -525,7 +634,7 @@ class HadamardHead(_FixedHead):
         b0 = linear.bias.detach().to("cpu", torch.float64) if linear.bias is not None else torch.zeros(c_out)
         embedding = _resolve_embedding(embedding, n_in, c_out)
         x = None if features is None else features.detach().to("cpu", torch.float64).reshape(-1, n_in)
-        fit = _LinearFit(w, b0, x, scorer(w, x), bias=bias, fixed_scale=fixed_scale)
+        fit = _LinearFit(w, b0, _bounded_sample(x, c_out), scorer(w, x), bias=bias, fixed_scale=fixed_scale)
         if embedding == "kerdock":
             head = fit.frame_head(cls, hadamard_size=hadamard_size)
         else:
@@ -533,9 +642,19 @@ class HadamardHead(_FixedHead):
         return head.to(linear.weight.device, linear.weight.dtype)
 
 
+def _bounded_sample(x: Tensor | None, num_classes: int) -> Tensor | None:
+    """A seeded subset of the features x (S, N) with S·C <= _FIT_CELLS (at least _FIT_MIN_SAMPLES): the α/b
+    fit and the calibrated agreement work on (S, C) logits, so their time and memory stay bounded in C."""
+    keep = max(_FIT_MIN_SAMPLES, _FIT_CELLS // num_classes)
+    if x is None or x.shape[0] <= keep:
+        return x
+    return x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:keep]]
+
+
 @dataclass
 class _LinearFit:
-    """What from_linear knows about the trained layer: W (C, N), b₀ (C,), features (S, N) | None, the scorer."""
+    """What from_linear knows about the trained layer: W (C, N), b₀ (C,), features (S, N) | None (a bounded
+    subset: `_bounded_sample`), the scorer (built from all of them)."""
 
     w: Tensor
     b0: Tensor
@@ -549,7 +668,7 @@ class _LinearFit:
         return fit_to_linear(head, self.w, self.b0, self.x, fixed_scale=self.fixed_scale)
 
     def agreement(self, head: HadamardHead) -> float:
-        """Calibrated top-1 agreement of ``head`` with the trained layer on the features."""
+        """Calibrated top-1 agreement of ``head`` with the trained layer on the (bounded) features."""
         assert self.x is not None
         return calibrated_agreement(head, self.x, (self.x @ self.w.T + self.b0).argmax(dim=1))
 
@@ -582,7 +701,11 @@ class _LinearFit:
         if k_min > total:
             raise HeadError(f"the kerdock frame of size {size} has {total * size} vectors, too few for {c_out} "
                             f"classes; pass hadamard_size={2 * size} or embedding='tile'")
-        pool = list(range(min(total, max(2 * k_min, _POOL_CANDIDATES // size))))
+        # Whole tiles: up to _POOL_CANDIDATES vectors within _POOL_CELLS scores; 2k tiles, or k + 1 when even
+        # those would be over the budget (very many classes: bounded time beats the wider start).
+        fits = min(_POOL_CANDIDATES, _POOL_CELLS // c_out) // size
+        floor = 2 * k_min if c_out * 2 * k_min * size <= _POOL_CELLS else k_min + 1
+        pool = list(range(min(total, max(floor, fits))))
         pool_tr = _frame_transform(n_in, size, pool)
         pool_cand = _candidate_rows(pool_tr)
         if pool_cand.numel() < c_out:
@@ -594,10 +717,13 @@ class _LinearFit:
         # At most twice the tiles the classes need (about twice the candidates, as the tile sizing): more
         # raise the calibrated agreement but not the fine-tuned accuracy (measured: see README).
         wide = min(2 * k_min, len(pool))
-        ks = [k_min, wide] if self.x is not None and wide > k_min else [wide]
+        ks = [k_min, wide] if self.x is not None and wide > k_min and floor == 2 * k_min else [wide]
         heads, scores = [], []
         for k in ks:
-            tiles, rows = _frame_rows(self.sc, n_in, c_out, size, k, pool, order)
+            if k >= len(pool):  # every pool tile: the pool's own assignment, unused tiles dropped
+                tiles, rows = _drop_unused(pool, first, size)
+            else:
+                tiles, rows = _frame_rows(self.sc, n_in, c_out, size, k, pool, order)
             head = self.fitted(cls(n_in, c_out, bias=self.bias, fixed_scale=self.fixed_scale, rows=rows,
                                    hadamard_size=size, embedding="kerdock", tiles=tiles).double())
             heads.append(head)

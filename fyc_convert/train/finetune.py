@@ -48,6 +48,7 @@ from fyc_convert.train.recipe import facts_of, plan
 from fyc_convert.train.run_state import CHECKPOINT_NAME, checkpoint_header, load_checkpoint, write_checkpoint
 
 __all__ = [
+    "CALIBRATION_FLOATS",
     "CHECKPOINT_NAME",
     "Calibration",
     "EpochStats",
@@ -55,12 +56,16 @@ __all__ = [
     "FinetuneResult",
     "Metrics",
     "calibrate",
+    "calibration_samples",
     "evaluate",
     "finetune",
     "gradient_bytes",
     "resolve_device",
     "resolve_precision",
 ]
+
+CALIBRATION_FLOATS = 1 << 25  # calibration's S·C cap: 128 MiB per float32 (S, C) matrix it keeps (z, teacher logits)
+CALIBRATION_MIN_SAMPLES = 1024  # ... but never fewer samples than this (S·C grows past the cap above 32,768 classes)
 
 
 @dataclass
@@ -259,7 +264,8 @@ def calibrate(
             softened by `temperature`, mixed with CE by `distill_weight` when labelled), `seed` (of the subset)
             and `eval_batch_size` (of the feature pass); None: FinetuneConfig()'s (no distillation).
         teacher: the original model; its logits are the targets when `config.distill`.
-        max_samples: most training samples used (memory: S×N features and S×C cached outputs).
+        max_samples: most training samples used (memory: S×N features and S×C cached outputs); fewer for many
+            classes: `calibration_samples(C, max_samples)`, so S·C stays within CALIBRATION_FLOATS.
         max_iter: L-BFGS iterations.
         workers: DataLoader workers (None: `make_loader`'s default for the data).
 
@@ -276,11 +282,31 @@ def calibrate(
         raise TrainingError("the head to calibrate is not a submodule of the model; pass the swapped model's head")
     if config.distill and teacher is None:
         raise TrainingError("distillation needs the original model as teacher; pass teacher=")
+    max_samples = calibration_samples(_num_classes_of(head), max_samples)
     z, labels, t_logits, labelled = _calibration_inputs(model, head, train_data, config, teacher=teacher,
                                                         max_samples=max_samples, workers=workers)
     before, after, samples = _fit_scale_bias(head, z, labels, t_logits, config, labelled=labelled, max_iter=max_iter)
     return Calibration(scale=_scale_value(head), loss_before=before, loss_after=after, samples=samples,
                        seconds=time.perf_counter() - t0)
+
+
+def calibration_samples(num_classes: int, max_samples: int = 20_000) -> int:
+    """Most samples calibration uses for C classes: S with S·C <= CALIBRATION_FLOATS, at least
+    CALIBRATION_MIN_SAMPLES, at most ``max_samples``.
+
+    Calibration caches z (S, C) and, with distillation, the teacher's logits (S, C), and its loss makes a few
+    (S, C) temporaries: bounding S·C bounds its memory (about 128 MiB per float32 (S, C) matrix) whatever C is.
+    """
+    return min(max_samples, max(CALIBRATION_MIN_SAMPLES, CALIBRATION_FLOATS // max(num_classes, 1)))
+
+
+def _num_classes_of(head: nn.Module) -> int:
+    """C of a fixed head (``num_classes``; else the bias length; else 1: no bound)."""
+    c = getattr(head, "num_classes", None)
+    if isinstance(c, int):
+        return c
+    bias = getattr(head, "bias", None)
+    return bias.numel() if isinstance(bias, Tensor) else 1
 
 
 def _calibration_inputs(model: nn.Module, head: nn.Module, train_data: Dataset, config: FinetuneConfig, *,
