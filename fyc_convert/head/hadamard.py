@@ -146,6 +146,14 @@ class _FWHT(torch.autograd.Function):
         return _FWHT.apply(grad)
 
 
+def _check_pow2_last(x: Tensor, name: str) -> int:
+    """The last dimension of `x`, which the transforms need to be a power of two."""
+    n = x.shape[-1]
+    if not is_pow2(n):
+        raise ValueError(f"{name} needs a power-of-two last dimension, got {n}")
+    return n
+
+
 def fwht(x: Tensor) -> Tensor:
     """Unnormalized fast Walsh–Hadamard transform along the last dimension.
 
@@ -159,9 +167,7 @@ def fwht(x: Tensor) -> Tensor:
     Returns:
         (..., n) tensor, same dtype and device.
     """
-    n = x.shape[-1]
-    if not is_pow2(n):
-        raise ValueError(f"fwht needs a power-of-two last dimension, got {n}")
+    _check_pow2_last(x, "fwht")
     if x.numel() == 0:
         return x.clone()
     return _FWHT.apply(x)
@@ -181,9 +187,7 @@ def fwht_matmul(x: Tensor) -> Tensor:
     Returns:
         (..., P) tensor, same dtype and device.
     """
-    p_size = x.shape[-1]
-    if not is_pow2(p_size):
-        raise ValueError(f"fwht_matmul needs a power-of-two last dimension, got {p_size}")
+    p_size = _check_pow2_last(x, "fwht_matmul")
     bits = p_size.bit_length() - 1
     parts = -(-bits // _MATMUL_FACTOR_BITS) if bits else 0
     sizes = [1 << (bits // parts + (i < bits % parts)) for i in range(parts)]  # balanced factors, product P

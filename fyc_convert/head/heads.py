@@ -380,6 +380,14 @@ class _FixedHead(nn.Module):
 
     head_kind: str
 
+    def _init_sizes(self, in_features: int, num_classes: int, eps: float) -> None:
+        """N, C and ε, checked: every fixed head's first step."""
+        if in_features < 1 or num_classes < 1:
+            raise HeadError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
+        self.in_features = in_features
+        self.num_classes = num_classes
+        self.eps = eps
+
     def _init_scale_bias(self, num_classes: int, *, init: float, fixed_scale: float | None, bias: bool) -> None:
         if fixed_scale is None:
             self.scale = nn.Parameter(torch.tensor(init))
@@ -447,15 +455,11 @@ class HadamardHead(_FixedHead):
         eps: float = 1e-8,
     ):
         super().__init__()
-        if in_features < 1 or num_classes < 1:
-            raise HeadError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
+        self._init_sizes(in_features, num_classes, eps)
         embedding = _resolve_embedding(embedding, in_features, num_classes)
         if tiles is not None and embedding != "kerdock":
             raise HeadError(f"tiles= applies to embedding='kerdock' only, not {embedding!r}; leave it unset")
-        self.in_features = in_features
-        self.num_classes = num_classes
         self.embedding = embedding
-        self.eps = eps
         self.seed = seed
         if rows is None and tiles is None:
             tr, cand = _layout(in_features, num_classes, hadamard_size=hadamard_size, embedding=embedding, seed=seed)
@@ -766,22 +770,10 @@ class OrthogonalHead(_FixedHead):
 
     head_kind = "orthogonal"
 
-    def __init__(
-        self,
-        in_features: int,
-        num_classes: int,
-        *,
-        bias: bool = True,
-        fixed_scale: float | None = None,
-        seed: int = 0,
-        eps: float = 1e-8,
-    ):
+    def __init__(self, in_features: int, num_classes: int, *, bias: bool = True, fixed_scale: float | None = None,
+                 seed: int = 0, eps: float = 1e-8):
         super().__init__()
-        if in_features < 1 or num_classes < 1:
-            raise HeadError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
-        self.in_features = in_features
-        self.num_classes = num_classes
-        self.eps = eps
+        self._init_sizes(in_features, num_classes, eps)
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("weight", _orthogonal_matrix(in_features, num_classes, seed).to(
             torch.get_default_dtype()), persistent=False)
@@ -816,15 +808,8 @@ class OrthogonalHead(_FixedHead):
         return coherence(self.weight)
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        *,
-        features: Tensor | None = None,
-        bias: bool = True,
-        fixed_scale: float | None = None,
-        seed: int = 0,
-    ) -> OrthogonalHead:
+    def from_linear(cls, linear: nn.Linear, *, features: Tensor | None = None, bias: bool = True,
+                    fixed_scale: float | None = None, seed: int = 0) -> OrthogonalHead:
         """Build an orthogonal head for a trained ``linear``; Q is fixed by ``seed``, α and b are fitted.
 
         With ``features`` (S, N): least squares ``α·Q x̂ + b ≈ W x + b₀``. Without: α = the least-squares
