@@ -94,6 +94,7 @@ def main() -> None:
                 "calibration": dataclasses.asdict(cal) if cal else None},
                args.result / f"rank{rank}.pt")
     if dist.is_initialized():
+        dist.barrier()  # both ranks done with every collective before gloo tears its threads down
         dist.destroy_process_group()
 
 
