@@ -224,6 +224,8 @@ def fwht_reference(x: ArrayLike, *, axis: int = -1) -> np.ndarray:
     Returns:
         A new float64 array of the same shape.
     """
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().numpy()
     a = np.moveaxis(np.array(x, dtype=np.float64), axis, -1)
     n = a.shape[-1]
     if not is_pow2(n):
