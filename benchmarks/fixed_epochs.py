@@ -1,10 +1,10 @@
 """Fixed `--epochs N` on small image folders: does a run end below its own calibration, and is it said?
 
-For each seed: generate a small train/val JPEG folder (4 classes, noisy constant-colour images), train a tiny
-timm-style conv net on it (the "original"), then convert it with `--epochs N` and the default image augmentation
-(what a user gets with no other flag). Printed per seed: the original's, the calibrated, the last epoch's and the
-kept epoch's validation accuracy, and whether the report has a note. "last epoch" is what a fixed epoch count
-saved before fixed counts kept the best epoch; "kept" is what it saves now.
+For each seed: generate a small train/val JPEG folder (4 classes, noisy constant-colour images), train the tests'
+tiny timm-style conv net on it (tests/image_folders.py; the "original"), then convert it with `--epochs N` and the
+default image augmentation (what a user gets with no other flag). Printed per seed: the original's, the
+calibrated, the last epoch's and the kept epoch's validation accuracy, and whether the report has a note. "last
+epoch" is what a fixed epoch count saved before fixed counts kept the best epoch; "kept" is what it saves now.
 
     python benchmarks/fixed_epochs.py --seeds 0 1 2 --epochs 3
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,29 +23,10 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from image_folders import TINY_TIMM_ARCH as ARCH  # noqa: E402
 from image_folders import write_class_folders  # noqa: E402
 
 from fyc_convert import convert  # noqa: E402
-
-ARCH = textwrap.dedent('''
-    from torch import nn
-
-    class TinyNet(nn.Module):
-        def __init__(self, num_classes=4):
-            super().__init__()
-            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                          nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-                                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
-            self.fc = nn.Linear(16, num_classes)
-            self.pretrained_cfg = {"input_size": (3, 24, 24), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
-                                   "crop_pct": 0.875, "interpolation": "bilinear", "num_classes": num_classes}
-
-        def forward(self, x):
-            return self.fc(self.features(x))
-
-    def build(num_classes=4):
-        return TinyNet(num_classes)
-''')
 
 
 def _train_original(module, folder: Path, seed: int) -> torch.nn.Module:

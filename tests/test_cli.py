@@ -184,21 +184,25 @@ def test_missing_checkpoint_exits_1_with_one_line(tmp_path: Path, cli) -> None:
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-@pytest.mark.slow
-def test_verification_failure_exits_3_and_keeps_only_failed_name(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    # Export a head whose bias differs from the PyTorch model's: the real onnxruntime comparison must catch it.
+def _export_a_wrong_head_bias(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Export every head with a bias 0.5 off the PyTorch model's (the ONNX graph is wrong, the model is fine)."""
+    import dataclasses
+
     from fyc_convert.export import onnx_head
 
     real = onnx_head.HeadSpec.from_module.__func__
 
     def tampered(cls, head):
         spec = real(cls, head)
-        import dataclasses
-
         return dataclasses.replace(spec, bias=spec.bias + 0.5)
 
     monkeypatch.setattr(onnx_head.HeadSpec, "from_module", classmethod(tampered))
+
+
+@pytest.mark.slow
+def test_verification_failure_exits_3_and_keeps_only_failed_name(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    _export_a_wrong_head_bias(monkeypatch)  # the real onnxruntime comparison must catch it
     out = tmp_path / "o"
     result = runner.invoke(app, [str(SAMPLE), "--arch", ARCH, "-o", str(out), "--quiet"])
     assert result.exit_code == 3, result.output
@@ -216,17 +220,7 @@ def test_verification_failure_exits_3_and_keeps_only_failed_name(tmp_path: Path,
 def test_verification_failure_after_training_keeps_the_training_state(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed export keeps checkpoints/ (and lists it): --resume then redoes the export without training."""
-    from fyc_convert.export import onnx_head
-
-    real = onnx_head.HeadSpec.from_module.__func__
-
-    def tampered(cls, head):
-        import dataclasses
-
-        spec = real(cls, head)
-        return dataclasses.replace(spec, bias=spec.bias + 0.5)
-
-    monkeypatch.setattr(onnx_head.HeadSpec, "from_module", classmethod(tampered))
+    _export_a_wrong_head_bias(monkeypatch)
     out = tmp_path / "o"
     result = runner.invoke(app, [str(SAMPLE), "--arch", ARCH, "--data", str(DATA), "--epochs", "1", "-o", str(out),
                                  "--quiet"])

@@ -5,41 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from image_folders import TINY_TIMM_ARCH as ARCH
 from image_folders import write_class_folders
 
 from fyc_convert import convert
 from fyc_convert.report import preprocessing_line
-
-ARCH = textwrap.dedent('''
-    import torch
-    from torch import nn
-
-    class TinyTimmNet(nn.Module):
-        """A stand-in of a timm classifier: conv stem, global pool, `fc`, get_classifier(), pretrained_cfg."""
-
-        def __init__(self, num_classes=4):
-            super().__init__()
-            self.features = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                          nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
-                                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
-            self.fc = nn.Linear(16, num_classes)
-            self.pretrained_cfg = {"input_size": (3, 24, 24), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
-                                   "crop_pct": 0.875, "interpolation": "bicubic", "num_classes": num_classes}
-
-        def get_classifier(self):
-            return self.fc
-
-        def forward(self, x):
-            return self.fc(self.features(x))
-
-    def build(num_classes=4):
-        return TinyTimmNet(num_classes)
-''')
 
 
 @pytest.mark.slow  # end to end: convert, fine-tune with workers, export, verify

@@ -257,10 +257,11 @@ def test_auto_keeps_the_best_epoch_when_it_stops_without_recovering(tmp_path):
     assert all(torch.equal(kept[k], v) for k, v in again.state_dict().items())
 
 
-def test_auto_keeps_the_best_epoch_across_a_resume(tmp_path):
-    # stopped after 3 of 6 epochs (a kill), resumed: the best weights of epochs 1-3 travel in the checkpoint
+def _kill_after_three_epochs_then_resume(make_config, tmp_path, **kwargs):
+    """Train uninterrupted, then again killed after 3 epochs and resumed: (whole run, resumed run, final weights of
+    the whole run, the resumed model)."""
     model, head, bundle = build()
-    whole = finetune(model, head, bundle, _auto(lr=2.0, patience=6, target_drop=0.0), reference_accuracy=1.0)
+    whole = finetune(model, head, bundle, make_config(), **kwargs)
     final = copy.deepcopy(model.state_dict())
     model, head, bundle = build()
     seen = []
@@ -271,11 +272,16 @@ def test_auto_keeps_the_best_epoch_across_a_resume(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        finetune(model, head, bundle, _auto(lr=2.0, patience=6, target_drop=0.0, out_dir=tmp_path),
-                 reference_accuracy=1.0, on_epoch=stop_after_three)
+        finetune(model, head, bundle, make_config(out_dir=tmp_path), on_epoch=stop_after_three, **kwargs)
     again, head, bundle = build()
-    resumed = finetune(again, head, bundle, _auto(lr=2.0, patience=6, target_drop=0.0, out_dir=tmp_path,
-                                                  resume=True), reference_accuracy=1.0)
+    resumed = finetune(again, head, bundle, make_config(out_dir=tmp_path, resume=True), **kwargs)
+    return whole, resumed, final, again
+
+
+def test_auto_keeps_the_best_epoch_across_a_resume(tmp_path):
+    # stopped after 3 of 6 epochs (a kill), resumed: the best weights of epochs 1-3 travel in the checkpoint
+    whole, resumed, final, again = _kill_after_three_epochs_then_resume(
+        lambda **kw: _auto(lr=2.0, patience=6, target_drop=0.0, **kw), tmp_path, reference_accuracy=1.0)
     assert resumed.resumed_from_epoch == 3 and resumed.kept_epoch == whole.kept_epoch is not None
     assert all(torch.equal(final[k], v) for k, v in again.state_dict().items())
 
@@ -358,20 +364,6 @@ def test_a_fixed_epoch_count_ending_on_its_best_epoch_keeps_the_last():
 
 
 def test_a_fixed_epoch_count_keeps_the_same_best_across_a_kill_and_resume(tmp_path):
-    model, head, bundle = build()
-    whole = finetune(model, head, bundle, _fixed())
-    final = copy.deepcopy(model.state_dict())
-    model, head, bundle = build()
-    seen = []
-
-    def stop_after_three(stats) -> None:
-        seen.append(stats)
-        if len(seen) == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        finetune(model, head, bundle, _fixed(out_dir=tmp_path), on_epoch=stop_after_three)
-    again, head, bundle = build()
-    resumed = finetune(again, head, bundle, _fixed(out_dir=tmp_path, resume=True))
+    whole, resumed, final, again = _kill_after_three_epochs_then_resume(_fixed, tmp_path)
     assert resumed.resumed_from_epoch == 3 and resumed.kept_epoch == whole.kept_epoch is not None
     assert all(torch.equal(final[k], v) for k, v in again.state_dict().items())
