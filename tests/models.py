@@ -675,16 +675,12 @@ class AveragedPairClassifier(nn.Module):
         return self.classifier(self.body(x))
 
 
-class TokenAuxClassifier(nn.Module):
-    """Token labelling (LV-ViT style): `.head` on the class token, `.aux_head` on every patch token, its logits
-    max-reduced over the tokens, scaled by 0.5 and added in eval; get_classifier() returns `.head` only."""
+class TokenAuxClassifier(VitHead):
+    """Token labelling (LV-ViT style): the ViT's `.head` on the class token, `.aux_head` on every patch token, its
+    logits max-reduced over the tokens, scaled by 0.5 and added in eval; get_classifier() returns `.head` only."""
 
     def __init__(self, num_classes: int = 10, dim: int = 16):
-        super().__init__()
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.blocks = _TokenBackbone(dim)
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
+        super().__init__(num_classes, dim)  # the same parameters, created in the same order
         self.aux_head = nn.Linear(dim, num_classes)
 
     def get_classifier(self) -> nn.Module:
