@@ -25,7 +25,8 @@ from fyc_convert.errors import ArchError, DataError, OptionsError
 
 MIN_OPSET, MAX_OPSET = 13, 20  # the head builder's forms exist from 13; torch's TorchScript exporter stops at 20
 DEFAULT_OPSET = 17  # onnx2torch, ncnn/pnnx and older runtimes take <= 17
-HEAD_LAYOUTS = ("portable", "batch-switched", "kron")
+HEAD_LAYOUTS = ("portable", "batch-switched", "kron", "ncnn")
+GRID_MIN_OPSET = 16  # GridSample (the ncnn head layout's row pick) is in the default domain from opset 16
 QUANTIZE_MODES = ("none", "int8")
 INTERPOLATIONS = ("nearest", "lanczos", "bilinear", "bicubic", "box", "hamming")
 DEFAULT_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # onnxruntime vs PyTorch on logits (atol and rtol)
@@ -171,10 +172,11 @@ class ConvertOptions(DataOptions, FinetuneConfig):
     exporter: Literal["auto", "torchscript", "dynamo"] = option(
         "auto", "ONNX exporter: auto (TorchScript, then torch.export where it fails), torchscript or dynamo.",
         panel=_EXPORT, choices=("auto", "torchscript", "dynamo"))
-    head_layout: Literal["portable", "batch-switched", "kron"] = option(
+    head_layout: Literal["portable", "batch-switched", "kron", "ncnn"] = option(
         "portable", "ONNX head graph: portable (add/sub only, every edge runtime), batch-switched (an If on the "
-                    "batch size; onnxruntime servers with large heads and batches) or kron (MatMuls by ±1 "
-                    "blocks of at most 32 x 32; runtimes with fast GEMM kernels, NPUs).", panel=_EXPORT,
+                    "batch size; onnxruntime servers with large heads and batches), kron (MatMuls by ±1 "
+                    "blocks of at most 32 x 32; runtimes with fast GEMM kernels, NPUs) or ncnn (portable, rows "
+                    "picked by GridSample: ncnn has no gather; with --static-batch 1).", panel=_EXPORT,
         choices=HEAD_LAYOUTS)
     static_batch: int | None = option(None, "Export with this fixed batch size (edge compilers, NPUs) instead of "
                                             "a dynamic batch axis.", panel=_EXPORT, ge=1)
@@ -252,6 +254,9 @@ def check_options(opts: ConvertOptions) -> list[str]:
                                "e.g. 1024 or 2048")
     if opts.opset is not None and opts.opset > MAX_OPSET:
         raise OptionsError(f"--opset {opts.opset!r} is not supported; pass an opset from {MIN_OPSET} to {MAX_OPSET}")
+    if opts.head_layout == "ncnn" and opts.opset is not None and opts.opset < GRID_MIN_OPSET:
+        raise OptionsError(f"--head-layout ncnn picks the class rows with GridSample (opset {GRID_MIN_OPSET} and "
+                           f"newer); pass --opset {GRID_MIN_OPSET} or higher, or leave --opset unset")
     if opts.mean is not None and opts.std is not None and len(opts.mean) != len(opts.std):
         raise OptionsError(f"--mean has {len(opts.mean)} values but --std {len(opts.std)}; give one per channel")
     if opts.arch_kwargs is not None:

@@ -17,6 +17,7 @@ from fyc_convert.export import onnx_head, onnx_head_switched
 from fyc_convert.export.onnx_head import (
     DENSE_OPS,
     HeadSpec,
+    check_head_static,
     head_model,
     head_op_census,
     largest_head_constant,
@@ -500,3 +501,57 @@ def test_the_one_butterfly_builder_is_the_reference_wht_over_its_parts(count: in
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"x": data})[0]
     np.testing.assert_allclose(got, fwht_reference(data, axis=0), rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------- ncnn layout
+NCNN_OPS = (PORTABLE_OPS - {"Gather"}) | {"GridSample"}
+
+
+@pytest.mark.parametrize("static_batch", [None, 1, 3, 8])
+@pytest.mark.parametrize(("n_feat", "c", "k", "p"), TABLES)
+def test_ncnn_layout_matches_the_table_reference_without_a_gather(n_feat: int, c: int, k: int, p: int,
+                                                                   static_batch: int | None) -> None:
+    spec = table_spec(n_feat, c, k, p, kind="signs", seed=n_feat + k)
+    model = head_model(spec, layout="ncnn", static_batch=static_batch)
+    census = head_op_census(model)
+    assert set(census) <= NCNN_OPS and census["GridSample"] == 1
+    assert len(model.graph.node) <= onnx_head.portable_node_bound(spec, "ncnn")
+    assert check_head_static(model, num_classes=c, embed_size=k * p) == census  # the layout from the metadata
+    rng = np.random.default_rng(5)
+    for batch in (static_batch,) if static_batch else (1, 3, 17):
+        x = rng.normal(size=(batch, n_feat)).astype(np.float32)
+        np.testing.assert_allclose(_run(model, x), table_reference(spec, x), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shuffled", [True, False])
+@pytest.mark.parametrize(("n_feat", "c"), SIZES)
+def test_ncnn_layout_matches_the_tile_reference(n_feat: int, c: int, shuffled: bool) -> None:
+    """Batch-major at every size (pnnx takes axis 0 for the batch): outputs in natural order, so contiguous rows
+    stay one Slice, without a GridSample."""
+    spec = make_spec(n_feat, c, shuffled=shuffled, seed=n_feat + c)
+    model = head_model(spec, layout="ncnn")
+    census = head_op_census(model)
+    assert census.get("GridSample", 0) == shuffled and "Gather" not in census and "Transpose" not in census
+    x = np.random.default_rng(1).normal(size=(5, n_feat)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), reference_logits(spec, x), atol=1e-4, rtol=1e-5)
+
+
+def test_ncnn_layout_picks_exactly_at_the_far_end_of_a_wide_transform() -> None:
+    """The grid's float32 coordinates land on the right output even for the last of 2^16 outputs."""
+    spec = table_spec(64, 300, 1024, 64, kind="signs", seed=2)
+    spec = HeadSpec(**{**spec.__dict__, "rows": np.arange(1024 * 64 - 1, 1024 * 64 - 301, -1), "bias": None,
+                       "scale": 1.0})
+    model = head_model(spec, layout="ncnn")
+    x = np.random.default_rng(2).normal(size=(2, 64)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), table_reference(spec, x), atol=1e-4, rtol=1e-5)
+
+
+def test_ncnn_layout_needs_opset_16_and_a_grid_sized_constant_bound() -> None:
+    spec = table_spec(50, 120, 2, 64, kind="signs", seed=3)
+    with pytest.raises(ExportError, match="GridSample, which needs opset 16"):
+        head_model(spec, layout="ncnn", opset=15)
+    model = head_model(spec, layout="ncnn")
+    assert largest_head_constant(model) == 2 * 120  # the grid: two coordinates per class
+    assert check_head_static(model, num_classes=120, embed_size=128)["GridSample"] == 1
+    with pytest.raises(ExportError, match=r"limit max\(C, n\) = 128"):
+        check_head_static(model, num_classes=120, embed_size=128, layout="portable")

@@ -20,6 +20,9 @@ Three layouts (`build_head(..., layout=...)`):
 - "batch-switched": onnxruntime-server layout with an If on the batch size (see `onnx_head_switched`).
 - "kron": the transform as MatMuls by small ±1 Hadamard blocks, batch last, for runtimes with strong GEMM
   kernels and NPUs; never the default (see `onnx_head_kron`).
+- "ncnn": the portable layout with the class rows picked by a nearest-neighbour GridSample on a (1, B, 1, K·P)
+  view instead of a Gather: ncnn has no gather layer (pnnx keeps one index of a Gather), but runs GridSample.
+  Exact (every sample point lies on a grid point); slower than the Gather in onnxruntime, so never the default.
 
 Speeds of the layouts are measured by benchmarks/head_onnx.py (numbers in docs/benchmarks.md).
 """
@@ -38,7 +41,7 @@ from fyc_convert.export.head_spec import HeadSpec
 from fyc_convert.export.onnx_head_kron import KRON_CONSTANT_LIMIT, KRON_MAX_BLOCK, kron_logits
 from fyc_convert.export.onnx_head_switched import switched_logits
 from fyc_convert.export.ops import Ops, butterflies
-from fyc_convert.options import DEFAULT_OPSET, HEAD_LAYOUTS, MIN_OPSET
+from fyc_convert.options import DEFAULT_OPSET, GRID_MIN_OPSET, HEAD_LAYOUTS, MIN_OPSET
 
 __all__ = [
     "DENSE_OPS",
@@ -56,7 +59,7 @@ __all__ = [
 
 HEAD_PREFIX = "fyc_head/"
 LAYOUT_KEY = "fyc_convert.head_layout"  # metadata: the layout the head was built in (the export writes it too)
-HeadLayout = Literal["portable", "batch-switched", "kron"]
+HeadLayout = Literal["portable", "batch-switched", "kron", "ncnn"]
 # MIN_OPSET: ReduceSum takes its axes as an input from 13 on, Split its sizes 13..17 (num_outputs from 18);
 # DEFAULT_OPSET 17: onnx2torch, ncnn/pnnx and older runtimes take <= 17. Declared with the options (no torch).
 DENSE_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "MatMulInteger", "QLinearMatMul", "ConvInteger",
@@ -161,23 +164,42 @@ def _major_wht(ops: Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> 
 _MAJOR_MAX_BATCH = 4
 
 
-def _portable(ops: Ops, x: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variable:
-    """(B, N) -> (B, C) raw outputs z[rows] (without scale and bias): the portable layout.
+def _grid_pick(ops: Ops, y: gs.Variable, pos: np.ndarray, width: int, batch: int) -> gs.Variable:
+    """(B, W) -> (B, C) = y[:, pos] by a nearest GridSample on the (1, B, 1, W) view: the row pick of the ncnn layout.
+
+    The grid holds x = 2·pos / (W - 1) - 1 with align_corners=1, so each sample point maps back to the integer
+    pos (float32 error far below 1/2 for any W < 2^22); y = 0 on the one-row image. Exact: nearest picks one value.
+    """
+    c = len(pos)
+    gx = 2.0 * pos.astype(np.float64) / max(width - 1, 1) - 1.0
+    grid = np.stack([gx, np.zeros(c)], axis=-1).reshape(1, 1, c, 2).astype(ops.dtype)
+    view = ops.op1("Reshape", [y, ops.ints("shape", [1, batch if batch > 0 else -1, 1, width])])
+    z = ops.op1("GridSample", [view, ops.const("grid", grid)],
+                attrs={"mode": "nearest", "align_corners": 1, "padding_mode": "border"})  # (1, B, 1, C)
+    return ops.reshape(z, [batch if batch > 0 else -1, c])
+
+
+def _portable(ops: Ops, x: gs.Variable, spec: HeadSpec, batch: int, *, grid: bool = False) -> gs.Variable:
+    """(B, N) -> (B, C) raw outputs z[rows] (without scale and bias): the portable layout (`grid`: the ncnn one).
 
     x̃ᵀ as (K·P, B) (a table) or (m, B), transformed on its lowest index bits with the outputs left in
     natural order, so contiguous class rows are one Slice and others one Gather (of rows of B floats).
     Transforms of up to 2^_SMALL_MAX_BITS points run `_small_wht` instead (4 nodes per level, outputs
-    bit-reversed, always picked by the Gather); a small static batch runs batch-major (`_major_wht`).
+    bit-reversed, always picked by the Gather); a small static batch runs batch-major (`_major_wht`), and so
+    does the ncnn layout (`grid`) at every size, its rows picked by `_grid_pick`.
     """
     table, rows = kept_table(spec) if spec.table is not None else (None, spec.rows)
     k, p = table.shape if table is not None else (1, spec.hadamard_size)
     bits = p.bit_length() - 1
-    if 0 < batch <= _MAJOR_MAX_BATCH and bits > _SMALL_MAX_BITS:
+    # batch-major for ncnn at every size: pnnx takes axis 0 for the batch
+    if grid or (0 < batch <= _MAJOR_MAX_BATCH and bits > _SMALL_MAX_BITS):
         y = major_embed(ops, x, spec, table)  # (B, K·P)
         y = ops.reshape(_major_wht(ops, y, p * k, bits, batch), [batch, k * p])  # (B, K·P), natural order
         c = len(rows)
         if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
             return ops.slice(y, int(rows[0]), int(rows[0]) + c, axis=1)  # (B, C)
+        if grid:
+            return _grid_pick(ops, y, rows, k * p, batch)
         return ops.op1("Gather", [y, ops.const("rows", rows.astype(np.int32))], attrs={"axis": 1})  # (B, C)
     xt = ops.transpose(x)  # (N, B)
     if bits <= _SMALL_MAX_BITS:  # bit-reversed, 4 nodes per level: the node count is what costs here
@@ -197,24 +219,26 @@ def _portable(ops: Ops, x: gs.Variable, spec: HeadSpec, batch: int) -> gs.Variab
         if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
             return ops.transpose(ops.slice(y, int(rows[0]), int(rows[0]) + c))  # (C, B) -> (B, C)
         pos = rows
+    if grid:
+        return _grid_pick(ops, ops.transpose(y), pos, k * p, batch)  # (K·P, B) -> (B, K·P) -> (B, C)
     z = ops.op1("Gather", [y, ops.const("rows", pos.astype(np.int32))], attrs={"axis": 0})  # (C, B)
     return ops.transpose(z)  # (B, C)
 
 
-def portable_node_bound(spec: HeadSpec) -> int:
-    """Upper bound on the portable head's node count: at most 5.5 per butterfly level plus 22.
+def portable_node_bound(spec: HeadSpec, layout: HeadLayout = "portable") -> int:
+    """Upper bound on the portable head's node count: at most 5.5 per butterfly level plus 22 (ncnn: 24).
 
     L = log2(P) levels for a table of P-point blocks, log2(m) otherwise: 4 nodes per level (Split, Add,
     Sub, Concat) up to 6 levels, else 11 per pair of levels (Reshape, Split, 8 Add/Sub, Concat; +5 for an
     odd one out). The constant
     covers the norm and factor (6 nodes), the embedding (at most Concat, Slice, Reshape, Concat, Mul), the
-    fold (Reshape, ReduceSum, Reshape), the pick (Transpose in, Reshape, Gather or Slice, Transpose out),
-    the bias and a time axis's two Reshapes.
+    fold (Reshape, ReduceSum, Reshape), the pick (Transpose in, Reshape, Gather or Slice, Transpose out; the
+    ncnn layout's GridSample reads and writes through two more Reshapes), the bias and a time axis's two Reshapes.
     """
     p = spec.table.shape[1] if spec.table is not None else spec.hadamard_size
     levels = p.bit_length() - 1
     per_levels = 4 * levels if levels <= _SMALL_MAX_BITS else 11 * (levels // 2) + 5 * (levels % 2)
-    return per_levels + 22
+    return per_levels + (24 if layout == "ncnn" else 22)
 
 
 # ----------------------------------------------------------------------------------------- the builder
@@ -239,8 +263,9 @@ def build_head(
         prefix: Name prefix of every node and constant added.
         dtype: Float dtype of `features` and the logits.
         layout: "portable" (no If, no Shape, static reshapes; the default), "batch-switched" (an If on the
-            batch size picks a cache-blocked branch for large batches; onnxruntime only) or "kron" (MatMuls
-            by ±1 blocks of at most 32 x 32; GEMM runtimes and NPUs).
+            batch size picks a cache-blocked branch for large batches; onnxruntime only), "kron" (MatMuls
+            by ±1 blocks of at most 32 x 32; GEMM runtimes and NPUs) or "ncnn" (portable, the class rows
+            picked by GridSample: ncnn has no gather; opset 16 or newer).
         static_batch: The fixed batch size of the graph, written into every reshape; None: dynamic.
         feature_shape: The feature tensor's shape without the batch, e.g. (T, N); needed for rank > 2
             features to reshape statically (default: read from `features.shape`).
@@ -251,11 +276,8 @@ def build_head(
     Raises:
         ExportError: an unknown layout, or a spec that layout cannot build.
     """
-    if layout not in HEAD_LAYOUTS:
-        raise ExportError(f"head layout {layout!r} is unknown; pass one of {', '.join(HEAD_LAYOUTS)}")
-    if static_batch is not None and static_batch < 1:
-        raise ExportError(f"static batch must be >= 1, got {static_batch}; pass a positive batch size or None")
     ops = Ops(graph, prefix, dtype)
+    _check_request(layout, static_batch, ops.opset)
     n_feat, c = spec.in_features, spec.num_classes
     lead = _lead_shape(features, feature_shape, n_feat)
     rows_per_sample = int(np.prod(lead)) if lead and _is_static(lead) else 1
@@ -278,8 +300,9 @@ def build_head(
     if scale_input:
         x = ops.op1("Mul", [x, factor])
     bias = None if spec.bias is None else ops.const("bias", spec.bias.astype(ops.dtype))
-    if layout in ("portable", "kron"):
-        logits = _portable(ops, x, spec, batch) if layout == "portable" else kron_logits(ops, x, spec, batch)
+    if layout in ("portable", "kron", "ncnn"):
+        logits = (kron_logits(ops, x, spec, batch) if layout == "kron"
+                  else _portable(ops, x, spec, batch, grid=layout == "ncnn"))
         if not scale_input:
             logits = ops.op1("Mul", [logits, factor])
         if bias is not None:
@@ -295,6 +318,16 @@ def build_head(
     elif lead:
         logits = ops.reshape(logits, [-1 if static_batch is None else static_batch, *lead, c])
     return logits
+
+
+def _check_request(layout: str, static_batch: int | None, opset: int) -> None:
+    if layout not in HEAD_LAYOUTS:
+        raise ExportError(f"head layout {layout!r} is unknown; pass one of {', '.join(HEAD_LAYOUTS)}")
+    if static_batch is not None and static_batch < 1:
+        raise ExportError(f"static batch must be >= 1, got {static_batch}; pass a positive batch size or None")
+    if layout == "ncnn" and opset < GRID_MIN_OPSET:
+        raise ExportError(f"the ncnn head layout picks rows with GridSample, which needs opset {GRID_MIN_OPSET} or "
+                          f"newer; pass --opset {GRID_MIN_OPSET} or higher (got {opset})")
 
 
 def _is_static(lead: tuple) -> bool:
@@ -334,7 +367,7 @@ def head_model(
         prefix: Node name prefix.
         time_axis: Take (batch, T, N) features instead of (batch, N).
         time_steps: T as a fixed size (then every reshape is static); None: a dynamic "T" axis.
-        layout: "portable", "batch-switched" or "kron" (see `build_head`); written into the model's
+        layout: "portable", "batch-switched", "kron" or "ncnn" (see `build_head`); written into the model's
             metadata as ``fyc_convert.head_layout``, which `check_head_static` reads.
         static_batch: A fixed batch size; None: the dynamic axis ``batch_size``.
 
@@ -460,7 +493,8 @@ def check_head_static(
     """Check that the head subgraph is slim: add/sub and data movement, no dense matrix.
 
     The "kron" layout may multiply by ±1 Hadamard blocks: MatMul is its one dense op, each reads a square
-    ±1 block of at most 32 x 32, and its constants may reach max(C, n, 1024) elements.
+    ±1 block of at most 32 x 32, and its constants may reach max(C, n, 1024) elements. The "ncnn" layout's
+    GridSample grid holds two coordinates per class: its constants may reach max(2·C, n).
 
     Args:
         model_or_path: the exported model, or its path.
@@ -476,7 +510,7 @@ def check_head_static(
     Raises:
         ExportError: no node is under `prefix`, a MatMul/Gemm/Conv is in the head (a kron head: any dense
             op but MatMul by a ±1 block), or a head constant has more than max(num_classes, embed_size)
-            elements (kron: max(num_classes, embed_size, 1024)).
+            elements (kron: max(num_classes, embed_size, 1024); ncnn: max(2·num_classes, embed_size)).
     """
     model = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(str(model_or_path))
     layout = _layout_of(model) if layout is None else layout
@@ -491,8 +525,9 @@ def check_head_static(
         )
     if layout == "kron":
         _check_kron_blocks(model, prefix)
-    limit = max(num_classes, embed_size, KRON_CONSTANT_LIMIT if layout == "kron" else 0)
-    limit_name = f"max(C, n, {KRON_CONSTANT_LIMIT})" if layout == "kron" else "max(C, n)"
+    limit = max(num_classes * (2 if layout == "ncnn" else 1), embed_size,
+                KRON_CONSTANT_LIMIT if layout == "kron" else 0)
+    limit_name = {"kron": f"max(C, n, {KRON_CONSTANT_LIMIT})", "ncnn": "max(2·C, n)"}.get(layout, "max(C, n)")
     largest = largest_head_constant(model, prefix)
     if largest > limit:
         raise ExportError(

@@ -48,7 +48,6 @@ _CHUNK = 512
 _SCORE_CELLS = 1 << 22  # transform outputs per block of _Transform.score (32 MiB of float64)
 _SCORE_MIN_INPUTS = 1 << 16  # raw() uses _Transform.score (no autograd) from this many input entries
 _WIDEN_MARGIN = 0.01  # from_linear doubles m only when calibrated agreement improves by more than this
-_TILE_MARGIN = 0.01  # ... and uses more frame tiles only when calibrated agreement improves by more than this
 _POOL_CANDIDATES = 1 << 16  # from_linear scores at most about this many frame vectors (whole tiles) ...
 _POOL_CELLS = 1 << 29  # ... and at most about this many class × vector scores (never fewer than k + 1 tiles)
 _FIT_CELLS = 1 << 23  # from_linear's α/b fit and calibrated agreement on at most this many (sample, class) logits
@@ -606,11 +605,10 @@ class HadamardHead(_FixedHead):
         Size (tile/pad): by default m = n = nextpow2(max(N, C + 1)) without the fold shortcut, so there are
         about twice as many candidate rows as classes; with features and a small head, the doubled transform
         is kept when its calibrated agreement with the trained layer is clearly better (see README).
-        Size (kerdock): P = nextpow2(N); rows are first matched over a pool of frame tiles, then the
-        k = ceil((C + 1)/P) or 2k tiles most classes took are kept: 2k by default, k when features are given
-        and its calibrated agreement is within a point of 2k's (fewer tiles, less head compute); k + 1 when
-        scoring C classes against 2k tiles would pass _POOL_CELLS (about 2^29 scores, e.g. 32,768 classes on
-        4,096 features).
+        Size (kerdock): P = nextpow2(N); rows are first matched over a pool of at least 2k frame tiles
+        (k + 1 when scoring C classes against 2k tiles would pass _POOL_CELLS, about 2^29 scores, e.g. 32,768
+        classes on 4,096 features), then matched again within the k = ceil((C + 1)/P) tiles most classes took
+        (the least head compute; more tiles do not fine-tune better, docs/accuracy.md).
         Time: scoring is O(C·K·log P) for K scored vectors (K <= max(2^16, 2^29 / C), and at least the
         k + 1 tiles the classes need), the greedy match O(C·K) plus a sort of 16·C pairs, everything else
         O(N·K + min(S, 2^23 / C)·C + C·N²) — bounded for any C (issue 26; benchmarks/many_classes.py).
@@ -718,25 +716,14 @@ class _LinearFit:
         first = _assign_rows(self.sc, pool_tr, pool_cand, c_out)  # (C,) rows over the pool
         counts = torch.bincount(first // size, minlength=len(pool))
         order = sorted(range(len(pool)), key=lambda i: (-int(counts[i]), i))  # most chosen tiles first
-        # At most twice the tiles the classes need (about twice the candidates, as the tile sizing): more
-        # raise the calibrated agreement but not the fine-tuned accuracy (measured: see README).
-        wide = min(2 * k_min, len(pool))
-        ks = [k_min, wide] if self.x is not None and wide > k_min and floor == 2 * k_min else [wide]
-        heads, scores = [], []
-        for k in ks:
-            if k >= len(pool):  # every pool tile: the pool's own assignment, unused tiles dropped
-                tiles, rows = _drop_unused(pool, first, size)
-            else:
-                tiles, rows = _frame_rows(self.sc, n_in, c_out, size, k, pool, order)
-            head = self.fitted(cls(n_in, c_out, bias=self.bias, fixed_scale=self.fixed_scale, rows=rows,
-                                   hadamard_size=size, embedding="kerdock", tiles=tiles).double())
-            heads.append(head)
-            if self.x is not None:
-                scores.append(self.agreement(head))
-        if not scores:
-            return heads[0]
-        best = max(scores)
-        return next(h for h, s in zip(heads, scores) if s >= best - _TILE_MARGIN)
+        # The k tiles most classes took. Twice as many raise the calibrated agreement a little but not the
+        # fine-tuned accuracy, at twice the head compute (measured: docs/accuracy.md, "How many frame tiles").
+        if k_min >= len(pool):  # every pool tile: the pool's own assignment, unused tiles dropped
+            tiles, rows = _drop_unused(pool, first, size)
+        else:
+            tiles, rows = _frame_rows(self.sc, n_in, c_out, size, k_min, pool, order)
+        return self.fitted(cls(n_in, c_out, bias=self.bias, fixed_scale=self.fixed_scale, rows=rows,
+                               hadamard_size=size, embedding="kerdock", tiles=tiles).double())
 
 
 # ---------------------------------------------------------------------------------------- OrthogonalHead

@@ -4,7 +4,8 @@
   original.onnx, model.onnx            dynamic batch (the default export: portable head, opset 17)
   original_b1.onnx, model_b1.onnx      the same models exported with a static batch of 1
 A name ending in "-kron" (e.g. "glyph-kron") is the same case with model*.onnx exported with
-`head_layout="kron"` (the Kronecker head: MatMuls by ±1 blocks), checked as such.
+`head_layout="kron"` (the Kronecker head: MatMuls by ±1 blocks), checked as such; "-ncnn" likewise with
+`head_layout="ncnn"` (the class rows picked by GridSample: what ncnn runs).
   rows.npz                             x (S, *input_shape) real rows (random ones for the large heads),
                                        ref_original, ref_model (S, C): the PyTorch logits
 `build_int8(case)` adds what `--quantize int8` writes, calibrated on other rows (training rows of the samples):
@@ -30,8 +31,17 @@ from fyc_convert.model.surgery import capture_features, swap_classifier
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = 16  # real rows per case: batches of 4, and the first 4 one by one
-CASES = ("digits", "glyph", "wide2048x18000", "wide512x32000", "digits-kron", "glyph-kron")
-KRON = "-kron"
+CASES = ("digits", "glyph", "wide2048x18000", "wide512x32000", "digits-kron", "glyph-kron", "digits-ncnn",
+         "glyph-ncnn")
+LAYOUT_SUFFIXES = {"-kron": "kron", "-ncnn": "ncnn"}  # case name suffix -> the converted model's head layout
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """(model name, head layout) of a case name, e.g. "glyph-kron" -> ("glyph", "kron")."""
+    for suffix, layout in LAYOUT_SUFFIXES.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), layout
+    return name, "portable"
 
 
 @dataclass
@@ -117,8 +127,8 @@ def build_case(name: str, folder: Path) -> Case:
     if meta.exists():
         return Case(**{**json.loads(meta.read_text()), "folder": out})
     out.mkdir(parents=True, exist_ok=True)
-    layout = "kron" if name.endswith(KRON) else "portable"
-    original, converted, x = _models(name.removesuffix(KRON))
+    model_name, layout = split_name(name)
+    original, converted, x = _models(model_name)
     shape = tuple(x.shape[1:])
     for variant, model, layer in (("original", original, None), ("model", converted, "fc")):
         for suffix, batch in (("", None), ("_b1", 1)):
