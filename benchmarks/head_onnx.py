@@ -1,8 +1,9 @@
-"""The fixed head against the Gemm it replaces, in onnxruntime and OpenVINO (CPU, 1 thread), both layouts.
+"""The fixed head against the Gemm it replaces, in onnxruntime and OpenVINO (CPU, 1 thread), every layout.
 
 Heads (features -> logits): the learned classifier as one Gemm (C×N weights) beside the Hadamard head in
 the default add/sub layout ("portable") and the Kronecker one ("kron", MatMuls by ±1 blocks <= 32 x 32,
-`--head-layout kron`). Sizes: the sample models' heads as the CLI builds them (`HadamardHead.from_linear`
+`--head-layout kron`), and "ncnn" (the portable transform batch-major, its rows picked by GridSample,
+`--head-layout ncnn`). Sizes: the sample models' heads as the CLI builds them (`HadamardHead.from_linear`
 on the trained layer and its features: rows assigned, widest transform) and `HadamardHead(N, C)` for the
 large targets. Whole models: benchmarks/model_onnx.py.
 
@@ -36,7 +37,7 @@ from fyc_convert.export.bench import compare_latency, gemm_head_model, openvino_
 from fyc_convert.export.onnx_head import HeadSpec, head_model  # noqa: E402
 from fyc_convert.head.heads import HadamardHead  # noqa: E402
 
-LAYOUTS = ("portable", "kron")
+LAYOUTS = ("portable", "kron", "ncnn")
 BATCHES = (1, 32, 64)
 FRESH = [(512, 32000), (2048, 18000), (2048, 1000)]  # HadamardHead(N, C)
 

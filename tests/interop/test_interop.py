@@ -46,6 +46,9 @@ NCNN_GATHER = "ncnn has no gather layer; pnnx keeps one index of the class-row G
 # The head holds no weights, so excluding its nodes costs nothing: "ort-int8-qdq-float-head" does that.
 PNNX_DYNAMIC = ("pnnx drops Split sizes that depend on the batch (ncnn then crashes): convert the "
                 "static-batch export")
+# The ncnn layout picks rows with GridSample, which onnx2torch 1.5.15 has no converter for: it is made for ncnn
+# (and runs in onnxruntime, OpenVINO, the simplifiers and LiteRT); onnx2torch takes the default layout.
+ONNX2TORCH_GRID = "onnx2torch has no GridSample converter; export the default layout for onnx2torch"
 QDQ_HEAD = "int8 QDQ rounds each of the head's 9-11 butterfly levels; exclude fyc_head/ nodes"
 # what int8 quantizers put around or in place of a MatMul
 QUANTIZED_OPS = {"DequantizeLinear", "QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul"}
@@ -153,6 +156,8 @@ def test_tool_keeps_the_converted_model_exact(tool: str, case_name: str, zoo_dir
     if isinstance(ours, ToolFailed):
         if isinstance(original, ToolFailed):
             pytest.skip(f"{tool} fails on the original too: {original}")
+        if tool == "onnx2torch" and case.layout == "ncnn" and "GridSample" in str(ours):
+            pytest.xfail(f"{ONNX2TORCH_GRID} ({ours})")
         if tool == "pnnx-ncnn" and case.layout == "kron" and _picks_by_gather(case):
             pytest.xfail(f"{NCNN_GATHER}; on the kron head pnnx also leaves a Reshape ncnn cannot load ({ours})")
         pytest.fail(f"{tool} fails only on the converted model: {ours}")
@@ -224,9 +229,10 @@ def test_int8_model_keeps_the_float32_top1(tool: str, case_name: str, zoo_dir: P
     want = INT8_AGREEMENT
     if isinstance(original, ToolRun):
         # the head adds no int8 error: relative to its logits, ours is no further from float32 than the original.
-        # Not for kron: its first MatMul takes the features through the one Q/DQ pair at the head's boundary, one
-        # rounding the original's Gemm head does not have (digits-kron: 0.036 against 0.029); top-1 still holds.
-        if not case_name.endswith("-kron"):
+        # Not for kron and ncnn: their batch-major heads take the features through the one Q/DQ pair at the
+        # head's boundary (kron: its first MatMul; ncnn: the Flatten before it), one rounding the original's Gemm
+        # head does not have (digits: 0.036 against 0.029 for both); top-1 still holds.
+        if not case_name.endswith(("-kron", "-ncnn")):
             assert _relative_error(ours, rows["ref_model"]) <= _relative_error(original, rows["ref_original"])
         want = min(want, _agreement(original, rows["ref_original"]) - 2 / len(x))
     if got < want and case_name in SWAPPED_ONLY:
