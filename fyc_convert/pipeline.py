@@ -169,8 +169,23 @@ def _swap(model, bundle, input_shape, opts: ConvertOptions, say: Progress):
     say(f"swapping {found.describe()} for a fixed {opts.head} head")
     with _model_run("capturing the classifier's input features", input_shape):
         swap = swap_classifier(model, head=opts.head, classifiers=found, inputs=inputs, bias=opts.bias,
-                               fixed_scale=opts.fixed_scale, seed=opts.seed, hadamard_size=opts.hadamard_size)
+                               fixed_scale=opts.fixed_scale, seed=opts.seed, hadamard_size=opts.hadamard_size,
+                               adapter={"auto": None, "on": True, "off": False}[opts.adapter])
+    for line in _adapter_lines(swap, opts):
+        say(line)
     return swap, found
+
+
+def _adapter_lines(swap, opts: ConvertOptions) -> list[str]:
+    """One line per head with a learned map before it: its size, its cost and why it is there."""
+    lines = []
+    for s in swap.heads:
+        if getattr(s.head, "adapter", None) is not None:
+            n = s.in_features
+            why = f"{s.num_classes:,} classes on {n} features" if opts.adapter == "auto" else "--adapter on"
+            lines.append(f"{s.layer}: a learned {n} × {n} map before the fixed head ({n * n + n:,} parameters, "
+                         f"in the classifier's count): {why}")
+    return lines
 
 
 def _swap_report(ckpt: Path, opts: ConvertOptions, swap, found, prep, notes: list[str]) -> Report:
@@ -193,7 +208,7 @@ def _swap_report(ckpt: Path, opts: ConvertOptions, swap, found, prep, notes: lis
         params=ParamsReport(original=pc.original, converted=pc.converted, removed=pc.removed,
                             removed_pct=pc.removed_pct, head_before=pc.head_before, head_after=pc.head_after,
                             trainable=pc.trainable),
-        notes=list(notes),
+        notes=[*notes, *_adapter_lines(swap, opts)],
     )
     if opts.head == "orthogonal":
         report.notes.append("the orthogonal head has no fast transform: it is exported as a dense constant, "

@@ -247,8 +247,9 @@ def render(report: Report, console: Console) -> None:
     t.add_column("original", justify="right")
     t.add_column("converted", justify="right")
     t.add_column("change", justify="right")
-    t.add_row("parameters", _int(p.original), _int(p.converted), f"−{p.removed_pct:.2f}%")
-    t.add_row("classifier params", _int(p.head_before), _int(p.head_after), f"−{_int(p.removed)}")
+    t.add_row("parameters", _int(p.original), _int(p.converted), f"{-p.removed_pct:+.2f}%".replace("-", "−"))
+    t.add_row("classifier params", _int(p.head_before), _int(p.head_after),
+              ("−" if p.removed >= 0 else "+") + _int(abs(p.removed)))
     o = report.onnx
     if o is not None and o.original_bytes is not None:
         red = "" if o.size_reduction_pct is None else f"{-o.size_reduction_pct:+.1f}%".replace("-", "−")

@@ -706,3 +706,29 @@ def test_scorer_directions_equal_their_definition(samples: int):
     xh = xh - xh.mean(dim=0)
     assert sc.directions.shape == (50, 8)
     assert torch.allclose(sc.directions.double(), t.T @ xh, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "orthogonal"])
+def test_an_adapter_starts_as_the_identity_and_is_trained_with_the_head(kind: str) -> None:
+    cls = HadamardHead if kind == "hadamard" else OrthogonalHead
+    linear = nn.Linear(32, 600)
+    feats = torch.randn(400, 32, generator=_gen(5)).relu()
+    plain = cls.from_linear(linear, features=feats)
+    adapted = cls.from_linear(linear, features=feats, adapter=True)
+    x = torch.randn(7, 32, generator=_gen(6))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x), plain(x))  # the identity map: the same head to start with
+    assert [n for n, _ in adapted.named_parameters()] == ["scale", "bias", "adapter.weight", "adapter.bias"]
+    adapted(x).logsumexp(dim=1).sum().backward()
+    assert adapted.adapter.weight.grad is not None and adapted.adapter.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        adapted.adapter.weight.mul_(-1.0)  # x -> -x: every cosine flips sign
+        torch.testing.assert_close(adapted.raw(x), -plain.raw(x))
+
+
+def test_wants_adapter_from_sixteen_classes_per_feature() -> None:
+    from fyc_convert.head.heads import ADAPTER_RATIO, wants_adapter
+
+    assert ADAPTER_RATIO == 16
+    assert wants_adapter(128, 4191) and wants_adapter(64, 1024)
+    assert not wants_adapter(64, 1023) and not wants_adapter(256, 1200) and not wants_adapter(64, 10)

@@ -555,3 +555,18 @@ def test_ncnn_layout_needs_opset_16_and_a_grid_sized_constant_bound() -> None:
     assert check_head_static(model, num_classes=120, embed_size=128)["GridSample"] == 1
     with pytest.raises(ExportError, match=r"limit max\(C, n\) = 128"):
         check_head_static(model, num_classes=120, embed_size=128, layout="portable")
+
+
+@pytest.mark.parametrize("layout", ["portable", "kron", "ncnn", "batch-switched"])
+def test_an_adapter_is_a_matmul_beside_the_head_scope(layout: str) -> None:
+    head = HadamardHead(64, 1100, adapter=True)
+    with torch.no_grad():
+        head.adapter.weight.add_(0.1 * torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+        head.adapter.bias.add_(0.2)
+    model = head_model(HeadSpec.from_module(head), layout=layout)
+    adapter_ops = sorted(n.op_type for n in model.graph.node if n.name.startswith(onnx_head.adapter_prefix(
+        onnx_head.HEAD_PREFIX)))
+    assert adapter_ops == ["Add", "MatMul"]
+    census = check_head_static(model, num_classes=1100, embed_size=head.embed_size)  # the head itself: add/sub
+    assert census.get("MatMul", 0) == (2 if layout == "kron" else 0)
+    _assert_matches_head(model, head, (1, 4), seed=3)

@@ -130,3 +130,22 @@ def test_conv_file_into_a_model_with_a_linear_there_is_refused(tmp_path: Path) -
     other = LAYOUTS["resnet_fc"]().model  # .fc is an nn.Linear
     with pytest.raises(CheckpointError, match="converts the 1x1 Conv2d 'fc', but this model has a Linear there"):
         load_converted(other, path)
+
+
+@pytest.mark.parametrize("head", ["hadamard", "orthogonal"])
+def test_round_trip_keeps_a_trained_adapter(tmp_path: Path, head: str) -> None:
+    """A head with a learned map before it: the header says so, the map's trained weights come back."""
+    lay = LAYOUTS["resnet_fc"]()
+    swap = swap_classifier(lay.model, head=head, layer=lay.layer, input_shape=lay.input_shape, adapter=True)
+    with torch.no_grad():
+        swap.head.adapter.weight.add_(0.1 * torch.randn(swap.head.in_features, swap.head.in_features,
+                                                          generator=torch.Generator().manual_seed(1)))
+        swap.head.adapter.bias.add_(0.5)
+    path = save_converted(swap.model, tmp_path / "model.safetensors", layer=swap.layer, head=swap.head)
+    with safe_open(str(path), framework="pt") as f:
+        assert json.loads(f.metadata()["fyc_convert.heads"])[0]["adapter"] is True
+    loaded = load_converted(LAYOUTS["resnet_fc"]().model, path)
+    assert loaded.get_submodule(swap.layer).adapter is not None
+    x = torch.randn(3, *lay.input_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(loaded.eval()(x)), logits_of(swap.model.eval()(x)))

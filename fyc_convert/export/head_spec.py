@@ -34,6 +34,8 @@ class HeadSpec:
         bias: (C,) float or None.
         table: None (embed/fold + one m-point transform), or (K, P) float, P a power of two >= N:
             z = concat_k H_P(table[k] ⊙ pad(x̂, P)) (length K·P), logits_c = scale · z[rows[c]] + bias_c.
+        adapter: None, or the learned map before the head as (weight (N, N), bias (N,)): the head sees
+            weight · x + bias instead of x.
     """
 
     in_features: int
@@ -47,6 +49,7 @@ class HeadSpec:
     scale: float
     bias: np.ndarray | None
     table: np.ndarray | None = field(default=None)
+    adapter: tuple[np.ndarray, np.ndarray] | None = field(default=None)
 
     def __post_init__(self) -> None:
         n_feat, c, m, n = self.in_features, self.num_classes, self.hadamard_size, self.embed_size
@@ -78,6 +81,10 @@ class HeadSpec:
             raise ExportError(f"rows must be {c} indices in [0, {outputs}); use the head's `rows` buffer unchanged")
         if self.bias is not None and self.bias.shape != (c,):
             raise ExportError(f"bias must have shape ({c},), got {self.bias.shape}; use the head's `bias` unchanged")
+        if self.adapter is not None and (self.adapter[0].shape != (n_feat, n_feat)
+                                         or self.adapter[1].shape != (n_feat,)):
+            raise ExportError(f"the adapter must be an ({n_feat}, {n_feat}) weight and a ({n_feat},) bias; use the "
+                              "head's `adapter` unchanged")
 
     @classmethod
     def from_module(cls, head: Any) -> HeadSpec:
@@ -120,4 +127,14 @@ class HeadSpec:
             scale=float(head.scale.detach().cpu()),
             bias=None if bias is None else bias.detach().cpu().double().numpy().copy(),
             table=table,
+            adapter=_adapter_of(head),
         )
+
+
+def _adapter_of(head: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """(weight, bias) float64 copies of the head's learned map before it, or None."""
+    adapter = getattr(head, "adapter", None)
+    if adapter is None:
+        return None
+    return (adapter.weight.detach().cpu().double().numpy().copy(),
+            adapter.bias.detach().cpu().double().numpy().copy())

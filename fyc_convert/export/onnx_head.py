@@ -49,6 +49,7 @@ __all__ = [
     "HeadLayout",
     "HeadSpec",
     "LAYOUT_KEY",
+    "adapter_prefix",
     "build_head",
     "check_head_static",
     "head_model",
@@ -290,6 +291,9 @@ def build_head(
         leading = ops.op1("Shape", [features], attrs={"start": 0, "end": -1}, dtype=np.int64)
         x = ops.reshape(features, [-1, n_feat])
 
+    if spec.adapter is not None:  # a learned dense map, named outside the head's scope (not add/sub, not fixed)
+        x = _adapter(Ops(graph, adapter_prefix(prefix), dtype), x, spec.adapter)
+
     # α / (‖x‖ + eps), per sample: (B, 1)
     sq = ops.reduce_sum(ops.op1("Mul", [x, x]), [1], keepdims=1)
     den = ops.op1("Add", [ops.op1("Sqrt", [sq]), ops.const("eps", np.asarray(spec.eps, ops.dtype))])
@@ -318,6 +322,18 @@ def build_head(
     elif lead:
         logits = ops.reshape(logits, [-1 if static_batch is None else static_batch, *lead, c])
     return logits
+
+
+def adapter_prefix(prefix: str) -> str:
+    """The name scope of a head's adapter: beside the head's ("fyc_head/" -> "fyc_head_adapter/"), not in it."""
+    return prefix.rstrip("/") + "_adapter/"
+
+
+def _adapter(ops: Ops, x: gs.Variable, adapter: tuple[np.ndarray, np.ndarray]) -> gs.Variable:
+    """(R, N) -> (R, N) = x · weightᵀ + bias: a MatMul and an Add."""
+    weight, bias = adapter
+    y = ops.op1("MatMul", [x, ops.const("weight", np.ascontiguousarray(weight.T).astype(ops.dtype))])
+    return ops.op1("Add", [y, ops.const("bias", bias.astype(ops.dtype))])
 
 
 def _check_request(layout: str, static_batch: int | None, opset: int) -> None:

@@ -36,7 +36,7 @@ from fyc_convert.head.hadamard import (
     whole_copy_table,
 )
 
-__all__ = ["HadamardHead", "OrthogonalHead", "cosine_loss"]
+__all__ = ["ADAPTER_RATIO", "HadamardHead", "OrthogonalHead", "cosine_loss", "wants_adapter"]
 
 Embedding = Literal["tile", "pad", "kerdock"]
 EMBEDDINGS = ("tile", "pad", "kerdock")
@@ -52,6 +52,7 @@ _POOL_CANDIDATES = 1 << 16  # from_linear scores at most about this many frame v
 _POOL_CELLS = 1 << 29  # ... and at most about this many class × vector scores (never fewer than k + 1 tiles)
 _FIT_CELLS = 1 << 23  # from_linear's α/b fit and calibrated agreement on at most this many (sample, class) logits
 _FIT_MIN_SAMPLES = 512  # ... but on at least this many samples
+ADAPTER_RATIO = 16  # adapter="auto": a learned N x N map before the head from C >= ADAPTER_RATIO * N (docs/accuracy.md)
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -394,6 +395,26 @@ class _FixedHead(nn.Module):
             self.register_buffer("scale", torch.tensor(float(fixed_scale)))
         self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
 
+    def _init_adapter(self, in_features: int, adapter: bool) -> None:
+        self.adapter: nn.Linear | None = None
+        if adapter:
+            self.attach_adapter()
+
+    def attach_adapter(self) -> _FixedHead:
+        """Give the head a learned N x N map before it (``raw`` sees ``adapter(x)``), the identity to start with,
+        so the head computes what it did; returns the head. Fine-tuning trains it with the backbone."""
+        ref = self.scale
+        linear = nn.Linear(self.in_features, self.in_features, device=ref.device, dtype=ref.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(torch.eye(self.in_features, dtype=ref.dtype))
+            linear.bias.zero_()
+        self.adapter = linear
+        return self
+
+    def _adapted(self, x: Tensor) -> Tensor:
+        """(..., N): the adapter's output when there is one, else x."""
+        return x if self.adapter is None else self.adapter(x)
+
     def raw(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
 
@@ -435,6 +456,8 @@ class HadamardHead(_FixedHead):
             default the first ``max(rows) // P + 1`` (or as many as the default sizing needs).
         seed: Seed of the "tile" sign pattern (private generator; the global RNG is untouched).
         eps: Added to ‖x‖₂ before dividing.
+        adapter: Put a learned N x N map (nn.Linear, the identity to start with) before the head: N² + N
+            parameters that let the features leave, e.g., the positive orthant of a ReLU (`attach_adapter`).
     """
 
     head_kind = "hadamard"
@@ -452,6 +475,7 @@ class HadamardHead(_FixedHead):
         tiles: Sequence[int] | Tensor | None = None,
         seed: int = 0,
         eps: float = 1e-8,
+        adapter: bool = False,
     ):
         super().__init__()
         self._init_sizes(in_features, num_classes, eps)
@@ -485,6 +509,7 @@ class HadamardHead(_FixedHead):
         self.register_buffer("signs", tr.signs.to(torch.get_default_dtype()))
         self._init_scale_bias(num_classes, init=_DEFAULT_LOGIT_RANGE / math.sqrt(self._mean_sq_norm()),
                               fixed_scale=fixed_scale, bias=bias)
+        self._init_adapter(in_features, adapter)
         self._norm_cache: tuple[tuple[int, ...], Tensor] | None = None  # see class_vector_norms
 
     def _explicit_transform(self, rows: Tensor | Sequence[int] | None, hadamard_size: int | None,
@@ -532,6 +557,7 @@ class HadamardHead(_FixedHead):
         """``V · x̂`` without scale and bias: (..., N) -> (..., C)."""
         if x.shape[-1] != self.in_features:
             raise HeadError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
+        x = self._adapted(x)
         tr = self._transform()
         if _no_autograd(x) and x.device.type == "cpu" and x.numel() >= _SCORE_MIN_INPUTS:  # large CPU batches
             return tr.score(_normalize(x, self.eps).reshape(-1, self.in_features), self.rows).view(
@@ -599,6 +625,7 @@ class HadamardHead(_FixedHead):
         embedding: Embedding | None = None,
         seed: int = 0,
         hadamard_size: int | None = None,
+        adapter: bool = False,
     ) -> HadamardHead:
         """Build a head that starts as close as possible to a trained ``linear`` (class order kept).
 
@@ -627,6 +654,7 @@ class HadamardHead(_FixedHead):
             embedding: As in the constructor.
             seed: As in the constructor.
             hadamard_size: Force the transform size m (e.g. the constructor's fold size, for speed; kerdock: P).
+            adapter: Attach a learned N x N map before the head, the identity (rows and α/b are chosen without it).
 
         Returns:
             A HadamardHead on the linear layer's device and dtype.
@@ -641,6 +669,8 @@ class HadamardHead(_FixedHead):
             head = fit.frame_head(cls, hadamard_size=hadamard_size)
         else:
             head = fit.tile_head(cls, embedding=embedding, seed=seed, hadamard_size=hadamard_size)
+        if adapter:
+            head.attach_adapter()
         return head.to(linear.weight.device, linear.weight.dtype)
 
 
@@ -753,18 +783,20 @@ class OrthogonalHead(_FixedHead):
         fixed_scale: Use this constant α (a buffer) instead of learning it.
         seed: Seed of Q (stored as the int64 buffer ``seed``).
         eps: Added to ‖x‖₂ before dividing.
+        adapter: A learned N x N map before the head, as for `HadamardHead`.
     """
 
     head_kind = "orthogonal"
 
     def __init__(self, in_features: int, num_classes: int, *, bias: bool = True, fixed_scale: float | None = None,
-                 seed: int = 0, eps: float = 1e-8):
+                 seed: int = 0, eps: float = 1e-8, adapter: bool = False):
         super().__init__()
         self._init_sizes(in_features, num_classes, eps)
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("weight", _orthogonal_matrix(in_features, num_classes, seed).to(
             torch.get_default_dtype()), persistent=False)
         self._init_scale_bias(num_classes, init=_DEFAULT_LOGIT_RANGE, fixed_scale=fixed_scale, bias=bias)
+        self._init_adapter(in_features, adapter)
         self.register_load_state_dict_post_hook(_rebuild_after_load)
 
     def extra_repr(self) -> str:
@@ -775,7 +807,7 @@ class OrthogonalHead(_FixedHead):
         """``Q · x̂`` without scale and bias: (..., N) -> (..., C)."""
         if x.shape[-1] != self.in_features:
             raise HeadError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
-        return F.linear(_normalize(x, self.eps), self.weight.to(x.dtype))
+        return F.linear(_normalize(self._adapted(x), self.eps), self.weight.to(x.dtype))
 
     def class_vector_norms(self) -> Tensor:
         """(C,) ‖Q_c‖₂."""
@@ -796,7 +828,7 @@ class OrthogonalHead(_FixedHead):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, features: Tensor | None = None, bias: bool = True,
-                    fixed_scale: float | None = None, seed: int = 0) -> OrthogonalHead:
+                    fixed_scale: float | None = None, seed: int = 0, adapter: bool = False) -> OrthogonalHead:
         """Build an orthogonal head for a trained ``linear``; Q is fixed by ``seed``, α and b are fitted.
 
         With ``features`` (S, N): least squares ``α·Q x̂ + b ≈ W x + b₀``. Without: α = the least-squares
@@ -808,7 +840,15 @@ class OrthogonalHead(_FixedHead):
         b0 = linear.bias.detach().to("cpu", torch.float64) if linear.bias is not None else torch.zeros(c_out)
         x = None if features is None else features.detach().to("cpu", torch.float64).reshape(-1, n_in)
         fit_to_linear(head, w, b0, x, fixed_scale=fixed_scale)
+        if adapter:
+            head.attach_adapter()
         return head.to(linear.weight.device, linear.weight.dtype)
+
+
+def wants_adapter(in_features: int, num_classes: int) -> bool:
+    """adapter="auto": a learned N x N map before the fixed head when classes outnumber features ADAPTER_RATIO to 1
+    (there it recovers several points more per epoch at a small share of the saving; docs/accuracy.md)."""
+    return num_classes >= ADAPTER_RATIO * in_features
 
 
 def _rebuild_after_load(module: OrthogonalHead, incompatible_keys) -> None:

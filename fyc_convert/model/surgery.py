@@ -339,6 +339,7 @@ def swap_classifier(
     fixed_scale: float | None = None,
     seed: int = 0,
     hadamard_size: int | None = None,
+    adapter: bool | None = False,
 ) -> SwapResult:
     """Replace the classifier layer(s) in place with fixed heads built from them (class order kept).
 
@@ -362,6 +363,8 @@ def swap_classifier(
         seed: Seed of the heads' embedding signs (the same for every head).
         hadamard_size: Transform size m of the hadamard heads (default: `HadamardHead.from_linear`'s choice,
             the widest row choice); e.g. the fold size N / 2^k >= C + 1 gives a faster exported head.
+        adapter: Give each head a learned N x N map before it (`attach_adapter`); None: where
+            `heads.wants_adapter(N, C)` (classes outnumber features ADAPTER_RATIO to 1).
 
     Returns:
         The swap's result, with exact parameter accounting.
@@ -371,6 +374,8 @@ def swap_classifier(
         HeadError: Unknown head kind, a hadamard_size for the orthogonal head, features that do not fit a
             layer, or the head cannot be built for these sizes. The model is left as it was.
     """
+    from fyc_convert.head.heads import wants_adapter
+
     head_cls, sizing = _head_class(head, hadamard_size)
     found = classifiers or find_classifiers(model, layer=layer, input_shape=input_shape, example=example)
     original = count_params(model)
@@ -380,7 +385,9 @@ def swap_classifier(
         feats = _features(model, targets, features, inputs)
         built = []
         for (c, name, linear), f in zip(targets, feats, strict=True):
-            new = head_cls.from_linear(linear, features=f, bias=bias, fixed_scale=fixed_scale, seed=seed, **sizing)
+            use = wants_adapter(linear.in_features, linear.out_features) if adapter is None else adapter
+            new = head_cls.from_linear(linear, features=f, bias=bias, fixed_scale=fixed_scale, seed=seed,
+                                       adapter=use, **sizing)
             built.append((c, name, linear, new.train(linear.training)))
     except BaseException:
         for placed, old in undo:
