@@ -23,6 +23,7 @@ from fyc_convert.train.recipe import (
     FIXED_EPOCHS,
     LARGE_DATA,
     MANY_SHARE,
+    SLOW_MAX_EPOCHS,
     Facts,
     choose,
     facts_of,
@@ -49,6 +50,18 @@ def test_small_head_gets_sgd_at_the_plain_lr_with_distillation():
                        "lr 0.01: 0.01 per 64 samples, linear in the batch size",
                        "distillation on: the original's outputs guide the new head back to its predictions",
                        "epochs auto: stop once within the target of the original"]
+
+
+@pytest.mark.parametrize(("n", "c", "budget"), [(128, 4191, SLOW_MAX_EPOCHS), (64, 1024, SLOW_MAX_EPOCHS),
+                                                 (64, 1023, AUTO_MAX_EPOCHS), (256, 1200, AUTO_MAX_EPOCHS)])
+def test_the_auto_budget_grows_from_sixteen_classes_per_feature(n: int, c: int, budget: int):
+    chosen, reasons = choose(FinetuneConfig(), _facts(in_features=n, num_classes=c, head_share=0.7))
+    assert chosen["max_epochs"] == budget
+    said = [r for r in reasons if r.startswith("budget ")]
+    assert said == ([f"budget {budget} epochs: {c:,} classes on {n} features learn slowly (auto still stops once "
+                     "within the target)"] if budget > AUTO_MAX_EPOCHS else [])
+    given, _ = choose(FinetuneConfig(max_epochs=4), _facts(in_features=n, num_classes=c))
+    assert "max_epochs" not in given  # a given budget is kept
 
 
 def test_more_classes_than_features_is_many_class():

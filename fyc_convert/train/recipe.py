@@ -23,6 +23,8 @@ from fyc_convert.options import FinetuneConfig
 MANY_SHARE = 0.25  # a classifier holding at least this share of the parameters counts as many-class
 LARGE_DATA = 10_000  # training samples from which batches of 128 are used
 AUTO_MAX_EPOCHS = 10  # the budget of --epochs auto
+SLOW_RATIO = 16  # from this many classes per feature the fixed head learns slowly: the budget is SLOW_MAX_EPOCHS
+SLOW_MAX_EPOCHS = 30  # (large glyph sample, 33 classes per feature: still rising at 10 epochs; docs/accuracy.md)
 FIXED_EPOCHS = 3  # epochs without a validation split (nothing to stop on)
 CLASS_LR_LR = 1e-2  # class-lr's base learning rate (its per-class factors scale it)
 CLASS_LR_ETA_MU = 1e4  # class-lr: learning rate of the per-class factors μ
@@ -127,5 +129,14 @@ def choose(config: FinetuneConfig, facts: Facts) -> tuple[dict[str, Any], list[s
                        f"{FIXED_EPOCHS} epochs: no validation split to stop on")
     epochs = config.epochs if config.epochs is not None else chosen["epochs"]
     if epochs == "auto" and config.max_epochs is None:
-        chosen["max_epochs"] = AUTO_MAX_EPOCHS
+        chosen["max_epochs"] = epoch_budget(facts)
+        if chosen["max_epochs"] > AUTO_MAX_EPOCHS:
+            reasons.append(f"budget {chosen['max_epochs']} epochs: {facts.num_classes:,} classes on "
+                           f"{facts.in_features} features learn slowly (auto still stops once within the target)")
     return chosen, reasons
+
+
+def epoch_budget(facts: Facts) -> int:
+    """The most epochs of --epochs auto: AUTO_MAX_EPOCHS, SLOW_MAX_EPOCHS from SLOW_RATIO classes per feature."""
+    slow = facts.in_features > 0 and facts.num_classes >= SLOW_RATIO * facts.in_features
+    return SLOW_MAX_EPOCHS if slow else AUTO_MAX_EPOCHS
