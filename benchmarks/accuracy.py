@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # sample_models (the --arch modules) import from the repository root
 
 from fyc_convert.data.datasets import check_data, load_data  # noqa: E402
-from fyc_convert.head.heads import HadamardHead, wants_adapter  # noqa: E402
+from fyc_convert.head.heads import HadamardHead, adapter_width  # noqa: E402
 from fyc_convert.model.loading import load_model  # noqa: E402
 from fyc_convert.model.surgery import capture_features, count_params, find_classifier  # noqa: E402
 from fyc_convert.train.finetune import FinetuneConfig, calibrate, evaluate, finetune  # noqa: E402
@@ -125,16 +125,17 @@ class Run:
     distill: bool | None = None
     max_epochs: int | None = None  # the budget of epochs="auto"
     load1: float | None = None  # 1-minute load average when the run started
-    adapter: bool | None = None  # a learned N x N map before the head (None: recorded before there was one)
+    adapter: bool | None = None  # a learned map before the head (None: recorded before there was one)
 
 
 def _swap(model: nn.Module, layer: str, linear: nn.Linear, features: torch.Tensor, *, frame: str,
           seed: int) -> HadamardHead:
     """Replace `layer` by HadamardHead.from_linear(embedding=frame); frame "default": from_linear's own choice.
-    The learned map before the head where the CLI's `--adapter auto` puts one (`wants_adapter`)."""
+    The learned map before the head where the CLI's `--adapter auto` puts one (`adapter_width`)."""
     chosen = {} if frame == "default" else {"embedding": frame}
     head = HadamardHead.from_linear(linear, features=features, seed=seed,
-                                    adapter=wants_adapter(linear.in_features, linear.out_features), **chosen)
+                                    adapter=adapter_width(linear.in_features, linear.out_features) or False,
+                                    **chosen)
     head.train(linear.training)
     parent, _, attr = layer.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, attr, head)

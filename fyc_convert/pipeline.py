@@ -170,21 +170,33 @@ def _swap(model, bundle, input_shape, opts: ConvertOptions, say: Progress):
     with _model_run("capturing the classifier's input features", input_shape):
         swap = swap_classifier(model, head=opts.head, classifiers=found, inputs=inputs, bias=opts.bias,
                                fixed_scale=opts.fixed_scale, seed=opts.seed, hadamard_size=opts.hadamard_size,
-                               adapter={"auto": None, "on": True, "off": False}[opts.adapter])
+                               adapter=_adapter_request(opts))
     for line in _adapter_lines(swap, opts):
         say(line)
     return swap, found
+
+
+def _adapter_request(opts: ConvertOptions) -> bool | int | None:
+    """What swap_classifier gets for --adapter: None (its own rule) for auto when fine-tuning follows (untrained,
+    the map only adds weights), a width for on (ADAPTER_WIDEN · N; the orthogonal head: N x N), else False."""
+    from fyc_convert.head.heads import ADAPTER_WIDEN
+
+    trains = opts.data is not None and opts.epochs != 0
+    if opts.adapter == "on":
+        return True if opts.head == "orthogonal" else -ADAPTER_WIDEN  # negative: that many times N, per head
+    return None if opts.adapter == "auto" and trains and opts.head == "hadamard" else False
 
 
 def _adapter_lines(swap, opts: ConvertOptions) -> list[str]:
     """One line per head with a learned map before it: its size, its cost and why it is there."""
     lines = []
     for s in swap.heads:
-        if getattr(s.head, "adapter", None) is not None:
-            n = s.in_features
+        adapter = getattr(s.head, "adapter", None)
+        if adapter is not None:
+            n, w = adapter.in_features, adapter.out_features
             why = f"{s.num_classes:,} classes on {n} features" if opts.adapter == "auto" else "--adapter on"
-            lines.append(f"{s.layer}: a learned {n} × {n} map before the fixed head ({n * n + n:,} parameters, "
-                         f"in the classifier's count): {why}")
+            lines.append(f"{s.layer}: a learned {n} → {w} map before a fixed head on {w} features "
+                         f"({n * w + w:,} parameters, in the classifier's count): {why}")
     return lines
 
 

@@ -726,9 +726,31 @@ def test_an_adapter_starts_as_the_identity_and_is_trained_with_the_head(kind: st
         torch.testing.assert_close(adapted.raw(x), -plain.raw(x))
 
 
-def test_wants_adapter_from_sixteen_classes_per_feature() -> None:
-    from fyc_convert.head.heads import ADAPTER_RATIO, wants_adapter
+def test_adapter_width_from_sixteen_classes_per_feature() -> None:
+    from fyc_convert.head.heads import ADAPTER_RATIO, ADAPTER_WIDEN, adapter_width
 
-    assert ADAPTER_RATIO == 16
-    assert wants_adapter(128, 4191) and wants_adapter(64, 1024)
-    assert not wants_adapter(64, 1023) and not wants_adapter(256, 1200) and not wants_adapter(64, 10)
+    assert (ADAPTER_RATIO, ADAPTER_WIDEN) == (16, 4)
+    assert adapter_width(128, 4191) == 512 and adapter_width(64, 1024) == 256
+    assert adapter_width(64, 1023) is None and adapter_width(256, 1200) is None and adapter_width(64, 10) is None
+
+
+def test_a_wide_adapter_starts_as_zero_padding_into_a_wider_head() -> None:
+    """adapter=W: the head is built on W features from the zero-padded layer and inputs; the map N -> W starts
+    as that padding, so the head on x equals a plain W-feature head on [x, 0]."""
+    linear = nn.Linear(32, 700)
+    feats = torch.randn(500, 32, generator=_gen(7)).relu()
+    head = HadamardHead.from_linear(linear, features=feats, adapter=128)
+    assert (head.in_features, head.input_features) == (128, 32)
+    assert tuple(head.adapter.weight.shape) == (128, 32) and head.embedding == "kerdock"
+    padded = nn.Linear(128, 700)
+    with torch.no_grad():
+        padded.weight.copy_(torch.cat([linear.weight, torch.zeros(700, 96)], dim=1))
+        padded.bias.copy_(linear.bias)
+    plain = HadamardHead.from_linear(padded, features=torch.cat([feats, torch.zeros(500, 96)], dim=1))
+    x = torch.randn(6, 32, generator=_gen(8))
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), plain(torch.cat([x, torch.zeros(6, 96)], dim=1)))
+    with pytest.raises(HeadError, match="expected inputs with 32 features"):
+        head(torch.randn(2, 128))
+    with pytest.raises(HeadError, match="width below the 32 input features"):
+        HadamardHead.from_linear(linear, adapter=16)

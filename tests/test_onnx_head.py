@@ -86,7 +86,7 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 def _assert_matches_head(model: onnx.ModelProto, head: HadamardHead, batches: tuple[int, ...], seed: int) -> None:
     """onnxruntime's logits equal the PyTorch head's, to 1e-4, on random features at each batch size."""
-    x = torch.randn(max(batches), head.in_features, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(max(batches), head.input_features, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         want = head(x).numpy()
     for batch in batches:
@@ -557,11 +557,13 @@ def test_ncnn_layout_needs_opset_16_and_a_grid_sized_constant_bound() -> None:
         check_head_static(model, num_classes=120, embed_size=128, layout="portable")
 
 
+@pytest.mark.parametrize("n_in", [64, 40])
 @pytest.mark.parametrize("layout", ["portable", "kron", "ncnn", "batch-switched"])
-def test_an_adapter_is_a_matmul_beside_the_head_scope(layout: str) -> None:
-    head = HadamardHead(64, 1100, adapter=True)
+def test_an_adapter_is_a_matmul_beside_the_head_scope(layout: str, n_in: int) -> None:
+    """The learned map (64 x 64, or 40 -> 64 before the head) is a MatMul and an Add in its own scope."""
+    head = HadamardHead(64, 1100, adapter=True if n_in == 64 else n_in)
     with torch.no_grad():
-        head.adapter.weight.add_(0.1 * torch.randn(64, 64, generator=torch.Generator().manual_seed(0)))
+        head.adapter.weight.add_(0.1 * torch.randn(64, n_in, generator=torch.Generator().manual_seed(0)))
         head.adapter.bias.add_(0.2)
     model = head_model(HeadSpec.from_module(head), layout=layout)
     adapter_ops = sorted(n.op_type for n in model.graph.node if n.name.startswith(onnx_head.adapter_prefix(

@@ -132,18 +132,21 @@ def test_conv_file_into_a_model_with_a_linear_there_is_refused(tmp_path: Path) -
         load_converted(other, path)
 
 
-@pytest.mark.parametrize("head", ["hadamard", "orthogonal"])
-def test_round_trip_keeps_a_trained_adapter(tmp_path: Path, head: str) -> None:
-    """A head with a learned map before it: the header says so, the map's trained weights come back."""
+@pytest.mark.parametrize(("head", "adapter"), [("hadamard", True), ("hadamard", -4), ("orthogonal", True)])
+def test_round_trip_keeps_a_trained_adapter(tmp_path: Path, head: str, adapter: bool | int) -> None:
+    """A head with a learned map before it (N x N, or N -> 4N before a wider head): the header names its input
+    size, the map's trained weights come back."""
     lay = LAYOUTS["resnet_fc"]()
-    swap = swap_classifier(lay.model, head=head, layer=lay.layer, input_shape=lay.input_shape, adapter=True)
+    swap = swap_classifier(lay.model, head=head, layer=lay.layer, input_shape=lay.input_shape, adapter=adapter)
+    n_in = swap.head.input_features
+    assert swap.head.in_features == (4 * n_in if adapter == -4 else n_in)
     with torch.no_grad():
-        swap.head.adapter.weight.add_(0.1 * torch.randn(swap.head.in_features, swap.head.in_features,
+        swap.head.adapter.weight.add_(0.1 * torch.randn(swap.head.in_features, n_in,
                                                           generator=torch.Generator().manual_seed(1)))
         swap.head.adapter.bias.add_(0.5)
     path = save_converted(swap.model, tmp_path / "model.safetensors", layer=swap.layer, head=swap.head)
     with safe_open(str(path), framework="pt") as f:
-        assert json.loads(f.metadata()["fyc_convert.heads"])[0]["adapter"] is True
+        assert json.loads(f.metadata()["fyc_convert.heads"])[0]["adapter"] == n_in
     loaded = load_converted(LAYOUTS["resnet_fc"]().model, path)
     assert loaded.get_submodule(swap.layer).adapter is not None
     x = torch.randn(3, *lay.input_shape, generator=torch.Generator().manual_seed(0))

@@ -34,8 +34,8 @@ class HeadSpec:
         bias: (C,) float or None.
         table: None (embed/fold + one m-point transform), or (K, P) float, P a power of two >= N:
             z = concat_k H_P(table[k] ⊙ pad(x̂, P)) (length K·P), logits_c = scale · z[rows[c]] + bias_c.
-        adapter: None, or the learned map before the head as (weight (N, N), bias (N,)): the head sees
-            weight · x + bias instead of x.
+        adapter: None, or the learned map before the head as (weight (N, n), bias (N,)): the head takes n
+            features (`input_features`) and sees weight · x + bias.
     """
 
     in_features: int
@@ -81,10 +81,15 @@ class HeadSpec:
             raise ExportError(f"rows must be {c} indices in [0, {outputs}); use the head's `rows` buffer unchanged")
         if self.bias is not None and self.bias.shape != (c,):
             raise ExportError(f"bias must have shape ({c},), got {self.bias.shape}; use the head's `bias` unchanged")
-        if self.adapter is not None and (self.adapter[0].shape != (n_feat, n_feat)
+        if self.adapter is not None and (self.adapter[0].ndim != 2 or self.adapter[0].shape[0] != n_feat
                                          or self.adapter[1].shape != (n_feat,)):
-            raise ExportError(f"the adapter must be an ({n_feat}, {n_feat}) weight and a ({n_feat},) bias; use the "
-                              "head's `adapter` unchanged")
+            raise ExportError(f"the adapter must be an ({n_feat}, n) weight and a ({n_feat},) bias; use the head's "
+                              "`adapter` unchanged")
+
+    @property
+    def input_features(self) -> int:
+        """The features the head takes: the adapter's inputs when there is one, else N."""
+        return self.in_features if self.adapter is None else int(self.adapter[0].shape[1])
 
     @classmethod
     def from_module(cls, head: Any) -> HeadSpec:

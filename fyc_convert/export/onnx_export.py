@@ -45,6 +45,8 @@ from fyc_convert.export.onnx_head import (
     MIN_OPSET,
     HeadLayout,
     HeadSpec,
+    adapter_prefix,
+    adapter_subgraph,
     build_head,
     check_head_static,
     head_op_census,
@@ -513,7 +515,10 @@ def _splice_head(graph: gs.Graph, marker: gs.Node, head: nn.Module, kind: str, *
         logits = build_head(graph, x, HeadSpec.from_module(head), prefix=scope, dtype=np.float32,
                             layout=layout, static_batch=static_batch, feature_shape=feature_shape)
     else:
-        flat = ops.reshape(x, [-1, head.in_features]) if len(feature_shape) > 1 else x
+        flat = ops.reshape(x, [-1, head.input_features]) if len(feature_shape) > 1 else x
+        if head.adapter is not None:  # the learned map before the head, beside its scope (as build_head puts it)
+            weights = tuple(t.detach().cpu().double().numpy() for t in (head.adapter.weight, head.adapter.bias))
+            flat = adapter_subgraph(Ops(graph, adapter_prefix(scope), np.float32), flat, weights)
         logits = _dense_head(ops, flat, head)
         if len(feature_shape) > 1:  # (B', C) -> (B, *lead, C), the lead axes as traced
             logits = ops.reshape(logits, [-1, *feature_shape[:-1], head.num_classes])

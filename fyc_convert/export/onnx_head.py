@@ -50,6 +50,7 @@ __all__ = [
     "HeadSpec",
     "LAYOUT_KEY",
     "adapter_prefix",
+    "adapter_subgraph",
     "build_head",
     "check_head_static",
     "head_model",
@@ -279,7 +280,7 @@ def build_head(
     """
     ops = Ops(graph, prefix, dtype)
     _check_request(layout, static_batch, ops.opset)
-    n_feat, c = spec.in_features, spec.num_classes
+    n_feat, c = spec.input_features, spec.num_classes  # the features taken (the adapter's inputs, if any)
     lead = _lead_shape(features, feature_shape, n_feat)
     rows_per_sample = int(np.prod(lead)) if lead and _is_static(lead) else 1
     batch = -1 if static_batch is None or not _is_static(lead) else static_batch * rows_per_sample
@@ -292,7 +293,7 @@ def build_head(
         x = ops.reshape(features, [-1, n_feat])
 
     if spec.adapter is not None:  # a learned dense map, named outside the head's scope (not add/sub, not fixed)
-        x = _adapter(Ops(graph, adapter_prefix(prefix), dtype), x, spec.adapter)
+        x = adapter_subgraph(Ops(graph, adapter_prefix(prefix), dtype), x, spec.adapter)
 
     # α / (‖x‖ + eps), per sample: (B, 1)
     sq = ops.reduce_sum(ops.op1("Mul", [x, x]), [1], keepdims=1)
@@ -329,8 +330,8 @@ def adapter_prefix(prefix: str) -> str:
     return prefix.rstrip("/") + "_adapter/"
 
 
-def _adapter(ops: Ops, x: gs.Variable, adapter: tuple[np.ndarray, np.ndarray]) -> gs.Variable:
-    """(R, N) -> (R, N) = x · weightᵀ + bias: a MatMul and an Add."""
+def adapter_subgraph(ops: Ops, x: gs.Variable, adapter: tuple[np.ndarray, np.ndarray]) -> gs.Variable:
+    """(R, n) -> (R, N) = x · weightᵀ + bias: a MatMul and an Add."""
     weight, bias = adapter
     y = ops.op1("MatMul", [x, ops.const("weight", np.ascontiguousarray(weight.T).astype(ops.dtype))])
     return ops.op1("Add", [y, ops.const("bias", bias.astype(ops.dtype))])
@@ -393,7 +394,7 @@ def head_model(
     if opset < MIN_OPSET:
         raise ExportError(f"opset {opset} is too old for the head subgraph; pass an opset of {MIN_OPSET} or newer")
     b: int | str = "batch_size" if static_batch is None else static_batch
-    shape: list = [b, time_steps or "T", spec.in_features] if time_axis else [b, spec.in_features]
+    shape: list = [b, time_steps or "T", spec.input_features] if time_axis else [b, spec.input_features]
     features = gs.Variable("features", dtype=dtype, shape=shape)
     graph = gs.Graph(inputs=[features], opset=opset)
     logits = build_head(graph, features, spec, prefix=prefix, dtype=dtype, layout=layout, static_batch=static_batch)

@@ -36,7 +36,7 @@ from fyc_convert.head.hadamard import (
     whole_copy_table,
 )
 
-__all__ = ["ADAPTER_RATIO", "HadamardHead", "OrthogonalHead", "cosine_loss", "wants_adapter"]
+__all__ = ["ADAPTER_RATIO", "ADAPTER_WIDEN", "HadamardHead", "OrthogonalHead", "adapter_width", "cosine_loss"]
 
 Embedding = Literal["tile", "pad", "kerdock"]
 EMBEDDINGS = ("tile", "pad", "kerdock")
@@ -52,7 +52,8 @@ _POOL_CANDIDATES = 1 << 16  # from_linear scores at most about this many frame v
 _POOL_CELLS = 1 << 29  # ... and at most about this many class × vector scores (never fewer than k + 1 tiles)
 _FIT_CELLS = 1 << 23  # from_linear's α/b fit and calibrated agreement on at most this many (sample, class) logits
 _FIT_MIN_SAMPLES = 512  # ... but on at least this many samples
-ADAPTER_RATIO = 16  # adapter="auto": a learned N x N map before the head from C >= ADAPTER_RATIO * N (docs/accuracy.md)
+ADAPTER_RATIO = 16  # adapter="auto": a learned map before the head from C >= ADAPTER_RATIO * N ...
+ADAPTER_WIDEN = 4  # ... to ADAPTER_WIDEN * N features, the head's (measured: docs/accuracy.md, "Many classes")
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -395,24 +396,36 @@ class _FixedHead(nn.Module):
             self.register_buffer("scale", torch.tensor(float(fixed_scale)))
         self.bias = nn.Parameter(torch.zeros(num_classes)) if bias else None
 
-    def _init_adapter(self, in_features: int, adapter: bool) -> None:
+    def _init_adapter(self, adapter: bool | int) -> None:
         self.adapter: nn.Linear | None = None
-        if adapter:
-            self.attach_adapter()
+        if adapter is not False:
+            self.attach_adapter(None if adapter is True else int(adapter))
 
-    def attach_adapter(self) -> _FixedHead:
-        """Give the head a learned N x N map before it (``raw`` sees ``adapter(x)``), the identity to start with,
-        so the head computes what it did; returns the head. Fine-tuning trains it with the backbone."""
-        ref = self.scale
-        linear = nn.Linear(self.in_features, self.in_features, device=ref.device, dtype=ref.dtype)
+    def attach_adapter(self, input_features: int | None = None) -> _FixedHead:
+        """Give the head a learned map from `input_features` (default: N, the head's own) to its N features, applied
+        before it (``raw`` sees ``adapter(x)``); returns the head. It starts as the identity on the first
+        min(input_features, N) features (zeros elsewhere), so a head built on zero-padded inputs computes what it
+        did; fine-tuning trains it with the backbone."""
+        ref, width = self.scale, self.in_features
+        n_in = width if input_features is None else int(input_features)
+        if n_in < 1:
+            raise HeadError(f"the adapter needs at least one input feature, got {n_in}")
+        linear = nn.Linear(n_in, width, device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
-            linear.weight.copy_(torch.eye(self.in_features, dtype=ref.dtype))
+            linear.weight.copy_(torch.eye(width, n_in, dtype=ref.dtype))
             linear.bias.zero_()
         self.adapter = linear
         return self
 
+    @property
+    def input_features(self) -> int:
+        """The features the head takes: the adapter's input size when there is one, else N."""
+        return self.in_features if self.adapter is None else int(self.adapter.in_features)
+
     def _adapted(self, x: Tensor) -> Tensor:
-        """(..., N): the adapter's output when there is one, else x."""
+        """(..., N): the adapter's output when there is one, else x (checked against `input_features`)."""
+        if x.shape[-1] != self.input_features:
+            raise HeadError(f"expected inputs with {self.input_features} features, got shape {tuple(x.shape)}")
         return x if self.adapter is None else self.adapter(x)
 
     def raw(self, x: Tensor) -> Tensor:  # pragma: no cover - overridden
@@ -456,8 +469,8 @@ class HadamardHead(_FixedHead):
             default the first ``max(rows) // P + 1`` (or as many as the default sizing needs).
         seed: Seed of the "tile" sign pattern (private generator; the global RNG is untouched).
         eps: Added to ‖x‖₂ before dividing.
-        adapter: Put a learned N x N map (nn.Linear, the identity to start with) before the head: N² + N
-            parameters that let the features leave, e.g., the positive orthant of a ReLU (`attach_adapter`).
+        adapter: Put a learned map (nn.Linear, the identity to start with) before the head: True for N x N, an
+            int n for n inputs -> N (the head then takes n features; `attach_adapter`).
     """
 
     head_kind = "hadamard"
@@ -475,7 +488,7 @@ class HadamardHead(_FixedHead):
         tiles: Sequence[int] | Tensor | None = None,
         seed: int = 0,
         eps: float = 1e-8,
-        adapter: bool = False,
+        adapter: bool | int = False,
     ):
         super().__init__()
         self._init_sizes(in_features, num_classes, eps)
@@ -509,7 +522,7 @@ class HadamardHead(_FixedHead):
         self.register_buffer("signs", tr.signs.to(torch.get_default_dtype()))
         self._init_scale_bias(num_classes, init=_DEFAULT_LOGIT_RANGE / math.sqrt(self._mean_sq_norm()),
                               fixed_scale=fixed_scale, bias=bias)
-        self._init_adapter(in_features, adapter)
+        self._init_adapter(adapter)
         self._norm_cache: tuple[tuple[int, ...], Tensor] | None = None  # see class_vector_norms
 
     def _explicit_transform(self, rows: Tensor | Sequence[int] | None, hadamard_size: int | None,
@@ -555,8 +568,6 @@ class HadamardHead(_FixedHead):
 
     def raw(self, x: Tensor) -> Tensor:
         """``V · x̂`` without scale and bias: (..., N) -> (..., C)."""
-        if x.shape[-1] != self.in_features:
-            raise HeadError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         x = self._adapted(x)
         tr = self._transform()
         if _no_autograd(x) and x.device.type == "cpu" and x.numel() >= _SCORE_MIN_INPUTS:  # large CPU batches
@@ -625,7 +636,7 @@ class HadamardHead(_FixedHead):
         embedding: Embedding | None = None,
         seed: int = 0,
         hadamard_size: int | None = None,
-        adapter: bool = False,
+        adapter: bool | int = False,
     ) -> HadamardHead:
         """Build a head that starts as close as possible to a trained ``linear`` (class order kept).
 
@@ -654,7 +665,9 @@ class HadamardHead(_FixedHead):
             embedding: As in the constructor.
             seed: As in the constructor.
             hadamard_size: Force the transform size m (e.g. the constructor's fold size, for speed; kerdock: P).
-            adapter: Attach a learned N x N map before the head, the identity (rows and α/b are chosen without it).
+            adapter: A learned map before the head: True for N x N (the identity), or a width W > N: the head is
+                built on W features, from the trained layer and features zero-padded to W, and the map N -> W
+                starts as that padding.
 
         Returns:
             A HadamardHead on the linear layer's device and dtype.
@@ -662,15 +675,23 @@ class HadamardHead(_FixedHead):
         w = linear.weight.detach().to("cpu", torch.float64)  # (C, N)
         c_out, n_in = w.shape
         b0 = linear.bias.detach().to("cpu", torch.float64) if linear.bias is not None else torch.zeros(c_out)
-        embedding = _resolve_embedding(embedding, n_in, c_out)
         x = None if features is None else features.detach().to("cpu", torch.float64).reshape(-1, n_in)
+        width = n_in if isinstance(adapter, bool) else int(adapter)
+        if width < n_in:
+            raise HeadError(f"an adapter width below the {n_in} input features ({width}) is not supported; pass "
+                            f"a width >= {n_in} or adapter=True")
+        if width > n_in:  # the head's own features: the trained layer and the inputs, zero-padded
+            w = torch.cat([w, torch.zeros(c_out, width - n_in, dtype=w.dtype)], dim=1)
+            x = None if x is None else torch.cat([x, torch.zeros(len(x), width - n_in, dtype=x.dtype)], dim=1)
+            n_in = width
+        embedding = _resolve_embedding(embedding, n_in, c_out)
         fit = _LinearFit(w, b0, _bounded_sample(x, c_out), scorer(w, x), bias=bias, fixed_scale=fixed_scale)
         if embedding == "kerdock":
             head = fit.frame_head(cls, hadamard_size=hadamard_size)
         else:
             head = fit.tile_head(cls, embedding=embedding, seed=seed, hadamard_size=hadamard_size)
-        if adapter:
-            head.attach_adapter()
+        if adapter is not False:
+            head.attach_adapter(linear.in_features)
         return head.to(linear.weight.device, linear.weight.dtype)
 
 
@@ -783,20 +804,20 @@ class OrthogonalHead(_FixedHead):
         fixed_scale: Use this constant α (a buffer) instead of learning it.
         seed: Seed of Q (stored as the int64 buffer ``seed``).
         eps: Added to ‖x‖₂ before dividing.
-        adapter: A learned N x N map before the head, as for `HadamardHead`.
+        adapter: A learned map before the head, as for `HadamardHead` (True: N x N; an int n: n inputs).
     """
 
     head_kind = "orthogonal"
 
     def __init__(self, in_features: int, num_classes: int, *, bias: bool = True, fixed_scale: float | None = None,
-                 seed: int = 0, eps: float = 1e-8, adapter: bool = False):
+                 seed: int = 0, eps: float = 1e-8, adapter: bool | int = False):
         super().__init__()
         self._init_sizes(in_features, num_classes, eps)
         self.register_buffer("seed", torch.tensor(seed, dtype=torch.int64))
         self.register_buffer("weight", _orthogonal_matrix(in_features, num_classes, seed).to(
             torch.get_default_dtype()), persistent=False)
         self._init_scale_bias(num_classes, init=_DEFAULT_LOGIT_RANGE, fixed_scale=fixed_scale, bias=bias)
-        self._init_adapter(in_features, adapter)
+        self._init_adapter(adapter)
         self.register_load_state_dict_post_hook(_rebuild_after_load)
 
     def extra_repr(self) -> str:
@@ -805,8 +826,6 @@ class OrthogonalHead(_FixedHead):
 
     def raw(self, x: Tensor) -> Tensor:
         """``Q · x̂`` without scale and bias: (..., N) -> (..., C)."""
-        if x.shape[-1] != self.in_features:
-            raise HeadError(f"expected inputs with {self.in_features} features, got shape {tuple(x.shape)}")
         return F.linear(_normalize(self._adapted(x), self.eps), self.weight.to(x.dtype))
 
     def class_vector_norms(self) -> Tensor:
@@ -832,8 +851,11 @@ class OrthogonalHead(_FixedHead):
         """Build an orthogonal head for a trained ``linear``; Q is fixed by ``seed``, α and b are fitted.
 
         With ``features`` (S, N): least squares ``α·Q x̂ + b ≈ W x + b₀``. Without: α = the least-squares
-        fit of ``α·Q ≈ W`` times sqrt(N) and b = b₀ (as :meth:`HadamardHead.from_linear`).
+        fit of ``α·Q ≈ W`` times sqrt(N) and b = b₀ (as :meth:`HadamardHead.from_linear`). ``adapter``: True
+        for an N x N learned map before it (the identity); the orthogonal head takes no wider one.
         """
+        if not isinstance(adapter, bool):
+            raise HeadError("the orthogonal head takes adapter=True (N x N) only; leave the width unset")
         w = linear.weight.detach().to("cpu", torch.float64)
         c_out, n_in = w.shape
         head = cls(n_in, c_out, bias=bias, fixed_scale=fixed_scale, seed=seed).double()
@@ -845,10 +867,11 @@ class OrthogonalHead(_FixedHead):
         return head.to(linear.weight.device, linear.weight.dtype)
 
 
-def wants_adapter(in_features: int, num_classes: int) -> bool:
-    """adapter="auto": a learned N x N map before the fixed head when classes outnumber features ADAPTER_RATIO to 1
-    (there it recovers several points more per epoch at a small share of the saving; docs/accuracy.md)."""
-    return num_classes >= ADAPTER_RATIO * in_features
+def adapter_width(in_features: int, num_classes: int) -> int | None:
+    """adapter="auto": where classes outnumber features ADAPTER_RATIO to 1, the width W = ADAPTER_WIDEN · N of a
+    learned N -> W map before a head on W features (fine-tuning recovers far more per epoch there, at a small
+    share of the saving; docs/accuracy.md); None elsewhere."""
+    return ADAPTER_WIDEN * in_features if num_classes >= ADAPTER_RATIO * in_features else None
 
 
 def _rebuild_after_load(module: OrthogonalHead, incompatible_keys) -> None:

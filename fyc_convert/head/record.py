@@ -55,7 +55,8 @@ class HeadRecord:
         embedding: "tile", "pad" or "kerdock"; None for an orthogonal head.
         rows: the C transform outputs of the classes (Hadamard heads); None otherwise.
         wrapper: "conv1x1" when the head stands in a `ConvHead` in place of a 1x1 Conv2d; None otherwise.
-        adapter: True when the head has a learned N x N map before it (`attach_adapter`); None otherwise.
+        adapter: the input features of the head's learned map before it (`attach_adapter`: N for an N x N map,
+            fewer for a head wider than its inputs); None when it has none.
         scope: ONNX only: the name prefix of the head's nodes.
         input: ONNX only: the graph tensor holding the head's features.
         input_dtype: ONNX only: that tensor's element type, "float32" or "float16".
@@ -74,7 +75,7 @@ class HeadRecord:
     embedding: str | None = None
     rows: tuple[int, ...] | None = None
     wrapper: str | None = None
-    adapter: bool | None = None
+    adapter: int | None = None
     scope: str | None = None
     input: str | None = None
     input_dtype: str | None = None
@@ -95,7 +96,7 @@ class HeadRecord:
             embedding=str(head.embedding) if hadamard else None,
             rows=tuple(int(r) for r in head.rows.detach().cpu().tolist()) if hadamard else None,
             wrapper="conv1x1" if wrapped else None,  # the original layer (`parent`) was a 1x1 Conv2d
-            adapter=True if getattr(head, "adapter", None) is not None else None,
+            adapter=None if getattr(head, "adapter", None) is None else int(head.adapter.in_features),
         )
 
     def placed(self, *, scope: str, input: str, input_dtype: str, output: str) -> HeadRecord:  # noqa: A002
@@ -133,9 +134,9 @@ class HeadRecord:
             if "rows" in values:
                 values["rows"] = tuple(int(r) for r in parse_rows(str(values["rows"])))
             record = cls(**values)
-            ints = [record.in_features, record.num_classes, record.seed, record.hadamard_size, record.embed_size]
-            flags_ok = all(isinstance(v, bool) for v in (record.bias, record.fixed_scale)) and record.adapter in (
-                None, True)
+            ints = [record.in_features, record.num_classes, record.seed, record.hadamard_size, record.embed_size,
+                    record.adapter]
+            flags_ok = all(isinstance(v, bool) for v in (record.bias, record.fixed_scale))
             if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in ints) or not flags_ok:
                 raise ValueError("a size, seed or flag of the wrong type")
         except (TypeError, ValueError) as e:

@@ -339,7 +339,7 @@ def swap_classifier(
     fixed_scale: float | None = None,
     seed: int = 0,
     hadamard_size: int | None = None,
-    adapter: bool | None = False,
+    adapter: bool | int | None = False,
 ) -> SwapResult:
     """Replace the classifier layer(s) in place with fixed heads built from them (class order kept).
 
@@ -363,8 +363,9 @@ def swap_classifier(
         seed: Seed of the heads' embedding signs (the same for every head).
         hadamard_size: Transform size m of the hadamard heads (default: `HadamardHead.from_linear`'s choice,
             the widest row choice); e.g. the fold size N / 2^k >= C + 1 gives a faster exported head.
-        adapter: Give each head a learned N x N map before it (`attach_adapter`); None: where
-            `heads.wants_adapter(N, C)` (classes outnumber features ADAPTER_RATIO to 1).
+        adapter: Give each head a learned map before it (`HadamardHead.from_linear`): True for N x N, an int W
+            for N -> W with the head on W features (-k: W = k·N for each head); None: `heads.adapter_width(N, C)`
+            (a width where classes outnumber features ADAPTER_RATIO to 1, none elsewhere).
 
     Returns:
         The swap's result, with exact parameter accounting.
@@ -374,8 +375,6 @@ def swap_classifier(
         HeadError: Unknown head kind, a hadamard_size for the orthogonal head, features that do not fit a
             layer, or the head cannot be built for these sizes. The model is left as it was.
     """
-    from fyc_convert.head.heads import wants_adapter
-
     head_cls, sizing = _head_class(head, hadamard_size)
     found = classifiers or find_classifiers(model, layer=layer, input_shape=input_shape, example=example)
     original = count_params(model)
@@ -385,7 +384,7 @@ def swap_classifier(
         feats = _features(model, targets, features, inputs)
         built = []
         for (c, name, linear), f in zip(targets, feats, strict=True):
-            use = wants_adapter(linear.in_features, linear.out_features) if adapter is None else adapter
+            use = _adapter_for(adapter, linear)
             new = head_cls.from_linear(linear, features=f, bias=bias, fixed_scale=fixed_scale, seed=seed,
                                        adapter=use, **sizing)
             built.append((c, name, linear, new.train(linear.training)))
@@ -401,6 +400,17 @@ def swap_classifier(
                                    num_classes=c.num_classes))
     params = _param_count(model, original, head_before, swapped)
     return SwapResult(model, tuple(swapped), found.combine, params, found.kept)
+
+
+def _adapter_for(adapter: bool | int | None, linear: nn.Linear) -> bool | int:
+    """What from_linear gets for one layer: see swap_classifier's `adapter`."""
+    from fyc_convert.head.heads import adapter_width
+
+    if adapter is None:
+        return adapter_width(linear.in_features, linear.out_features) or False
+    if not isinstance(adapter, bool) and adapter < 0:
+        return -adapter * linear.in_features
+    return adapter
 
 
 def _head_class(head: str, hadamard_size: int | None) -> tuple[type[nn.Module], dict[str, int]]:

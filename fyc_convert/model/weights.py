@@ -108,10 +108,10 @@ def _install(model: nn.Module, record: HeadRecord, tensors: dict[str, torch.Tens
             head: nn.Module = HadamardHead(record.in_features, record.num_classes, bias=record.bias,
                                            fixed_scale=fixed, rows=tensors[f"{layer}.rows"],
                                            hadamard_size=record.hadamard_size, embedding=record.embedding,
-                                           adapter=bool(record.adapter))
+                                           adapter=record.adapter or False)
         else:
             head = OrthogonalHead(record.in_features, record.num_classes, bias=record.bias, fixed_scale=fixed,
-                                  seed=int(tensors[f"{layer}.seed"]), adapter=bool(record.adapter))
+                                  seed=int(tensors[f"{layer}.seed"]), adapter=record.adapter or False)
     except (KeyError, ValueError, FycError) as e:
         raise CheckpointError(f"{path} does not describe a head that can be rebuilt ({describe(e)}); save the "
                               "converted model again") from e
