@@ -646,7 +646,8 @@ class HadamardHead(_FixedHead):
         Size (kerdock): P = nextpow2(N); rows are first matched over a pool of at least 2k frame tiles
         (k + 1 when scoring C classes against 2k tiles would pass _POOL_CELLS, about 2^29 scores, e.g. 32,768
         classes on 4,096 features), then matched again within the k = ceil((C + 1)/P) tiles most classes took
-        (the least head compute; more tiles do not fine-tune better, docs/accuracy.md).
+        (the least head compute; more tiles do not fine-tune better, docs/accuracy.md); a pool of k + 1 tiles
+        keeps its own match, unused tiles dropped.
         Time: scoring is O(C·K·log P) for K scored vectors (K <= max(2^16, 2^29 / C), and at least the
         k + 1 tiles the classes need), the greedy match O(C·K) plus a sort of 16·C pairs, everything else
         O(N·K + min(S, 2^23 / C)·C + C·N²) — bounded for any C (issue 26; benchmarks/many_classes.py).
@@ -769,7 +770,9 @@ class _LinearFit:
         order = sorted(range(len(pool)), key=lambda i: (-int(counts[i]), i))  # most chosen tiles first
         # The k tiles most classes took. Twice as many raise the calibrated agreement a little but not the
         # fine-tuned accuracy, at twice the head compute (measured: docs/accuracy.md, "How many frame tiles").
-        if k_min >= len(pool):  # every pool tile: the pool's own assignment, unused tiles dropped
+        # A pool of k + 1 tiles (very many classes) keeps its own assignment: a second match would double the
+        # swap's time for one tile in k + 1.
+        if k_min >= len(pool) or floor < 2 * k_min:  # the pool's own assignment, unused tiles dropped
             tiles, rows = _drop_unused(pool, first, size)
         else:
             tiles, rows = _frame_rows(self.sc, n_in, c_out, size, k_min, pool, order)
