@@ -274,3 +274,29 @@ def test_several_heads_each_quantized_only_at_its_input(name: str, tmp_path: Pat
     quantize_int8(res.path, requantized, _batches(x[64:].numpy(), 16), float_head=False)
     with pytest.raises(ExportError, match="fixed head 'fyc_head/"):
         check_head_boundary(requantized, heads)
+
+
+@pytest.mark.parametrize("name", ["resnet_fc", "summed_heads"])
+def test_a_head_with_a_learned_map_is_quantized_at_the_map_and_runs_exact(name: str, tmp_path: Path) -> None:
+    """--adapter: the map before each head (scope fyc_adapter/...) is quantized like the backbone; the fixed head
+    behind it still takes one Q/DQ pair at its input and runs exact against its float32 self."""
+    import torch
+    from models import HEAD_LAYOUTS, LAYOUTS
+
+    from fyc_convert.export.onnx_export import export_onnx
+    from fyc_convert.model.surgery import swap_classifier
+
+    layout = {**LAYOUTS, **HEAD_LAYOUTS}[name]()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(128, *layout.input_shape, generator=gen)
+    swap = swap_classifier(layout.model, input_shape=layout.input_shape, inputs=x[:64], adapter=-4)
+    assert all(s.head.in_features == 4 * s.head.input_features for s in swap.heads)
+    res = export_onnx(layout.model, tmp_path / "model.onnx", input_shape=layout.input_shape, head_layer=swap.layers)
+    heads = head_entries(onnx.load(str(res.path)))
+    dst = tmp_path / "model.int8.onnx"
+    quantize_int8(res.path, dst, _batches(x[64:].numpy(), 16))
+    quantized = onnx.load(str(dst))
+    adapter_ops = {n.op_type for n in quantized.graph.node if n.name.startswith("fyc_adapter/")}
+    assert adapter_ops & {"MatMul", "Gemm"} and "DequantizeLinear" in adapter_ops  # its weights went int8
+    assert check_head_boundary(dst, heads) <= len(heads)
+    assert head_exactness(dst, res.path, x[:16].numpy()) <= 1e-6

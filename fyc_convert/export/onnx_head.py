@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 HEAD_PREFIX = "fyc_head/"
+ADAPTER_PREFIX = "fyc_adapter/"  # a head's learned map before it (`--adapter`): a dense layer, kept out of its scope
 LAYOUT_KEY = "fyc_convert.head_layout"  # metadata: the layout the head was built in (the export writes it too)
 HeadLayout = Literal["portable", "batch-switched", "kron", "ncnn"]
 # MIN_OPSET: ReduceSum takes its axes as an input from 13 on, Split its sizes 13..17 (num_outputs from 18);
@@ -326,7 +327,9 @@ def build_head(
 
 
 def adapter_prefix(prefix: str) -> str:
-    """The name scope of a head's adapter: beside the head's ("fyc_head/" -> "fyc_head_adapter/"), not in it."""
+    """The name scope of a head's adapter: beside the head's, not in it ("fyc_head/1/" -> "fyc_adapter/1/")."""
+    if prefix.startswith(HEAD_PREFIX):
+        return ADAPTER_PREFIX + prefix[len(HEAD_PREFIX):]
     return prefix.rstrip("/") + "_adapter/"
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 
 from fyc_convert.errors import ExportError, VerificationError, describe
-from fyc_convert.export.onnx_head import HEAD_PREFIX, check_head_static
+from fyc_convert.export.onnx_head import HEAD_PREFIX, adapter_prefix, check_head_static
 from fyc_convert.files import atomic_path, temp_dir
 from fyc_convert.report import Int8Model, Int8Result
 
@@ -170,7 +170,8 @@ def check_head_boundary(model_or_path: onnx.ModelProto | str | Path, heads: list
     """Check that each fixed head of an int8 model is quantized only at its boundary.
 
     Inside the head no tensor goes through QuantizeLinear and no head node reads a dequantized constant; only
-    the head's input (the backbone's features) may arrive through a Quantize/Dequantize pair. Then each head
+    the head's input (the backbone's features, or its learned map's output) may arrive through a
+    Quantize/Dequantize pair. Then each head
     is checked as in float32 (`check_head_static`: no dense op, no constant beyond max(C, n)).
 
     Args:
@@ -205,7 +206,8 @@ def check_head_boundary(model_or_path: onnx.ModelProto | str | Path, heads: list
                                   f"exclude the {scope} nodes from quantization")
             q = producer.get(dq.input[0])
             source = q.input[0] if q is not None and q.op_type == "QuantizeLinear" else None
-            if source != head["input"] and not _same_values(model, source, head["input"]):
+            if source != head["input"] and not _same_values(model, source, head["input"]) and not _adapter_out(
+                    producer, source, scope):
                 raise ExportError(f"the fixed head {scope!r} reads a dequantized tensor {source!r} other than its "
                                   f"input {head['input']!r}")
             at_boundary += 1
@@ -231,11 +233,17 @@ def _same_values(model: onnx.ModelProto, tensor: str | None, target: str) -> boo
     return False
 
 
+def _adapter_out(producer: dict[str, onnx.NodeProto], tensor: str | None, scope: str) -> bool:
+    """Whether `tensor` is made by the head's learned map before it (`--adapter`, scope `adapter_prefix(scope)`)."""
+    node = producer.get(tensor) if tensor is not None else None
+    return node is not None and node.name.startswith(adapter_prefix(scope))
+
+
 def head_exactness(int8_path: str | Path, float_path: str | Path, x: np.ndarray) -> float:
     """Largest |Δ| between the int8 model's head outputs and the float32 heads fed the int8 model's features.
 
-    The reference is model.onnx's own head subgraph (extracted from the features tensor to the head's logits),
-    run on the dequantized features the int8 graph hands its head: a head that runs exact inside matches it to
+    The reference is model.onnx's own head subgraph (extracted from the tensor its nodes read, the features or
+    an adapter's output, to the head's logits), run on the dequantized values the int8 graph hands its head: a head that runs exact inside matches it to
     float32 rounding (~1e-6), a re-quantized one by the int8 steps of its levels.
 
     Args:
@@ -263,7 +271,8 @@ def head_exactness(int8_path: str | Path, float_path: str | Path, x: np.ndarray)
     with tempfile.TemporaryDirectory() as work:
         for h in heads:
             part = Path(work) / "head.onnx"
-            onnx.utils.extract_model(str(float_path), str(part), [h["input"]], [h["output"]])
+            # from what the head's own nodes read: the features, or a learned adapter's output before the head
+            onnx.utils.extract_model(str(float_path), str(part), [_head_feed(float_model, h)], [h["output"]])
             ref = _session(str(part), ort)
             feats = got[feeds[h["output"]]].reshape(_fixed(ref.get_inputs()[0].shape, got[feeds[h["output"]]]))
             want = ref.run(None, {ref.get_inputs()[0].name: feats})[0]
