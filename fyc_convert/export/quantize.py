@@ -242,9 +242,10 @@ def _adapter_out(producer: dict[str, onnx.NodeProto], tensor: str | None, scope:
 def head_exactness(int8_path: str | Path, float_path: str | Path, x: np.ndarray) -> float:
     """Largest |Δ| between the int8 model's head outputs and the float32 heads fed the int8 model's features.
 
-    The reference is model.onnx's own head subgraph (extracted from the tensor its nodes read, the features or
-    an adapter's output, to the head's logits), run on the dequantized values the int8 graph hands its head: a head that runs exact inside matches it to
-    float32 rounding (~1e-6), a re-quantized one by the int8 steps of its levels.
+    The reference is model.onnx's own head subgraph (extracted from the tensor its nodes read, the features or an
+    adapter's output, to the head's logits), run on the dequantized values the int8 graph hands its head: a head
+    that runs exact inside matches it to float32 rounding (~1e-6), a re-quantized one by the int8 steps of its
+    levels.
 
     Args:
         int8_path: model.int8.onnx.
