@@ -164,9 +164,9 @@ class ConvertOptions(DataOptions, FinetuneConfig):
     hadamard_size: int | None = option(None, "Transform size of the hadamard head, a power of two (default: the "
                                              "widest row choice).", panel=_MODEL)
     adapter: Literal["auto", "on", "off"] = option(
-        "auto", "A learned map from the N features to 4N before a fixed head on 4N features (4N² + 4N "
-                "parameters; the orthogonal head: N x N): auto puts it where classes outnumber features 16 to 1 "
-                "and fine-tuning follows, where it recovers far more accuracy.", panel=_MODEL,
+        "auto", "A learned map from the N features to W = min(8N, C/4), at least N, before a fixed head on W "
+                "features (W·N + W parameters; the orthogonal head: N x N): auto puts it where classes outnumber "
+                "features 16 to 1 and fine-tuning follows, where it recovers far more accuracy.", panel=_MODEL,
         choices=("auto", "on", "off"))
     fixed_scale: float | None = option(None, "A fixed α instead of a learned one.", panel=_MODEL, gt=0.0)
     bias: bool = option(True, "Keep a learned bias in the head.", flag="--bias/--no-bias", panel=_MODEL)

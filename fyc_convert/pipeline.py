@@ -176,14 +176,12 @@ def _swap(model, bundle, input_shape, opts: ConvertOptions, say: Progress):
     return swap, found
 
 
-def _adapter_request(opts: ConvertOptions) -> bool | int | None:
-    """What swap_classifier gets for --adapter: None (its own rule) for auto when fine-tuning follows (untrained,
-    the map only adds weights), a width for on (ADAPTER_WIDEN · N; the orthogonal head: N x N), else False."""
-    from fyc_convert.head.heads import ADAPTER_WIDEN
-
+def _adapter_request(opts: ConvertOptions) -> bool | None:
+    """What swap_classifier gets for --adapter: True for on, None (its own rule) for auto when fine-tuning follows
+    (untrained, the map would only add weights), else False."""
     trains = opts.data is not None and opts.epochs != 0
     if opts.adapter == "on":
-        return True if opts.head == "orthogonal" else -ADAPTER_WIDEN  # negative: that many times N, per head
+        return True
     return None if opts.adapter == "auto" and trains and opts.head == "hadamard" else False
 
 

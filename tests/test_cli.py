@@ -286,13 +286,13 @@ def test_the_live_bar_labels_training_accuracy_as_such() -> None:
 
 @pytest.mark.parametrize("adapter", ["auto", "on"])
 def test_adapter_option_counts_the_map_in_the_classifier(tmp_path: Path, adapter: str) -> None:
-    """--adapter on gives the head a learned 64 -> 256 map before a head on 256 features (16,640 more parameters,
-    said in a note); auto leaves the digits head (10 classes on 64 features) without one."""
+    """--adapter on gives the head a learned map (the rule's width: at least N, so 64 x 64 for 10 classes; 4,160
+    more parameters, said in a note); auto leaves the digits head (10 classes on 64 features) without one."""
     rep_path = tmp_path / "r.json"
     result = _run(SAMPLE, "--arch", ARCH, "--dry-run", "--report", rep_path, "--adapter", adapter)
     assert result.exit_code == 0, result.output
     rep = json.loads(rep_path.read_text())
-    extra = 64 * 256 + 256 if adapter == "on" else 0
+    extra = 64 * 64 + 64 if adapter == "on" else 0
     assert rep["params"]["head_after"] == 1 + 10 + extra
-    said = [n for n in rep["notes"] if "learned 64 → 256 map" in n]
+    said = [n for n in rep["notes"] if "learned 64 → 64 map" in n]
     assert len(said) == (adapter == "on") and (not said or said[0].endswith("--adapter on"))

@@ -729,9 +729,11 @@ def test_an_adapter_starts_as_the_identity_and_is_trained_with_the_head(kind: st
 def test_adapter_width_from_sixteen_classes_per_feature() -> None:
     from fyc_convert.head.heads import ADAPTER_RATIO, ADAPTER_WIDEN, adapter_width
 
-    assert (ADAPTER_RATIO, ADAPTER_WIDEN) == (16, 4)
-    assert adapter_width(128, 4191) == 512 and adapter_width(64, 1024) == 256
+    assert (ADAPTER_RATIO, ADAPTER_WIDEN) == (16, 8)
+    assert adapter_width(128, 4191) == 1024  # 8N, within C // 4 = 1047
+    assert adapter_width(64, 1024) == 256 and adapter_width(1280, 21843) == 5460  # C // 4: a quarter of C·N
     assert adapter_width(64, 1023) is None and adapter_width(256, 1200) is None and adapter_width(64, 10) is None
+    assert adapter_width(64, 10, force=True) == 64 and adapter_width(256, 1200, force=True) == 300
 
 
 def test_a_wide_adapter_starts_as_zero_padding_into_a_wider_head() -> None:

@@ -132,14 +132,20 @@ def test_conv_file_into_a_model_with_a_linear_there_is_refused(tmp_path: Path) -
         load_converted(other, path)
 
 
-@pytest.mark.parametrize(("head", "adapter"), [("hadamard", True), ("hadamard", -4), ("orthogonal", True)])
-def test_round_trip_keeps_a_trained_adapter(tmp_path: Path, head: str, adapter: bool | int) -> None:
-    """A head with a learned map before it (N x N, or N -> 4N before a wider head): the header names its input
-    size, the map's trained weights come back."""
+@pytest.mark.parametrize(("head", "adapter"), [("hadamard", True), ("hadamard", "4N"), ("orthogonal", True)])
+def test_round_trip_keeps_a_trained_adapter(tmp_path: Path, head: str, adapter: bool | str) -> None:
+    """A head with a learned map before it (the default width, N -> 4N, or the orthogonal head's N x N): the
+    header names its input size, the map's trained weights come back."""
+    from fyc_convert.head.heads import adapter_width
+
     lay = LAYOUTS["resnet_fc"]()
-    swap = swap_classifier(lay.model, head=head, layer=lay.layer, input_shape=lay.input_shape, adapter=adapter)
-    n_in = swap.head.input_features
-    assert swap.head.in_features == (4 * n_in if adapter == -4 else n_in)
+    n_feat = lay.model.get_submodule(lay.layer).in_features
+    width = 4 * n_feat if adapter == "4N" else adapter
+    swap = swap_classifier(lay.model, head=head, layer=lay.layer, input_shape=lay.input_shape, adapter=width)
+    n_in, c = swap.head.input_features, swap.head.num_classes
+    assert n_in == n_feat
+    assert swap.head.in_features == {"4N": 4 * n_in, True: adapter_width(n_in, c, force=True) if head == "hadamard"
+                                     else n_in}[adapter]
     with torch.no_grad():
         swap.head.adapter.weight.add_(0.1 * torch.randn(swap.head.in_features, n_in,
                                                           generator=torch.Generator().manual_seed(1)))

@@ -53,7 +53,7 @@ _POOL_CELLS = 1 << 29  # ... and at most about this many class × vector scores 
 _FIT_CELLS = 1 << 23  # from_linear's α/b fit and calibrated agreement on at most this many (sample, class) logits
 _FIT_MIN_SAMPLES = 512  # ... but on at least this many samples
 ADAPTER_RATIO = 16  # adapter="auto": a learned map before the head from C >= ADAPTER_RATIO * N ...
-ADAPTER_WIDEN = 4  # ... to ADAPTER_WIDEN * N features, the head's (measured: docs/accuracy.md, "Many classes")
+ADAPTER_WIDEN = 8  # ... to min(ADAPTER_WIDEN * N, C // 4) features, the head's (docs/accuracy.md, "Many classes")
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -870,11 +870,13 @@ class OrthogonalHead(_FixedHead):
         return head.to(linear.weight.device, linear.weight.dtype)
 
 
-def adapter_width(in_features: int, num_classes: int) -> int | None:
-    """adapter="auto": where classes outnumber features ADAPTER_RATIO to 1, the width W = ADAPTER_WIDEN · N of a
-    learned N -> W map before a head on W features (fine-tuning recovers far more per epoch there, at a small
-    share of the saving; docs/accuracy.md); None elsewhere."""
-    return ADAPTER_WIDEN * in_features if num_classes >= ADAPTER_RATIO * in_features else None
+def adapter_width(in_features: int, num_classes: int, *, force: bool = False) -> int | None:
+    """The width W of a learned N -> W map before a head on W features: min(ADAPTER_WIDEN · N, C // 4), at least N
+    (the map's W·N weights stay within a quarter of the C·N it replaces). Where classes outnumber features
+    ADAPTER_RATIO to 1 (fine-tuning recovers far more there; docs/accuracy.md), or always with `force`; else None."""
+    if not force and num_classes < ADAPTER_RATIO * in_features:
+        return None
+    return max(in_features, min(ADAPTER_WIDEN * in_features, num_classes // 4))
 
 
 def _rebuild_after_load(module: OrthogonalHead, incompatible_keys) -> None:

@@ -363,9 +363,9 @@ def swap_classifier(
         seed: Seed of the heads' embedding signs (the same for every head).
         hadamard_size: Transform size m of the hadamard heads (default: `HadamardHead.from_linear`'s choice,
             the widest row choice); e.g. the fold size N / 2^k >= C + 1 gives a faster exported head.
-        adapter: Give each head a learned map before it (`HadamardHead.from_linear`): True for N x N, an int W
-            for N -> W with the head on W features (-k: W = k·N for each head); None: `heads.adapter_width(N, C)`
-            (a width where classes outnumber features ADAPTER_RATIO to 1, none elsewhere).
+        adapter: Give each head a learned map before it (`HadamardHead.from_linear`): an int W for N -> W with
+            the head on W features; True for the width `heads.adapter_width` chooses (the orthogonal head: N x N);
+            None: that width only where classes outnumber features ADAPTER_RATIO to 1; False: none.
 
     Returns:
         The swap's result, with exact parameter accounting.
@@ -384,7 +384,7 @@ def swap_classifier(
         feats = _features(model, targets, features, inputs)
         built = []
         for (c, name, linear), f in zip(targets, feats, strict=True):
-            use = _adapter_for(adapter, linear)
+            use = _adapter_for(adapter, linear, head_cls)
             new = head_cls.from_linear(linear, features=f, bias=bias, fixed_scale=fixed_scale, seed=seed,
                                        adapter=use, **sizing)
             built.append((c, name, linear, new.train(linear.training)))
@@ -402,14 +402,13 @@ def swap_classifier(
     return SwapResult(model, tuple(swapped), found.combine, params, found.kept)
 
 
-def _adapter_for(adapter: bool | int | None, linear: nn.Linear) -> bool | int:
+def _adapter_for(adapter: bool | int | None, linear: nn.Linear, head_cls: type[nn.Module]) -> bool | int:
     """What from_linear gets for one layer: see swap_classifier's `adapter`."""
-    from fyc_convert.head.heads import adapter_width
+    from fyc_convert.head.heads import HadamardHead, adapter_width
 
-    if adapter is None:
-        return adapter_width(linear.in_features, linear.out_features) or False
-    if not isinstance(adapter, bool) and adapter < 0:
-        return -adapter * linear.in_features
+    if adapter is None or (adapter is True and head_cls is HadamardHead):
+        width = adapter_width(linear.in_features, linear.out_features, force=adapter is True)
+        return False if width is None else width
     return adapter
 
 
