@@ -97,11 +97,12 @@ class FinetuneConfig:
         None, "Fine-tuning epochs, or auto: evaluate after each epoch and stop once within --target-drop of the "
               "original, when it stops improving, or at --max-epochs (0 = calibrate α and the bias only). "
               "Default: auto with a validation split, else 3.", panel=_TRAIN, ge=0, parse="int_or_auto")
-    max_epochs: int | None = option(None, "Most epochs of --epochs auto (default 10).", panel=_TRAIN, ge=1)
+    max_epochs: int | None = option(None, "Most epochs of --epochs auto (default 10; 30 from 16 classes per "
+                                          "feature).", panel=_TRAIN, ge=1)
     target_drop: float = option(0.5, "--epochs auto stops once validation accuracy is within this many points of "
                                      "the original's.", panel=_TRAIN, ge=0.0)
-    patience: int = option(2, "--epochs auto stops after this many epochs without a better validation accuracy.",
-                           panel=_TRAIN, ge=1)
+    patience: int | None = option(None, "--epochs auto stops after this many epochs without a better validation "
+                                        "accuracy (default 2; 5 with the 30-epoch budget).", panel=_TRAIN, ge=1)
     lr: float | None = option(None, "Peak learning rate (default: chosen with the optimizer, linear in the batch size; "
                                    "see the report).",
                               panel=_TRAIN, gt=0.0)

@@ -44,7 +44,7 @@ def test_small_head_gets_sgd_at_the_plain_lr_with_distillation():
     # distillation for every head: on digits it recovered 5 of 5 seeds against 2 of 5 without (README)
     chosen, reasons = choose(FinetuneConfig(), _facts())
     assert chosen == {"optimizer": "sgd", "batch_size": 64, "lr": pytest.approx(0.01), "distill": True,
-                      "epochs": "auto", "max_epochs": AUTO_MAX_EPOCHS}
+                      "epochs": "auto", "max_epochs": AUTO_MAX_EPOCHS, "patience": 2}
     assert reasons == ["optimizer sgd: a small head close to the trained one after the swap",
                        "batch size 64: 1,000 training samples",
                        "lr 0.01: 0.01 per 64 samples, linear in the batch size",
@@ -60,8 +60,9 @@ def test_the_auto_budget_grows_from_sixteen_classes_per_feature(n: int, c: int, 
     said = [r for r in reasons if r.startswith("budget ")]
     assert said == ([f"budget {budget} epochs: {c:,} classes on {n} features learn slowly (auto still stops once "
                      "within the target)"] if budget > AUTO_MAX_EPOCHS else [])
-    given, _ = choose(FinetuneConfig(max_epochs=4), _facts(in_features=n, num_classes=c))
-    assert "max_epochs" not in given  # a given budget is kept
+    assert chosen["patience"] == (5 if budget > AUTO_MAX_EPOCHS else 2)
+    given, _ = choose(FinetuneConfig(max_epochs=4, patience=3), _facts(in_features=n, num_classes=c))
+    assert "max_epochs" not in given and "patience" not in given  # a given budget and patience are kept
 
 
 def test_more_classes_than_features_is_many_class():

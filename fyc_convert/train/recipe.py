@@ -25,6 +25,8 @@ LARGE_DATA = 10_000  # training samples from which batches of 128 are used
 AUTO_MAX_EPOCHS = 10  # the budget of --epochs auto
 SLOW_RATIO = 16  # from this many classes per feature the fixed head learns slowly: the budget is SLOW_MAX_EPOCHS
 SLOW_MAX_EPOCHS = 30  # (large glyph sample, 33 classes per feature: still rising at 10 epochs; docs/accuracy.md)
+AUTO_PATIENCE = 2  # epochs without a better validation accuracy before --epochs auto stops ...
+SLOW_PATIENCE = 5  # ... with the slow budget (a 2-epoch dip there stopped a run 12 epochs early; docs/accuracy.md)
 FIXED_EPOCHS = 3  # epochs without a validation split (nothing to stop on)
 CLASS_LR_LR = 1e-2  # class-lr's base learning rate (its per-class factors scale it)
 CLASS_LR_ETA_MU = 1e4  # class-lr: learning rate of the per-class factors μ
@@ -73,6 +75,8 @@ def plan(config: Config, facts: Facts) -> tuple[Config, list[str]]:
         reasons.append("distillation on: the data has no labels, so the original model supplies the targets")
     if done.max_epochs is None:
         done = dataclasses.replace(done, max_epochs=AUTO_MAX_EPOCHS)
+    if done.patience is None:
+        done = dataclasses.replace(done, patience=AUTO_PATIENCE)
     if done.lr is None:  # class-lr (sgd and adamw got theirs in choose)
         done = dataclasses.replace(done, lr=CLASS_LR_LR)
     if done.optimizer == "class-lr":
@@ -133,6 +137,11 @@ def choose(config: FinetuneConfig, facts: Facts) -> tuple[dict[str, Any], list[s
         if chosen["max_epochs"] > AUTO_MAX_EPOCHS:
             reasons.append(f"budget {chosen['max_epochs']} epochs: {facts.num_classes:,} classes on "
                            f"{facts.in_features} features learn slowly (auto still stops once within the target)")
+    if epochs == "auto" and config.patience is None:
+        slow = (config.max_epochs or chosen.get("max_epochs") or AUTO_MAX_EPOCHS) > AUTO_MAX_EPOCHS
+        chosen["patience"] = SLOW_PATIENCE if slow else AUTO_PATIENCE
+        if slow:
+            reasons.append(f"patience {SLOW_PATIENCE}: over a long budget a few epochs without progress are noise")
     return chosen, reasons
 
 
