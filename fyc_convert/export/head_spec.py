@@ -13,7 +13,7 @@ import numpy as np
 from fyc_convert.errors import ExportError
 from fyc_convert.head.hadamard import fwht_reference
 
-__all__ = ["HeadSpec"]
+__all__ = ["HeadSpec", "adapter_weights"]
 
 
 @dataclass(frozen=True)
@@ -132,11 +132,11 @@ class HeadSpec:
             scale=float(head.scale.detach().cpu()),
             bias=None if bias is None else bias.detach().cpu().double().numpy().copy(),
             table=table,
-            adapter=_adapter_of(head),
+            adapter=adapter_weights(head),
         )
 
 
-def _adapter_of(head: Any) -> tuple[np.ndarray, np.ndarray] | None:
+def adapter_weights(head: Any) -> tuple[np.ndarray, np.ndarray] | None:
     """(weight, bias) float64 copies of the head's learned map before it, or None."""
     adapter = getattr(head, "adapter", None)
     if adapter is None:

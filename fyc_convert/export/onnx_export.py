@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from fyc_convert.errors import ExportError, HeadError, describe, first_line
+from fyc_convert.export.head_spec import adapter_weights
 from fyc_convert.export.onnx_head import (
     DEFAULT_OPSET,
     HEAD_LAYOUTS,
@@ -516,8 +517,8 @@ def _splice_head(graph: gs.Graph, marker: gs.Node, head: nn.Module, kind: str, *
                             layout=layout, static_batch=static_batch, feature_shape=feature_shape)
     else:
         flat = ops.reshape(x, [-1, head.input_features]) if len(feature_shape) > 1 else x
-        if head.adapter is not None:  # the learned map before the head, beside its scope (as build_head puts it)
-            weights = tuple(t.detach().cpu().double().numpy() for t in (head.adapter.weight, head.adapter.bias))
+        weights = adapter_weights(head)
+        if weights is not None:  # the learned map before the head, beside its scope (as build_head puts it)
             flat = adapter_subgraph(Ops(graph, adapter_prefix(scope), np.float32), flat, weights)
         logits = _dense_head(ops, flat, head)
         if len(feature_shape) > 1:  # (B', C) -> (B, *lead, C), the lead axes as traced
