@@ -670,7 +670,7 @@ def _bench(original_path: Path, converted_path: Path, swap, input_shape, opts: C
     """onnxruntime medians, 1 thread: both whole models, and the learned Gemm head beside the fixed one."""
     import numpy as np
 
-    from fyc_convert.export.bench import compare_latency, gemm_head_model, session
+    from fyc_convert.export.bench import REPORT_MIN_SECONDS, REPORT_REPEATS, compare_latency, gemm_head_model, session
     from fyc_convert.export.onnx_head import HeadSpec, head_model
 
     rng = np.random.default_rng(0)
@@ -679,7 +679,7 @@ def _bench(original_path: Path, converted_path: Path, swap, input_shape, opts: C
     fixed = (opts.static_batch,) if opts.static_batch else None
     for b in fixed or (1, 32):
         x = rng.standard_normal((b, *input_shape)).astype(np.float32)
-        o, c = compare_latency(sessions, x, repeats=30)
+        o, c = compare_latency(sessions, x, repeats=REPORT_REPEATS, min_seconds=REPORT_MIN_SECONDS)
         out[f"model_b{b}"] = {"original": o, "converted": c}
     if swap.head.head_kind == "hadamard":
         lin = swap.original_head

@@ -286,7 +286,8 @@ def table_spec(n_feat: int, c: int, k: int, p: int, *, kind: str, seed: int, bia
 
 
 # (N, C, K, P): P = N; P > N (zero padding after the features); one block; many blocks
-TABLES = [(64, 100, 3, 64), (50, 120, 4, 64), (200, 30, 1, 256), (16, 300, 20, 16), (100, 40, 2, 512)]
+TABLES = [(64, 100, 3, 64), (50, 120, 4, 64), (200, 30, 1, 256), (16, 300, 20, 16), (100, 40, 2, 512),
+          (128, 300, 3, 128)]
 
 
 @pytest.mark.parametrize("kind", ["signs", "integers"])
@@ -415,9 +416,29 @@ def test_static_batch_fixes_every_shape() -> None:
         head_model(spec, static_batch=0)
 
 
+@pytest.mark.parametrize(("n_feat", "p"), [(256, 256), (150, 256)])
+def test_shared_first_level(n_feat: int, p: int) -> None:
+    """Assigned rows on a ±1 table above 64 points: one first level for all blocks, then a Gather of rows.
+
+    The K blocks' first butterfly level is computed once on (P, B) (2 Add/Sub nodes, not 2·2^r on K·P·B) and
+    placed by a Gather; no Mul by the table; every Split has constant sizes. Features padded to P (150 of 256)
+    take the top rows where their pair is padding.
+    """
+    spec = table_spec(n_feat, 1000, 5, p, kind="signs", seed=7)
+    model = head_model(spec)
+    census = head_op_census(model)
+    names = {i.name for i in model.graph.initializer}
+    assert census["Gather"] == 2 and not any(n.startswith(f"{onnx_head.HEAD_PREFIX}table") for n in names)
+    # 8 levels: the shared one (Add, Sub), then stages of 2, 2, 2 and 1 levels (8 + 8 + 8 + 2); the eps and bias Adds
+    assert census["Add"] + census["Sub"] == 2 + 26 + 2
+    assert all(len(n.input) == 2 for n in model.graph.node if n.op_type == "Split")
+    x = np.random.default_rng(5).normal(size=(33, n_feat)).astype(np.float32)
+    np.testing.assert_allclose(_run(model, x), table_reference(spec, x), atol=2e-4, rtol=0)
+
+
 @pytest.mark.parametrize("opset", [13, 15, 17, 18, 21])
 def test_opset_forms(opset: int) -> None:
-    spec = make_spec(342, 100, seed=1)
+    spec = make_spec(342, 100, shuffled=False, seed=1)  # contiguous rows: the natural-order transform
     model = head_model(spec, opset=opset)
     splits = [n for n in model.graph.node if n.op_type == "Split"]
     # equal pieces of a batch-dependent size: `num_outputs` from 18 on, no `split` input (equal pieces by

@@ -19,6 +19,11 @@ import onnxruntime as ort
 
 Runner = Callable[[np.ndarray], Any]  # runs one inference on a batch
 
+# The report's whole-model timings (`--bench`): at least this many interleaved rounds and this many seconds per
+# batch size. 30 rounds left the batch-32 ratio of two models at parity moving about 2% from run to run.
+REPORT_REPEATS = 100
+REPORT_MIN_SECONDS = 1.0
+
 
 def session(model: str | Path | onnx.ModelProto, *, threads: int = 1) -> ort.InferenceSession:
     """A CPU onnxruntime session with `threads` intra-op threads (1 = the edge-device-like setting)."""

@@ -12,11 +12,15 @@ Three layouts (`build_head(..., layout=...)`):
   static Reshape (at most one -1, the batch), Split/Slice with constant sizes, Add/Sub, Mul by constants
   broadcast over the batch only, ReduceSum, Sqrt/Div for the norm, Gather of the class rows. No Shape
   arithmetic, no If, nothing that depends on the batch size, every tensor rank 2. The transform runs on
-  (R, W) = (rows, columns), batch-minor, in constant geometry: each stage views (R, W) as (R/2, 2W) (rows
-  2i and 2i+1 side by side), Splits the columns in halves, computes a = even + odd and s = even - odd and
-  Concats [a, s] along the columns; the stage's output bit becomes the highest column bit, so the outputs
-  end in natural order and contiguous class rows are one Slice. Two levels share one stage above 64
-  points; the node count is bounded by `portable_node_bound`.
+  (R, W) = (rows, columns), batch-minor, in constant geometry, in one of two orders:
+  - class rows picked by a Gather (the CLI's heads: rows assigned from the trained layer): leading bits
+    first (`_lead_wht`), each stage Splits the rows into 2^r contiguous blocks, runs r levels of Add/Sub
+    across them and Concats the results along the columns, no Reshape between stages; the outputs end in
+    the order `_lead_position` gives, which the Gather absorbs. With a ±1 block table the first level is
+    done once on x and a Gather of rows places it for all K blocks (`_shared_level_embed`).
+  - contiguous class rows (a fresh head's): lowest bits first (`_natural_wht`), each stage views (R, W)
+    as (R/2^r, 2^r·W) and Splits the columns, so the outputs end in natural order and the rows are one Slice.
+  Two levels share one stage above 64 points; the node count is bounded by `portable_node_bound`.
 - "batch-switched": onnxruntime-server layout with an If on the batch size (see `onnx_head_switched`).
 - "kron": the transform as MatMuls by small ±1 Hadamard blocks, batch last, for runtimes with strong GEMM
   kernels and NPUs; never the default (see `onnx_head_kron`).
@@ -99,32 +103,49 @@ def _natural_wht(ops: Ops, y: gs.Variable, rows: int, levels: int, batch: int) -
     return y
 
 
-def _bitrev(k: np.ndarray, bits: int) -> np.ndarray:
-    """Reverse the low `bits` bits of each entry of k."""
-    out = np.zeros_like(k)
-    for b in range(bits):
-        out |= ((k >> b) & 1) << (bits - 1 - b)
+def _lead_radices(levels: int, radix: int, first: int | None = None) -> list[int]:
+    """The levels done by each stage of `_lead_wht`: `first` (default `radix`), then `radix`, the rest last."""
+    out: list[int] = []
+    for r in [first or radix] + [radix] * levels:
+        done = sum(out)
+        if done >= levels:
+            break
+        out.append(min(r, levels - done))
     return out
 
 
-def _small_wht(ops: Ops, y: gs.Variable, rows: int, levels: int) -> gs.Variable:
-    """`levels` butterfly levels on the leading index bits of an (R, W) tensor, 4 nodes per level.
+def _lead_position(o: np.ndarray, bits: int, radices: list[int]) -> np.ndarray:
+    """Where the lead stages leave transform output o of a block of 2^bits points (row q of the final view).
 
-    For small transforms, where the node count is what costs: Split(axis 0, halves) -> a = top + bottom,
-    s = top - bottom -> Concat([a, s], axis 1), (R, W) -> (R/2, 2W), no Reshape between levels. The
-    level's output bit becomes the highest column bit, so the outputs end in bit-reversed order (row
-    rev_L(k) of the final (2^L·R', W) view holds output k), which the Gather of the class rows absorbs.
+    Stage s takes the next r_s leading input bits and writes the matching output bits (its part index t)
+    as the new highest column bits, above everything written before: q = Σ_s digit_s(o) << done_s, the
+    digits of o in reverse stage order (radix 1 everywhere: the bit reversal of o).
     """
-    for _ in range(levels):
-        top, bottom = ops.split(y, 2, axis=0, sizes=[rows // 2] * 2)  # constant sizes: what pnnx needs
-        y = ops.concat([ops.op1("Add", [top, bottom]), ops.op1("Sub", [top, bottom])], axis=1)
-        rows //= 2
+    q, done = np.zeros_like(o), 0
+    for r in radices:
+        q |= ((o >> (bits - done - r)) & ((1 << r) - 1)) << done
+        done += r
+    return q
+
+
+def _lead_wht(ops: Ops, y: gs.Variable, rows: int, radices: list[int]) -> gs.Variable:
+    """Butterfly stages on the leading index bits of an (R, W) tensor, no Reshape between them.
+
+    Each stage of r levels Splits the rows into 2^r contiguous blocks (constant sizes: what pnnx needs), runs
+    the r levels of butterflies across them and Concats the results along the columns, (R, W) ->
+    (R/2^r, 2^r·W): contiguous copies in, and the stage's output bits become the highest column bits, so
+    the outputs end in the order `_lead_position` gives, which the Gather of the class rows absorbs.
+    """
+    for r in radices:
+        parts = ops.split(y, 1 << r, axis=0, sizes=[rows >> r] * (1 << r))
+        y = ops.concat(butterflies(ops, parts), axis=1)
+        rows >>= r
     return y
 
 
 def _interleaved_table_embed(ops: Ops, xt: gs.Variable, n_feat: int, table: np.ndarray,
                              batch: int) -> gs.Variable:
-    """(N, B) -> (P·K, B): row j·K + k holds table[k, j] · x_j (x zero-padded to P), for `_small_wht`.
+    """(N, B) -> (P·K, B): row j·K + k holds table[k, j] · x_j (x zero-padded to P), for `_lead_wht`.
 
     Row j outermost puts the K transforms on the leading index bits. K copies of x concatenated along the
     columns, (P, K·B) read as (P·K, B), place x_j in rows j·K .. j·K + K - 1.
@@ -138,6 +159,40 @@ def _interleaved_table_embed(ops: Ops, xt: gs.Variable, n_feat: int, table: np.n
     if k == 1 and p == n_feat and np.all(mult == 1.0):
         return xt
     return ops.op1("Mul", [xt, ops.const("table", mult.reshape(p * k, 1).astype(ops.dtype))])
+
+
+def _shared_level_embed(ops: Ops, xt: gs.Variable, n_feat: int, table: np.ndarray, batch: int) -> gs.Variable:
+    """(N, B) -> the state after the first lead level of all K blocks, (P/2·K, 2B): one level shared by the blocks.
+
+    Block k's first level pairs x_j with x_{j+P/2} (j < P/2) under the signs s = table[k, j], u = table[k, j+P/2]:
+    (s·x_j + u·x_{j+P/2}, s·x_j - u·x_{j+P/2}) is s·[A_j, S_j] when u = s and s·[S_j, A_j] when u = -s, with
+    A = top + bottom and S = top - bottom computed once on (P/2, B); s·[top_j, top_j] where x_{j+P/2} is padding.
+    One Gather of rows of 2B floats from [AS; SA; top top; their negations] places them: row j·K + k of the
+    result is block k's pair j, the `_lead_wht` state with the blocks on the lowest row bits. This replaces K
+    copies of x, a Mul by the table and the first level on all K blocks by one level on a single block.
+    """
+    k, p = table.shape
+    half = p // 2
+    top, bottom = ops.split(pad_rows(ops, xt, n_feat, p), 2, axis=0, sizes=[half, half])
+    a, s = ops.op1("Add", [top, bottom]), ops.op1("Sub", [top, bottom])
+    parts = [ops.concat([a, s], axis=1), ops.concat([s, a], axis=1)]  # (P/2, 2B) each
+    if p > n_feat:
+        parts.append(ops.concat([top, top], axis=1))
+    src = ops.concat(parts, axis=0)
+    minus = ops.op1("Mul", [src, ops.const("minus", np.asarray(-1.0, ops.dtype))])  # Mul, not Neg: the portable ops
+    src = ops.concat([src, minus], axis=0)  # rows len(parts)·P/2 + r: the negations
+
+    j, blk = np.meshgrid(np.arange(half), np.arange(k), indexing="ij")
+    sign, other = table[blk, j], table[blk, j + half]
+    base = np.where(j + half >= n_feat, p + j, np.where(sign * other > 0, j, half + j))
+    index = (base + np.where(sign < 0, len(parts) * half, 0)).reshape(-1)
+    return ops.op1("Gather", [src, ops.const("embed", index.astype(np.int32))], attrs={"axis": 0})
+
+
+def _sharable(table: np.ndarray, n_feat: int) -> bool:
+    """Whether `_shared_level_embed` applies: ±1 entries on the features, padding (if any) in the bottom half only."""
+    p = table.shape[1]
+    return p >= 4 and 2 * n_feat > p and bool(np.all(np.abs(table[:, :n_feat]) == 1.0))
 
 
 def _major_wht(ops: Ops, y: gs.Variable, rows: int, levels: int, batch: int) -> gs.Variable:
@@ -185,11 +240,11 @@ def _grid_pick(ops: Ops, y: gs.Variable, pos: np.ndarray, width: int, batch: int
 def _portable(ops: Ops, x: gs.Variable, spec: HeadSpec, batch: int, *, grid: bool = False) -> gs.Variable:
     """(B, N) -> (B, C) raw outputs z[rows] (without scale and bias): the portable layout (`grid`: the ncnn one).
 
-    x̃ᵀ as (K·P, B) (a table) or (m, B), transformed on its lowest index bits with the outputs left in
-    natural order, so contiguous class rows are one Slice and others one Gather (of rows of B floats).
-    Transforms of up to 2^_SMALL_MAX_BITS points run `_small_wht` instead (4 nodes per level, outputs
-    bit-reversed, always picked by the Gather); a small static batch runs batch-major (`_major_wht`), and so
-    does the ncnn layout (`grid`) at every size, its rows picked by `_grid_pick`.
+    x̃ᵀ as (K·P, B) (a table) or (m, B), batch-minor. Contiguous class rows above 2^_SMALL_MAX_BITS points: the
+    natural-order transform and one Slice. Otherwise the leading-bits transform (`_lead_wht`; radix 1 up to
+    2^_SMALL_MAX_BITS points, where the node count is what costs) and one Gather of rows of B floats. A small
+    static batch runs batch-major (`_major_wht`), and so does the ncnn layout (`grid`) at every size, its rows
+    picked by `_grid_pick`.
     """
     table, rows = kept_table(spec) if spec.table is not None else (None, spec.rows)
     k, p = table.shape if table is not None else (1, spec.hadamard_size)
@@ -205,25 +260,26 @@ def _portable(ops: Ops, x: gs.Variable, spec: HeadSpec, batch: int, *, grid: boo
             return _grid_pick(ops, y, rows, k * p, batch)
         return ops.op1("Gather", [y, ops.const("rows", rows.astype(np.int32))], attrs={"axis": 1})  # (B, C)
     xt = ops.transpose(x)  # (N, B)
-    if bits <= _SMALL_MAX_BITS:  # bit-reversed, 4 nodes per level: the node count is what costs here
-        if table is not None:
-            y = _interleaved_table_embed(ops, xt, spec.in_features, table, batch)  # (P·K, B), row j·K + k
-        else:
-            y = embed_fold(ops, xt, spec, batch)  # (m, B)
-        y = ops.reshape(_small_wht(ops, y, p * k, bits), [k * p, batch])  # block k, row rev(j)
-        pos = (rows // p) * p + _bitrev(rows % p, bits)
-    else:
-        if table is not None:
-            y = table_embed(ops, xt, spec.in_features, table, batch)  # (K·P, B), row k·P + j
-        else:
-            y = embed_fold(ops, xt, spec, batch)  # (m, B)
+    c = len(rows)
+    if bits > _SMALL_MAX_BITS and c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
+        # natural order: contiguous class rows (a fresh head's) are one Slice, no Gather
+        y = table_embed(ops, xt, spec.in_features, table, batch) if table is not None else \
+            embed_fold(ops, xt, spec, batch)  # (K·P, B), row k·P + j; or (m, B)
         y = ops.reshape(_natural_wht(ops, y, p * k, bits, batch), [k * p, batch])  # (K·P, B), natural order
-        c = len(rows)
-        if c and np.array_equal(rows, np.arange(rows[0], rows[0] + c)):
-            return ops.transpose(ops.slice(y, int(rows[0]), int(rows[0]) + c))  # (C, B) -> (B, C)
-        pos = rows
-    if grid:
-        return _grid_pick(ops, ops.transpose(y), pos, k * p, batch)  # (K·P, B) -> (B, K·P) -> (B, C)
+        return ops.transpose(ops.slice(y, int(rows[0]), int(rows[0]) + c))  # (C, B) -> (B, C)
+    # leading bits first, outputs in `_lead_position` order, picked by the Gather (rows of B floats)
+    radix = 1 if bits <= _SMALL_MAX_BITS else _RADIX_BITS  # small: 4 nodes per level, the node count is what costs
+    if table is not None and bits > _SMALL_MAX_BITS and _sharable(table, spec.in_features):
+        y = _shared_level_embed(ops, xt, spec.in_features, table, batch)  # level 1 done: (P/2·K, 2B)
+        radices = [1, *_lead_radices(bits - 1, radix)]
+        y = _lead_wht(ops, y, p // 2 * k, radices[1:])
+    else:
+        y = _interleaved_table_embed(ops, xt, spec.in_features, table, batch) if table is not None else \
+            embed_fold(ops, xt, spec, batch)  # (P·K, B), row j·K + k; or (m, B)
+        radices = _lead_radices(bits, radix)
+        y = _lead_wht(ops, y, p * k, radices)
+    pos = (rows // p) * p + _lead_position(rows % p, bits, radices)
+    y = ops.reshape(y, [k * p, batch])  # block k, row _lead_position(j)
     z = ops.op1("Gather", [y, ops.const("rows", pos.astype(np.int32))], attrs={"axis": 0})  # (C, B)
     return ops.transpose(z)  # (B, C)
 
@@ -233,10 +289,12 @@ def portable_node_bound(spec: HeadSpec, layout: HeadLayout = "portable") -> int:
 
     L = log2(P) levels for a table of P-point blocks, log2(m) otherwise: 4 nodes per level (Split, Add,
     Sub, Concat) up to 6 levels, else 11 per pair of levels (Reshape, Split, 8 Add/Sub, Concat; +5 for an
-    odd one out). The constant
-    covers the norm and factor (6 nodes), the embedding (at most Concat, Slice, Reshape, Concat, Mul), the
-    fold (Reshape, ReduceSum, Reshape), the pick (Transpose in, Reshape, Gather or Slice, Transpose out; the
-    ncnn layout's GridSample reads and writes through two more Reshapes), the bias and a time axis's two Reshapes.
+    odd one out; the leading-bits order needs no Reshape, 10 per pair). The constant covers the norm and
+    factor (6 nodes), the embedding (at most Concat, Slice, Reshape, Concat, Mul; the shared first level:
+    Split, Add, Sub, Concat, Reshape, Concat, Mul, Concat, Gather, Reshape, in place of a level's 4 or 5),
+    the fold (Reshape, ReduceSum, Reshape), the pick (Transpose in, Reshape, Gather or Slice, Transpose out;
+    the ncnn layout's GridSample reads and writes through two more Reshapes), the bias and a time axis's two
+    Reshapes.
     """
     p = spec.table.shape[1] if spec.table is not None else spec.hadamard_size
     levels = p.bit_length() - 1

@@ -404,13 +404,14 @@ def judge(converted: Int8Model) -> tuple[float, str]:
 def bench_int8(pairs: list[tuple[Path, Path]], input_shape: tuple[int, ...], *,
                static_batch: int | None = None) -> list[dict[str, dict[str, float]]]:
     """onnxruntime medians (1 thread) of each (float32, int8) pair, all four files interleaved per batch size."""
-    from fyc_convert.export.bench import compare_latency, session
+    from fyc_convert.export.bench import REPORT_MIN_SECONDS, REPORT_REPEATS, compare_latency, session
 
     rng = np.random.default_rng(0)
     sessions = [session(p) for pair in pairs for p in pair]
     out: list[dict[str, dict[str, float]]] = [{} for _ in pairs]
     for b in (static_batch,) if static_batch else (1, 32):
-        ms = compare_latency(sessions, rng.standard_normal((b, *input_shape)).astype(np.float32), repeats=30)
+        x = rng.standard_normal((b, *input_shape)).astype(np.float32)
+        ms = compare_latency(sessions, x, repeats=REPORT_REPEATS, min_seconds=REPORT_MIN_SECONDS)
         for i, entry in enumerate(out):
             entry[f"b{b}"] = {"float32": ms[2 * i], "int8": ms[2 * i + 1]}
     return out
