@@ -103,15 +103,9 @@ def _natural_wht(ops: Ops, y: gs.Variable, rows: int, levels: int, batch: int) -
     return y
 
 
-def _lead_radices(levels: int, radix: int, first: int | None = None) -> list[int]:
-    """The levels done by each stage of `_lead_wht`: `first` (default `radix`), then `radix`, the rest last."""
-    out: list[int] = []
-    for r in [first or radix] + [radix] * levels:
-        done = sum(out)
-        if done >= levels:
-            break
-        out.append(min(r, levels - done))
-    return out
+def _lead_radices(levels: int, radix: int) -> list[int]:
+    """The levels done by each stage of `_lead_wht`: `radix` each, the rest in the last."""
+    return [radix] * (levels // radix) + ([levels % radix] if levels % radix else [])
 
 
 def _lead_position(o: np.ndarray, bits: int, radices: list[int]) -> np.ndarray:
@@ -291,7 +285,7 @@ def portable_node_bound(spec: HeadSpec, layout: HeadLayout = "portable") -> int:
     Sub, Concat) up to 6 levels, else 11 per pair of levels (Reshape, Split, 8 Add/Sub, Concat; +5 for an
     odd one out; the leading-bits order needs no Reshape, 10 per pair). The constant covers the norm and
     factor (6 nodes), the embedding (at most Concat, Slice, Reshape, Concat, Mul; the shared first level:
-    Split, Add, Sub, Concat, Reshape, Concat, Mul, Concat, Gather, Reshape, in place of a level's 4 or 5),
+    Split, Add, Sub, 2-3 Concats of pairs, Concat, Mul, Concat, Gather, in place of a level's 4 or 5),
     the fold (Reshape, ReduceSum, Reshape), the pick (Transpose in, Reshape, Gather or Slice, Transpose out;
     the ncnn layout's GridSample reads and writes through two more Reshapes), the bias and a time axis's two
     Reshapes.
