@@ -17,7 +17,10 @@ checked per row and layout ("p" portable, "k" kron):
   512 x 32,000, portable, onnxruntime, batch 64 >= 1x; 2048 x 18,000, portable, onnxruntime, batch 1 >= 10x.
 
     python benchmarks/head_onnx.py [--repeats 100] [--case 2048x18000] [--no-samples] [--no-fresh]
-                                   [--runtime ort|ov] [--batch 1 --batch 64]
+                                   [--runtime ort|ov] [--batch 1 --batch 64] [--save DIR]
+
+--save DIR writes each head's files instead of timing them (DIR/{label}_{gemm,portable,kron,ncnn}.onnx, label
+"256x1200_glyph" or "512x32000_fresh"), for `benchmarks/compare_onnx.py` to time two commits' graphs in one run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,11 +111,15 @@ def main() -> None:
     parser.add_argument("--no-fresh", action="store_true", help="skip the fresh HadamardHead(N, C) rows")
     parser.add_argument("--runtime", action="append", choices=["ort", "ov"], help="default: both")
     parser.add_argument("--batch", action="append", type=int, help=f"default: {', '.join(map(str, BATCHES))}")
+    parser.add_argument("--save", type=Path, help="write the heads' ONNX files to this folder, time nothing")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rts, batches = args.runtime or ["ort", "ov"], args.batch or list(BATCHES)
     fresh = [] if args.no_fresh else [tuple(int(v) for v in c.split("x")) for c in args.case] if args.case else FRESH
-    print_header("head", "Gemm", args.repeats)
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+    else:
+        print_header("head", "Gemm", args.repeats)
     rng = np.random.default_rng(0)
     heads: list[tuple[str, HadamardHead, np.ndarray, np.ndarray]] = []
     if not args.no_samples:
@@ -126,11 +134,17 @@ def main() -> None:
     for label, head, weight, bias in heads:
         spec = HeadSpec.from_module(head)
         models = {"gemm": gemm_head_model(weight, bias), **{k: head_model(spec, layout=k) for k in LAYOUTS}}
+        if args.save:
+            stem = label.split(" (")[0].replace(" ", "_") + ("_fresh" if "(fresh)" in label else "")
+            for k, m in models.items():
+                onnx.save(m, args.save / f"{stem}_{k}.onnx")
+            continue
         inputs = {b: rng.standard_normal((b, spec.in_features)).astype(np.float32) for b in batches}
         repeats = args.repeats if weight.size < 5_000_000 else max(20, args.repeats // 5)
         for runtime in rts:
             time_row(label, runtime, models, inputs, repeats)
-    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if not args.save:
+        print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ the default add/sub layout ("portable") and `--head-layout kron`. All three run 
 the same real rows, medians, the load average printed before and after. Targets (issue 23): the glyph model
 in the default layout not slower than the original at batch 32 and 64 (both runtimes), >= 0.95x at batch 1.
 
-    python benchmarks/model_onnx.py [--repeats 100] [--runtime ort|ov] [--batch 1 --batch 32]
+    python benchmarks/model_onnx.py [--repeats 100] [--runtime ort|ov] [--batch 1 --batch 32] [--save DIR]
+
+--save DIR writes the files instead of timing them (DIR/{digits,glyph}_{original,portable,kron,ncnn}.onnx and
+DIR/{digits,glyph}_rows.npy, 64 real rows), for `benchmarks/compare_onnx.py` to time two commits' graphs in one run.
 """
 
 from __future__ import annotations
@@ -32,24 +35,33 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=100, help="interleaved runs per model and batch")
     parser.add_argument("--runtime", action="append", choices=["ort", "ov"], help="default: both")
     parser.add_argument("--batch", action="append", type=int, help=f"default: {', '.join(map(str, BATCHES))}")
+    parser.add_argument("--save", type=Path, help="write the ONNX files and rows to this folder, time nothing")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print_header("model", "original", args.repeats)
+    if args.save:
+        args.save.mkdir(parents=True, exist_ok=True)
+    else:
+        print_header("model", "original", args.repeats)
     for name in ("digits", "glyph"):
         model, x, shape = sample(name)
         converted = copy.deepcopy(model)
         converted.fc = cli_head(model, x)
         with tempfile.TemporaryDirectory() as tmp:
-            paths = {"original": Path(tmp) / "original.onnx"}
+            folder, stem = (args.save, f"{name}_") if args.save else (Path(tmp), "")
+            paths = {"original": folder / f"{stem}original.onnx"}
             export_onnx(model, paths["original"], input_shape=shape)
             for layout in LAYOUTS:
-                paths[layout] = Path(tmp) / f"{layout}.onnx"
+                paths[layout] = folder / f"{stem}{layout}.onnx"
                 export_onnx(converted, paths[layout], input_shape=shape, head_layer="fc", head_layout=layout)
+            if args.save:
+                np.save(folder / f"{name}_rows.npy", x[:64].numpy())
+                continue
             inputs = {b: np.ascontiguousarray(x[:b].numpy()) for b in args.batch or BATCHES}
             for runtime in args.runtime or ["ort", "ov"]:
                 time_row(f"{name} whole model", runtime, {k: str(p) for k, p in paths.items()}, inputs,
                          args.repeats, targets=False)
-    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if not args.save:
+        print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
 if __name__ == "__main__":
