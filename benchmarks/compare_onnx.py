@@ -24,17 +24,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fyc_convert.export.bench import compare_latency, openvino_runner, session  # noqa: E402
 
 
-def _inputs(path: Path, rows: Path | None, batch: int) -> np.ndarray:
+def _inputs(sess: ort.InferenceSession, rows: Path | None, batch: int) -> np.ndarray:
     """The first `batch` rows of --rows, else seeded normal values of the model's input shape (batch axis first)."""
     if rows is not None:
         return np.ascontiguousarray(np.load(rows)[:batch]).astype(np.float32)
-    shape = [d if isinstance(d, int) else batch for d in session(path).get_inputs()[0].shape[1:]]
+    shape = [d if isinstance(d, int) else batch for d in sess.get_inputs()[0].shape[1:]]
     return np.random.default_rng(0).standard_normal((batch, *shape)).astype(np.float32)
 
 
@@ -52,17 +53,16 @@ def main() -> None:
           "ratio = baseline / file (> 1: the file is faster); 1 thread")
     for i, f in enumerate(args.files):
         print(f"  [{i}] {f}")
+    sessions = [session(f) for f in args.files]
     for runtime in args.runtime or ["ort", "ov"]:
         for batch in args.batch or [1, 32, 64]:
-            x = _inputs(args.files[0], args.rows, batch)
-            sessions = [session(f) for f in args.files]
+            x = _inputs(sessions[0], args.rows, batch)
             outs = [s.run(None, {s.get_inputs()[0].name: x})[0] for s in sessions]
             runners = sessions if runtime == "ort" else [openvino_runner(f, input_shape=x.shape) for f in args.files]
             times = compare_latency(runners, x, repeats=args.repeats, warmup=10)
             cells = "  ".join(f"[{i}] {1000 * t:9.1f} {times[0] / t:5.2f}x" for i, t in enumerate(times))
-            same = max(float(np.abs(o - outs[1]).max()) for o in outs[1:]) if outs[1].shape == outs[-1].shape else None
-            print(f"{runtime:>3} batch {batch:>3}  {cells}  max|Δ| vs [1] {same:.1e}" if same is not None
-                  else f"{runtime:>3} batch {batch:>3}  {cells}", flush=True)
+            diffs = [float(np.abs(o - outs[1]).max()) for o in outs[1:] if o.shape == outs[1].shape]
+            print(f"{runtime:>3} batch {batch:>3}  {cells}  max|Δ| vs [1] {max(diffs):.1e}", flush=True)
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
 
 
